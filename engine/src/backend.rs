@@ -1,0 +1,251 @@
+//! Storage backends: where the repository's files live.
+//!
+//! The trait is small and synchronous. Contract of every implementation:
+//! - `write` is atomic and durable when it returns: readers see the whole file or none,
+//!   and a crash after the return cannot lose it. Files are immutable once written
+//!   (except `Config`, which is written once at init).
+//! - `read_at` returns exactly `len` bytes or an error (`UnexpectedEof` for a short file).
+//! - `list` returns the names (no directories) of every complete file of a kind.
+//! - Nothing is cached here: caching is a decorator's job.
+//!
+//! [`LocalBackend`] keeps a repository in a local directory.
+
+use std::fs::{self, DirBuilder, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// The kinds of file a repository holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FileKind {
+    Config,
+    Key,
+    Pack,
+    Snapshot,
+    Lock,
+}
+
+impl FileKind {
+    #[must_use]
+    pub fn dir(self) -> &'static str {
+        match self {
+            Self::Config => "",
+            Self::Key => "keys",
+            Self::Pack => "data",
+            Self::Snapshot => "snapshots",
+            Self::Lock => "locks",
+        }
+    }
+}
+
+/// A place to keep a repository's files. See the module docs for the contract.
+pub trait Backend: Send + Sync {
+    /// Human-readable location, for messages.
+    fn location(&self) -> String;
+    /// Reads a whole file.
+    fn read(&self, kind: FileKind, name: &str) -> io::Result<Vec<u8>>;
+    /// Reads `len` bytes at `offset`.
+    fn read_at(&self, kind: FileKind, name: &str, offset: u64, len: usize) -> io::Result<Vec<u8>>;
+    /// Size of a file in bytes.
+    fn size(&self, kind: FileKind, name: &str) -> io::Result<u64>;
+    /// Writes a whole file atomically and durably (see module docs).
+    fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> io::Result<()>;
+    /// Names of all files of a kind.
+    fn list(&self, kind: FileKind) -> io::Result<Vec<String>>;
+    /// Removes a file; removing a missing file is not an error.
+    fn remove(&self, kind: FileKind, name: &str) -> io::Result<()>;
+}
+
+/// A repository in a local directory. Directories are created 0700, files 0600.
+#[derive(Debug, Clone)]
+pub struct LocalBackend {
+    root: PathBuf,
+}
+
+const TMP_PREFIX: &str = ".tmp-";
+
+impl LocalBackend {
+    #[must_use]
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    #[must_use]
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Creates the directory layout of a new repository.
+    pub fn create_layout(&self) -> io::Result<()> {
+        let mut b = DirBuilder::new();
+        b.mode(0o700).recursive(true);
+        b.create(&self.root)?;
+        for kind in [FileKind::Key, FileKind::Pack, FileKind::Snapshot, FileKind::Lock] {
+            b.create(self.root.join(kind.dir()))?;
+        }
+        for i in 0..=255u8 {
+            b.create(self.root.join("data").join(format!("{i:02x}")))?;
+        }
+        fsync_dir(&self.root.join("data"))?;
+        fsync_dir(&self.root)
+    }
+
+    fn path(&self, kind: FileKind, name: &str) -> PathBuf {
+        match kind {
+            FileKind::Config => self.root.join("config"),
+            // Packs are spread over 256 directories by their first hex byte.
+            FileKind::Pack => self
+                .root
+                .join("data")
+                .join(name.get(..2).unwrap_or("00"))
+                .join(name),
+            _ => self.root.join(kind.dir()).join(name),
+        }
+    }
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn check_name(name: &str) -> io::Result<()> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid repository file name {name:?}"),
+        ));
+    }
+    Ok(())
+}
+
+impl Backend for LocalBackend {
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn read(&self, kind: FileKind, name: &str) -> io::Result<Vec<u8>> {
+        check_name(name)?;
+        let mut f = File::open(self.path(kind, name))?;
+        let mut v = Vec::new();
+        f.read_to_end(&mut v)?;
+        Ok(v)
+    }
+
+    fn read_at(&self, kind: FileKind, name: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        check_name(name)?;
+        let f = File::open(self.path(kind, name))?;
+        let mut v = vec![0u8; len];
+        f.read_exact_at(&mut v, offset)?;
+        Ok(v)
+    }
+
+    fn size(&self, kind: FileKind, name: &str) -> io::Result<u64> {
+        check_name(name)?;
+        Ok(fs::metadata(self.path(kind, name))?.len())
+    }
+
+    fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> io::Result<()> {
+        check_name(name)?;
+        let path = self.path(kind, name);
+        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
+        if !dir.exists() {
+            DirBuilder::new().mode(0o700).recursive(true).create(&dir)?;
+        }
+        // Crash safety: write a temporary file, fsync it, rename it into place, fsync the
+        // directory. A crash leaves either no file or the whole file (plus at worst a
+        // `.tmp-*` file that nothing refers to and `list` never shows).
+        let tmp = dir.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(data)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)?;
+            fsync_dir(&dir)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn list(&self, kind: FileKind) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        let visible = |n: &str| !n.starts_with('.');
+        match kind {
+            FileKind::Config => {
+                if self.path(kind, "config").exists() {
+                    out.push("config".to_owned());
+                }
+            }
+            FileKind::Pack => {
+                for sub in fs::read_dir(self.root.join("data"))? {
+                    let sub = sub?;
+                    if !sub.file_type()?.is_dir() {
+                        continue;
+                    }
+                    for e in fs::read_dir(sub.path())? {
+                        let e = e?;
+                        if let Some(n) = e.file_name().to_str() {
+                            if visible(n) {
+                                out.push(n.to_owned());
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {
+                let dir = self.root.join(kind.dir());
+                let entries = match fs::read_dir(&dir) {
+                    Ok(e) => e,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+                    Err(e) => return Err(e),
+                };
+                for e in entries {
+                    let e = e?;
+                    if let Some(n) = e.file_name().to_str() {
+                        if visible(n) {
+                            out.push(n.to_owned());
+                        }
+                    }
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn remove(&self, kind: FileKind, name: &str) -> io::Result<()> {
+        check_name(name)?;
+        match fs::remove_file(self.path(kind, name)) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn write_read_list_modes() {
+        let d = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(d.path().join("r"));
+        b.create_layout().unwrap();
+        b.write(FileKind::Pack, "abcd", b"hello").unwrap();
+        assert_eq!(b.read(FileKind::Pack, "abcd").unwrap(), b"hello");
+        assert_eq!(b.read_at(FileKind::Pack, "abcd", 1, 3).unwrap(), b"ell");
+        assert!(b.read_at(FileKind::Pack, "abcd", 3, 3).is_err());
+        assert_eq!(b.list(FileKind::Pack).unwrap(), vec!["abcd".to_string()]);
+        let mode = fs::metadata(d.path().join("r/data/ab/abcd")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let mode = fs::metadata(d.path().join("r")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        assert!(b.read(FileKind::Snapshot, "../config").is_err());
+    }
+}

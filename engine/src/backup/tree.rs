@@ -1,0 +1,520 @@
+//! Backing up file trees.
+//!
+//! The snapshot's root is the tree of `/`, holding only the backed-up paths and the
+//! directories above them (with their real metadata), as restic and borg lay them out.
+//! Directories are walked in parallel (rayon); each file is read with SEEK_DATA/SEEK_HOLE
+//! so holes are never read, and a file whose size, mtime, ctime and inode match the
+//! parent snapshot reuses the parent's content without being opened.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use chrono::Utc;
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use rayon::prelude::*;
+
+use super::content::{save_content, ContentError};
+use super::source::{self, data_extents, node_from_metadata, Names};
+use super::Warning;
+use crate::blob::BlobKind;
+use crate::error::{Error, Result};
+use crate::id::{BlobId, SnapshotId};
+use crate::progress::Progress;
+use crate::repository::{current_host, current_user, Repository};
+use crate::saver::BlobSaver;
+use crate::snapshot::{Manifest, Snapshot, SnapshotKind, Summary};
+use crate::tree::{Extent, Node, NodeKind, Tree};
+
+#[derive(Debug, Clone, Default)]
+pub struct TreeBackupOptions {
+    pub paths: Vec<PathBuf>,
+    /// Glob patterns; without a `/` they match a name anywhere, with one the whole path.
+    pub excludes: Vec<String>,
+    pub host: Option<String>,
+    pub tags: Vec<String>,
+    /// Compare against this snapshot instead of the latest one of the same host and paths.
+    pub parent: Option<SnapshotId>,
+    /// Read every file, ignoring the parent snapshot.
+    pub force: bool,
+    /// Threads for the walk and the data path (0: twice the cores, I/O waits overlap CPU).
+    pub threads: usize,
+}
+
+/// The result of a backup.
+#[derive(Debug, Clone)]
+pub struct BackupOutcome {
+    pub snapshot: Snapshot,
+    pub warnings: Vec<Warning>,
+}
+
+/// Turns a path absolute and drops `.` and `..` lexically (without following symlinks).
+pub fn clean_path(p: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(p)
+        .map_err(|e| Error::io(format!("{}", p.display()), e))?;
+    let mut out = PathBuf::from("/");
+    for c in abs.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+struct Excludes {
+    by_name: GlobSet,
+    by_path: GlobSet,
+}
+
+impl Excludes {
+    fn new(patterns: &[String]) -> Result<Self> {
+        let mut by_name = GlobSetBuilder::new();
+        let mut by_path = GlobSetBuilder::new();
+        for p in patterns {
+            let bad = |e: globset::Error| Error::InvalidInput(format!("--exclude {p:?}: {e}"));
+            if p.contains('/') {
+                let full = if p.starts_with('/') { p.clone() } else { format!("**/{p}") };
+                by_path.add(Glob::new(&full).map_err(bad)?);
+            } else {
+                by_name.add(Glob::new(p).map_err(bad)?);
+            }
+        }
+        let build = |b: GlobSetBuilder| b.build().map_err(|e| Error::InvalidInput(e.to_string()));
+        Ok(Self { by_name: build(by_name)?, by_path: build(by_path)? })
+    }
+
+    fn excluded(&self, path: &Path) -> bool {
+        path.file_name().is_some_and(|n| self.by_name.is_match(n)) || self.by_path.is_match(path)
+    }
+}
+
+/// The selected paths as a trie of components under `/`.
+#[derive(Default)]
+struct PathTrie {
+    children: BTreeMap<Vec<u8>, PathTrie>,
+    selected: bool,
+}
+
+impl PathTrie {
+    fn insert(&mut self, path: &Path) {
+        let mut node = self;
+        for c in path.components() {
+            if let Component::Normal(n) = c {
+                node = node.children.entry(n.as_bytes().to_vec()).or_default();
+            }
+        }
+        node.selected = true;
+    }
+}
+
+struct Walker<'a> {
+    repo: &'a Repository,
+    saver: BlobSaver<'a>,
+    progress: &'a Progress,
+    excludes: Excludes,
+    names: Names,
+    hardlinks: Mutex<HashMap<(u64, u64), Vec<Extent>>>,
+    warnings: Mutex<Vec<Warning>>,
+    summary: Mutex<Summary>,
+    force: bool,
+}
+
+/// Entry errors: the source's (warn and go on) or the repository's (stop).
+enum EntryError {
+    Lost(io::Error),
+    Vanished,
+    Repo(Error),
+}
+
+impl From<Error> for EntryError {
+    fn from(e: Error) -> Self {
+        Self::Repo(e)
+    }
+}
+
+fn find<'t>(tree: Option<&'t Tree>, name: &[u8]) -> Option<&'t Node> {
+    let t = tree?;
+    t.nodes
+        .binary_search_by(|n| n.name.as_slice().cmp(name))
+        .ok()
+        .map(|i| &t.nodes[i])
+}
+
+fn same_file(a: &Node, b: &Node) -> bool {
+    a.kind == NodeKind::File
+        && b.kind == NodeKind::File
+        && a.size == b.size
+        && a.mtime == b.mtime
+        && a.ctime == b.ctime
+        && a.inode == b.inode
+}
+
+impl Walker<'_> {
+    fn warn(&self, path: &Path, message: String, lost: bool) {
+        tracing::warn!("{}: {message}", path.display());
+        if lost {
+            Progress::add(&self.progress.errors, 1);
+            self.summary_mut(|s| s.errors += 1);
+        }
+        self.warnings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Warning { path: path.to_owned(), message, lost });
+    }
+
+    fn summary_mut(&self, f: impl FnOnce(&mut Summary)) {
+        f(&mut self.summary.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+
+    fn parent_subtree(&self, parent: Option<&Node>) -> Option<Tree> {
+        let id = parent.filter(|n| n.kind == NodeKind::Dir)?.subtree?;
+        match self.repo.load_tree(&id) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!("parent tree {id} unreadable, reading everything below it: {e}");
+                None
+            }
+        }
+    }
+
+    fn save_tree(&self, mut tree: Tree) -> Result<BlobId> {
+        tree.sort();
+        let (id, stored) = self.saver.save(BlobKind::Tree, &tree.encode())?;
+        Progress::add(&self.progress.bytes_stored, stored);
+        Ok(id)
+    }
+
+    /// A directory above the selected paths: its metadata, and only the selected children.
+    fn virtual_dir(&self, path: &Path, trie: &PathTrie, parent: Option<&Tree>) -> Result<BlobId> {
+        let nodes: Vec<Option<Node>> = trie
+            .children
+            .par_iter()
+            .map(|(name, sub)| {
+                let child = path.join(OsStr::from_bytes(name));
+                let parent_node = find(parent, name);
+                if sub.selected {
+                    return self.entry_or_warn(&child, name, parent_node);
+                }
+                let md = match fs::symlink_metadata(&child) {
+                    Ok(md) if md.is_dir() => md,
+                    Ok(_) => {
+                        self.warn(&child, "not a directory; its paths below are skipped".into(), true);
+                        return Ok(None);
+                    }
+                    Err(e) => {
+                        self.warn(&child, format!("cannot read: {e}"), true);
+                        return Ok(None);
+                    }
+                };
+                let mut node = node_from_metadata(name, &md, &self.names);
+                node.xattrs = source::xattrs(&child).unwrap_or_default();
+                let pt = self.parent_subtree(parent_node);
+                node.subtree = Some(self.virtual_dir(&child, sub, pt.as_ref())?);
+                self.summary_mut(|s| s.dirs += 1);
+                Ok(Some(node))
+            })
+            .collect::<Result<_>>()?;
+        self.save_tree(Tree { nodes: nodes.into_iter().flatten().collect() })
+    }
+
+    fn entry_or_warn(&self, path: &Path, name: &[u8], parent: Option<&Node>) -> Result<Option<Node>> {
+        match self.entry(path, name, parent) {
+            Ok(n) => Ok(n),
+            Err(EntryError::Repo(e)) => Err(e),
+            Err(EntryError::Vanished) => {
+                self.warn(path, "vanished during the backup".into(), false);
+                Ok(None)
+            }
+            Err(EntryError::Lost(e)) => {
+                self.warn(path, format!("not backed up: {e}"), true);
+                Ok(None)
+            }
+        }
+    }
+
+    fn entry(&self, path: &Path, name: &[u8], parent: Option<&Node>) -> Result<Option<Node>, EntryError> {
+        if self.excludes.excluded(path) {
+            return Ok(None);
+        }
+        let md = match fs::symlink_metadata(path) {
+            Ok(md) => md,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(EntryError::Vanished),
+            Err(e) => return Err(EntryError::Lost(e)),
+        };
+        let mut node = node_from_metadata(name, &md, &self.names);
+        node.xattrs = match source::xattrs(path) {
+            Ok(x) => x,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(EntryError::Vanished),
+            Err(e) => {
+                self.warn(path, format!("extended attributes not read: {e}"), false);
+                Vec::new()
+            }
+        };
+        match node.kind {
+            NodeKind::Dir => {
+                let pt = self.parent_subtree(parent);
+                node.subtree = Some(self.dir(path, pt.as_ref())?);
+                self.summary_mut(|s| s.dirs += 1);
+            }
+            NodeKind::Symlink => {
+                let t = fs::read_link(path).map_err(|e| match e.kind() {
+                    io::ErrorKind::NotFound => EntryError::Vanished,
+                    _ => EntryError::Lost(e),
+                })?;
+                node.target = Some(t.as_os_str().as_bytes().to_vec());
+            }
+            NodeKind::File => {
+                self.progress.set_current(&path.to_string_lossy());
+                self.file(path, &mut node, parent)?;
+                self.summary_mut(|s| {
+                    s.files += 1;
+                    s.total_bytes += node.size;
+                });
+                Progress::add(&self.progress.files_done, 1);
+            }
+            _ => {}
+        }
+        Ok(Some(node))
+    }
+
+    fn dir(&self, path: &Path, parent: Option<&Tree>) -> Result<BlobId, EntryError> {
+        let rd = fs::read_dir(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => EntryError::Vanished,
+            _ => EntryError::Lost(e),
+        })?;
+        let mut names = Vec::new();
+        for e in rd {
+            match e {
+                Ok(e) => names.push(e.file_name()),
+                Err(e) => self.warn(path, format!("listing incomplete: {e}"), true),
+            }
+        }
+        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        let nodes: Vec<Option<Node>> = names
+            .par_iter()
+            .map(|n| self.entry_or_warn(&path.join(n), n.as_bytes(), find(parent, n.as_bytes())))
+            .collect::<Result<_>>()?;
+        Ok(self.save_tree(Tree { nodes: nodes.into_iter().flatten().collect() })?)
+    }
+
+    fn file(&self, path: &Path, node: &mut Node, parent: Option<&Node>) -> Result<(), EntryError> {
+        if let Some(p) = parent.filter(|p| !self.force && same_file(p, node)) {
+            node.content.clone_from(&p.content);
+            Progress::add(&self.progress.bytes_done, node.size);
+            self.summary_mut(|s| s.files_unchanged += 1);
+            return Ok(());
+        }
+        let key = (node.device, node.inode);
+        if node.links > 1 {
+            let known = self.hardlinks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key).cloned();
+            if let Some(content) = known {
+                node.content = content;
+                Progress::add(&self.progress.bytes_done, node.size);
+                return Ok(());
+            }
+        }
+        let lost = |e: io::Error| match e.kind() {
+            io::ErrorKind::NotFound => EntryError::Vanished,
+            _ => EntryError::Lost(e),
+        };
+        let mut file = open_noatime(path).map_err(lost)?;
+        let before = file.metadata().map_err(lost)?;
+        if before.ino() != node.inode || before.dev() != node.device {
+            // Replaced between lstat and open: describe what we actually read.
+            *node = node_from_metadata(&node.name, &before, &self.names);
+        }
+        let size = before.len();
+        let mut content = Vec::new();
+        let mut pos = 0u64;
+        for (start, end) in data_extents(&file, size).map_err(lost)? {
+            if start > pos {
+                content.push(Extent { blob: None, len: start - pos });
+                Progress::add(&self.progress.bytes_done, start - pos);
+            }
+            file.seek(SeekFrom::Start(start)).map_err(lost)?;
+            let n = save_content(&self.saver, self.repo.config().chunker, (&mut file).take(end - start), self.progress, &mut content)
+                .map_err(|e| match e {
+                    ContentError::Source(e) => EntryError::Lost(e),
+                    ContentError::Repo(e) => EntryError::Repo(e),
+                })?;
+            self.summary_mut(|s| s.bytes_read += n);
+            pos = start + n;
+            if n < end - start {
+                break; // The file shrank while being read.
+            }
+        }
+        if pos < size {
+            let after = file.metadata().map_err(lost)?.len();
+            if after >= size {
+                content.push(Extent { blob: None, len: size - pos });
+                pos = size;
+            }
+        }
+        let after = file.metadata().map_err(lost)?;
+        if after.len() != size || after.mtime() != before.mtime() || after.mtime_nsec() != before.mtime_nsec() {
+            self.warn(path, "changed while being read; the snapshot holds the bytes read".into(), false);
+        }
+        node.size = pos;
+        node.content = content;
+        if node.links > 1 {
+            self.hardlinks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(key, node.content.clone());
+        }
+        Ok(())
+    }
+}
+
+fn open_noatime(path: &Path) -> io::Result<File> {
+    // O_NOATIME is refused for files we do not own: fall back to a plain open.
+    match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NOATIME).open(path) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)
+        }
+        other => other,
+    }
+}
+
+/// Counts what a backup will read, for the progress display (runs beside the backup).
+fn scan(paths: &[PathBuf], excludes: &Excludes, progress: &Progress, stop: &AtomicBool) {
+    fn walk(p: &Path, ex: &Excludes, pr: &Progress, stop: &AtomicBool) {
+        if stop.load(Ordering::Relaxed) || ex.excluded(p) {
+            return;
+        }
+        let Ok(md) = fs::symlink_metadata(p) else { return };
+        if md.is_dir() {
+            if let Ok(rd) = fs::read_dir(p) {
+                for e in rd.flatten() {
+                    walk(&e.path(), ex, pr, stop);
+                }
+            }
+        } else if md.is_file() {
+            Progress::add(&pr.total_files, 1);
+            Progress::add(&pr.total_bytes, md.len());
+        }
+    }
+    for p in paths {
+        walk(p, excludes, progress, stop);
+    }
+    if !stop.load(Ordering::Relaxed) {
+        progress.total_known.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Backs up file trees; see the module docs.
+pub fn backup_tree(repo: &Repository, opts: &TreeBackupOptions, progress: &Progress) -> Result<BackupOutcome> {
+    let started = Instant::now();
+    if opts.paths.is_empty() {
+        return Err(Error::InvalidInput("nothing to back up: give at least one path".into()));
+    }
+    let mut paths = Vec::new();
+    for p in &opts.paths {
+        let c = clean_path(p)?;
+        fs::symlink_metadata(&c).map_err(|e| Error::io(c.display().to_string(), e))?;
+        if c.to_str().is_none() {
+            return Err(Error::InvalidInput(format!("{}: backup paths must be UTF-8", c.display())));
+        }
+        paths.push(c);
+    }
+    paths.sort();
+    paths.dedup();
+    let path_strings: Vec<String> = paths.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    let host = opts.host.clone().unwrap_or_else(current_host);
+
+    let snapshots = repo.snapshots()?;
+    let parent: Option<Snapshot> = match opts.parent {
+        Some(id) => Some(repo.load_snapshot(&id)?),
+        None => snapshots
+            .iter()
+            .rev()
+            .find(|s| s.manifest.kind == SnapshotKind::Tree && s.manifest.host == host && s.manifest.paths == path_strings)
+            .cloned(),
+    };
+    let parent_root = match &parent {
+        Some(p) if !opts.force => Some(repo.load_tree(&p.manifest.root)?),
+        _ => None,
+    };
+
+    let mut trie = PathTrie::default();
+    for p in &paths {
+        trie.insert(p);
+    }
+    let walker = Walker {
+        repo,
+        saver: BlobSaver::new(repo),
+        progress,
+        excludes: Excludes::new(&opts.excludes)?,
+        names: Names::default(),
+        hardlinks: Mutex::new(HashMap::new()),
+        warnings: Mutex::new(Vec::new()),
+        summary: Mutex::new(Summary::default()),
+        force: opts.force,
+    };
+    let threads = if opts.threads == 0 {
+        2 * std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+    } else {
+        opts.threads
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .stack_size(16 * 1024 * 1024)
+        .thread_name(|i| format!("backup-{i}"))
+        .build()
+        .map_err(|e| Error::io("starting threads", io::Error::other(e)))?;
+    let stop = AtomicBool::new(false);
+    let root = std::thread::scope(|s| {
+        s.spawn(|| scan(&paths, &walker.excludes, progress, &stop));
+        let r = pool.install(|| -> Result<BlobId> {
+            let root = if trie.selected {
+                walker.dir(Path::new("/"), parent_root.as_ref()).map_err(|e| match e {
+                    EntryError::Repo(e) => e,
+                    EntryError::Lost(e) => Error::io("/", e),
+                    EntryError::Vanished => Error::NotFound("/".into()),
+                })?
+            } else {
+                walker.virtual_dir(Path::new("/"), &trie, parent_root.as_ref())?
+            };
+            walker.saver.flush()?;
+            Ok(root)
+        });
+        stop.store(true, Ordering::Relaxed);
+        r
+    })?;
+
+    let stats = walker.saver.stats();
+    let mut summary = walker.summary.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    summary.blobs_new = stats.blobs_new;
+    summary.bytes_new = stats.bytes_new;
+    summary.bytes_stored = stats.bytes_stored;
+    summary.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let manifest = Manifest {
+        time: Utc::now(),
+        host,
+        user: current_user(),
+        kind: SnapshotKind::Tree,
+        paths: path_strings,
+        name: None,
+        tags: opts.tags.clone(),
+        parent: parent.map(|p| p.id),
+        root,
+        summary,
+        meta: BTreeMap::new(),
+    };
+    let id = repo.save_snapshot(&manifest)?;
+    Ok(BackupOutcome {
+        snapshot: Snapshot { id, manifest },
+        warnings: walker.warnings.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner),
+    })
+}

@@ -1,0 +1,223 @@
+//! Pack files: many stored blobs and a sealed trailer that lists them.
+//!
+//! Layout (all integers little-endian):
+//! ```text
+//! header   magic "\x89CRNPACK" (8) | version u32 = 1
+//! blobs    stored blobs back to back (see crate::blob)
+//! trailer  seal(entries, aad = "cairn.pack-trailer.v1")
+//!          entries: count u32 | count x (kind u8 | id 32 | offset u64 | length u32 | raw_length u32)
+//! footer   trailer length u32 | magic "CRNPKEND" (8)
+//! ```
+//! A pack's id is the BLAKE3 hash of the whole file, so `check` can verify a pack without
+//! keys. The trailer makes every pack self-describing: the index is rebuilt from them.
+
+use crate::blob::{BlobKind, MAX_BLOB_LEN};
+use crate::crypto::Crypto;
+use crate::error::{Error, Result};
+use crate::id::{BlobId, Id, PackId};
+
+pub const MAGIC: &[u8; 8] = b"\x89CRNPACK";
+pub const END_MAGIC: &[u8; 8] = b"CRNPKEND";
+pub const VERSION: u32 = 1;
+pub const HEADER_LEN: usize = 12;
+pub const FOOTER_LEN: usize = 12;
+const ENTRY_LEN: usize = 1 + 32 + 8 + 4 + 4;
+const TRAILER_AAD: &[u8] = b"cairn.pack-trailer.v1";
+
+/// Where one blob lives inside a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PackEntry {
+    pub id: BlobId,
+    pub kind: BlobKind,
+    /// Offset of the stored blob from the start of the pack file.
+    pub offset: u64,
+    /// Length of the stored (compressed, sealed) blob.
+    pub length: u32,
+    /// Length of the plaintext.
+    pub raw_length: u32,
+}
+
+/// Builds one pack in memory.
+pub struct PackWriter {
+    buf: Vec<u8>,
+    entries: Vec<PackEntry>,
+    raw_bytes: u64,
+}
+
+impl Default for PackWriter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PackWriter {
+    #[must_use]
+    pub fn new() -> Self {
+        let mut buf = Vec::new();
+        buf.extend_from_slice(MAGIC);
+        buf.extend_from_slice(&VERSION.to_le_bytes());
+        Self {
+            buf,
+            entries: Vec::new(),
+            raw_bytes: 0,
+        }
+    }
+
+    /// Appends a stored blob.
+    pub fn add(&mut self, id: BlobId, kind: BlobKind, stored: &[u8], raw_length: usize) {
+        self.entries.push(PackEntry {
+            id,
+            kind,
+            offset: self.buf.len() as u64,
+            length: u32::try_from(stored.len()).unwrap_or(u32::MAX),
+            raw_length: u32::try_from(raw_length).unwrap_or(u32::MAX),
+        });
+        self.buf.extend_from_slice(stored);
+        self.raw_bytes += raw_length as u64;
+    }
+
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Seals the trailer and returns the pack's id, bytes and entries.
+    #[must_use]
+    pub fn finish(mut self, crypto: &Crypto) -> (PackId, Vec<u8>, Vec<PackEntry>) {
+        let mut plain = Vec::with_capacity(4 + self.entries.len() * ENTRY_LEN);
+        plain.extend_from_slice(&u32::try_from(self.entries.len()).unwrap_or(0).to_le_bytes());
+        for e in &self.entries {
+            plain.push(e.kind as u8);
+            plain.extend_from_slice(e.id.as_bytes());
+            plain.extend_from_slice(&e.offset.to_le_bytes());
+            plain.extend_from_slice(&e.length.to_le_bytes());
+            plain.extend_from_slice(&e.raw_length.to_le_bytes());
+        }
+        let sealed = crypto.seal(&plain, TRAILER_AAD);
+        self.buf.extend_from_slice(&sealed);
+        self.buf
+            .extend_from_slice(&u32::try_from(sealed.len()).unwrap_or(0).to_le_bytes());
+        self.buf.extend_from_slice(END_MAGIC);
+        let id = PackId(Id::hash_of(&self.buf));
+        (id, self.buf, self.entries)
+    }
+}
+
+/// Reads the trailer length from a pack's footer; `pack_size` is the file size.
+pub fn trailer_span(pack: &PackId, footer: &[u8], pack_size: u64) -> Result<(u64, usize)> {
+    let what = || format!("pack {pack}");
+    if footer.len() != FOOTER_LEN || &footer[4..] != END_MAGIC {
+        return Err(Error::corrupt(what(), "bad footer (truncated or not a pack)"));
+    }
+    let len = u64::from(u32::from_le_bytes([footer[0], footer[1], footer[2], footer[3]]));
+    let min = (HEADER_LEN + FOOTER_LEN) as u64;
+    if pack_size < min || len > pack_size - min {
+        return Err(Error::corrupt(what(), "trailer length beyond the file"));
+    }
+    let start = pack_size - FOOTER_LEN as u64 - len;
+    Ok((start, len as usize))
+}
+
+/// Parses a sealed trailer that starts at `trailer_start` of the pack file.
+pub fn parse_trailer(
+    crypto: &Crypto,
+    pack: &PackId,
+    sealed: &[u8],
+    trailer_start: u64,
+) -> Result<Vec<PackEntry>> {
+    let what = || format!("pack {pack}");
+    let plain = crypto.open(sealed, TRAILER_AAD, &what)?;
+    if plain.len() < 4 {
+        return Err(Error::corrupt(what(), "trailer too short"));
+    }
+    let count = u32::from_le_bytes([plain[0], plain[1], plain[2], plain[3]]) as usize;
+    if plain.len() != 4 + count * ENTRY_LEN {
+        return Err(Error::corrupt(what(), "trailer length does not match its count"));
+    }
+    let mut out = Vec::with_capacity(count);
+    let mut next_free = HEADER_LEN as u64;
+    for rec in plain[4..].chunks_exact(ENTRY_LEN) {
+        let kind = BlobKind::from_u8(rec[0])
+            .ok_or_else(|| Error::corrupt(what(), format!("unknown blob kind {}", rec[0])))?;
+        let id = BlobId(Id::from_slice(&rec[1..33]).unwrap_or_default());
+        let le4 = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        let mut off = [0u8; 8];
+        off.copy_from_slice(&rec[33..41]);
+        let e = PackEntry {
+            id,
+            kind,
+            offset: u64::from_le_bytes(off),
+            length: le4(&rec[41..45]),
+            raw_length: le4(&rec[45..49]),
+        };
+        // Blobs are in file order, do not overlap, and end before the trailer.
+        if e.offset < next_free
+            || e.offset + u64::from(e.length) > trailer_start
+            || e.raw_length as usize > MAX_BLOB_LEN
+        {
+            return Err(Error::corrupt(what(), format!("entry for blob {id} out of bounds")));
+        }
+        next_free = e.offset + u64::from(e.length);
+        out.push(e);
+    }
+    Ok(out)
+}
+
+/// Parses a whole pack held in memory (used by tests and by `check`).
+pub fn parse_pack(crypto: &Crypto, pack: &PackId, bytes: &[u8]) -> Result<Vec<PackEntry>> {
+    if bytes.len() < HEADER_LEN + FOOTER_LEN || &bytes[..8] != MAGIC {
+        return Err(Error::corrupt(format!("pack {pack}"), "bad header"));
+    }
+    let (start, len) = trailer_span(pack, &bytes[bytes.len() - FOOTER_LEN..], bytes.len() as u64)?;
+    let s = usize::try_from(start).unwrap_or(usize::MAX);
+    parse_trailer(crypto, pack, &bytes[s..s + len], start)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blob;
+    use crate::crypto::{Encryption, MasterKey};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        #[test]
+        fn pack_round_trip(blobs in proptest::collection::vec(
+            proptest::collection::vec(any::<u8>(), 0..2000), 0..20), enc in any::<bool>()) {
+            let c = Crypto::new(MasterKey::generate(),
+                if enc { Encryption::Aes256Gcm } else { Encryption::None });
+            let mut w = PackWriter::new();
+            for b in &blobs {
+                let id = c.blob_id(b);
+                w.add(id, BlobKind::Data, &blob::encode(&c, BlobKind::Data, &id, b, 3), b.len());
+            }
+            let (id, bytes, entries) = w.finish(&c);
+            prop_assert_eq!(PackId(Id::hash_of(&bytes)), id);
+            let parsed = parse_pack(&c, &id, &bytes).unwrap();
+            prop_assert_eq!(&parsed, &entries);
+            for (e, b) in parsed.iter().zip(&blobs) {
+                let s = e.offset as usize;
+                let stored = &bytes[s..s + e.length as usize];
+                prop_assert_eq!(&blob::decode(&c, e.kind, &e.id, stored, e.raw_length as usize).unwrap(), b);
+            }
+        }
+
+        #[test]
+        fn truncated_or_garbage_packs_error(cut in any::<usize>(), garbage in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let c = Crypto::new(MasterKey::generate(), Encryption::Aes256Gcm);
+            let mut w = PackWriter::new();
+            let id = c.blob_id(b"abc");
+            w.add(id, BlobKind::Data, &blob::encode(&c, BlobKind::Data, &id, b"abc", 3), 3);
+            let (pid, bytes, _) = w.finish(&c);
+            let n = cut % bytes.len();
+            prop_assert!(parse_pack(&c, &pid, &bytes[..n]).is_err());
+            prop_assert!(parse_pack(&c, &pid, &garbage).is_err());
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! The [`Repository`] facade: creating and opening a repository, its keys, snapshots,
+//! blobs and index. Commands (backup, restore, ...) are free functions in their own
+//! modules that take a `&Repository`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use zeroize::Zeroizing;
+
+use crate::backend::{Backend, FileKind, LocalBackend};
+use crate::blob::{self, BlobKind};
+use crate::config::Config;
+use crate::crypto::{Crypto, Encryption, MasterKey};
+use crate::error::{Error, IoContext, Result};
+use crate::id::{BlobId, Id, KeyId, PackId, SnapshotId};
+use crate::index::{BlobLocation, Index};
+use crate::keyfile::{KdfParams, KeyFile};
+use crate::pack::{self, FOOTER_LEN};
+use crate::snapshot::{Manifest, Snapshot};
+use crate::tree::Tree;
+
+/// Supplies the password when one is needed (not for encryption `none`).
+pub type PasswordSource<'a> = &'a dyn Fn() -> Result<Zeroizing<Vec<u8>>>;
+
+/// An open repository: config verified, master key unlocked, index in sync.
+pub struct Repository {
+    path: PathBuf,
+    backend: Arc<dyn Backend>,
+    config: Config,
+    crypto: Crypto,
+    key_id: KeyId,
+    index: Index,
+}
+
+/// Who is doing this, for key files and snapshots.
+#[must_use]
+pub fn current_host() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[must_use]
+pub fn current_user() -> String {
+    nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map_or_else(|| nix::unistd::geteuid().to_string(), |u| u.name)
+}
+
+impl Repository {
+    /// Creates a repository in `path` (which must not hold one, and must be empty if it exists).
+    pub fn init(
+        path: &Path,
+        password: &[u8],
+        encryption: Encryption,
+        kdf: KdfParams,
+    ) -> Result<Self> {
+        if path.join("config").exists() {
+            return Err(Error::InvalidInput(format!(
+                "{}: a repository already exists here",
+                path.display()
+            )));
+        }
+        if path.exists() {
+            let mut entries = std::fs::read_dir(path).ctx(|| path.display().to_string())?;
+            if entries.next().is_some() {
+                return Err(Error::InvalidInput(format!(
+                    "{}: directory is not empty; choose a new or empty directory",
+                    path.display()
+                )));
+            }
+        }
+        let backend = LocalBackend::new(path);
+        backend
+            .create_layout()
+            .ctx(|| format!("creating repository {}", path.display()))?;
+        let key = MasterKey::generate();
+        let config = Config::new(encryption);
+        let crypto = Crypto::new(key.clone(), encryption);
+        let keyfile = KeyFile::create(&key, encryption, password, kdf, &current_host(), &current_user())?;
+        let key_id = KeyId(Id::random());
+        backend
+            .write(FileKind::Key, &key_id.to_hex(), &keyfile.to_json())
+            .ctx(|| "writing key file".into())?;
+        // The config goes last: a repository exists once its config does.
+        backend
+            .write(FileKind::Config, "config", &config.encode(&crypto))
+            .ctx(|| "writing config".into())?;
+        let index = Index::open(&path.join("index.sqlite"))?;
+        Ok(Self {
+            path: path.to_owned(),
+            backend: Arc::new(backend),
+            config,
+            crypto,
+            key_id,
+            index,
+        })
+    }
+
+    /// Reads `config` without a key: tells whether `path` is a repository and of which
+    /// version, without asking for a password.
+    pub fn peek_config(path: &Path) -> Result<Config> {
+        let backend = LocalBackend::new(path);
+        let bytes = match backend.read(FileKind::Config, "config") {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotARepository { path: path.to_owned() })
+            }
+            Err(e) => return Err(Error::io(format!("{}/config", path.display()), e)),
+        };
+        Config::decode_unverified(&bytes)
+    }
+
+    /// Opens the repository at `path`, asking `password` only when it is encrypted.
+    pub fn open(path: &Path, password: PasswordSource<'_>) -> Result<Self> {
+        let backend = LocalBackend::new(path);
+        let config = Self::peek_config(path)?;
+        let raw_config = backend
+            .read(FileKind::Config, "config")
+            .ctx(|| "reading config".into())?;
+        let keys = backend.list(FileKind::Key).ctx(|| "listing keys".into())?;
+        if keys.is_empty() {
+            return Err(Error::corrupt("keys/", "the repository has no key file"));
+        }
+        let pw = match config.encryption {
+            Encryption::None => Zeroizing::new(Vec::new()),
+            Encryption::Aes256Gcm => password()?,
+        };
+        let mut unlocked = None;
+        for name in &keys {
+            let Ok(id) = name.parse::<KeyId>() else { continue };
+            let bytes = backend
+                .read(FileKind::Key, name)
+                .ctx(|| format!("reading keys/{name}"))?;
+            let kf = match KeyFile::from_json(&bytes, &id) {
+                Ok(k) => k,
+                Err(e) => {
+                    tracing::warn!("skipping unreadable key file: {e}");
+                    continue;
+                }
+            };
+            if let Some(k) = kf.unwrap_key(&pw)? {
+                unlocked = Some((id, k));
+                break;
+            }
+        }
+        let (key_id, key) = unlocked.ok_or(Error::WrongPassword)?;
+        let crypto = Crypto::new(key, config.encryption);
+        Config::verify(&raw_config, &crypto)?;
+        let index = Index::open(&path.join("index.sqlite"))?;
+        let repo = Self {
+            path: path.to_owned(),
+            backend: Arc::new(backend),
+            config,
+            crypto,
+            key_id,
+            index,
+        };
+        repo.sync_index()?;
+        Ok(repo)
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    #[must_use]
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    #[must_use]
+    pub fn crypto(&self) -> &Crypto {
+        &self.crypto
+    }
+
+    #[must_use]
+    pub fn backend(&self) -> &dyn Backend {
+        self.backend.as_ref()
+    }
+
+    #[must_use]
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// The key this repository was opened with.
+    #[must_use]
+    pub fn key_id(&self) -> KeyId {
+        self.key_id
+    }
+
+    // ---- keys ----
+
+    /// All key files, readable or not.
+    pub fn keys(&self) -> Result<Vec<(KeyId, KeyFile)>> {
+        let mut out = Vec::new();
+        for name in self.backend.list(FileKind::Key).ctx(|| "listing keys".into())? {
+            let Ok(id) = name.parse::<KeyId>() else { continue };
+            let bytes = self
+                .backend
+                .read(FileKind::Key, &name)
+                .ctx(|| format!("reading keys/{name}"))?;
+            out.push((id, KeyFile::from_json(&bytes, &id)?));
+        }
+        Ok(out)
+    }
+
+    /// Adds a key file wrapping the master key with `password`.
+    pub fn add_key(&self, password: &[u8], kdf: KdfParams) -> Result<KeyId> {
+        if self.config.encryption == Encryption::None {
+            return Err(Error::InvalidInput(
+                "this repository is not encrypted: it has no passwords".into(),
+            ));
+        }
+        let kf = KeyFile::create(
+            self.crypto.master_key(),
+            self.config.encryption,
+            password,
+            kdf,
+            &current_host(),
+            &current_user(),
+        )?;
+        let id = KeyId(Id::random());
+        self.backend
+            .write(FileKind::Key, &id.to_hex(), &kf.to_json())
+            .ctx(|| "writing key file".into())?;
+        Ok(id)
+    }
+
+    /// Removes a key file. Refuses to remove the key in use (use `passwd` for that) and
+    /// the last key.
+    pub fn remove_key(&self, id: &KeyId) -> Result<()> {
+        let keys = self.keys()?;
+        if !keys.iter().any(|(k, _)| k == id) {
+            return Err(Error::NotFound(format!("no key {id}")));
+        }
+        if *id == self.key_id {
+            return Err(Error::InvalidInput(
+                "refusing to remove the key in use; open with another password, or use `key passwd`"
+                    .into(),
+            ));
+        }
+        self.backend
+            .remove(FileKind::Key, &id.to_hex())
+            .ctx(|| format!("removing keys/{id}"))
+    }
+
+    /// Replaces the key in use by one with a new password.
+    pub fn change_password(&mut self, password: &[u8], kdf: KdfParams) -> Result<KeyId> {
+        let new = self.add_key(password, kdf)?;
+        let old = std::mem::replace(&mut self.key_id, new);
+        self.backend
+            .remove(FileKind::Key, &old.to_hex())
+            .ctx(|| format!("removing keys/{old}"))?;
+        Ok(new)
+    }
+
+    // ---- snapshots ----
+
+    /// All snapshots, oldest first. Unreadable manifests are reported and skipped.
+    pub fn snapshots(&self) -> Result<Vec<Snapshot>> {
+        let names = self
+            .backend
+            .list(FileKind::Snapshot)
+            .ctx(|| "listing snapshots".into())?;
+        let mut out: Vec<Snapshot> = names
+            .par_iter()
+            .filter_map(|name| {
+                let id = name.parse::<SnapshotId>().ok()?;
+                match self.load_snapshot(&id) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::warn!("skipping snapshot {id}: {e}");
+                        None
+                    }
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.manifest.time.cmp(&b.manifest.time).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    pub fn load_snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {
+        let bytes = self
+            .backend
+            .read(FileKind::Snapshot, &id.to_hex())
+            .ctx(|| format!("reading snapshot {id}"))?;
+        Ok(Snapshot {
+            id: *id,
+            manifest: Manifest::decode(&self.crypto, id, &bytes)?,
+        })
+    }
+
+    /// Writes a manifest durably: from now on the snapshot exists.
+    pub fn save_snapshot(&self, manifest: &Manifest) -> Result<SnapshotId> {
+        let (id, bytes) = manifest.encode(&self.crypto);
+        self.backend
+            .write(FileKind::Snapshot, &id.to_hex(), &bytes)
+            .ctx(|| format!("writing snapshot {id}"))?;
+        Ok(id)
+    }
+
+    // ---- blobs ----
+
+    pub fn locate(&self, id: &BlobId) -> Result<BlobLocation> {
+        self.index.lookup(id)?.ok_or_else(|| {
+            Error::corrupt(
+                format!("blob {id}"),
+                "missing from the repository (lost pack?); run `repo index rebuild`, then `repo check`",
+            )
+        })
+    }
+
+    /// Reads, verifies and decodes one blob.
+    pub fn read_blob(&self, id: &BlobId) -> Result<Vec<u8>> {
+        let loc = self.locate(id)?;
+        let stored = self
+            .backend
+            .read_at(FileKind::Pack, &loc.pack.to_hex(), loc.offset, loc.length as usize)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::NotFound => {
+                    Error::corrupt(format!("pack {} (blob {id})", loc.pack), format!("{e}: pack truncated or missing"))
+                }
+                _ => Error::io(format!("reading pack {}", loc.pack), e),
+            })?;
+        blob::decode(&self.crypto, loc.kind, id, &stored, loc.raw_length as usize)
+    }
+
+    pub fn load_tree(&self, id: &BlobId) -> Result<Tree> {
+        Tree::decode(&self.read_blob(id)?, id)
+    }
+
+    // ---- index ----
+
+    /// Reads a pack's trailer from storage.
+    pub fn read_pack_trailer(&self, pack: &PackId) -> Result<(u64, Vec<pack::PackEntry>)> {
+        let name = pack.to_hex();
+        let what = || format!("pack {pack}");
+        let size = self.backend.size(FileKind::Pack, &name).ctx(what)?;
+        if size < FOOTER_LEN as u64 {
+            return Err(Error::corrupt(what(), "shorter than a footer"));
+        }
+        let footer = self
+            .backend
+            .read_at(FileKind::Pack, &name, size - FOOTER_LEN as u64, FOOTER_LEN)
+            .ctx(what)?;
+        let (start, len) = pack::trailer_span(pack, &footer, size)?;
+        let sealed = self.backend.read_at(FileKind::Pack, &name, start, len).ctx(what)?;
+        Ok((size, pack::parse_trailer(&self.crypto, pack, &sealed, start)?))
+    }
+
+    /// Brings the index in line with the packs in storage. Returns (added, removed) packs.
+    pub fn sync_index(&self) -> Result<(usize, usize)> {
+        let stored: std::collections::HashSet<PackId> = self
+            .backend
+            .list(FileKind::Pack)
+            .ctx(|| "listing packs".into())?
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let indexed: std::collections::HashSet<PackId> = self.index.packs()?.into_iter().collect();
+        let gone: Vec<_> = indexed.difference(&stored).collect();
+        for p in &gone {
+            self.index.remove_pack(p)?;
+        }
+        let new: Vec<PackId> = stored.difference(&indexed).copied().collect();
+        let read: Vec<(PackId, Result<(u64, Vec<pack::PackEntry>)>)> = new
+            .par_iter()
+            .map(|p| (*p, self.read_pack_trailer(p)))
+            .collect();
+        let mut added = 0;
+        for (p, r) in read {
+            match r {
+                Ok((size, entries)) => {
+                    self.index.add_pack(&p, size, &entries)?;
+                    added += 1;
+                }
+                // A damaged pack is left out of the index; `check` reports it.
+                Err(e) => tracing::warn!("pack {p} not indexed: {e}"),
+            }
+        }
+        Ok((added, gone.len()))
+    }
+
+    /// Recreates the index from the pack trailers alone.
+    pub fn rebuild_index(&self) -> Result<(usize, usize)> {
+        self.index.clear()?;
+        self.sync_index()
+    }
+
+    #[must_use]
+    pub fn blob_kind_of(&self, id: &BlobId) -> Option<BlobKind> {
+        self.index.lookup(id).ok().flatten().map(|l| l.kind)
+    }
+}

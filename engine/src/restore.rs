@@ -1,0 +1,326 @@
+//! Restoring a snapshot (or parts of it) into a directory.
+//!
+//! Each backed-up path is recreated under the target (`/var/lib/x` lands in
+//! `TARGET/var/lib/x`). Safety: names come from validated trees (one component each, never
+//! `..`), so joined paths stay inside the target; a symlink or file already in the way
+//! of a directory is replaced rather than followed, and files are opened with O_NOFOLLOW.
+//!
+//! Order: directories (pre-order), file contents in parallel (sparse: holes are never
+//! written), hard links, symlinks and special files, then metadata (xattrs, owner, mode,
+//! times), directories last and deepest first so their times stick. A damaged blob costs
+//! the files that use it, which are reported, and nothing else.
+
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use nix::sys::stat::{utimensat, Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::backup::Warning;
+use crate::error::{Error, IoContext, Result};
+use crate::progress::Progress;
+use crate::repository::Repository;
+use crate::snapshot::Snapshot;
+use crate::tree::{Node, NodeKind};
+use crate::walk;
+
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    pub target: PathBuf,
+    /// Paths inside the snapshot to restore (with everything below them); empty = all.
+    pub includes: Vec<PathBuf>,
+    /// Threads writing files (0: twice the cores).
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RestoreOutcome {
+    pub files: u64,
+    pub dirs: u64,
+    pub bytes: u64,
+    pub warnings: Vec<Warning>,
+}
+
+struct Item {
+    /// Path inside the snapshot, absolute.
+    path: PathBuf,
+    node: Node,
+}
+
+fn included(path: &Path, includes: &[PathBuf], is_dir: bool) -> bool {
+    includes.is_empty()
+        || includes
+            .iter()
+            .any(|i| path.starts_with(i) || (is_dir && i.starts_with(path)))
+}
+
+fn dest(target: &Path, snapshot_path: &Path) -> PathBuf {
+    target.join(snapshot_path.strip_prefix("/").unwrap_or(snapshot_path))
+}
+
+/// Restores `snap` according to `opts`.
+pub fn restore(repo: &Repository, snap: &Snapshot, opts: &RestoreOptions, progress: &Progress) -> Result<RestoreOutcome> {
+    let includes: Vec<PathBuf> = opts
+        .includes
+        .iter()
+        .map(|p| Path::new("/").join(p))
+        .collect();
+    for i in &includes {
+        walk::resolve(repo, &snap.manifest.root, i)?;
+    }
+    let mut items = Vec::new();
+    walk::walk(repo, &snap.manifest.root, Path::new("/"), &mut |p, n| {
+        let keep = included(p, &includes, n.kind == NodeKind::Dir);
+        if keep {
+            if n.kind == NodeKind::File {
+                Progress::add(&progress.total_files, 1);
+                Progress::add(&progress.total_bytes, n.size);
+            }
+            items.push(Item { path: p.to_owned(), node: n.clone() });
+        }
+        Ok(keep)
+    })?;
+    progress.total_known.store(true, std::sync::atomic::Ordering::Relaxed);
+
+    let target = &opts.target;
+    fs::create_dir_all(target).ctx(|| format!("creating {}", target.display()))?;
+    if !fs::metadata(target).ctx(|| target.display().to_string())?.is_dir() {
+        return Err(Error::InvalidInput(format!("{}: not a directory", target.display())));
+    }
+    let mut out = RestoreOutcome::default();
+    let warnings = std::sync::Mutex::new(Vec::new());
+    let warn = |path: &Path, message: String, lost: bool| {
+        tracing::warn!("{}: {message}", path.display());
+        if lost {
+            Progress::add(&progress.errors, 1);
+        }
+        warnings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Warning { path: path.to_owned(), message, lost });
+    };
+
+    // Directories first, parents before children.
+    let mut failed_dirs: Vec<PathBuf> = Vec::new();
+    for it in items.iter().filter(|i| i.node.kind == NodeKind::Dir) {
+        if failed_dirs.iter().any(|f| it.path.starts_with(f)) {
+            continue;
+        }
+        if let Err(e) = make_dir(&dest(target, &it.path)) {
+            warn(&it.path, format!("directory not created: {e}"), true);
+            failed_dirs.push(it.path.clone());
+        } else {
+            out.dirs += 1;
+        }
+    }
+    let live = |it: &&Item| !failed_dirs.iter().any(|f| it.path.starts_with(f) && it.path != *f);
+
+    // Files: the first name of each hard-linked inode gets the content.
+    let mut first_link: HashMap<(u64, u64), PathBuf> = HashMap::new();
+    let mut files = Vec::new();
+    let mut links = Vec::new();
+    for it in items.iter().filter(live).filter(|i| i.node.kind == NodeKind::File) {
+        let key = (it.node.device, it.node.inode);
+        if it.node.links > 1 && it.node.inode != 0 {
+            if let Some(first) = first_link.get(&key) {
+                links.push((first.clone(), it));
+                continue;
+            }
+            first_link.insert(key, it.path.clone());
+        }
+        files.push(it);
+    }
+    let threads = if opts.threads == 0 {
+        2 * std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+    } else {
+        opts.threads
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::io("starting threads", io::Error::other(e)))?;
+    let written: Vec<u64> = pool.install(|| {
+        files
+            .par_iter()
+            .map(|it| {
+                progress.set_current(&it.path.to_string_lossy());
+                let n = match write_file(repo, &dest(target, &it.path), &it.node, progress) {
+                    Ok(problems) => {
+                        for p in problems {
+                            warn(&it.path, p, true);
+                        }
+                        it.node.size
+                    }
+                    Err(e) => {
+                        warn(&it.path, format!("not restored: {e}"), true);
+                        0
+                    }
+                };
+                Progress::add(&progress.files_done, 1);
+                n
+            })
+            .collect()
+    });
+    out.files += files.len() as u64;
+    out.bytes += written.iter().sum::<u64>();
+    for (first, it) in &links {
+        let to = dest(target, &it.path);
+        let _ = remove_non_dir(&to);
+        if let Err(e) = fs::hard_link(dest(target, first), &to) {
+            warn(&it.path, format!("hard link not created: {e}"), true);
+        } else {
+            out.files += 1;
+        }
+    }
+    for it in items.iter().filter(live) {
+        let to = dest(target, &it.path);
+        let r = match it.node.kind {
+            NodeKind::Symlink => {
+                let _ = remove_non_dir(&to);
+                let t = it.node.target.as_deref().unwrap_or_default();
+                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(t), &to)
+            }
+            NodeKind::Fifo => {
+                let _ = remove_non_dir(&to);
+                nix::unistd::mkfifo(&to, Mode::from_bits_truncate(0o600)).map_err(io::Error::from)
+            }
+            NodeKind::Chardev | NodeKind::Blockdev => {
+                let _ = remove_non_dir(&to);
+                let kind = if it.node.kind == NodeKind::Chardev { SFlag::S_IFCHR } else { SFlag::S_IFBLK };
+                nix::sys::stat::mknod(&to, kind, Mode::from_bits_truncate(0o600), it.node.rdev).map_err(io::Error::from)
+            }
+            NodeKind::Socket => {
+                warn(&it.path, "socket not restored (sockets exist only while a program listens)".into(), false);
+                continue;
+            }
+            NodeKind::File | NodeKind::Dir => continue,
+        };
+        if let Err(e) = r {
+            warn(&it.path, format!("not restored: {e}"), true);
+        }
+    }
+
+    // Metadata: everything but directories, then directories deepest first.
+    let is_root = nix::unistd::geteuid().is_root();
+    let restored_links: std::collections::HashSet<&Path> = links.iter().map(|(_, it)| it.path.as_path()).collect();
+    pool.install(|| {
+        items
+            .par_iter()
+            .filter(live)
+            .filter(|it| it.node.kind != NodeKind::Dir && it.node.kind != NodeKind::Socket)
+            .filter(|it| !restored_links.contains(it.path.as_path()))
+            .for_each(|it| {
+                for p in apply_metadata(&dest(target, &it.path), &it.node, is_root) {
+                    warn(&it.path, p, false);
+                }
+            });
+    });
+    for it in items.iter().filter(live).filter(|i| i.node.kind == NodeKind::Dir).rev() {
+        for p in apply_metadata(&dest(target, &it.path), &it.node, is_root) {
+            warn(&it.path, p, false);
+        }
+    }
+    out.warnings = warnings.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    Ok(out)
+}
+
+fn remove_non_dir(p: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(p) {
+        Ok(md) if md.is_dir() => Err(io::Error::new(io::ErrorKind::AlreadyExists, "a directory is in the way")),
+        Ok(_) => fs::remove_file(p),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+fn make_dir(p: &Path) -> io::Result<()> {
+    match fs::symlink_metadata(p) {
+        Ok(md) if md.is_dir() => Ok(()),
+        Ok(_) => {
+            // A file or symlink in the way: replace it, never follow it.
+            fs::remove_file(p)?;
+            fs::create_dir(p)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir(p),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes a file's content; returns problems with parts of it (damaged blobs).
+fn write_file(repo: &Repository, to: &Path, node: &Node, progress: &Progress) -> io::Result<Vec<String>> {
+    let open = || {
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(to)
+    };
+    let f = match open() {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::EISDIR) => {
+            if fs::symlink_metadata(to)?.is_dir() {
+                fs::remove_dir_all(to)?;
+            } else {
+                fs::remove_file(to)?;
+            }
+            open()?
+        }
+        Err(e) => return Err(e),
+    };
+    // Setting the length first leaves every hole unwritten (sparse).
+    f.set_len(node.size)?;
+    let mut problems = Vec::new();
+    let mut offset = 0u64;
+    for e in &node.content {
+        if let Some(id) = e.blob {
+            match repo.read_blob(&id) {
+                Ok(data) if data.len() as u64 == e.len => {
+                    f.write_all_at(&data, offset)?;
+                    Progress::add(&progress.bytes_done, e.len);
+                }
+                Ok(_) => problems.push(format!("blob {id} has the wrong length; bytes {offset}..{} are zeros", offset + e.len)),
+                Err(err) => problems.push(format!("damaged: bytes {offset}..{} are zeros: {err}", offset + e.len)),
+            }
+        } else {
+            Progress::add(&progress.bytes_done, e.len);
+        }
+        offset += e.len;
+    }
+    f.sync_all()?;
+    Ok(problems)
+}
+
+/// Sets xattrs, owner, mode and times; returns what could not be set.
+fn apply_metadata(p: &Path, n: &Node, is_root: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    for x in &n.xattrs {
+        if let Err(e) = xattr::set(p, std::ffi::OsStr::from_bytes(&x.name), &x.value) {
+            problems.push(format!("xattr {} not set: {e}", String::from_utf8_lossy(&x.name)));
+        }
+    }
+    if is_root || n.uid == nix::unistd::geteuid().as_raw() {
+        if let Err(e) = std::os::unix::fs::lchown(p, Some(n.uid), Some(n.gid)) {
+            if is_root {
+                problems.push(format!("owner not set: {e}"));
+            }
+        }
+    }
+    if n.kind != NodeKind::Symlink {
+        if let Err(e) = fs::set_permissions(p, fs::Permissions::from_mode(n.mode)) {
+            problems.push(format!("mode not set: {e}"));
+        }
+    }
+    let mtime = TimeSpec::new(n.mtime.sec, i64::from(n.mtime.nsec));
+    if let Err(e) = utimensat(None, p, &TimeSpec::UTIME_OMIT, &mtime, UtimensatFlags::NoFollowSymlink) {
+        problems.push(format!("times not set: {e}"));
+    }
+    problems
+}

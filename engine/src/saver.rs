@@ -1,0 +1,114 @@
+//! Saving blobs during a backup: dedup, compress, encrypt, pack, index.
+//!
+//! Callers on many threads call [`BlobSaver::save`]. A blob is stored once per
+//! repository: an id already indexed (durable in a pack) or already taken by this run is
+//! skipped. The compression and encryption happen on the caller's thread; only appending
+//! to the open pack takes a lock. A full pack is written (temp file, fsync, rename) by the
+//! thread that filled it, outside the lock, and indexed only once durable.
+//!
+//! Memory: one open pack (the config's pack size) plus one being written per thread.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::backend::FileKind;
+use crate::blob::{self, BlobKind};
+use crate::error::{IoContext, Result};
+use crate::id::BlobId;
+use crate::pack::PackWriter;
+use crate::repository::Repository;
+
+/// What a run added to the repository.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SaverStats {
+    pub blobs_new: u64,
+    pub bytes_new: u64,
+    pub bytes_stored: u64,
+    pub packs: u64,
+}
+
+pub struct BlobSaver<'r> {
+    repo: &'r Repository,
+    taken: Mutex<HashSet<BlobId>>,
+    open: Mutex<PackWriter>,
+    blobs_new: AtomicU64,
+    bytes_new: AtomicU64,
+    bytes_stored: AtomicU64,
+    packs: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<'r> BlobSaver<'r> {
+    #[must_use]
+    pub fn new(repo: &'r Repository) -> Self {
+        Self {
+            repo,
+            taken: Mutex::new(HashSet::new()),
+            open: Mutex::new(PackWriter::new()),
+            blobs_new: AtomicU64::new(0),
+            bytes_new: AtomicU64::new(0),
+            bytes_stored: AtomicU64::new(0),
+            packs: AtomicU64::new(0),
+        }
+    }
+
+    /// Stores `data` unless the repository has it. Returns its id and the bytes it added
+    /// to the repository (0 when deduplicated).
+    pub fn save(&self, kind: BlobKind, data: &[u8]) -> Result<(BlobId, u64)> {
+        let id = self.repo.crypto().blob_id(data);
+        if !lock(&self.taken).insert(id) || self.repo.index().contains(&id)? {
+            return Ok((id, 0));
+        }
+        let level = self.repo.config().compression_level;
+        let stored = blob::encode(self.repo.crypto(), kind, &id, data, level);
+        let stored_len = stored.len() as u64;
+        self.blobs_new.fetch_add(1, Ordering::Relaxed);
+        self.bytes_new.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.bytes_stored.fetch_add(stored_len, Ordering::Relaxed);
+        let full = {
+            let mut open = lock(&self.open);
+            open.add(id, kind, &stored, data.len());
+            (open.len() >= self.repo.config().pack_size as usize)
+                .then(|| std::mem::take(&mut *open))
+        };
+        if let Some(pack) = full {
+            self.write_pack(pack)?;
+        }
+        Ok((id, stored_len))
+    }
+
+    fn write_pack(&self, pack: PackWriter) -> Result<()> {
+        let (id, bytes, entries) = pack.finish(self.repo.crypto());
+        self.repo
+            .backend()
+            .write(FileKind::Pack, &id.to_hex(), &bytes)
+            .ctx(|| format!("writing pack {id}"))?;
+        self.repo.index().add_pack(&id, bytes.len() as u64, &entries)?;
+        self.packs.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes the last, partly filled pack. Call before referring to the saved blobs
+    /// from a snapshot.
+    pub fn flush(&self) -> Result<()> {
+        let pack = std::mem::take(&mut *lock(&self.open));
+        if pack.is_empty() {
+            return Ok(());
+        }
+        self.write_pack(pack)
+    }
+
+    #[must_use]
+    pub fn stats(&self) -> SaverStats {
+        SaverStats {
+            blobs_new: self.blobs_new.load(Ordering::Relaxed),
+            bytes_new: self.bytes_new.load(Ordering::Relaxed),
+            bytes_stored: self.bytes_stored.load(Ordering::Relaxed),
+            packs: self.packs.load(Ordering::Relaxed),
+        }
+    }
+}
