@@ -1,1 +1,67 @@
-fn main(){}
+//! `repo`: the command-line interface of cairn. Thin: parses arguments, finds the
+//! repository and password, calls the engine, prints text or JSON, maps errors to
+//! documented exit codes.
+
+mod args;
+mod cmd;
+mod format;
+mod open;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use cairn_engine::ErrorKind;
+
+/// Exit codes (documented in `repo --help` and README).
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const ERROR: u8 = 1;
+    pub const PARTIAL: u8 = 3;
+    pub const NO_REPOSITORY: u8 = 10;
+    pub const WRONG_PASSWORD: u8 = 12;
+    pub const UNSUPPORTED_VERSION: u8 = 13;
+    pub const DAMAGED: u8 = 14;
+}
+
+fn exit_code_of(e: &anyhow::Error) -> u8 {
+    for cause in e.chain() {
+        if let Some(engine) = cause.downcast_ref::<cairn_engine::Error>() {
+            return match engine.kind() {
+                ErrorKind::NotARepository => exit::NO_REPOSITORY,
+                ErrorKind::WrongPassword => exit::WRONG_PASSWORD,
+                ErrorKind::UnsupportedVersion => exit::UNSUPPORTED_VERSION,
+                ErrorKind::Corrupt => exit::DAMAGED,
+                _ => exit::ERROR,
+            };
+        }
+    }
+    exit::ERROR
+}
+
+fn main() -> ExitCode {
+    let cli = args::Cli::parse();
+    let level = match (cli.global.quiet, cli.global.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, _) => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("REPO_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    match cmd::run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit_code_of(&e))
+        }
+    }
+}

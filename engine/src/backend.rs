@@ -80,7 +80,12 @@ impl LocalBackend {
         let mut b = DirBuilder::new();
         b.mode(0o700).recursive(true);
         b.create(&self.root)?;
-        for kind in [FileKind::Key, FileKind::Pack, FileKind::Snapshot, FileKind::Lock] {
+        for kind in [
+            FileKind::Key,
+            FileKind::Pack,
+            FileKind::Snapshot,
+            FileKind::Lock,
+        ] {
             b.create(self.root.join(kind.dir()))?;
         }
         for i in 0..=255u8 {
@@ -242,9 +247,15 @@ mod tests {
         assert_eq!(b.read_at(FileKind::Pack, "abcd", 1, 3).unwrap(), b"ell");
         assert!(b.read_at(FileKind::Pack, "abcd", 3, 3).is_err());
         assert_eq!(b.list(FileKind::Pack).unwrap(), vec!["abcd".to_string()]);
-        let mode = fs::metadata(d.path().join("r/data/ab/abcd")).unwrap().permissions().mode();
+        let mode = fs::metadata(d.path().join("r/data/ab/abcd"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
-        let mode = fs::metadata(d.path().join("r")).unwrap().permissions().mode();
+        let mode = fs::metadata(d.path().join("r"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o700);
         assert!(b.read(FileKind::Snapshot, "../config").is_err());
     }

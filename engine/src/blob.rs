@@ -86,7 +86,10 @@ pub fn decode(
         _ => return Err(Error::corrupt(what(), format!("unknown flag {flag}"))),
     };
     if plain.len() != raw_len {
-        return Err(Error::corrupt(what(), "length differs from the pack trailer"));
+        return Err(Error::corrupt(
+            what(),
+            "length differs from the pack trailer",
+        ));
     }
     if crypto.blob_id(&plain) != *id {
         return Err(Error::corrupt(what(), "content does not match its id"));

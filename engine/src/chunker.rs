@@ -28,7 +28,9 @@ impl ChunkerParams {
 
     /// Checks the bounds FastCDC accepts (and that are sane for packs).
     pub fn validate(&self) -> Result<()> {
-        use fastcdc::v2020::{AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN};
+        use fastcdc::v2020::{
+            AVERAGE_MAX, AVERAGE_MIN, MAXIMUM_MAX, MAXIMUM_MIN, MINIMUM_MAX, MINIMUM_MIN,
+        };
         let ok = (MINIMUM_MIN..=MINIMUM_MAX).contains(&self.min_size)
             && (AVERAGE_MIN..=AVERAGE_MAX).contains(&self.avg_size)
             && (MAXIMUM_MIN..=MAXIMUM_MAX).contains(&self.max_size)
@@ -37,7 +39,10 @@ impl ChunkerParams {
         if ok {
             Ok(())
         } else {
-            Err(Error::corrupt("config", format!("invalid chunker parameters {self:?}")))
+            Err(Error::corrupt(
+                "config",
+                format!("invalid chunker parameters {self:?}"),
+            ))
         }
     }
 }
@@ -110,7 +115,13 @@ mod tests {
     #[test]
     fn default_params_are_valid() {
         ChunkerParams::DEFAULT.validate().unwrap();
-        assert!(ChunkerParams { min_size: 1, avg_size: 2, max_size: 3 }.validate().is_err());
+        assert!(ChunkerParams {
+            min_size: 1,
+            avg_size: 2,
+            max_size: 3
+        }
+        .validate()
+        .is_err());
     }
 
     proptest! {

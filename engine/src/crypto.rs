@@ -182,14 +182,19 @@ impl Crypto {
             return Ok(sealed.to_vec());
         }
         if sealed.len() < SEAL_OVERHEAD {
-            return Err(Error::corrupt(what(), "sealed data shorter than nonce and tag"));
+            return Err(Error::corrupt(
+                what(),
+                "sealed data shorter than nonce and tag",
+            ));
         }
         let (nonce, rest) = sealed.split_at(NONCE_LEN);
         let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
         let mut out = ct.to_vec();
         self.cipher
             .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, &mut out, tag.into())
-            .map_err(|_| Error::corrupt(what(), "authentication failed (data damaged or altered)"))?;
+            .map_err(|_| {
+                Error::corrupt(what(), "authentication failed (data damaged or altered)")
+            })?;
         Ok(out)
     }
 }

@@ -54,18 +54,36 @@ fn load(repo: &Repository, id: Option<&BlobId>) -> Result<Tree> {
     id.map_or_else(|| Ok(Tree::default()), |id| repo.load_tree(id))
 }
 
-fn all_below(repo: &Repository, n: &Node, p: &Path, change: Change, out: &mut Vec<DiffEntry>) -> Result<()> {
-    out.push(DiffEntry { path: p.to_owned(), change });
+fn all_below(
+    repo: &Repository,
+    n: &Node,
+    p: &Path,
+    change: Change,
+    out: &mut Vec<DiffEntry>,
+) -> Result<()> {
+    out.push(DiffEntry {
+        path: p.to_owned(),
+        change,
+    });
     if let Some(sub) = n.subtree {
         walk::walk(repo, &sub, p, &mut |q, _| {
-            out.push(DiffEntry { path: q.to_owned(), change });
+            out.push(DiffEntry {
+                path: q.to_owned(),
+                change,
+            });
             Ok(true)
         })?;
     }
     Ok(())
 }
 
-fn diff_trees(repo: &Repository, a: Option<&BlobId>, b: Option<&BlobId>, base: &Path, out: &mut Vec<DiffEntry>) -> Result<()> {
+fn diff_trees(
+    repo: &Repository,
+    a: Option<&BlobId>,
+    b: Option<&BlobId>,
+    base: &Path,
+    out: &mut Vec<DiffEntry>,
+) -> Result<()> {
     if a == b {
         return Ok(());
     }
@@ -91,13 +109,27 @@ fn diff_trees(repo: &Repository, a: Option<&BlobId>, b: Option<&BlobId>, base: &
             (_, Some(x), Some(y)) => {
                 let p = walk::join(base, &x.name);
                 if x.kind != y.kind {
-                    out.push(DiffEntry { path: p.clone(), change: Change::Type });
-                } else if x.kind == NodeKind::File && (x.content != y.content || x.size != y.size) {
-                    out.push(DiffEntry { path: p.clone(), change: Change::Modified });
-                } else if x.kind == NodeKind::Symlink && x.target != y.target {
-                    out.push(DiffEntry { path: p.clone(), change: Change::Modified });
-                } else if x.mode != y.mode || x.uid != y.uid || x.gid != y.gid || x.mtime != y.mtime || x.xattrs != y.xattrs {
-                    out.push(DiffEntry { path: p.clone(), change: Change::Metadata });
+                    out.push(DiffEntry {
+                        path: p.clone(),
+                        change: Change::Type,
+                    });
+                } else if (x.kind == NodeKind::File && (x.content != y.content || x.size != y.size))
+                    || (x.kind == NodeKind::Symlink && x.target != y.target)
+                {
+                    out.push(DiffEntry {
+                        path: p.clone(),
+                        change: Change::Modified,
+                    });
+                } else if x.mode != y.mode
+                    || x.uid != y.uid
+                    || x.gid != y.gid
+                    || x.mtime != y.mtime
+                    || x.xattrs != y.xattrs
+                {
+                    out.push(DiffEntry {
+                        path: p.clone(),
+                        change: Change::Metadata,
+                    });
                 }
                 if x.kind == NodeKind::Dir && y.kind == NodeKind::Dir {
                     diff_trees(repo, x.subtree.as_ref(), y.subtree.as_ref(), &p, out)?;

@@ -53,12 +53,18 @@ impl Index {
             Ok(c) => match Self::prepare(&c, true) {
                 Ok(()) => c,
                 Err(e) => {
-                    tracing::warn!("index {} unusable ({e}); using a temporary one", path.display());
+                    tracing::warn!(
+                        "index {} unusable ({e}); using a temporary one",
+                        path.display()
+                    );
                     Self::memory_conn()?
                 }
             },
             Err(e) => {
-                tracing::warn!("index {} unusable ({e}); using a temporary one", path.display());
+                tracing::warn!(
+                    "index {} unusable ({e}); using a temporary one",
+                    path.display()
+                );
                 Self::memory_conn()?
             }
         };
@@ -81,10 +87,13 @@ impl Index {
     }
 
     fn prepare(c: &Connection, file: bool) -> Result<()> {
-        c.busy_timeout(std::time::Duration::from_secs(60)).map_err(db_err)?;
+        c.busy_timeout(std::time::Duration::from_secs(60))
+            .map_err(db_err)?;
         if file {
-            c.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
-            c.pragma_update(None, "synchronous", "NORMAL").map_err(db_err)?;
+            c.pragma_update(None, "journal_mode", "WAL")
+                .map_err(db_err)?;
+            c.pragma_update(None, "synchronous", "NORMAL")
+                .map_err(db_err)?;
         }
         c.execute_batch(
             "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -98,7 +107,9 @@ impl Index {
         )
         .map_err(db_err)?;
         let v: Option<i64> = c
-            .query_row("SELECT value FROM meta WHERE key='schema'", [], |r| r.get(0))
+            .query_row("SELECT value FROM meta WHERE key='schema'", [], |r| {
+                r.get(0)
+            })
             .optional()
             .map_err(db_err)?;
         match v {
@@ -122,7 +133,9 @@ impl Index {
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock leaves SQLite consistent (its own transactions).
-        self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Records a durable pack and its blobs. A blob already indexed in another pack keeps
@@ -232,9 +245,11 @@ impl Index {
     pub fn totals(&self) -> Result<IndexTotals> {
         let c = self.conn();
         let (packs, pack_bytes): (i64, i64) = c
-            .query_row("SELECT count(*), coalesce(sum(size),0) FROM packs", [], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            .query_row(
+                "SELECT count(*), coalesce(sum(size),0) FROM packs",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .map_err(db_err)?;
         let (blobs, stored, raw): (i64, i64, i64) = c
             .query_row(

@@ -77,7 +77,10 @@ fn wrapping_crypto(kek: &[u8; 32]) -> Result<Crypto> {
     // The key-encryption key fills the data-key slot; the other slots are unused here.
     let mut bytes = Zeroizing::new(vec![0u8; MasterKey::LEN]);
     bytes[..32].copy_from_slice(kek);
-    Ok(Crypto::new(MasterKey::from_bytes(&bytes)?, Encryption::Aes256Gcm))
+    Ok(Crypto::new(
+        MasterKey::from_bytes(&bytes)?,
+        Encryption::Aes256Gcm,
+    ))
 }
 
 impl KeyFile {
@@ -183,11 +186,20 @@ mod tests {
     #[test]
     fn wrap_unwrap() {
         let k = MasterKey::generate();
-        let f = KeyFile::create(&k, Encryption::Aes256Gcm, b"pw", KdfParams::TEST_ONLY_WEAK, "h", "u")
-            .unwrap();
+        let f = KeyFile::create(
+            &k,
+            Encryption::Aes256Gcm,
+            b"pw",
+            KdfParams::TEST_ONLY_WEAK,
+            "h",
+            "u",
+        )
+        .unwrap();
         let back = KeyFile::from_json(&f.to_json(), &KeyId::default()).unwrap();
         assert_eq!(
-            back.unwrap_key(b"pw").unwrap().map(|m| m.to_bytes().to_vec()),
+            back.unwrap_key(b"pw")
+                .unwrap()
+                .map(|m| m.to_bytes().to_vec()),
             Some(k.to_bytes().to_vec())
         );
         assert!(back.unwrap_key(b"nope").unwrap().is_none());

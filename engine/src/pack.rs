@@ -112,9 +112,14 @@ impl PackWriter {
 pub fn trailer_span(pack: &PackId, footer: &[u8], pack_size: u64) -> Result<(u64, usize)> {
     let what = || format!("pack {pack}");
     if footer.len() != FOOTER_LEN || &footer[4..] != END_MAGIC {
-        return Err(Error::corrupt(what(), "bad footer (truncated or not a pack)"));
+        return Err(Error::corrupt(
+            what(),
+            "bad footer (truncated or not a pack)",
+        ));
     }
-    let len = u64::from(u32::from_le_bytes([footer[0], footer[1], footer[2], footer[3]]));
+    let len = u64::from(u32::from_le_bytes([
+        footer[0], footer[1], footer[2], footer[3],
+    ]));
     let min = (HEADER_LEN + FOOTER_LEN) as u64;
     if pack_size < min || len > pack_size - min {
         return Err(Error::corrupt(what(), "trailer length beyond the file"));
@@ -137,7 +142,10 @@ pub fn parse_trailer(
     }
     let count = u32::from_le_bytes([plain[0], plain[1], plain[2], plain[3]]) as usize;
     if plain.len() != 4 + count * ENTRY_LEN {
-        return Err(Error::corrupt(what(), "trailer length does not match its count"));
+        return Err(Error::corrupt(
+            what(),
+            "trailer length does not match its count",
+        ));
     }
     let mut out = Vec::with_capacity(count);
     let mut next_free = HEADER_LEN as u64;
@@ -160,7 +168,10 @@ pub fn parse_trailer(
             || e.offset + u64::from(e.length) > trailer_start
             || e.raw_length as usize > MAX_BLOB_LEN
         {
-            return Err(Error::corrupt(what(), format!("entry for blob {id} out of bounds")));
+            return Err(Error::corrupt(
+                what(),
+                format!("entry for blob {id} out of bounds"),
+            ));
         }
         next_free = e.offset + u64::from(e.length);
         out.push(e);

@@ -20,6 +20,9 @@ use crate::pack::{self, FOOTER_LEN};
 use crate::snapshot::{Manifest, Snapshot};
 use crate::tree::Tree;
 
+/// A pack's size and entries, or why they could not be read.
+type TrailerResult = Result<(u64, Vec<pack::PackEntry>)>;
+
 /// Supplies the password when one is needed (not for encryption `none`).
 pub type PasswordSource<'a> = &'a dyn Fn() -> Result<Zeroizing<Vec<u8>>>;
 
@@ -80,7 +83,14 @@ impl Repository {
         let key = MasterKey::generate();
         let config = Config::new(encryption);
         let crypto = Crypto::new(key.clone(), encryption);
-        let keyfile = KeyFile::create(&key, encryption, password, kdf, &current_host(), &current_user())?;
+        let keyfile = KeyFile::create(
+            &key,
+            encryption,
+            password,
+            kdf,
+            &current_host(),
+            &current_user(),
+        )?;
         let key_id = KeyId(Id::random());
         backend
             .write(FileKind::Key, &key_id.to_hex(), &keyfile.to_json())
@@ -107,7 +117,9 @@ impl Repository {
         let bytes = match backend.read(FileKind::Config, "config") {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(Error::NotARepository { path: path.to_owned() })
+                return Err(Error::NotARepository {
+                    path: path.to_owned(),
+                })
             }
             Err(e) => return Err(Error::io(format!("{}/config", path.display()), e)),
         };
@@ -131,7 +143,9 @@ impl Repository {
         };
         let mut unlocked = None;
         for name in &keys {
-            let Ok(id) = name.parse::<KeyId>() else { continue };
+            let Ok(id) = name.parse::<KeyId>() else {
+                continue;
+            };
             let bytes = backend
                 .read(FileKind::Key, name)
                 .ctx(|| format!("reading keys/{name}"))?;
@@ -199,8 +213,14 @@ impl Repository {
     /// All key files, readable or not.
     pub fn keys(&self) -> Result<Vec<(KeyId, KeyFile)>> {
         let mut out = Vec::new();
-        for name in self.backend.list(FileKind::Key).ctx(|| "listing keys".into())? {
-            let Ok(id) = name.parse::<KeyId>() else { continue };
+        for name in self
+            .backend
+            .list(FileKind::Key)
+            .ctx(|| "listing keys".into())?
+        {
+            let Ok(id) = name.parse::<KeyId>() else {
+                continue;
+            };
             let bytes = self
                 .backend
                 .read(FileKind::Key, &name)
@@ -321,11 +341,17 @@ impl Repository {
         let loc = self.locate(id)?;
         let stored = self
             .backend
-            .read_at(FileKind::Pack, &loc.pack.to_hex(), loc.offset, loc.length as usize)
+            .read_at(
+                FileKind::Pack,
+                &loc.pack.to_hex(),
+                loc.offset,
+                loc.length as usize,
+            )
             .map_err(|e| match e.kind() {
-                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::NotFound => {
-                    Error::corrupt(format!("pack {} (blob {id})", loc.pack), format!("{e}: pack truncated or missing"))
-                }
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::NotFound => Error::corrupt(
+                    format!("pack {} (blob {id})", loc.pack),
+                    format!("{e}: pack truncated or missing"),
+                ),
                 _ => Error::io(format!("reading pack {}", loc.pack), e),
             })?;
         blob::decode(&self.crypto, loc.kind, id, &stored, loc.raw_length as usize)
@@ -350,8 +376,14 @@ impl Repository {
             .read_at(FileKind::Pack, &name, size - FOOTER_LEN as u64, FOOTER_LEN)
             .ctx(what)?;
         let (start, len) = pack::trailer_span(pack, &footer, size)?;
-        let sealed = self.backend.read_at(FileKind::Pack, &name, start, len).ctx(what)?;
-        Ok((size, pack::parse_trailer(&self.crypto, pack, &sealed, start)?))
+        let sealed = self
+            .backend
+            .read_at(FileKind::Pack, &name, start, len)
+            .ctx(what)?;
+        Ok((
+            size,
+            pack::parse_trailer(&self.crypto, pack, &sealed, start)?,
+        ))
     }
 
     /// Brings the index in line with the packs in storage. Returns (added, removed) packs.
@@ -369,7 +401,7 @@ impl Repository {
             self.index.remove_pack(p)?;
         }
         let new: Vec<PackId> = stored.difference(&indexed).copied().collect();
-        let read: Vec<(PackId, Result<(u64, Vec<pack::PackEntry>)>)> = new
+        let read: Vec<(PackId, TrailerResult)> = new
             .par_iter()
             .map(|p| (*p, self.read_pack_trailer(p)))
             .collect();

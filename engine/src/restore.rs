@@ -65,7 +65,12 @@ fn dest(target: &Path, snapshot_path: &Path) -> PathBuf {
 }
 
 /// Restores `snap` according to `opts`.
-pub fn restore(repo: &Repository, snap: &Snapshot, opts: &RestoreOptions, progress: &Progress) -> Result<RestoreOutcome> {
+pub fn restore(
+    repo: &Repository,
+    snap: &Snapshot,
+    opts: &RestoreOptions,
+    progress: &Progress,
+) -> Result<RestoreOutcome> {
     let includes: Vec<PathBuf> = opts
         .includes
         .iter()
@@ -82,16 +87,27 @@ pub fn restore(repo: &Repository, snap: &Snapshot, opts: &RestoreOptions, progre
                 Progress::add(&progress.total_files, 1);
                 Progress::add(&progress.total_bytes, n.size);
             }
-            items.push(Item { path: p.to_owned(), node: n.clone() });
+            items.push(Item {
+                path: p.to_owned(),
+                node: n.clone(),
+            });
         }
         Ok(keep)
     })?;
-    progress.total_known.store(true, std::sync::atomic::Ordering::Relaxed);
+    progress
+        .total_known
+        .store(true, std::sync::atomic::Ordering::Relaxed);
 
     let target = &opts.target;
     fs::create_dir_all(target).ctx(|| format!("creating {}", target.display()))?;
-    if !fs::metadata(target).ctx(|| target.display().to_string())?.is_dir() {
-        return Err(Error::InvalidInput(format!("{}: not a directory", target.display())));
+    if !fs::metadata(target)
+        .ctx(|| target.display().to_string())?
+        .is_dir()
+    {
+        return Err(Error::InvalidInput(format!(
+            "{}: not a directory",
+            target.display()
+        )));
     }
     let mut out = RestoreOutcome::default();
     let warnings = std::sync::Mutex::new(Vec::new());
@@ -103,7 +119,11 @@ pub fn restore(repo: &Repository, snap: &Snapshot, opts: &RestoreOptions, progre
         warnings
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(Warning { path: path.to_owned(), message, lost });
+            .push(Warning {
+                path: path.to_owned(),
+                message,
+                lost,
+            });
     };
 
     // Directories first, parents before children.
@@ -119,13 +139,21 @@ pub fn restore(repo: &Repository, snap: &Snapshot, opts: &RestoreOptions, progre
             out.dirs += 1;
         }
     }
-    let live = |it: &&Item| !failed_dirs.iter().any(|f| it.path.starts_with(f) && it.path != *f);
+    let live = |it: &&Item| {
+        !failed_dirs
+            .iter()
+            .any(|f| it.path.starts_with(f) && it.path != *f)
+    };
 
     // Files: the first name of each hard-linked inode gets the content.
     let mut first_link: HashMap<(u64, u64), PathBuf> = HashMap::new();
     let mut files = Vec::new();
     let mut links = Vec::new();
-    for it in items.iter().filter(live).filter(|i| i.node.kind == NodeKind::File) {
+    for it in items
+        .iter()
+        .filter(live)
+        .filter(|i| i.node.kind == NodeKind::File)
+    {
         let key = (it.node.device, it.node.inode);
         if it.node.links > 1 && it.node.inode != 0 {
             if let Some(first) = first_link.get(&key) {
@@ -192,11 +220,20 @@ pub fn restore(repo: &Repository, snap: &Snapshot, opts: &RestoreOptions, progre
             }
             NodeKind::Chardev | NodeKind::Blockdev => {
                 let _ = remove_non_dir(&to);
-                let kind = if it.node.kind == NodeKind::Chardev { SFlag::S_IFCHR } else { SFlag::S_IFBLK };
-                nix::sys::stat::mknod(&to, kind, Mode::from_bits_truncate(0o600), it.node.rdev).map_err(io::Error::from)
+                let kind = if it.node.kind == NodeKind::Chardev {
+                    SFlag::S_IFCHR
+                } else {
+                    SFlag::S_IFBLK
+                };
+                nix::sys::stat::mknod(&to, kind, Mode::from_bits_truncate(0o600), it.node.rdev)
+                    .map_err(io::Error::from)
             }
             NodeKind::Socket => {
-                warn(&it.path, "socket not restored (sockets exist only while a program listens)".into(), false);
+                warn(
+                    &it.path,
+                    "socket not restored (sockets exist only while a program listens)".into(),
+                    false,
+                );
                 continue;
             }
             NodeKind::File | NodeKind::Dir => continue,
@@ -208,7 +245,8 @@ pub fn restore(repo: &Repository, snap: &Snapshot, opts: &RestoreOptions, progre
 
     // Metadata: everything but directories, then directories deepest first.
     let is_root = nix::unistd::geteuid().is_root();
-    let restored_links: std::collections::HashSet<&Path> = links.iter().map(|(_, it)| it.path.as_path()).collect();
+    let restored_links: std::collections::HashSet<&Path> =
+        links.iter().map(|(_, it)| it.path.as_path()).collect();
     pool.install(|| {
         items
             .par_iter()
@@ -221,18 +259,28 @@ pub fn restore(repo: &Repository, snap: &Snapshot, opts: &RestoreOptions, progre
                 }
             });
     });
-    for it in items.iter().filter(live).filter(|i| i.node.kind == NodeKind::Dir).rev() {
+    for it in items
+        .iter()
+        .filter(live)
+        .filter(|i| i.node.kind == NodeKind::Dir)
+        .rev()
+    {
         for p in apply_metadata(&dest(target, &it.path), &it.node, is_root) {
             warn(&it.path, p, false);
         }
     }
-    out.warnings = warnings.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    out.warnings = warnings
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     Ok(out)
 }
 
 fn remove_non_dir(p: &Path) -> io::Result<()> {
     match fs::symlink_metadata(p) {
-        Ok(md) if md.is_dir() => Err(io::Error::new(io::ErrorKind::AlreadyExists, "a directory is in the way")),
+        Ok(md) if md.is_dir() => Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "a directory is in the way",
+        )),
         Ok(_) => fs::remove_file(p),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),
@@ -253,7 +301,12 @@ fn make_dir(p: &Path) -> io::Result<()> {
 }
 
 /// Writes a file's content; returns problems with parts of it (damaged blobs).
-fn write_file(repo: &Repository, to: &Path, node: &Node, progress: &Progress) -> io::Result<Vec<String>> {
+fn write_file(
+    repo: &Repository,
+    to: &Path,
+    node: &Node,
+    progress: &Progress,
+) -> io::Result<Vec<String>> {
     let open = || {
         OpenOptions::new()
             .write(true)
@@ -265,7 +318,9 @@ fn write_file(repo: &Repository, to: &Path, node: &Node, progress: &Progress) ->
     };
     let f = match open() {
         Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::EISDIR) => {
+        Err(e)
+            if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::EISDIR) =>
+        {
             if fs::symlink_metadata(to)?.is_dir() {
                 fs::remove_dir_all(to)?;
             } else {
@@ -286,8 +341,14 @@ fn write_file(repo: &Repository, to: &Path, node: &Node, progress: &Progress) ->
                     f.write_all_at(&data, offset)?;
                     Progress::add(&progress.bytes_done, e.len);
                 }
-                Ok(_) => problems.push(format!("blob {id} has the wrong length; bytes {offset}..{} are zeros", offset + e.len)),
-                Err(err) => problems.push(format!("damaged: bytes {offset}..{} are zeros: {err}", offset + e.len)),
+                Ok(_) => problems.push(format!(
+                    "blob {id} has the wrong length; bytes {offset}..{} are zeros",
+                    offset + e.len
+                )),
+                Err(err) => problems.push(format!(
+                    "damaged: bytes {offset}..{} are zeros: {err}",
+                    offset + e.len
+                )),
             }
         } else {
             Progress::add(&progress.bytes_done, e.len);
@@ -303,7 +364,10 @@ fn apply_metadata(p: &Path, n: &Node, is_root: bool) -> Vec<String> {
     let mut problems = Vec::new();
     for x in &n.xattrs {
         if let Err(e) = xattr::set(p, std::ffi::OsStr::from_bytes(&x.name), &x.value) {
-            problems.push(format!("xattr {} not set: {e}", String::from_utf8_lossy(&x.name)));
+            problems.push(format!(
+                "xattr {} not set: {e}",
+                String::from_utf8_lossy(&x.name)
+            ));
         }
     }
     if is_root || n.uid == nix::unistd::geteuid().as_raw() {
@@ -319,7 +383,13 @@ fn apply_metadata(p: &Path, n: &Node, is_root: bool) -> Vec<String> {
         }
     }
     let mtime = TimeSpec::new(n.mtime.sec, i64::from(n.mtime.nsec));
-    if let Err(e) = utimensat(None, p, &TimeSpec::UTIME_OMIT, &mtime, UtimensatFlags::NoFollowSymlink) {
+    if let Err(e) = utimensat(
+        None,
+        p,
+        &TimeSpec::UTIME_OMIT,
+        &mtime,
+        UtimensatFlags::NoFollowSymlink,
+    ) {
         problems.push(format!("times not set: {e}"));
     }
     problems

@@ -67,7 +67,8 @@ impl<'r> BlobSaver<'r> {
         let stored = blob::encode(self.repo.crypto(), kind, &id, data, level);
         let stored_len = stored.len() as u64;
         self.blobs_new.fetch_add(1, Ordering::Relaxed);
-        self.bytes_new.fetch_add(data.len() as u64, Ordering::Relaxed);
+        self.bytes_new
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
         self.bytes_stored.fetch_add(stored_len, Ordering::Relaxed);
         let full = {
             let mut open = lock(&self.open);
@@ -87,7 +88,9 @@ impl<'r> BlobSaver<'r> {
             .backend()
             .write(FileKind::Pack, &id.to_hex(), &bytes)
             .ctx(|| format!("writing pack {id}"))?;
-        self.repo.index().add_pack(&id, bytes.len() as u64, &entries)?;
+        self.repo
+            .index()
+            .add_pack(&id, bytes.len() as u64, &entries)?;
         self.packs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }

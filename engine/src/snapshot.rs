@@ -97,7 +97,10 @@ impl Manifest {
         }
         let v = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
         if v > VERSION {
-            return Err(Error::UnsupportedVersion { found: v, supported: VERSION });
+            return Err(Error::UnsupportedVersion {
+                found: v,
+                supported: VERSION,
+            });
         }
         if SnapshotId(Id::hash_of(bytes)) != *id {
             return Err(Error::corrupt(what(), "content does not match its id"));
@@ -132,13 +135,20 @@ impl SnapshotFilter {
         (self.hosts.is_empty() || self.hosts.contains(&m.host))
             && self.tags.iter().all(|t| m.tags.contains(t))
             && self.paths.iter().all(|p| m.paths.contains(p))
-            && self.name.as_ref().is_none_or(|n| m.name.as_ref() == Some(n))
+            && self
+                .name
+                .as_ref()
+                .is_none_or(|n| m.name.as_ref() == Some(n))
     }
 }
 
 /// Finds the snapshot `spec` names among `all` (sorted by time): `latest` (the newest
 /// matching `filter`) or a unique prefix of an id.
-pub fn select<'a>(all: &'a [Snapshot], spec: &str, filter: &SnapshotFilter) -> Result<&'a Snapshot> {
+pub fn select<'a>(
+    all: &'a [Snapshot],
+    spec: &str,
+    filter: &SnapshotFilter,
+) -> Result<&'a Snapshot> {
     if spec == "latest" {
         return all
             .iter()

@@ -40,7 +40,9 @@ impl NodeKind {
 }
 
 /// Seconds and nanoseconds since the Unix epoch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub struct Timestamp {
     pub sec: i64,
     pub nsec: u32,
@@ -180,10 +182,16 @@ impl Tree {
                 || (n.kind == NodeKind::Symlink) != n.target.is_some()
                 || (!file && !n.content.is_empty())
             {
-                return Err(format!("fields do not fit a {} at {shown:?}", n.kind.as_str()));
+                return Err(format!(
+                    "fields do not fit a {} at {shown:?}",
+                    n.kind.as_str()
+                ));
             }
             if file {
-                let total = n.content.iter().try_fold(0u64, |acc, e| acc.checked_add(e.len));
+                let total = n
+                    .content
+                    .iter()
+                    .try_fold(0u64, |acc, e| acc.checked_add(e.len));
                 if total != Some(n.size) {
                     return Err(format!("content does not add up to the size at {shown:?}"));
                 }
@@ -234,10 +242,14 @@ mod tests {
     fn hostile_names_are_refused() {
         let id = BlobId::default();
         for bad in [&b".."[..], b".", b"a/b", b"", b"a\0"] {
-            let t = Tree { nodes: vec![node(bad)] };
+            let t = Tree {
+                nodes: vec![node(bad)],
+            };
             assert!(Tree::decode(&t.encode(), &id).is_err(), "{bad:?}");
         }
-        let dup = Tree { nodes: vec![node(b"a"), node(b"a")] };
+        let dup = Tree {
+            nodes: vec![node(b"a"), node(b"a")],
+        };
         assert!(Tree::decode(&dup.encode(), &id).is_err());
         let mut d = node(b"d");
         d.kind = NodeKind::Dir; // a dir without subtree

@@ -14,7 +14,7 @@ use crate::tree::{Node, NodeKind};
 #[derive(Debug, Clone)]
 pub enum Entry {
     Root(BlobId),
-    Node(Node),
+    Node(Box<Node>),
 }
 
 impl Entry {
@@ -41,10 +41,18 @@ pub fn resolve(repo: &Repository, root: &BlobId, path: &Path) -> Result<Entry> {
         let name = match c {
             Component::Normal(n) => n.as_bytes(),
             Component::RootDir | Component::CurDir => continue,
-            _ => return Err(Error::InvalidInput(format!("{}: `..` not allowed", path.display()))),
+            _ => {
+                return Err(Error::InvalidInput(format!(
+                    "{}: `..` not allowed",
+                    path.display()
+                )))
+            }
         };
         let Some(tree_id) = entry.subtree() else {
-            return Err(Error::NotFound(format!("{}: not in the snapshot", path.display())));
+            return Err(Error::NotFound(format!(
+                "{}: not in the snapshot",
+                path.display()
+            )));
         };
         let tree = repo.load_tree(&tree_id)?;
         let node = tree
@@ -52,7 +60,7 @@ pub fn resolve(repo: &Repository, root: &BlobId, path: &Path) -> Result<Entry> {
             .into_iter()
             .find(|n| n.name == name)
             .ok_or_else(|| Error::NotFound(format!("{}: not in the snapshot", path.display())))?;
-        entry = Entry::Node(node);
+        entry = Entry::Node(Box::new(node));
     }
     Ok(entry)
 }

@@ -9,7 +9,7 @@ use std::io::Read;
 use rayon::prelude::*;
 
 use crate::blob::BlobKind;
-use crate::chunker::{ChunkerParams, Chunker};
+use crate::chunker::{Chunker, ChunkerParams};
 use crate::error::Error;
 use crate::progress::Progress;
 use crate::saver::BlobSaver;
@@ -62,7 +62,10 @@ pub fn save_content<R: Read + Send>(
                     .map(|c| {
                         let (id, stored) = saver.save(BlobKind::Data, c)?;
                         Progress::add(&progress.bytes_stored, stored);
-                        Ok(Extent { blob: Some(id), len: c.len() as u64 })
+                        Ok(Extent {
+                            blob: Some(id),
+                            len: c.len() as u64,
+                        })
                     })
                     .collect::<Result<Vec<Extent>, Error>>()
             },

@@ -24,19 +24,31 @@ pub struct Names {
 
 impl Names {
     fn user(&self, uid: u32) -> Option<String> {
-        let mut m = self.users.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut m = self
+            .users
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         m.entry(uid)
             .or_insert_with(|| {
-                nix::unistd::User::from_uid(uid.into()).ok().flatten().map(|u| u.name)
+                nix::unistd::User::from_uid(uid.into())
+                    .ok()
+                    .flatten()
+                    .map(|u| u.name)
             })
             .clone()
     }
 
     fn group(&self, gid: u32) -> Option<String> {
-        let mut m = self.groups.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut m = self
+            .groups
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         m.entry(gid)
             .or_insert_with(|| {
-                nix::unistd::Group::from_gid(gid.into()).ok().flatten().map(|g| g.name)
+                nix::unistd::Group::from_gid(gid.into())
+                    .ok()
+                    .flatten()
+                    .map(|g| g.name)
             })
             .clone()
     }
@@ -62,7 +74,10 @@ pub fn kind_of(md: &Metadata) -> NodeKind {
 }
 
 fn ts(sec: i64, nsec: i64) -> Timestamp {
-    Timestamp { sec, nsec: u32::try_from(nsec).unwrap_or(0) }
+    Timestamp {
+        sec,
+        nsec: u32::try_from(nsec).unwrap_or(0),
+    }
 }
 
 /// Extended attributes of `path` (not following symlinks). Filesystems without xattr
@@ -78,7 +93,10 @@ pub fn xattrs(path: &Path) -> io::Result<Vec<Xattr>> {
     let mut out = Vec::new();
     for name in names {
         if let Some(value) = xattr::get(path, &name)? {
-            out.push(Xattr { name: name.as_bytes().to_vec(), value });
+            out.push(Xattr {
+                name: name.as_bytes().to_vec(),
+                value,
+            });
         }
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -105,7 +123,11 @@ pub fn node_from_metadata(name: &[u8], md: &Metadata, names: &Names) -> Node {
         content: Vec::new(),
         subtree: None,
         target: None,
-        rdev: if matches!(kind, NodeKind::Chardev | NodeKind::Blockdev) { md.rdev() } else { 0 },
+        rdev: if matches!(kind, NodeKind::Chardev | NodeKind::Blockdev) {
+            md.rdev()
+        } else {
+            0
+        },
         xattrs: Vec::new(),
     }
 }

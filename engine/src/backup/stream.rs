@@ -45,12 +45,22 @@ pub fn backup_stream<R: Read + Send>(
     let host = opts.host.clone().unwrap_or_else(current_host);
     let saver = BlobSaver::new(repo);
     let mut content = Vec::new();
-    let size = save_content(&saver, repo.config().chunker, reader, progress, &mut content).map_err(|e| match e {
+    let size = save_content(
+        &saver,
+        repo.config().chunker,
+        reader,
+        progress,
+        &mut content,
+    )
+    .map_err(|e| match e {
         ContentError::Source(e) => Error::io(format!("reading stream {:?}", opts.name), e),
         ContentError::Repo(e) => e,
     })?;
     let now = Utc::now();
-    let stamp = Timestamp { sec: now.timestamp(), nsec: now.timestamp_subsec_nanos() };
+    let stamp = Timestamp {
+        sec: now.timestamp(),
+        nsec: now.timestamp_subsec_nanos(),
+    };
     let node = Node {
         name: opts.name.as_bytes().to_vec(),
         kind: NodeKind::File,
@@ -79,7 +89,11 @@ pub fn backup_stream<R: Read + Send>(
         .snapshots()?
         .into_iter()
         .rev()
-        .find(|s| s.manifest.kind == SnapshotKind::Stream && s.manifest.host == host && s.manifest.name.as_deref() == Some(&opts.name))
+        .find(|s| {
+            s.manifest.kind == SnapshotKind::Stream
+                && s.manifest.host == host
+                && s.manifest.name.as_deref() == Some(&opts.name)
+        })
         .map(|s| s.id);
     let manifest = Manifest {
         time: now,
@@ -106,5 +120,8 @@ pub fn backup_stream<R: Read + Send>(
         meta: opts.meta.clone(),
     };
     let id = repo.save_snapshot(&manifest)?;
-    Ok(BackupOutcome { snapshot: Snapshot { id, manifest }, warnings: Vec::new() })
+    Ok(BackupOutcome {
+        snapshot: Snapshot { id, manifest },
+        warnings: Vec::new(),
+    })
 }

@@ -57,8 +57,7 @@ pub struct BackupOutcome {
 
 /// Turns a path absolute and drops `.` and `..` lexically (without following symlinks).
 pub fn clean_path(p: &Path) -> Result<PathBuf> {
-    let abs = std::path::absolute(p)
-        .map_err(|e| Error::io(format!("{}", p.display()), e))?;
+    let abs = std::path::absolute(p).map_err(|e| Error::io(format!("{}", p.display()), e))?;
     let mut out = PathBuf::from("/");
     for c in abs.components() {
         match c {
@@ -84,14 +83,21 @@ impl Excludes {
         for p in patterns {
             let bad = |e: globset::Error| Error::InvalidInput(format!("--exclude {p:?}: {e}"));
             if p.contains('/') {
-                let full = if p.starts_with('/') { p.clone() } else { format!("**/{p}") };
+                let full = if p.starts_with('/') {
+                    p.clone()
+                } else {
+                    format!("**/{p}")
+                };
                 by_path.add(Glob::new(&full).map_err(bad)?);
             } else {
                 by_name.add(Glob::new(p).map_err(bad)?);
             }
         }
         let build = |b: GlobSetBuilder| b.build().map_err(|e| Error::InvalidInput(e.to_string()));
-        Ok(Self { by_name: build(by_name)?, by_path: build(by_path)? })
+        Ok(Self {
+            by_name: build(by_name)?,
+            by_path: build(by_path)?,
+        })
     }
 
     fn excluded(&self, path: &Path) -> bool {
@@ -170,11 +176,18 @@ impl Walker<'_> {
         self.warnings
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(Warning { path: path.to_owned(), message, lost });
+            .push(Warning {
+                path: path.to_owned(),
+                message,
+                lost,
+            });
     }
 
     fn summary_mut(&self, f: impl FnOnce(&mut Summary)) {
-        f(&mut self.summary.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        f(&mut self
+            .summary
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner));
     }
 
     fn parent_subtree(&self, parent: Option<&Node>) -> Option<Tree> {
@@ -209,7 +222,11 @@ impl Walker<'_> {
                 let md = match fs::symlink_metadata(&child) {
                     Ok(md) if md.is_dir() => md,
                     Ok(_) => {
-                        self.warn(&child, "not a directory; its paths below are skipped".into(), true);
+                        self.warn(
+                            &child,
+                            "not a directory; its paths below are skipped".into(),
+                            true,
+                        );
                         return Ok(None);
                     }
                     Err(e) => {
@@ -225,10 +242,17 @@ impl Walker<'_> {
                 Ok(Some(node))
             })
             .collect::<Result<_>>()?;
-        self.save_tree(Tree { nodes: nodes.into_iter().flatten().collect() })
+        self.save_tree(Tree {
+            nodes: nodes.into_iter().flatten().collect(),
+        })
     }
 
-    fn entry_or_warn(&self, path: &Path, name: &[u8], parent: Option<&Node>) -> Result<Option<Node>> {
+    fn entry_or_warn(
+        &self,
+        path: &Path,
+        name: &[u8],
+        parent: Option<&Node>,
+    ) -> Result<Option<Node>> {
         match self.entry(path, name, parent) {
             Ok(n) => Ok(n),
             Err(EntryError::Repo(e)) => Err(e),
@@ -243,7 +267,12 @@ impl Walker<'_> {
         }
     }
 
-    fn entry(&self, path: &Path, name: &[u8], parent: Option<&Node>) -> Result<Option<Node>, EntryError> {
+    fn entry(
+        &self,
+        path: &Path,
+        name: &[u8],
+        parent: Option<&Node>,
+    ) -> Result<Option<Node>, EntryError> {
         if self.excludes.excluded(path) {
             return Ok(None);
         }
@@ -305,7 +334,9 @@ impl Walker<'_> {
             .par_iter()
             .map(|n| self.entry_or_warn(&path.join(n), n.as_bytes(), find(parent, n.as_bytes())))
             .collect::<Result<_>>()?;
-        Ok(self.save_tree(Tree { nodes: nodes.into_iter().flatten().collect() })?)
+        Ok(self.save_tree(Tree {
+            nodes: nodes.into_iter().flatten().collect(),
+        })?)
     }
 
     fn file(&self, path: &Path, node: &mut Node, parent: Option<&Node>) -> Result<(), EntryError> {
@@ -317,7 +348,12 @@ impl Walker<'_> {
         }
         let key = (node.device, node.inode);
         if node.links > 1 {
-            let known = self.hardlinks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&key).cloned();
+            let known = self
+                .hardlinks
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&key)
+                .cloned();
             if let Some(content) = known {
                 node.content = content;
                 Progress::add(&self.progress.bytes_done, node.size);
@@ -339,15 +375,24 @@ impl Walker<'_> {
         let mut pos = 0u64;
         for (start, end) in data_extents(&file, size).map_err(lost)? {
             if start > pos {
-                content.push(Extent { blob: None, len: start - pos });
+                content.push(Extent {
+                    blob: None,
+                    len: start - pos,
+                });
                 Progress::add(&self.progress.bytes_done, start - pos);
             }
             file.seek(SeekFrom::Start(start)).map_err(lost)?;
-            let n = save_content(&self.saver, self.repo.config().chunker, (&mut file).take(end - start), self.progress, &mut content)
-                .map_err(|e| match e {
-                    ContentError::Source(e) => EntryError::Lost(e),
-                    ContentError::Repo(e) => EntryError::Repo(e),
-                })?;
+            let n = save_content(
+                &self.saver,
+                self.repo.config().chunker,
+                (&mut file).take(end - start),
+                self.progress,
+                &mut content,
+            )
+            .map_err(|e| match e {
+                ContentError::Source(e) => EntryError::Lost(e),
+                ContentError::Repo(e) => EntryError::Repo(e),
+            })?;
             self.summary_mut(|s| s.bytes_read += n);
             pos = start + n;
             if n < end - start {
@@ -357,13 +402,23 @@ impl Walker<'_> {
         if pos < size {
             let after = file.metadata().map_err(lost)?.len();
             if after >= size {
-                content.push(Extent { blob: None, len: size - pos });
+                content.push(Extent {
+                    blob: None,
+                    len: size - pos,
+                });
                 pos = size;
             }
         }
         let after = file.metadata().map_err(lost)?;
-        if after.len() != size || after.mtime() != before.mtime() || after.mtime_nsec() != before.mtime_nsec() {
-            self.warn(path, "changed while being read; the snapshot holds the bytes read".into(), false);
+        if after.len() != size
+            || after.mtime() != before.mtime()
+            || after.mtime_nsec() != before.mtime_nsec()
+        {
+            self.warn(
+                path,
+                "changed while being read; the snapshot holds the bytes read".into(),
+                false,
+            );
         }
         node.size = pos;
         node.content = content;
@@ -379,10 +434,15 @@ impl Walker<'_> {
 
 fn open_noatime(path: &Path) -> io::Result<File> {
     // O_NOATIME is refused for files we do not own: fall back to a plain open.
-    match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NOATIME).open(path) {
-        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-            OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)
-        }
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NOATIME)
+        .open(path)
+    {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path),
         other => other,
     }
 }
@@ -393,7 +453,9 @@ fn scan(paths: &[PathBuf], excludes: &Excludes, progress: &Progress, stop: &Atom
         if stop.load(Ordering::Relaxed) || ex.excluded(p) {
             return;
         }
-        let Ok(md) = fs::symlink_metadata(p) else { return };
+        let Ok(md) = fs::symlink_metadata(p) else {
+            return;
+        };
         if md.is_dir() {
             if let Ok(rd) = fs::read_dir(p) {
                 for e in rd.flatten() {
@@ -414,23 +476,35 @@ fn scan(paths: &[PathBuf], excludes: &Excludes, progress: &Progress, stop: &Atom
 }
 
 /// Backs up file trees; see the module docs.
-pub fn backup_tree(repo: &Repository, opts: &TreeBackupOptions, progress: &Progress) -> Result<BackupOutcome> {
+pub fn backup_tree(
+    repo: &Repository,
+    opts: &TreeBackupOptions,
+    progress: &Progress,
+) -> Result<BackupOutcome> {
     let started = Instant::now();
     if opts.paths.is_empty() {
-        return Err(Error::InvalidInput("nothing to back up: give at least one path".into()));
+        return Err(Error::InvalidInput(
+            "nothing to back up: give at least one path".into(),
+        ));
     }
     let mut paths = Vec::new();
     for p in &opts.paths {
         let c = clean_path(p)?;
         fs::symlink_metadata(&c).map_err(|e| Error::io(c.display().to_string(), e))?;
         if c.to_str().is_none() {
-            return Err(Error::InvalidInput(format!("{}: backup paths must be UTF-8", c.display())));
+            return Err(Error::InvalidInput(format!(
+                "{}: backup paths must be UTF-8",
+                c.display()
+            )));
         }
         paths.push(c);
     }
     paths.sort();
     paths.dedup();
-    let path_strings: Vec<String> = paths.iter().map(|p| p.to_string_lossy().into_owned()).collect();
+    let path_strings: Vec<String> = paths
+        .iter()
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
     let host = opts.host.clone().unwrap_or_else(current_host);
 
     let snapshots = repo.snapshots()?;
@@ -439,7 +513,11 @@ pub fn backup_tree(repo: &Repository, opts: &TreeBackupOptions, progress: &Progr
         None => snapshots
             .iter()
             .rev()
-            .find(|s| s.manifest.kind == SnapshotKind::Tree && s.manifest.host == host && s.manifest.paths == path_strings)
+            .find(|s| {
+                s.manifest.kind == SnapshotKind::Tree
+                    && s.manifest.host == host
+                    && s.manifest.paths == path_strings
+            })
             .cloned(),
     };
     let parent_root = match &parent {
@@ -478,11 +556,13 @@ pub fn backup_tree(repo: &Repository, opts: &TreeBackupOptions, progress: &Progr
         s.spawn(|| scan(&paths, &walker.excludes, progress, &stop));
         let r = pool.install(|| -> Result<BlobId> {
             let root = if trie.selected {
-                walker.dir(Path::new("/"), parent_root.as_ref()).map_err(|e| match e {
-                    EntryError::Repo(e) => e,
-                    EntryError::Lost(e) => Error::io("/", e),
-                    EntryError::Vanished => Error::NotFound("/".into()),
-                })?
+                walker
+                    .dir(Path::new("/"), parent_root.as_ref())
+                    .map_err(|e| match e {
+                        EntryError::Repo(e) => e,
+                        EntryError::Lost(e) => Error::io("/", e),
+                        EntryError::Vanished => Error::NotFound("/".into()),
+                    })?
             } else {
                 walker.virtual_dir(Path::new("/"), &trie, parent_root.as_ref())?
             };
@@ -494,7 +574,10 @@ pub fn backup_tree(repo: &Repository, opts: &TreeBackupOptions, progress: &Progr
     })?;
 
     let stats = walker.saver.stats();
-    let mut summary = walker.summary.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut summary = walker
+        .summary
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     summary.blobs_new = stats.blobs_new;
     summary.bytes_new = stats.bytes_new;
     summary.bytes_stored = stats.bytes_stored;
@@ -515,6 +598,9 @@ pub fn backup_tree(repo: &Repository, opts: &TreeBackupOptions, progress: &Progr
     let id = repo.save_snapshot(&manifest)?;
     Ok(BackupOutcome {
         snapshot: Snapshot { id, manifest },
-        warnings: walker.warnings.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner),
+        warnings: walker
+            .warnings
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
     })
 }

@@ -1,0 +1,190 @@
+//! The command line: every command, option and its help text.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "repo",
+    version,
+    about = "cairn: deduplicating, encrypted backups of file trees and streams",
+    after_help = "Repository: --repo, $REPO_REPOSITORY, the config file, or the default under the user's data directory.\n\
+Password: --password-file, $REPO_PASSWORD_FILE, $REPO_PASSWORD, $REPO_PASSWORD_COMMAND, the config file, or a prompt on a terminal.\n\
+Exit codes: 0 ok, 1 error, 2 bad arguments, 3 finished but some files were not backed up or restored,\n\
+10 no repository there, 12 wrong password, 13 repository format too new, 14 damaged repository data."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug)]
+pub struct Global {
+    /// Repository directory [env: REPO_REPOSITORY]
+    #[arg(long, short = 'r', global = true, value_name = "PATH")]
+    pub repo: Option<PathBuf>,
+    /// File holding the password (first line) [env: REPO_PASSWORD_FILE]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Print no progress and fewer messages
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// More log output (-v info, -vv debug)
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// Narrows which snapshot `latest` means, and which snapshots a listing shows.
+#[derive(Args, Debug, Clone, Default)]
+pub struct Filter {
+    /// Only snapshots of this host (repeatable)
+    #[arg(long = "host", value_name = "HOST")]
+    pub hosts: Vec<String>,
+    /// Only snapshots with this tag (repeatable: all must match)
+    #[arg(long = "tag", value_name = "TAG")]
+    pub tags: Vec<String>,
+    /// Only snapshots that include this path (repeatable)
+    #[arg(long = "path", value_name = "PATH")]
+    pub paths: Vec<String>,
+    /// Only stream snapshots of this name
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create a repository
+    Init {
+        /// Encryption of the repository's data
+        #[arg(long, value_enum, default_value_t = EncryptionArg::Aes256Gcm)]
+        encryption: EncryptionArg,
+    },
+    /// Back up paths, or a stream from standard input
+    Backup(BackupArgs),
+    /// List snapshots
+    Snapshots {
+        #[command(flatten)]
+        filter: Filter,
+    },
+    /// List the files of a snapshot (below PATH)
+    Ls {
+        /// Snapshot id prefix or `latest`
+        snapshot: String,
+        /// Path inside the snapshot
+        path: Option<PathBuf>,
+        /// Long listing: mode, owner, size, time
+        #[arg(long, short)]
+        long: bool,
+        #[command(flatten)]
+        filter: Filter,
+    },
+    /// Write a file of a snapshot (or a stream snapshot) to standard output
+    Cat {
+        snapshot: String,
+        /// Path inside the snapshot; not needed for a stream snapshot
+        path: Option<PathBuf>,
+        #[command(flatten)]
+        filter: Filter,
+    },
+    /// Show what changed between two snapshots
+    Diff {
+        first: String,
+        second: String,
+        #[command(flatten)]
+        filter: Filter,
+    },
+    /// Restore a snapshot into a directory
+    Restore {
+        snapshot: String,
+        /// Directory to restore into; backed-up paths are recreated below it
+        #[arg(long, short)]
+        target: PathBuf,
+        /// Restore only this path of the snapshot, with everything below it (repeatable)
+        #[arg(long, short)]
+        include: Vec<PathBuf>,
+        #[command(flatten)]
+        filter: Filter,
+    },
+    /// Show repository (or snapshot) statistics
+    Stats {
+        /// A snapshot to describe instead of the whole repository
+        snapshot: Option<String>,
+        #[command(flatten)]
+        filter: Filter,
+    },
+    /// Manage the passwords that open the repository
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Maintain the blob index
+    #[command(subcommand)]
+    Index(IndexCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// Files and directories to back up
+    #[arg(required_unless_present = "stdin", conflicts_with = "stdin")]
+    pub paths: Vec<PathBuf>,
+    /// Back up standard input as one stream
+    #[arg(long, requires = "name")]
+    pub stdin: bool,
+    /// Name of the stream (with --stdin)
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Skip paths matching this glob (repeatable); without a `/` it matches names anywhere
+    #[arg(long, short = 'e', value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Host name to record (default: this host's)
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Tag to record (repeatable)
+    #[arg(long)]
+    pub tag: Vec<String>,
+    /// Compare against this snapshot instead of the latest of the same host and paths
+    #[arg(long)]
+    pub parent: Option<String>,
+    /// Read every file, even those unchanged since the parent snapshot
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// List the key files
+    List,
+    /// Add a password
+    Add {
+        /// File holding the new password (otherwise prompted)
+        #[arg(long, value_name = "FILE")]
+        new_password_file: Option<PathBuf>,
+    },
+    /// Remove a key (not the one in use)
+    Remove {
+        /// Key id (or a unique prefix)
+        id: String,
+    },
+    /// Change the password in use
+    Passwd {
+        #[arg(long, value_name = "FILE")]
+        new_password_file: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum IndexCommand {
+    /// Recreate the index from the pack files
+    Rebuild,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum EncryptionArg {
+    #[value(name = "aes-256-gcm")]
+    Aes256Gcm,
+    None,
+}

@@ -1,0 +1,130 @@
+//! Repository administration: `init`, `key ...`, `index rebuild`.
+
+use anyhow::{bail, Context, Result};
+use cairn_engine::crypto::Encryption;
+use cairn_engine::id::KeyId;
+use cairn_engine::Repository;
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use crate::args::{EncryptionArg, Global, IndexCommand, KeyCommand};
+use crate::exit;
+use crate::format;
+use crate::open::{self, Settings};
+
+pub fn init(s: &Settings, g: &Global, enc: EncryptionArg) -> Result<u8> {
+    let encryption = match enc {
+        EncryptionArg::Aes256Gcm => Encryption::Aes256Gcm,
+        EncryptionArg::None => Encryption::None,
+    };
+    let pw = match encryption {
+        Encryption::None => Zeroizing::new(Vec::new()),
+        Encryption::Aes256Gcm => s.password(true)?,
+    };
+    if let Some(parent) = s.repo.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let repo = Repository::init(&s.repo, &pw, encryption, open::kdf_params())?;
+    if g.json {
+        format::print_json(
+            &json!({ "id": repo.config().id.to_hex(), "path": repo.path(), "encryption": encryption }),
+        );
+    } else if !g.quiet {
+        println!(
+            "created repository {} at {}",
+            repo.config().id.short(),
+            repo.path().display()
+        );
+        if encryption == Encryption::Aes256Gcm {
+            println!("keep the password safe: without it the data cannot be read");
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn new_password(file: Option<&std::path::Path>) -> Result<Zeroizing<Vec<u8>>> {
+    match file {
+        Some(f) => open::read_password_file(f),
+        None => open::prompt("New password: ", true),
+    }
+}
+
+pub fn key(s: &Settings, g: &Global, k: KeyCommand) -> Result<u8> {
+    let mut repo = s.open()?;
+    match k {
+        KeyCommand::List => {
+            let keys = repo.keys()?;
+            if g.json {
+                format::print_json(&json!(keys
+                    .iter()
+                    .map(|(id, kf)| json!({
+                        "id": id.to_hex(), "current": *id == repo.key_id(),
+                        "created": kf.created.to_rfc3339(), "host": kf.host, "user": kf.user,
+                    }))
+                    .collect::<Vec<_>>()));
+            } else {
+                for (id, kf) in &keys {
+                    let cur = if *id == repo.key_id() { "*" } else { " " };
+                    println!(
+                        "{cur} {}  {}  {}@{}",
+                        id.short(),
+                        kf.created.format("%Y-%m-%d %H:%M:%S"),
+                        kf.user,
+                        kf.host
+                    );
+                }
+            }
+        }
+        KeyCommand::Add { new_password_file } => {
+            let pw = new_password(new_password_file.as_deref())?;
+            let id = repo.add_key(&pw, open::kdf_params())?;
+            if g.json {
+                format::print_json(&json!({ "id": id.to_hex() }));
+            } else {
+                println!("added key {}", id.short());
+            }
+        }
+        KeyCommand::Remove { id } => {
+            let keys = repo.keys()?;
+            let matching: Vec<KeyId> = keys
+                .iter()
+                .map(|(k, _)| *k)
+                .filter(|k| k.to_hex().starts_with(&id.to_ascii_lowercase()))
+                .collect();
+            let key = match matching.as_slice() {
+                [one] => *one,
+                [] => bail!("no key {id}"),
+                _ => bail!("key prefix {id} is ambiguous"),
+            };
+            repo.remove_key(&key)?;
+            if !g.quiet {
+                println!("removed key {}", key.short());
+            }
+        }
+        KeyCommand::Passwd { new_password_file } => {
+            let pw = new_password(new_password_file.as_deref())?;
+            let id = repo.change_password(&pw, open::kdf_params())?;
+            if !g.quiet {
+                println!("password changed (key {})", id.short());
+            }
+        }
+    }
+    Ok(exit::OK)
+}
+
+pub fn index(s: &Settings, g: &Global, i: IndexCommand) -> Result<u8> {
+    match i {
+        IndexCommand::Rebuild => {
+            let repo = s.open()?;
+            let (added, _) = repo.rebuild_index()?;
+            let t = repo.index().totals()?;
+            if g.json {
+                format::print_json(&json!({ "packs": added, "blobs": t.blobs }));
+            } else if !g.quiet {
+                println!("index rebuilt: {added} packs, {} blobs", t.blobs);
+            }
+        }
+    }
+    Ok(exit::OK)
+}

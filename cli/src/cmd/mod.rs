@@ -1,0 +1,65 @@
+//! One module per group of commands; [`run`] dispatches.
+
+mod admin;
+mod backup;
+mod browse;
+mod restore;
+
+use anyhow::Result;
+
+use crate::args::{Cli, Command, Filter};
+use crate::open::Settings;
+use cairn_engine::snapshot::{self, Snapshot, SnapshotFilter};
+use cairn_engine::Repository;
+
+pub fn run(cli: Cli) -> Result<u8> {
+    let g = &cli.global;
+    let settings = Settings::new(g)?;
+    match cli.command {
+        Command::Init { encryption } => admin::init(&settings, g, encryption),
+        Command::Backup(a) => backup::run(&settings, g, &a),
+        Command::Snapshots { filter } => browse::snapshots(&settings, g, &filter),
+        Command::Ls {
+            snapshot,
+            path,
+            long,
+            filter,
+        } => browse::ls(&settings, g, &snapshot, path.as_deref(), long, &filter),
+        Command::Cat {
+            snapshot,
+            path,
+            filter,
+        } => browse::cat(&settings, &snapshot, path.as_deref(), &filter),
+        Command::Diff {
+            first,
+            second,
+            filter,
+        } => browse::diff(&settings, g, &first, &second, &filter),
+        Command::Restore {
+            snapshot,
+            target,
+            include,
+            filter,
+        } => restore::run(&settings, g, &snapshot, &target, &include, &filter),
+        Command::Stats { snapshot, filter } => {
+            browse::stats(&settings, g, snapshot.as_deref(), &filter)
+        }
+        Command::Key(k) => admin::key(&settings, g, k),
+        Command::Index(i) => admin::index(&settings, g, i),
+    }
+}
+
+pub fn engine_filter(f: &Filter) -> SnapshotFilter {
+    SnapshotFilter {
+        hosts: f.hosts.clone(),
+        tags: f.tags.clone(),
+        paths: f.paths.clone(),
+        name: f.name.clone(),
+    }
+}
+
+/// Finds one snapshot by `latest` or id prefix.
+pub fn find_snapshot(repo: &Repository, spec: &str, f: &Filter) -> Result<Snapshot> {
+    let all = repo.snapshots()?;
+    Ok(snapshot::select(&all, spec, &engine_filter(f))?.clone())
+}

@@ -1,0 +1,178 @@
+//! Finding the repository and the password: flags, environment, the config file, a prompt.
+//! The password is held in zeroizing memory and never logged or printed.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use cairn_engine::keyfile::KdfParams;
+use cairn_engine::Repository;
+use zeroize::Zeroizing;
+
+use crate::args::Global;
+
+/// Settings from `$REPO_CONFIG` or `~/.config/cairn/config` (lines `key = value`).
+#[derive(Debug, Default)]
+pub struct FileConfig {
+    pub repository: Option<PathBuf>,
+    pub password_file: Option<PathBuf>,
+    pub password_command: Option<String>,
+}
+
+pub fn config_path() -> Option<PathBuf> {
+    std::env::var_os("REPO_CONFIG")
+        .map(PathBuf::from)
+        .or_else(|| dirs::config_dir().map(|d| d.join("cairn").join("config")))
+}
+
+fn load_file_config() -> Result<FileConfig> {
+    let mut c = FileConfig::default();
+    let Some(path) = config_path() else {
+        return Ok(c);
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(c),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            bail!("{}:{}: expected `key = value`", path.display(), n + 1);
+        };
+        let v = v.trim().trim_matches('"').to_owned();
+        match k.trim() {
+            "repository" => c.repository = Some(v.into()),
+            "password_file" => c.password_file = Some(v.into()),
+            "password_command" => c.password_command = Some(v),
+            other => bail!("{}:{}: unknown setting {other:?}", path.display(), n + 1),
+        }
+    }
+    Ok(c)
+}
+
+/// The repository used when none is named: under the user's data directory.
+pub fn default_repository() -> Option<PathBuf> {
+    dirs::data_dir().map(|d| d.join("cairn").join("repository"))
+}
+
+pub struct Settings {
+    pub repo: PathBuf,
+    file: FileConfig,
+    password_file: Option<PathBuf>,
+}
+
+impl Settings {
+    pub fn new(g: &Global) -> Result<Self> {
+        let file = load_file_config()?;
+        let repo = g
+            .repo
+            .clone()
+            .or_else(|| std::env::var_os("REPO_REPOSITORY").map(PathBuf::from))
+            .or_else(|| file.repository.clone())
+            .or_else(default_repository)
+            .context("no repository given: use --repo or REPO_REPOSITORY")?;
+        Ok(Self {
+            repo,
+            file,
+            password_file: g.password_file.clone(),
+        })
+    }
+
+    /// The password, from the first source that is set.
+    pub fn password(&self, confirm: bool) -> Result<Zeroizing<Vec<u8>>> {
+        if let Some(f) = &self.password_file {
+            return read_password_file(f);
+        }
+        if let Some(f) = std::env::var_os("REPO_PASSWORD_FILE") {
+            return read_password_file(Path::new(&f));
+        }
+        if let Some(p) = std::env::var_os("REPO_PASSWORD") {
+            return Ok(Zeroizing::new(p.into_encoded_bytes()));
+        }
+        if let Ok(cmd) = std::env::var("REPO_PASSWORD_COMMAND") {
+            return run_password_command(&cmd);
+        }
+        if let Some(f) = &self.file.password_file {
+            return read_password_file(f);
+        }
+        if let Some(cmd) = &self.file.password_command {
+            return run_password_command(cmd);
+        }
+        prompt("Password: ", confirm)
+    }
+
+    pub fn open(&self) -> Result<Repository> {
+        let pw = || {
+            self.password(false)
+                .map_err(|e| cairn_engine::Error::InvalidInput(format!("{e:#}")))
+        };
+        Ok(Repository::open(&self.repo, &pw)?)
+    }
+}
+
+pub fn prompt(label: &str, confirm: bool) -> Result<Zeroizing<Vec<u8>>> {
+    if !std::io::stdin().is_terminal() {
+        bail!("no password given: set REPO_PASSWORD_FILE, REPO_PASSWORD or REPO_PASSWORD_COMMAND, or run on a terminal");
+    }
+    let first = Zeroizing::new(rpassword::prompt_password(label).context("reading the password")?);
+    if confirm {
+        let again =
+            Zeroizing::new(rpassword::prompt_password("Repeat: ").context("reading the password")?);
+        if *first != *again {
+            bail!("the passwords differ");
+        }
+    }
+    if first.is_empty() {
+        bail!("empty password refused");
+    }
+    Ok(Zeroizing::new(first.as_bytes().to_vec()))
+}
+
+pub fn read_password_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    let raw = Zeroizing::new(
+        std::fs::read(path).with_context(|| format!("reading password file {}", path.display()))?,
+    );
+    let line = raw.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.is_empty() {
+        bail!("password file {} is empty", path.display());
+    }
+    Ok(Zeroizing::new(line.to_vec()))
+}
+
+fn run_password_command(cmd: &str) -> Result<Zeroizing<Vec<u8>>> {
+    let argv =
+        shell_words::split(cmd).context("REPO_PASSWORD_COMMAND: cannot split into arguments")?;
+    let (prog, args) = argv
+        .split_first()
+        .context("REPO_PASSWORD_COMMAND is empty")?;
+    let out = std::process::Command::new(prog)
+        .args(args)
+        .stdin(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running password command {prog:?}"))?;
+    if !out.status.success() {
+        bail!("password command {prog:?} failed ({})", out.status);
+    }
+    let raw = Zeroizing::new(out.stdout);
+    let line = raw.split(|&b| b == b'\n').next().unwrap_or_default();
+    if line.is_empty() {
+        bail!("password command {prog:?} printed no password");
+    }
+    Ok(Zeroizing::new(line.to_vec()))
+}
+
+/// Argon2 cost for new keys. `CAIRN_TESTONLY_WEAK_KDF=1` makes it trivial, for test
+/// suites only: such keys protect nothing.
+pub fn kdf_params() -> KdfParams {
+    if std::env::var_os("CAIRN_TESTONLY_WEAK_KDF").is_some_and(|v| v == "1") {
+        KdfParams::TEST_ONLY_WEAK
+    } else {
+        KdfParams::DEFAULT
+    }
+}
