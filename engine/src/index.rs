@@ -49,6 +49,16 @@ impl Index {
     /// Opens (creating if needed) the index file. Falls back to an in-memory index when
     /// the file cannot be opened (a read-only repository), which `sync` then fills.
     pub fn open(path: &Path) -> Result<Self> {
+        // Owner-only like every repository file; SQLite gives its -wal and -shm files the
+        // mode of the database file.
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path);
+        }
         let conn = match Connection::open(path) {
             Ok(c) => match Self::prepare(&c, true) {
                 Ok(()) => c,

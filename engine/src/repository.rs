@@ -116,7 +116,10 @@ impl Repository {
         let backend = LocalBackend::new(path);
         let bytes = match backend.read(FileKind::Config, "config") {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
                 return Err(Error::NotARepository {
                     path: path.to_owned(),
                 })

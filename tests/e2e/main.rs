@@ -1,1 +1,11 @@
+//! End-to-end tests: they drive the built `repo` binary against real directories,
+//! real files (sparse, hard-linked, with xattrs, owned by other users) and, where the
+//! test needs it, a real tmpfs. Tests that need root check for it and fail in CI
+//! (`CI` set) rather than pass without running.
 
+mod bad_input;
+mod browse;
+mod dedup;
+mod keys;
+mod roundtrip;
+mod support;

@@ -1,0 +1,215 @@
+//! Backups restore byte for byte, with their metadata.
+
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use nix::sys::stat::{utimensat, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+
+use crate::support::*;
+
+fn set_mtime(p: &Path, sec: i64, nsec: i64) {
+    let t = TimeSpec::new(sec, nsec);
+    utimensat(None, p, &t, &t, UtimensatFlags::NoFollowSymlink).unwrap();
+}
+
+/// A tree with every kind of entry the format knows.
+fn make_everything(src: &Path) {
+    fs::create_dir_all(src.join("dir/sub/deeper")).unwrap();
+    fs::write(src.join("empty"), b"").unwrap();
+    fs::write(src.join("small.txt"), b"hello, cairn\n").unwrap();
+    write_random(&src.join("dir/big.bin"), 7, 5 * 1024 * 1024 + 123);
+    // Sparse: 1 GiB apparent, three data regions.
+    let f = fs::File::create(src.join("sparse.img")).unwrap();
+    f.set_len(1 << 30).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&random_bytes(1, 4096), 0).unwrap();
+    f.write_all_at(&random_bytes(2, 70_000), 300 << 20).unwrap();
+    f.write_all_at(b"end", (1 << 30) - 3).unwrap();
+    drop(f);
+    std::os::unix::fs::symlink("small.txt", src.join("link-rel")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", src.join("link-dangling")).unwrap();
+    fs::write(src.join("dir/linked"), b"one inode, three names").unwrap();
+    fs::hard_link(src.join("dir/linked"), src.join("dir/sub/linked2")).unwrap();
+    fs::hard_link(src.join("dir/linked"), src.join("linked3")).unwrap();
+    nix::unistd::mkfifo(
+        &src.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+    // Names that are not plain text.
+    fs::write(src.join("new\nline"), b"n").unwrap();
+    fs::write(
+        src.join(std::ffi::OsStr::from_bytes(b"bad-\xff\xfe-utf8")),
+        b"b",
+    )
+    .unwrap();
+    fs::write(src.join("spaces and ünïcødé"), b"u").unwrap();
+    // Modes.
+    fs::set_permissions(src.join("small.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::set_permissions(src.join("dir/sub"), fs::Permissions::from_mode(0o1777)).unwrap();
+    fs::write(src.join("setuid"), b"s").unwrap();
+    fs::set_permissions(src.join("setuid"), fs::Permissions::from_mode(0o4755)).unwrap();
+    // Extended attributes (user namespace: any filesystem with xattrs, any user).
+    xattr::set(src.join("small.txt"), "user.cairn.test", b"value").unwrap();
+    xattr::set(src.join("dir"), "user.cairn.dir", b"\x00binary\xff").unwrap();
+    if is_root() {
+        std::os::unix::fs::chown(src.join("small.txt"), Some(1234), Some(5678)).unwrap();
+        std::os::unix::fs::lchown(src.join("link-rel"), Some(4321), Some(8765)).unwrap();
+        std::os::unix::fs::chown(src.join("dir/sub/deeper"), Some(65534), Some(65534)).unwrap();
+        nix::sys::stat::mknod(
+            &src.join("null-dev"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(1, 3),
+        )
+        .unwrap();
+    }
+    // Times last, deepest first, with nanoseconds.
+    for (i, p) in [
+        "dir/sub/deeper",
+        "dir/sub",
+        "small.txt",
+        "link-rel",
+        "fifo",
+        "dir",
+    ]
+    .iter()
+    .enumerate()
+    {
+        set_mtime(&src.join(p), 1_500_000_000 + i as i64 * 1000, 123_456_789);
+    }
+}
+
+#[test]
+fn a_tree_with_every_kind_of_entry_restores_identically() {
+    let env = Env::new();
+    let src = env.path("src");
+    make_everything(&src);
+    let snap = env.backup(&[&src]);
+    let sum = &snap["summary"];
+    // Holes are not read: 1 GiB apparent, ~5.2 MiB of data in all.
+    assert!(sum["bytes_read"].as_u64().unwrap() < 8 << 20, "{sum}");
+    assert_eq!(sum["errors"], 0);
+    assert_eq!(snap["paths"][0], src.to_str().unwrap());
+
+    let target = env.path("restore");
+    env.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    let copy = under(&target, &src);
+    assert_same_tree(&src, &copy);
+    // Sparse files stay sparse.
+    let md = fs::metadata(copy.join("sparse.img")).unwrap();
+    assert_eq!(md.len(), 1 << 30);
+    assert!(
+        md.blocks() * 512 < 4 << 20,
+        "restored sparse file allocates {} bytes",
+        md.blocks() * 512
+    );
+    // The directories above the backed-up path carry their real metadata.
+    let parent_md = fs::metadata(under(&target, env.dir.path())).unwrap();
+    assert_eq!(
+        parent_md.mode() & 0o7777,
+        fs::metadata(env.dir.path()).unwrap().mode() & 0o7777
+    );
+}
+
+#[test]
+fn restore_include_restores_only_that_path() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("keep/inner")).unwrap();
+    fs::create_dir_all(src.join("skip")).unwrap();
+    fs::write(src.join("keep/inner/a"), b"a").unwrap();
+    fs::write(src.join("skip/b"), b"b").unwrap();
+    fs::write(src.join("top"), b"t").unwrap();
+    env.backup(&[&src]);
+    let target = env.path("out");
+    let include = src.join("keep");
+    env.ok(&[
+        "restore",
+        "latest",
+        "--target",
+        target.to_str().unwrap(),
+        "--include",
+        include.to_str().unwrap(),
+    ]);
+    let copy = under(&target, &src);
+    assert_eq!(fs::read(copy.join("keep/inner/a")).unwrap(), b"a");
+    assert!(!copy.join("skip").exists());
+    assert!(!copy.join("top").exists());
+    let missing = env.run(&[
+        "restore",
+        "latest",
+        "--target",
+        target.to_str().unwrap(),
+        "--include",
+        "/no/such/path",
+    ]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not in the snapshot"));
+}
+
+#[test]
+fn a_stream_backs_up_from_stdin_and_comes_back_by_cat_and_restore() {
+    use std::io::Write;
+    let env = Env::new();
+    let data = random_bytes(99, 20 * 1024 * 1024 + 5);
+    let mut child = env
+        .cmd()
+        .args([
+            "backup", "--stdin", "--name", "db.sql", "--tag", "nightly", "--json",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["snapshot"]["kind"], "stream");
+    assert_eq!(v["snapshot"]["name"], "db.sql");
+    assert_eq!(v["snapshot"]["summary"]["total_bytes"], data.len() as u64);
+
+    let cat = env
+        .cmd()
+        .args(["cat", "latest", "--name", "db.sql"])
+        .output()
+        .unwrap();
+    assert!(cat.status.success());
+    assert!(cat.stdout == data, "cat differs from the stream");
+    let target = env.path("out");
+    env.ok(&[
+        "restore",
+        "latest",
+        "--tag",
+        "nightly",
+        "--target",
+        target.to_str().unwrap(),
+    ]);
+    assert!(fs::read(target.join("db.sql")).unwrap() == data);
+
+    let bad = env
+        .cmd()
+        .args(["backup", "--stdin", "--name", "../x"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
+
+#[test]
+fn backup_paths_are_recorded_absolute_and_clean() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("x")).unwrap();
+    fs::write(src.join("x/f"), b"f").unwrap();
+    let messy = format!("{}/x/../x/./", src.display());
+    let snap = env.json(&["backup", &messy])["snapshot"].clone();
+    assert_eq!(snap["paths"][0], src.join("x").to_str().unwrap());
+}
