@@ -128,7 +128,7 @@ fn restore_reports_only_a(env: &Env, src: &Path) {
     );
     assert_eq!(
         hash_file(&src.join("b")),
-        hash_file(&under(&target, &src).join("b"))
+        hash_file(&under(&target, src).join("b"))
     );
 }
 

@@ -3,6 +3,8 @@
 //! test needs it, a real tmpfs. Tests that need root check for it and fail in CI
 //! (`CI` set) rather than pass without running.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod bad_input;
 mod browse;
 mod dedup;

@@ -106,8 +106,7 @@ impl Env {
 
 /// Where scratch data goes: a real disk (not tmpfs), so sparse files and xattrs behave.
 pub fn scratch_root() -> PathBuf {
-    let p =
-        std::env::var_os("CAIRN_TEST_SCRATCH").map_or_else(|| std::env::temp_dir(), PathBuf::from);
+    let p = std::env::var_os("CAIRN_TEST_SCRATCH").map_or_else(std::env::temp_dir, PathBuf::from);
     fs::create_dir_all(&p).unwrap();
     p
 }
