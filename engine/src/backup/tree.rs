@@ -166,7 +166,21 @@ fn same_file(a: &Node, b: &Node) -> bool {
         && a.inode == b.inode
 }
 
-impl Walker<'_> {
+impl<'a> Walker<'a> {
+    fn new(repo: &'a Repository, progress: &'a Progress, excludes: Excludes, force: bool) -> Self {
+        Self {
+            repo,
+            saver: BlobSaver::new(repo),
+            progress,
+            excludes,
+            names: Names::default(),
+            hardlinks: Mutex::new(HashMap::new()),
+            warnings: Mutex::new(Vec::new()),
+            summary: Mutex::new(Summary::default()),
+            force,
+        }
+    }
+
     fn warn(&self, path: &Path, message: String, lost: bool) {
         tracing::warn!("{}: {message}", path.display());
         if lost {
@@ -529,17 +543,7 @@ pub fn backup_tree(
     for p in &paths {
         trie.insert(p);
     }
-    let walker = Walker {
-        repo,
-        saver: BlobSaver::new(repo),
-        progress,
-        excludes: Excludes::new(&opts.excludes)?,
-        names: Names::default(),
-        hardlinks: Mutex::new(HashMap::new()),
-        warnings: Mutex::new(Vec::new()),
-        summary: Mutex::new(Summary::default()),
-        force: opts.force,
-    };
+    let walker = Walker::new(repo, progress, Excludes::new(&opts.excludes)?, opts.force);
     let threads = if opts.threads == 0 {
         2 * std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
     } else {
@@ -603,4 +607,43 @@ pub fn backup_tree(
             .into_inner()
             .unwrap_or_else(std::sync::PoisonError::into_inner),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Encryption;
+    use crate::keyfile::KdfParams;
+
+    #[test]
+    fn a_vanished_entry_is_a_warning_and_not_a_loss() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repository::init(&d.path().join("repo"), b"pw", Encryption::None, KdfParams::TEST_ONLY_WEAK).unwrap();
+        let progress = Progress::default();
+        let walker = Walker::new(&repo, &progress, Excludes::new(&[]).unwrap(), false);
+        // Listed by readdir, gone before it was looked at.
+        let got = walker.entry_or_warn(&d.path().join("gone"), b"gone", None).unwrap();
+        assert!(got.is_none());
+        let w = walker.warnings.into_inner().unwrap();
+        assert_eq!(w.len(), 1);
+        assert!(w[0].message.contains("vanished") && !w[0].lost, "{w:?}");
+        assert_eq!(walker.summary.into_inner().unwrap().errors, 0);
+    }
+
+    #[test]
+    fn excludes_match_names_anywhere_and_paths_exactly() {
+        let ex = Excludes::new(&["*.tmp".into(), "/var/cache".into(), "build/out".into()]).unwrap();
+        assert!(ex.excluded(Path::new("/a/b/c.tmp")));
+        assert!(ex.excluded(Path::new("/var/cache")));
+        assert!(!ex.excluded(Path::new("/var/cached")));
+        assert!(ex.excluded(Path::new("/src/build/out")));
+        assert!(!ex.excluded(Path::new("/src/build/output")));
+        assert!(Excludes::new(&["[".into()]).is_err());
+    }
+
+    #[test]
+    fn clean_path_is_lexical() {
+        assert_eq!(clean_path(Path::new("/a/./b/../c/")).unwrap(), PathBuf::from("/a/c"));
+        assert_eq!(clean_path(Path::new("/../..")).unwrap(), PathBuf::from("/"));
+    }
 }
