@@ -618,11 +618,19 @@ mod tests {
     #[test]
     fn a_vanished_entry_is_a_warning_and_not_a_loss() {
         let d = tempfile::tempdir().unwrap();
-        let repo = Repository::init(&d.path().join("repo"), b"pw", Encryption::None, KdfParams::TEST_ONLY_WEAK).unwrap();
+        let repo = Repository::init(
+            &d.path().join("repo"),
+            b"pw",
+            Encryption::None,
+            KdfParams::TEST_ONLY_WEAK,
+        )
+        .unwrap();
         let progress = Progress::default();
         let walker = Walker::new(&repo, &progress, Excludes::new(&[]).unwrap(), false);
         // Listed by readdir, gone before it was looked at.
-        let got = walker.entry_or_warn(&d.path().join("gone"), b"gone", None).unwrap();
+        let got = walker
+            .entry_or_warn(&d.path().join("gone"), b"gone", None)
+            .unwrap();
         assert!(got.is_none());
         let w = walker.warnings.into_inner().unwrap();
         assert_eq!(w.len(), 1);
@@ -643,7 +651,10 @@ mod tests {
 
     #[test]
     fn clean_path_is_lexical() {
-        assert_eq!(clean_path(Path::new("/a/./b/../c/")).unwrap(), PathBuf::from("/a/c"));
+        assert_eq!(
+            clean_path(Path::new("/a/./b/../c/")).unwrap(),
+            PathBuf::from("/a/c")
+        );
         assert_eq!(clean_path(Path::new("/../..")).unwrap(), PathBuf::from("/"));
     }
 }
