@@ -5,6 +5,8 @@
 //! seal, decompresses with a size cap, and re-hashes the plaintext against the id, so a
 //! blob that decodes is exactly the blob asked for.
 
+use std::cell::RefCell;
+
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::Crypto;
@@ -49,7 +51,7 @@ fn aad(kind: BlobKind, id: &BlobId) -> [u8; 46] {
 pub fn encode(crypto: &Crypto, kind: BlobKind, id: &BlobId, plain: &[u8], level: i32) -> Vec<u8> {
     // Keep the compressed form only when it saves at least 1/64 of the size.
     let compressed = (level > 0)
-        .then(|| zstd::bulk::compress(plain, level).ok())
+        .then(|| compress(plain, level))
         .flatten()
         .filter(|c| c.len() + c.len() / 64 < plain.len());
     let (flag, payload) = match &compressed {
@@ -60,6 +62,35 @@ pub fn encode(crypto: &Crypto, kind: BlobKind, id: &BlobId, plain: &[u8], level:
     buf.push(flag);
     buf.extend_from_slice(payload);
     crypto.finish_seal(buf, &aad(kind, id))
+}
+
+thread_local! {
+    /// zstd contexts are costly to create: one per thread, reused.
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+fn compress(plain: &[u8], level: i32) -> Option<Vec<u8>> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
+        }
+        slot.as_mut()?.1.compress(plain).ok()
+    })
+}
+
+fn decompress(body: &[u8], raw_len: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(zstd::bulk::Decompressor::new()?);
+        }
+        match slot.as_mut() {
+            Some(d) => d.decompress(body, raw_len),
+            None => zstd::bulk::decompress(body, raw_len),
+        }
+    })
 }
 
 /// Decodes a stored blob and verifies it is the blob `id`. `raw_len` (from the pack
@@ -81,8 +112,9 @@ pub fn decode(
         .ok_or_else(|| Error::corrupt(what(), "empty payload"))?;
     let plain = match flag {
         FLAG_RAW => body.to_vec(),
-        FLAG_ZSTD => zstd::bulk::decompress(body, raw_len)
-            .map_err(|e| Error::corrupt(what(), format!("zstd: {e}")))?,
+        FLAG_ZSTD => {
+            decompress(body, raw_len).map_err(|e| Error::corrupt(what(), format!("zstd: {e}")))?
+        }
         _ => return Err(Error::corrupt(what(), format!("unknown flag {flag}"))),
     };
     if plain.len() != raw_len {

@@ -3,9 +3,7 @@
 //! The parameters live in the repository's `config` so every host cuts the same data at
 //! the same places. Block images use fixed, offset-aligned chunks instead (not here).
 
-use std::io::Read;
-
-use fastcdc::v2020::StreamCDC;
+use fastcdc::v2020::{FastCDC, Normalization};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -47,31 +45,28 @@ impl ChunkerParams {
     }
 }
 
-/// Cuts a reader into chunks. Yields owned chunk data; memory is bounded by `max_size`
-/// plus FastCDC's read buffer.
-pub struct Chunker<R: Read> {
-    inner: StreamCDC<R>,
-}
-
-impl<R: Read> Chunker<R> {
-    pub fn new(reader: R, p: ChunkerParams) -> Self {
-        Self {
-            inner: StreamCDC::new(reader, p.min_size, p.avg_size, p.max_size),
+/// Cuts `buf` into chunks; returns their end offsets. When more data follows (`!eof`),
+/// a chunk is cut only where at least `max_size` bytes follow its start, so the cut is
+/// the one FastCDC makes over the whole stream; the rest (from the last end offset on)
+/// must be carried into the next buffer.
+#[must_use]
+pub fn cut(buf: &[u8], p: ChunkerParams, eof: bool) -> Vec<usize> {
+    let max = p.max_size as usize;
+    let cdc = FastCDC::with_level(
+        buf,
+        p.min_size,
+        p.avg_size,
+        p.max_size,
+        Normalization::Level1,
+    );
+    let mut ends = Vec::new();
+    for c in cdc {
+        if !eof && buf.len() - c.offset < max {
+            break;
         }
+        ends.push(c.offset + c.length);
     }
-}
-
-impl<R: Read> Iterator for Chunker<R> {
-    type Item = std::io::Result<Vec<u8>>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        self.inner.next().map(|r| {
-            r.map(|c| c.data).map_err(|e| match e {
-                fastcdc::v2020::Error::IoError(io) => io,
-                other => std::io::Error::other(other.to_string()),
-            })
-        })
-    }
+    ends
 }
 
 #[cfg(test)]
@@ -85,8 +80,29 @@ mod tests {
         max_size: 16384,
     };
 
+    /// Chunks `data` through buffers of `step` bytes, as the backup does.
+    fn chunks_buffered(data: &[u8], p: ChunkerParams, step: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        let mut end = 0;
+        loop {
+            end = (end + step).min(data.len());
+            let eof = end == data.len();
+            let buf = &data[start..end];
+            let mut last = 0;
+            for e in cut(buf, p, eof) {
+                out.push(buf[last..e].to_vec());
+                last = e;
+            }
+            start += last;
+            if eof {
+                return out;
+            }
+        }
+    }
+
     fn chunks(data: &[u8], p: ChunkerParams) -> Vec<Vec<u8>> {
-        Chunker::new(data, p).map(|c| c.unwrap()).collect()
+        chunks_buffered(data, p, data.len().max(1))
     }
 
     fn pseudo_random(seed: u64, len: usize) -> Vec<u8> {
@@ -137,6 +153,12 @@ mod tests {
                     prop_assert!(c.len() >= SMALL.min_size as usize);
                 }
             }
+        }
+
+        #[test]
+        fn buffering_does_not_move_boundaries(seed in any::<u64>(), len in 0usize..100_000, step in 16384usize..50_000) {
+            let data = pseudo_random(seed, len);
+            prop_assert_eq!(chunks_buffered(&data, SMALL, step), chunks(&data, SMALL));
         }
 
         #[test]

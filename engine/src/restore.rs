@@ -355,7 +355,6 @@ fn write_file(
         }
         offset += e.len;
     }
-    f.sync_all()?;
     Ok(problems)
 }
 

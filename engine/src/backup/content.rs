@@ -1,83 +1,102 @@
 //! Chunking a reader and saving its chunks: the data path of every backup.
 //!
-//! Batches of chunks (up to [`BATCH_BYTES`]) are saved in parallel while the next batch
-//! is read (`rayon::join`), so reading overlaps hashing, compression and encryption.
-//! Memory: two batches per file in flight.
+//! Content is read into a buffer of up to [`BATCH_BYTES`], cut with FastCDC, and the
+//! chunks of one buffer are hashed, compressed and encrypted in parallel (rayon) while
+//! the next buffer is read (`rayon::join`). The bytes after the last cut are carried
+//! into the next buffer, so boundaries are those of the whole stream. Memory: two
+//! buffers per file in flight; a small file gets a buffer of its own size.
 
-use std::io::Read;
+use std::io::{self, Read};
 
 use rayon::prelude::*;
 
 use crate::blob::BlobKind;
-use crate::chunker::{Chunker, ChunkerParams};
+use crate::chunker::{cut, ChunkerParams};
 use crate::error::Error;
 use crate::progress::Progress;
 use crate::saver::BlobSaver;
 use crate::tree::Extent;
 
-/// Bytes of chunks read ahead and saved together.
+/// Bytes read ahead and saved together.
 pub const BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// Why reading content stopped.
 #[derive(Debug)]
 pub enum ContentError {
     /// The source could not be read (the file, the stream): the caller decides.
-    Source(std::io::Error),
+    Source(io::Error),
     /// The repository failed: the backup must stop.
     Repo(Error),
 }
 
-fn next_batch<R: Read>(chunks: &mut Chunker<R>) -> Result<Vec<Vec<u8>>, std::io::Error> {
-    let mut batch = Vec::new();
-    let mut bytes = 0;
-    while bytes < BATCH_BYTES {
-        match chunks.next() {
-            Some(c) => {
-                let c = c?;
-                bytes += c.len();
-                batch.push(c);
-            }
-            None => break,
-        }
-    }
-    Ok(batch)
+/// Appends up to `want` bytes from `r` to `buf`; returns whether the source ended.
+fn fill<R: Read>(r: &mut R, buf: &mut Vec<u8>, want: usize) -> io::Result<bool> {
+    let want = want.saturating_sub(buf.len());
+    let got = r.take(want as u64).read_to_end(buf)?;
+    Ok(got < want)
 }
 
-/// Chunks all of `reader` and appends one extent per chunk to `out`. Returns the bytes read.
+/// Chunks all of `reader` and appends one extent per chunk to `out`. `size_hint` (the
+/// expected length) sizes the first buffer. Returns the bytes read.
 pub fn save_content<R: Read + Send>(
     saver: &BlobSaver<'_>,
     params: ChunkerParams,
-    reader: R,
+    mut reader: R,
+    size_hint: u64,
     progress: &Progress,
     out: &mut Vec<Extent>,
 ) -> Result<u64, ContentError> {
-    let mut chunks = Chunker::new(reader, params);
+    let cap = BATCH_BYTES.max(2 * params.max_size as usize);
+    // One byte more than expected, so that a file of the expected size ends in one read.
+    let first = usize::try_from(size_hint)
+        .unwrap_or(usize::MAX)
+        .saturating_add(1)
+        .min(cap);
+    let mut cur = Vec::with_capacity(first);
+    let mut eof = fill(&mut reader, &mut cur, first).map_err(ContentError::Source)?;
     let mut total = 0u64;
-    let mut batch = next_batch(&mut chunks).map_err(ContentError::Source)?;
-    while !batch.is_empty() {
-        let (saved, next) = rayon::join(
+    while !cur.is_empty() {
+        let ends = cut(&cur, params, eof);
+        let consumed = ends.last().copied().unwrap_or(0);
+        let mut next = Vec::new();
+        if !eof {
+            next.reserve(cap);
+            next.extend_from_slice(&cur[consumed..]);
+        }
+        let starts = std::iter::once(0).chain(ends.iter().copied());
+        let ranges: Vec<(usize, usize)> = starts.zip(ends.iter().copied()).collect();
+        let (saved, filled) = rayon::join(
             || {
-                batch
+                ranges
                     .par_iter()
-                    .map(|c| {
-                        let (id, stored) = saver.save(BlobKind::Data, c)?;
+                    .map(|&(a, b)| {
+                        let (id, stored) = saver.save(BlobKind::Data, &cur[a..b])?;
                         Progress::add(&progress.bytes_stored, stored);
                         Ok(Extent {
                             blob: Some(id),
-                            len: c.len() as u64,
+                            len: (b - a) as u64,
                         })
                     })
                     .collect::<Result<Vec<Extent>, Error>>()
             },
-            || next_batch(&mut chunks),
+            || {
+                if eof {
+                    Ok(true)
+                } else {
+                    fill(&mut reader, &mut next, cap)
+                }
+            },
         );
         let saved = saved.map_err(ContentError::Repo)?;
-        let n: u64 = saved.iter().map(|e| e.len).sum();
-        total += n;
-        Progress::add(&progress.bytes_read, n);
-        Progress::add(&progress.bytes_done, n);
+        total += consumed as u64;
+        Progress::add(&progress.bytes_read, consumed as u64);
+        Progress::add(&progress.bytes_done, consumed as u64);
         out.extend(saved);
-        batch = next.map_err(ContentError::Source)?;
+        if eof {
+            break;
+        }
+        eof = filled.map_err(ContentError::Source)?;
+        cur = next;
     }
     Ok(total)
 }

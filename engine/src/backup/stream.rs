@@ -49,6 +49,7 @@ pub fn backup_stream<R: Read + Send>(
         &saver,
         repo.config().chunker,
         reader,
+        super::content::BATCH_BYTES as u64,
         progress,
         &mut content,
     )

@@ -400,6 +400,7 @@ impl<'a> Walker<'a> {
                 &self.saver,
                 self.repo.config().chunker,
                 (&mut file).take(end - start),
+                end - start,
                 self.progress,
                 &mut content,
             )
