@@ -10,7 +10,7 @@ mkdir -p "$work"
 if [ ! -f "$work/.data-done" ]; then
   rm -rf "$data"; mkdir -p "$data"
   # Real files of every size, about 2 GiB in all.
-  for d in /usr/share /usr/bin /usr/lib/x86_64-linux-gnu /usr/lib/python3 /usr/libexec /usr/include; do
+  for d in /usr/share /usr/bin /usr/lib/x86_64-linux-gnu /usr/lib/python3 /usr/libexec /usr/include /usr/lib/llvm-14 /usr/lib/gcc /usr/lib/jvm /usr/lib; do
     [ -d "$d" ] && cp -a "$d" "$data/$(echo "$d" | tr / _)"
     [ "$(du -sb "$data" | cut -f1)" -gt 2147483648 ] && break
   done
