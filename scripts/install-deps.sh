@@ -2,7 +2,7 @@
 # Installs the Debian 12 packages cairn needs to build and test. Idempotent; uses sudo
 # when not root. The Rust toolchain itself is expected to be there (rustup).
 set -euo pipefail
-packages=(build-essential pkg-config util-linux attr)
+packages=(build-essential pkg-config util-linux attr fuse3 fuse-overlayfs)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -118,6 +118,21 @@ pub enum Command {
         #[command(flatten)]
         filter: Filter,
     },
+    /// Serve every snapshot as a read-only filesystem at MOUNTPOINT
+    Mount {
+        mountpoint: PathBuf,
+        /// Detach and run in the background once mounted
+        #[arg(long)]
+        daemon: bool,
+        /// Let other users read through the mount (needs user_allow_other in /etc/fuse.conf unless root)
+        #[arg(long)]
+        allow_other: bool,
+        /// Memory for decoded blobs, e.g. 512M or 2G
+        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        cache_size: u64,
+    },
+    /// Unmount a `repo mount` (lazily: open files do not keep it mounted)
+    Umount { mountpoint: PathBuf },
     /// Manage the passwords that open the repository
     #[command(subcommand)]
     Key(KeyCommand),
@@ -187,4 +202,27 @@ pub enum EncryptionArg {
     #[value(name = "aes-256-gcm")]
     Aes256Gcm,
     None,
+}
+
+/// Parses `512M`, `2G`, `1048576` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1u64 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("unknown unit in {s:?} (use K, M, G or T)")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("not a size: {s:?}"))
 }

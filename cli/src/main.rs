@@ -50,8 +50,9 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("REPO_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+            tracing_subscriber::EnvFilter::try_from_env("REPO_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(format!("{level},fuser=error"))
+            }),
         )
         .with_writer(std::io::stderr)
         .with_target(false)

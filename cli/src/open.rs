@@ -11,6 +11,10 @@ use zeroize::Zeroizing;
 
 use crate::args::Global;
 
+/// Set in the environment of a `repo mount --daemon` child that reads its password
+/// from standard input.
+pub const DAEMON_PASSWORD_STDIN: &str = "CAIRN_DAEMON_PASSWORD_STDIN";
+
 /// Settings from `$REPO_CONFIG` or `~/.config/cairn/config` (lines `key = value`).
 #[derive(Debug, Default)]
 pub struct FileConfig {
@@ -84,6 +88,16 @@ impl Settings {
 
     /// The password, from the first source that is set.
     pub fn password(&self, confirm: bool) -> Result<Zeroizing<Vec<u8>>> {
+        if std::env::var_os(DAEMON_PASSWORD_STDIN).is_some() {
+            // A `--daemon` child: the parent hands the password over a pipe.
+            let mut line = Zeroizing::new(String::new());
+            std::io::stdin()
+                .read_line(&mut line)
+                .context("reading the password from the parent")?;
+            return Ok(Zeroizing::new(
+                line.trim_end_matches('\n').as_bytes().to_vec(),
+            ));
+        }
         if let Some(f) = &self.password_file {
             return read_password_file(f);
         }

@@ -9,5 +9,6 @@ mod bad_input;
 mod browse;
 mod dedup;
 mod keys;
+mod mount;
 mod roundtrip;
 mod support;

@@ -1,87 +1,9 @@
 //! Backups restore byte for byte, with their metadata.
 
 use std::fs;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::Path;
-
-use nix::sys::stat::{utimensat, UtimensatFlags};
-use nix::sys::time::TimeSpec;
+use std::os::unix::fs::MetadataExt;
 
 use crate::support::*;
-
-fn set_mtime(p: &Path, sec: i64, nsec: i64) {
-    let t = TimeSpec::new(sec, nsec);
-    utimensat(None, p, &t, &t, UtimensatFlags::NoFollowSymlink).unwrap();
-}
-
-/// A tree with every kind of entry the format knows.
-fn make_everything(src: &Path) {
-    fs::create_dir_all(src.join("dir/sub/deeper")).unwrap();
-    fs::write(src.join("empty"), b"").unwrap();
-    fs::write(src.join("small.txt"), b"hello, cairn\n").unwrap();
-    write_random(&src.join("dir/big.bin"), 7, 5 * 1024 * 1024 + 123);
-    // Sparse: 1 GiB apparent, three data regions.
-    let f = fs::File::create(src.join("sparse.img")).unwrap();
-    f.set_len(1 << 30).unwrap();
-    use std::os::unix::fs::FileExt;
-    f.write_all_at(&random_bytes(1, 4096), 0).unwrap();
-    f.write_all_at(&random_bytes(2, 70_000), 300 << 20).unwrap();
-    f.write_all_at(b"end", (1 << 30) - 3).unwrap();
-    drop(f);
-    std::os::unix::fs::symlink("small.txt", src.join("link-rel")).unwrap();
-    std::os::unix::fs::symlink("/nonexistent/target", src.join("link-dangling")).unwrap();
-    fs::write(src.join("dir/linked"), b"one inode, three names").unwrap();
-    fs::hard_link(src.join("dir/linked"), src.join("dir/sub/linked2")).unwrap();
-    fs::hard_link(src.join("dir/linked"), src.join("linked3")).unwrap();
-    nix::unistd::mkfifo(
-        &src.join("fifo"),
-        nix::sys::stat::Mode::from_bits_truncate(0o640),
-    )
-    .unwrap();
-    // Names that are not plain text.
-    fs::write(src.join("new\nline"), b"n").unwrap();
-    fs::write(
-        src.join(std::ffi::OsStr::from_bytes(b"bad-\xff\xfe-utf8")),
-        b"b",
-    )
-    .unwrap();
-    fs::write(src.join("spaces and ünïcødé"), b"u").unwrap();
-    // Modes.
-    fs::set_permissions(src.join("small.txt"), fs::Permissions::from_mode(0o640)).unwrap();
-    fs::set_permissions(src.join("dir/sub"), fs::Permissions::from_mode(0o1777)).unwrap();
-    fs::write(src.join("setuid"), b"s").unwrap();
-    fs::set_permissions(src.join("setuid"), fs::Permissions::from_mode(0o4755)).unwrap();
-    // Extended attributes (user namespace: any filesystem with xattrs, any user).
-    xattr::set(src.join("small.txt"), "user.cairn.test", b"value").unwrap();
-    xattr::set(src.join("dir"), "user.cairn.dir", b"\x00binary\xff").unwrap();
-    if is_root() {
-        std::os::unix::fs::chown(src.join("small.txt"), Some(1234), Some(5678)).unwrap();
-        std::os::unix::fs::lchown(src.join("link-rel"), Some(4321), Some(8765)).unwrap();
-        std::os::unix::fs::chown(src.join("dir/sub/deeper"), Some(65534), Some(65534)).unwrap();
-        nix::sys::stat::mknod(
-            &src.join("null-dev"),
-            nix::sys::stat::SFlag::S_IFCHR,
-            nix::sys::stat::Mode::from_bits_truncate(0o666),
-            nix::sys::stat::makedev(1, 3),
-        )
-        .unwrap();
-    }
-    // Times last, deepest first, with nanoseconds.
-    for (i, p) in [
-        "dir/sub/deeper",
-        "dir/sub",
-        "small.txt",
-        "link-rel",
-        "fifo",
-        "dir",
-    ]
-    .iter()
-    .enumerate()
-    {
-        set_mtime(&src.join(p), 1_500_000_000 + i as i64 * 1000, 123_456_789);
-    }
-}
 
 #[test]
 fn a_tree_with_every_kind_of_entry_restores_identically() {

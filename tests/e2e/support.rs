@@ -5,10 +5,13 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use nix::sys::stat::{utimensat, UtimensatFlags};
+use nix::sys::time::TimeSpec;
 use serde_json::Value;
 
 pub const PASSWORD: &str = "correct horse battery staple";
@@ -285,4 +288,181 @@ fn xattrs(p: &Path) -> Vec<(std::ffi::OsString, Option<Vec<u8>>)> {
 /// Where a backed-up absolute path lands under a restore target.
 pub fn under(target: &Path, abs: &Path) -> PathBuf {
     target.join(abs.strip_prefix("/").unwrap())
+}
+
+pub fn set_mtime(p: &Path, sec: i64, nsec: i64) {
+    let t = TimeSpec::new(sec, nsec);
+    utimensat(None, p, &t, &t, UtimensatFlags::NoFollowSymlink).unwrap();
+}
+
+/// A tree with every kind of entry the format knows.
+pub fn make_everything(src: &Path) {
+    fs::create_dir_all(src.join("dir/sub/deeper")).unwrap();
+    fs::write(src.join("empty"), b"").unwrap();
+    fs::write(src.join("small.txt"), b"hello, cairn\n").unwrap();
+    write_random(&src.join("dir/big.bin"), 7, 5 * 1024 * 1024 + 123);
+    // Sparse: 1 GiB apparent, three data regions.
+    let f = fs::File::create(src.join("sparse.img")).unwrap();
+    f.set_len(1 << 30).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&random_bytes(1, 4096), 0).unwrap();
+    f.write_all_at(&random_bytes(2, 70_000), 300 << 20).unwrap();
+    f.write_all_at(b"end", (1 << 30) - 3).unwrap();
+    drop(f);
+    std::os::unix::fs::symlink("small.txt", src.join("link-rel")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent/target", src.join("link-dangling")).unwrap();
+    fs::write(src.join("dir/linked"), b"one inode, three names").unwrap();
+    fs::hard_link(src.join("dir/linked"), src.join("dir/sub/linked2")).unwrap();
+    fs::hard_link(src.join("dir/linked"), src.join("linked3")).unwrap();
+    nix::unistd::mkfifo(
+        &src.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o640),
+    )
+    .unwrap();
+    // Names that are not plain text.
+    fs::write(src.join("new\nline"), b"n").unwrap();
+    fs::write(
+        src.join(std::ffi::OsStr::from_bytes(b"bad-\xff\xfe-utf8")),
+        b"b",
+    )
+    .unwrap();
+    fs::write(src.join("spaces and ünïcødé"), b"u").unwrap();
+    // Modes.
+    fs::set_permissions(src.join("small.txt"), fs::Permissions::from_mode(0o640)).unwrap();
+    fs::set_permissions(src.join("dir/sub"), fs::Permissions::from_mode(0o1777)).unwrap();
+    fs::write(src.join("setuid"), b"s").unwrap();
+    fs::set_permissions(src.join("setuid"), fs::Permissions::from_mode(0o4755)).unwrap();
+    // Extended attributes (user namespace: any filesystem with xattrs, any user).
+    xattr::set(src.join("small.txt"), "user.cairn.test", b"value").unwrap();
+    xattr::set(src.join("dir"), "user.cairn.dir", b"\x00binary\xff").unwrap();
+    if is_root() {
+        std::os::unix::fs::chown(src.join("small.txt"), Some(1234), Some(5678)).unwrap();
+        std::os::unix::fs::lchown(src.join("link-rel"), Some(4321), Some(8765)).unwrap();
+        std::os::unix::fs::chown(src.join("dir/sub/deeper"), Some(65534), Some(65534)).unwrap();
+        nix::sys::stat::mknod(
+            &src.join("null-dev"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(1, 3),
+        )
+        .unwrap();
+    }
+    // Times last, deepest first, with nanoseconds.
+    for (i, p) in [
+        "dir/sub/deeper",
+        "dir/sub",
+        "small.txt",
+        "link-rel",
+        "fifo",
+        "dir",
+    ]
+    .iter()
+    .enumerate()
+    {
+        set_mtime(&src.join(p), 1_500_000_000 + i as i64 * 1000, 123_456_789);
+    }
+}
+
+/// True when FUSE can be used; in CI a missing FUSE is a failure, not a skip.
+pub fn require_fuse(what: &str) -> bool {
+    let ok = Path::new("/dev/fuse").exists()
+        && Command::new("fusermount3")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if ok {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{what} needs FUSE (/dev/fuse and fusermount3 from fuse3)"
+    );
+    eprintln!("SKIPPED (no FUSE): {what}");
+    false
+}
+
+pub fn mounted_at(dir: &Path) -> bool {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = dir.to_string_lossy().replace(' ', "\\040");
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()) && l.contains(" cairn:"))
+}
+
+/// A `repo mount` running in the foreground; unmounted (SIGTERM) when dropped.
+pub struct Mounted {
+    pub child: std::process::Child,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Env {
+    pub fn mount(&self) -> Mounted {
+        self.mount_with(&[])
+    }
+
+    pub fn mount_with(&self, extra: &[&str]) -> Mounted {
+        let dir = self.path("mnt");
+        fs::create_dir_all(&dir).unwrap();
+        let dir = fs::canonicalize(&dir).unwrap();
+        let log = self.path("mount.log");
+        let child = self
+            .cmd()
+            .arg("mount")
+            .arg(&dir)
+            .args(extra)
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let m = Mounted { child, dir, log };
+        let start = std::time::Instant::now();
+        while !mounted_at(&m.dir) {
+            assert!(
+                start.elapsed().as_secs() < 30,
+                "mount did not come up: {}",
+                fs::read_to_string(&m.log).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        m
+    }
+}
+
+impl Mounted {
+    /// The directory of a snapshot under `snapshots/`, from its JSON.
+    pub fn snapshot(&self, snap: &Value) -> PathBuf {
+        let short = snap["short_id"].as_str().unwrap();
+        let entry = fs::read_dir(self.dir.join("snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .find(|n| n.ends_with(short))
+            .unwrap_or_else(|| panic!("snapshot {short} not in the mount"));
+        self.dir.join("snapshots").join(entry)
+    }
+
+    pub fn stop(&mut self) {
+        if self.child.try_wait().unwrap().is_none() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let start = std::time::Instant::now();
+            while self.child.try_wait().unwrap().is_none() && start.elapsed().as_secs() < 10 {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = self.child.kill();
+        if mounted_at(&self.dir) {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+    }
 }

@@ -3,6 +3,7 @@
 mod admin;
 mod backup;
 mod browse;
+mod mount;
 mod restore;
 
 use anyhow::Result;
@@ -44,6 +45,13 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Stats { snapshot, filter } => {
             browse::stats(&settings, g, snapshot.as_deref(), &filter)
         }
+        Command::Mount {
+            mountpoint,
+            daemon,
+            allow_other,
+            cache_size,
+        } => mount::mount(&settings, g, &mountpoint, daemon, allow_other, cache_size),
+        Command::Umount { mountpoint } => mount::umount(&mountpoint),
         Command::Key(k) => admin::key(&settings, g, k),
         Command::Index(i) => admin::index(&settings, g, i),
     }

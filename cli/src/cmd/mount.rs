@@ -1,0 +1,164 @@
+//! `repo mount` and `repo umount`.
+//!
+//! In the foreground, SIGINT, SIGTERM and SIGHUP are blocked in every thread and taken
+//! by the main thread with `sigwait`, which then unmounts (lazily) and waits for the
+//! session to end. An unmount from outside (`repo umount`, `fusermount3 -u`) ends the
+//! session, whose watcher thread then wakes the main thread. `--daemon` starts the same
+//! command again in a new process group, hands it the password over a pipe, and
+//! returns once the filesystem is mounted.
+
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use cairn_engine::crypto::Encryption;
+use cairn_engine::Repository;
+use cairn_mount::{MountOptions, ViewOptions};
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::args::Global;
+use crate::exit;
+use crate::open::{Settings, DAEMON_PASSWORD_STDIN};
+
+pub fn mount(
+    s: &Settings,
+    g: &Global,
+    mountpoint: &Path,
+    daemon: bool,
+    allow_other: bool,
+    cache_size: u64,
+) -> Result<u8> {
+    if !mountpoint.is_dir() {
+        bail!(
+            "{}: not a directory (create it first)",
+            mountpoint.display()
+        );
+    }
+    let mountpoint =
+        std::fs::canonicalize(mountpoint).with_context(|| mountpoint.display().to_string())?;
+    if cairn_mount::is_mounted(&mountpoint) {
+        bail!(
+            "{}: a cairn filesystem is already mounted there",
+            mountpoint.display()
+        );
+    }
+    if daemon {
+        return spawn_daemon(s, &mountpoint);
+    }
+    let signals = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP]);
+    signals.thread_block().context("blocking signals")?;
+    let repo: Arc<Repository> = Arc::new(s.open()?);
+    let opts = MountOptions {
+        allow_other,
+        view: ViewOptions {
+            cache_bytes: usize::try_from(cache_size).unwrap_or(usize::MAX),
+            ..ViewOptions::default()
+        },
+        ..MountOptions::default()
+    };
+    let session = cairn_mount::mount(repo, &mountpoint, &opts).with_context(|| {
+        format!(
+            "mounting at {} (is fuse3 installed and /dev/fuse usable?)",
+            mountpoint.display()
+        )
+    })?;
+    if !g.quiet {
+        eprintln!(
+            "mounted at {}; Ctrl-C or `repo umount {}` unmounts",
+            mountpoint.display(),
+            mountpoint.display()
+        );
+    }
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let r = session.join();
+        let _ = done_tx.send(r);
+        // Wake the main thread's sigwait.
+        let _ = nix::sys::signal::kill(nix::unistd::getpid(), Signal::SIGTERM);
+    });
+    let _ = signals.wait();
+    if cairn_mount::is_mounted(&mountpoint) {
+        cairn_mount::unmount(&mountpoint)
+            .with_context(|| format!("unmounting {}", mountpoint.display()))?;
+    }
+    match done_rx.recv_timeout(Duration::from_secs(5)) {
+        Ok(Err(e)) => tracing::warn!("filesystem session ended with: {e}"),
+        Ok(Ok(())) => {}
+        // A reader still holds a file open: the mount is detached already; leaving
+        // ends the connection.
+        Err(_) => tracing::info!("files still open at unmount; closing the connection"),
+    }
+    if !g.quiet {
+        eprintln!("unmounted {}", mountpoint.display());
+    }
+    Ok(exit::OK)
+}
+
+fn spawn_daemon(s: &Settings, mountpoint: &Path) -> Result<u8> {
+    let encrypted = Repository::peek_config(&s.repo)?.encryption != Encryption::None;
+    let password = if encrypted {
+        Some(s.password(false)?)
+    } else {
+        None
+    };
+    let args: Vec<std::ffi::OsString> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--daemon")
+        .collect();
+    let log = std::env::temp_dir().join(format!("cairn-mount-{}.log", std::process::id()));
+    let log_file = std::fs::File::create(&log).with_context(|| log.display().to_string())?;
+    let mut child = Command::new(std::env::current_exe().context("finding the repo binary")?)
+        .args(&args)
+        .env(DAEMON_PASSWORD_STDIN, "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .process_group(0)
+        .spawn()
+        .context("starting the background mount")?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .context("no pipe to the background mount")?;
+    if let Some(pw) = &password {
+        stdin.write_all(pw)?;
+    }
+    stdin.write_all(b"\n")?;
+    drop(stdin);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        if cairn_mount::is_mounted(mountpoint) {
+            println!(
+                "mounted at {} (pid {}, log {})",
+                mountpoint.display(),
+                child.id(),
+                log.display()
+            );
+            return Ok(exit::OK);
+        }
+        if let Some(status) = child.try_wait()? {
+            let msg = std::fs::read_to_string(&log).unwrap_or_default();
+            bail!("the background mount exited ({status}): {}", msg.trim());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    bail!(
+        "the background mount did not come up within a minute; see {}",
+        log.display()
+    )
+}
+
+pub fn umount(mountpoint: &Path) -> Result<u8> {
+    let mp = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.to_owned());
+    if !cairn_mount::is_mounted(&mp) {
+        bail!("{}: no cairn filesystem is mounted there", mp.display());
+    }
+    cairn_mount::unmount(&mp).with_context(|| format!("unmounting {}", mp.display()))?;
+    // The serving process notices and exits.
+    Ok(exit::OK)
+}

@@ -1,0 +1,131 @@
+//! # cairn-mount: snapshots as a read-only filesystem
+//!
+//! - [`view`]: the filesystem logic over a repository, plain Rust, testable without FUSE.
+//! - [`layout`]: how snapshots are named (`snapshots/`, `hosts/`).
+//! - [`cache`]: the LRU cache of decoded blobs shared by all reads.
+//! - [`fuse`]: the thin fuser adapter.
+//!
+//! [`mount`] starts serving a repository at a mountpoint; [`unmount`] detaches one
+//! (lazily: a reader holding a file open does not keep the mount in the mount table).
+
+pub mod cache;
+pub mod fuse;
+pub mod layout;
+pub mod view;
+
+use std::io;
+use std::path::Path;
+use std::sync::Arc;
+
+use cairn_engine::Repository;
+use fuser::{Config, MountOption, SessionACL};
+
+pub use view::{View, ViewOptions};
+
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Let other users (a container's database user) read through the mount.
+    pub allow_other: bool,
+    pub view: ViewOptions,
+    /// Threads serving FUSE requests.
+    pub threads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        Self {
+            allow_other: false,
+            view: ViewOptions::default(),
+            threads: 4,
+        }
+    }
+}
+
+/// Mounts `repo` at `mountpoint` and serves it from background threads until the
+/// returned session is unmounted or dropped.
+pub fn mount(
+    repo: Arc<Repository>,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> io::Result<fuser::BackgroundSession> {
+    let fsname = format!("cairn:{}", repo.path().display());
+    let view = Arc::new(View::new(repo, opts.view.clone()).map_err(io::Error::other)?);
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(fsname),
+        MountOption::Subtype("cairn".into()),
+        MountOption::RO,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::DefaultPermissions,
+    ];
+    if opts.allow_other {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+    fuser::spawn_mount(fuse::CairnFs::new(view), mountpoint, &config)
+}
+
+/// Detaches the mount at `mountpoint` (lazily, like `umount -l`): it leaves the mount
+/// table at once even if a file is still open.
+pub fn unmount(mountpoint: &Path) -> io::Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        return nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH)
+            .map_err(io::Error::from);
+    }
+    let out = std::process::Command::new("fusermount3")
+        .args(["-u", "-z", "--"])
+        .arg(mountpoint)
+        .output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!(
+            "fusermount3 -u failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Whether `path` is the mountpoint of a cairn filesystem (from /proc/self/mountinfo:
+/// fstype `fuse*` with a source `cairn:...`).
+#[must_use]
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines().any(|l| {
+        let Some((mount, fs)) = l.split_once(" - ") else {
+            return false;
+        };
+        let mut fs = fs.split(' ');
+        let (fstype, source) = (fs.next().unwrap_or(""), fs.next().unwrap_or(""));
+        mount
+            .split(' ')
+            .nth(4)
+            .is_some_and(|mp| unescape(mp) == want)
+            && fstype.starts_with("fuse")
+            && source.starts_with("cairn:")
+    })
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 4 <= b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -1,0 +1,352 @@
+//! `repo mount`: snapshots through a real FUSE mount.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+
+use crate::support::*;
+
+fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+#[test]
+fn every_file_reads_back_through_the_mount_with_its_metadata() {
+    if !require_fuse("mount round trip") {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    make_everything(&src);
+    let snap = env.backup(&[&src]);
+    let m = env.mount();
+    let root = m.snapshot(&snap);
+    assert_same_tree(&src, &under(&root, &src));
+    // Holes are holes: the 1 GiB sparse file reports few blocks.
+    let md = fs::metadata(under(&root, &src).join("sparse.img")).unwrap();
+    assert_eq!(md.len(), 1 << 30);
+    assert!(md.blocks() * 512 < 4 << 20);
+    // The hosts/ view and its `latest` link lead to the same snapshot.
+    let host = snap["host"].as_str().unwrap();
+    let source = src.to_str().unwrap().trim_matches('/').replace('/', "-");
+    let latest = m.dir.join("hosts").join(host).join(&source).join("latest");
+    assert!(fs::symlink_metadata(&latest)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(
+        fs::read(under(&latest, &src).join("small.txt")).unwrap(),
+        fs::read(src.join("small.txt")).unwrap()
+    );
+    // Snapshot names sort by time and hold no ':'.
+    let name = root.file_name().unwrap().to_str().unwrap().to_owned();
+    assert!(
+        !name.contains(':') && name.len() == "2026-11-21T05-32-10-".len() + 8,
+        "{name}"
+    );
+}
+
+#[test]
+fn ten_thousand_random_preads_match_the_source() {
+    if !require_fuse("random reads") {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    let len = 48 << 20;
+    write_random(&src.join("data"), 11, len);
+    let snap = env.backup(&[&src]);
+    let m = env.mount();
+    let original = fs::read(src.join("data")).unwrap();
+    let f = fs::File::open(under(&m.snapshot(&snap), &src).join("data")).unwrap();
+    let mut x: u64 = 0x1234_5678_9abc_def1;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut buf = vec![0u8; 300_000];
+    for _ in 0..10_000 {
+        let off = (next() % (len as u64 + 1000)) as usize;
+        let want = (next() % 300_000) as usize + 1;
+        let n = f.read_at(&mut buf[..want], off as u64).unwrap();
+        let expect = &original[off.min(len)..(off + want).min(len)];
+        assert_eq!(n, expect.len(), "short read at {off}+{want}");
+        assert!(buf[..n] == *expect, "content differs at {off}+{want}");
+    }
+}
+
+#[test]
+fn every_change_is_refused_with_erofs() {
+    if !require_fuse("read-only mount") {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("d")).unwrap();
+    fs::write(src.join("d/f"), b"x").unwrap();
+    let snap = env.backup(&[&src]);
+    let m = env.mount();
+    let d = under(&m.snapshot(&snap), &src).join("d");
+    let erofs = Some(libc::EROFS);
+    assert_eq!(errno_of(fs::write(d.join("new"), b"y")), erofs);
+    assert_eq!(
+        errno_of(fs::OpenOptions::new().write(true).open(d.join("f"))),
+        erofs
+    );
+    assert_eq!(errno_of(fs::create_dir(d.join("sub"))), erofs);
+    assert_eq!(errno_of(fs::remove_file(d.join("f"))), erofs);
+    assert_eq!(errno_of(fs::rename(d.join("f"), d.join("g"))), erofs);
+    assert_eq!(
+        errno_of(fs::set_permissions(
+            d.join("f"),
+            fs::Permissions::from_mode(0o777)
+        )),
+        erofs
+    );
+    assert_eq!(errno_of(xattr::set(d.join("f"), "user.x", b"1")), erofs);
+    assert_eq!(
+        errno_of(std::os::unix::fs::symlink("f", d.join("l"))),
+        erofs
+    );
+    assert_eq!(errno_of(fs::create_dir(m.dir.join("snapshots/new"))), erofs);
+    // xattr reads are answered (ENODATA), not refused (ENOSYS).
+    assert_eq!(
+        errno_of(
+            xattr::get(d.join("f"), "user.none")
+                .and_then(|v| v.ok_or(std::io::Error::from_raw_os_error(libc::ENODATA)))
+        ),
+        Some(libc::ENODATA)
+    );
+    assert_eq!(fs::read(d.join("f")).unwrap(), b"x");
+}
+
+#[test]
+fn a_snapshot_made_while_mounted_shows_up() {
+    if !require_fuse("live snapshot list") {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"1").unwrap();
+    env.backup(&[&src]);
+    let m = env.mount();
+    assert_eq!(fs::read_dir(m.dir.join("snapshots")).unwrap().count(), 1);
+    fs::write(src.join("f"), b"22").unwrap();
+    let second = env.backup(&[&src]);
+    let start = std::time::Instant::now();
+    loop {
+        let names: Vec<String> = fs::read_dir(m.dir.join("snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        if names.len() == 2 {
+            break;
+        }
+        assert!(
+            start.elapsed().as_secs() < 5,
+            "new snapshot not visible after 5 s: {names:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(
+        fs::read(under(&m.snapshot(&second), &src).join("f")).unwrap(),
+        b"22"
+    );
+}
+
+#[test]
+fn unmounting_with_a_file_open_leaves_no_mount_behind() {
+    if !require_fuse("unmount") {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("f"), b"held open").unwrap();
+    let snap = env.backup(&[&src]);
+    let mut m = env.mount();
+    let held = fs::File::open(under(&m.snapshot(&snap), &src).join("f")).unwrap();
+    let out = env.run(&["umount", m.dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!mounted_at(&m.dir), "still in the mount table");
+    // The reader is not cut off: the detached filesystem serves it until it closes.
+    let mut buf = [0u8; 9];
+    held.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"held open");
+    drop(held);
+    let start = std::time::Instant::now();
+    while m.child.try_wait().unwrap().is_none() {
+        assert!(
+            start.elapsed().as_secs() < 15,
+            "repo mount did not exit after umount and close"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SIGTERM in the foreground unmounts too.
+    let mut m2 = env.mount();
+    m2.stop();
+    assert!(!mounted_at(&m2.dir));
+    assert!(m2.child.try_wait().unwrap().unwrap().success());
+    // umount of something that is not a cairn mount is an error.
+    assert!(!env
+        .run(&["umount", env.dir.path().to_str().unwrap()])
+        .status
+        .success());
+}
+
+#[test]
+fn a_damaged_blob_fails_that_read_with_eio_and_the_mount_stays_up() {
+    if !require_fuse("damaged data through the mount") {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    write_random(&src.join("a"), 1, 2 << 20);
+    env.backup(&[&src]);
+    let pack = env.packs()[0].clone();
+    write_random(&src.join("b"), 2, 2 << 20);
+    let snap = env.backup(&[&src]);
+    let mut bytes = fs::read(&pack).unwrap();
+    bytes[5000] ^= 1;
+    fs::write(&pack, &bytes).unwrap();
+    let m = env.mount();
+    let dir = under(&m.snapshot(&snap), &src);
+    let err = fs::read(dir.join("a")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    assert_eq!(hash_file(&dir.join("b")), hash_file(&src.join("b")));
+    let log = m.log();
+    assert!(
+        log.contains("blob") && log.contains("/a"),
+        "the log does not name the blob and file: {log}"
+    );
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Mounts an overlay (kernel or fuse-overlayfs) and checks reads, writes and metadata.
+fn overlay_case(kernel: bool) {
+    let env = Env::new();
+    let src = env.path("src");
+    make_everything(&src);
+    let snap = env.backup(&[&src]);
+    let m = env.mount();
+    let lower = under(&m.snapshot(&snap), &src);
+    let (upper, work, merged) = (env.path("upper"), env.path("work"), env.path("merged"));
+    for d in [&upper, &work, &merged] {
+        fs::create_dir_all(d).unwrap();
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    if kernel {
+        run(Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(&merged));
+    } else {
+        run(Command::new("fuse-overlayfs")
+            .args(["-o", &opts])
+            .arg(&merged));
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(&merged);
+    // Reads through the overlay equal the source (content, modes, owners, xattrs).
+    for f in ["small.txt", "dir/big.bin", "dir/sub/linked2", "new\nline"] {
+        assert_eq!(hash_file(&merged.join(f)), hash_file(&src.join(f)), "{f}");
+        let (a, b) = (
+            fs::metadata(merged.join(f)).unwrap(),
+            fs::metadata(src.join(f)).unwrap(),
+        );
+        assert_eq!(
+            (a.mode(), a.uid(), a.gid(), a.len()),
+            (b.mode(), b.uid(), b.gid(), b.len()),
+            "{f}"
+        );
+    }
+    assert_eq!(
+        xattr::get(merged.join("small.txt"), "user.cairn.test").unwrap(),
+        Some(b"value".to_vec())
+    );
+    let getfattr = Command::new("getfattr")
+        .args(["-d", "-m", "user."])
+        .arg(merged.join("small.txt"))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&getfattr.stdout).contains("user.cairn.test=\"value\""));
+    // Writes land in the upper directory only.
+    fs::write(merged.join("small.txt"), b"changed in the overlay").unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(merged.join("dir/big.bin"))
+        .unwrap()
+        .write_all(b"tail")
+        .unwrap();
+    fs::write(merged.join("brand-new"), b"new").unwrap();
+    assert_eq!(
+        fs::read(upper.join("small.txt")).unwrap(),
+        b"changed in the overlay"
+    );
+    assert!(upper.join("brand-new").exists());
+    assert_eq!(
+        fs::read(lower.join("small.txt")).unwrap(),
+        fs::read(src.join("small.txt")).unwrap()
+    );
+    assert_eq!(
+        hash_file(&lower.join("dir/big.bin")),
+        hash_file(&src.join("dir/big.bin"))
+    );
+    assert!(!lower.join("brand-new").exists());
+}
+
+#[test]
+fn the_mount_works_as_the_lower_layer_of_a_kernel_overlay() {
+    if !require_fuse("kernel overlay") || !require_root("mounting a kernel overlay") {
+        return;
+    }
+    overlay_case(true);
+}
+
+#[test]
+fn the_mount_works_as_the_lower_layer_of_fuse_overlayfs() {
+    if !require_fuse("fuse-overlayfs") {
+        return;
+    }
+    let have = Command::new("fuse-overlayfs")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        have || std::env::var_os("CI").is_none(),
+        "fuse-overlayfs is not installed"
+    );
+    if !have {
+        eprintln!("SKIPPED (no fuse-overlayfs)");
+        return;
+    }
+    overlay_case(false);
+}
