@@ -124,9 +124,14 @@ pub enum Command {
         /// Detach and run in the background once mounted
         #[arg(long)]
         daemon: bool,
-        /// Let other users read through the mount (needs user_allow_other in /etc/fuse.conf unless root)
+        /// Let other users read through the mount, with every file's real owner and mode
+        /// enforced (the default when run as root; other users need user_allow_other in
+        /// /etc/fuse.conf)
         #[arg(long)]
         allow_other: bool,
+        /// Only the user who mounts may use the mount (the default for non-root users)
+        #[arg(long, conflicts_with = "allow_other")]
+        private: bool,
         /// Memory for decoded blobs, e.g. 512M or 2G
         #[arg(long, default_value = "256M", value_parser = parse_size)]
         cache_size: u64,

@@ -24,7 +24,11 @@ pub use view::{View, ViewOptions};
 
 #[derive(Debug, Clone)]
 pub struct MountOptions {
-    /// Let other users (a container's database user) read through the mount.
+    /// Let users other than the one mounting use the mount (the kernel still enforces
+    /// every file's owner and mode: `default_permissions`). Needed when a service
+    /// running as another user (PostgreSQL in an overlay) reads it: overlayfs
+    /// revalidates lower entries with the caller's credentials, and a refused lookup
+    /// surfaces as ESTALE. Non-root users need `user_allow_other` in /etc/fuse.conf.
     pub allow_other: bool,
     pub view: ViewOptions,
     /// Threads serving FUSE requests.

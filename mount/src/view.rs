@@ -44,6 +44,8 @@ pub enum FsError {
     BadHandle,
     #[error("read-only file system")]
     ReadOnly,
+    #[error("no data or hole at or after the offset")]
+    NoSuchOffset,
     #[error("I/O error: {0}")]
     Io(String),
 }
@@ -59,6 +61,7 @@ impl FsError {
             Self::NoData => libc::ENODATA,
             Self::BadHandle => libc::EBADF,
             Self::ReadOnly => libc::EROFS,
+            Self::NoSuchOffset => libc::ENXIO,
             Self::Io(_) => libc::EIO,
         }
     }
@@ -594,6 +597,31 @@ impl View {
         };
         write_lock(&self.files).insert(fh, Arc::new(f));
         Ok(fh)
+    }
+
+    /// SEEK_DATA / SEEK_HOLE over an open file: the next data or hole offset at or after
+    /// `offset` (holes are the extents without a blob, and the end of the file).
+    pub fn seek_data_or_hole(&self, fh: u64, offset: u64, data: bool) -> FsResult<u64> {
+        let f = read_lock(&self.files)
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        let size = *f.starts.last().unwrap_or(&0);
+        if offset >= size {
+            return Err(FsError::NoSuchOffset);
+        }
+        let mut i = f.starts.partition_point(|&s| s <= offset) - 1;
+        while i < f.node.content.len() {
+            if f.node.content[i].blob.is_some() == data {
+                return Ok(offset.max(f.starts[i]));
+            }
+            i += 1;
+        }
+        if data {
+            Err(FsError::NoSuchOffset)
+        } else {
+            Ok(size)
+        }
     }
 
     pub fn release(&self, fh: u64) {

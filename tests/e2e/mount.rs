@@ -350,3 +350,203 @@ fn the_mount_works_as_the_lower_layer_of_fuse_overlayfs() {
     }
     overlay_case(false);
 }
+
+/// A PostgreSQL server run as the `postgres` user on `data`, stopped when dropped.
+struct Postgres {
+    child: std::process::Child,
+    sock: std::path::PathBuf,
+    port: u16,
+    log: std::path::PathBuf,
+}
+
+const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+
+fn postgres_user() -> (u32, u32) {
+    let u = nix::unistd::User::from_name("postgres")
+        .unwrap()
+        .expect("a postgres user");
+    (u.uid.as_raw(), u.gid.as_raw())
+}
+
+fn as_postgres(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    let (uid, gid) = postgres_user();
+    cmd.uid(uid).gid(gid).env("LC_ALL", "C.UTF-8")
+}
+
+impl Postgres {
+    fn start(env: &Env, data: &Path, tag: &str) -> Self {
+        let sock = env.path(&format!("sock-{tag}"));
+        fs::create_dir_all(&sock).unwrap();
+        let (uid, gid) = postgres_user();
+        std::os::unix::fs::chown(&sock, Some(uid), Some(gid)).unwrap();
+        let port = 20000 + (std::process::id() % 20000) as u16 + tag.len() as u16;
+        let log = env.path(&format!("postgres-{tag}.log"));
+        let child = as_postgres(&mut Command::new(format!("{PG_BIN}/postgres")))
+            .arg("-D")
+            .arg(data)
+            .args([
+                "-k",
+                sock.to_str().unwrap(),
+                "-p",
+                &port.to_string(),
+                "-c",
+                "listen_addresses=",
+                "-c",
+                "fsync=off",
+            ])
+            .stdout(fs::File::create(&log).unwrap())
+            .stderr(fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let pg = Self {
+            child,
+            sock,
+            port,
+            log,
+        };
+        let start = std::time::Instant::now();
+        loop {
+            let ready = Command::new(format!("{PG_BIN}/pg_isready"))
+                .args(["-h", pg.sock.to_str().unwrap(), "-p", &pg.port.to_string()])
+                .output()
+                .unwrap();
+            if ready.status.success() {
+                break;
+            }
+            assert!(
+                start.elapsed().as_secs() < 60,
+                "postgres did not start: {}",
+                fs::read_to_string(&pg.log).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        pg
+    }
+
+    fn sql(&self, q: &str) -> String {
+        let out = as_postgres(&mut Command::new("psql"))
+            .args([
+                "-h",
+                self.sock.to_str().unwrap(),
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-At",
+                "-c",
+                q,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{q}: {}\nserver log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            fs::read_to_string(&self.log).unwrap_or_default()
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    fn stop(mut self) -> String {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let status = self.child.wait().unwrap();
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        assert!(status.success(), "postgres exited with {status}: {log}");
+        log
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn postgresql_serves_queries_from_an_overlay_of_the_mount() {
+    if !require_fuse("PostgreSQL on the mount")
+        || !require_root("running PostgreSQL as postgres and a kernel overlay")
+    {
+        return;
+    }
+    if !Path::new(PG_BIN).join("postgres").exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "PostgreSQL 15 is not installed ({PG_BIN})"
+        );
+        eprintln!("SKIPPED (no PostgreSQL 15)");
+        return;
+    }
+    let env = Env::new();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let (uid, gid) = postgres_user();
+    let src = env.path("src");
+    let data = src.join("pgdata");
+    fs::create_dir_all(&data).unwrap();
+    std::os::unix::fs::chown(&data, Some(uid), Some(gid)).unwrap();
+    run(as_postgres(&mut Command::new(format!("{PG_BIN}/initdb")))
+        .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+        .arg(&data));
+    let pg = Postgres::start(&env, &data, "source");
+    pg.sql("CREATE TABLE t AS SELECT generate_series(1, 50000) AS x");
+    pg.stop();
+    let snap = env.backup(&[&src]);
+
+    let m = env.mount();
+    let lower = under(&m.snapshot(&snap), &src).join("pgdata");
+    // The mount shows the real owner and mode, which PostgreSQL insists on.
+    let md = fs::metadata(&lower).unwrap();
+    assert_eq!((md.uid(), md.mode() & 0o777), (uid, 0o700));
+    let (upper, work, merged) = (env.path("upper"), env.path("work"), env.path("merged"));
+    for d in [&upper, &work, &merged] {
+        fs::create_dir_all(d).unwrap();
+    }
+    // The overlay's root takes owner and mode from the upper directory.
+    std::os::unix::fs::chown(&upper, Some(uid), Some(gid)).unwrap();
+    fs::set_permissions(&upper, fs::Permissions::from_mode(0o700)).unwrap();
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    run(Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(&merged));
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(&merged);
+
+    let pg = Postgres::start(&env, &merged, "recovered");
+    assert_eq!(pg.sql("SELECT count(*), sum(x) FROM t"), "50000|1250025000");
+    // Writes work and land in the overlay.
+    pg.sql("INSERT INTO t SELECT generate_series(1, 10); CHECKPOINT");
+    assert_eq!(pg.sql("SELECT count(*) FROM t"), "50010");
+    let log = pg.stop();
+    assert!(!log.contains("Stale file handle"), "{log}");
+    assert!(upper.join("base").exists(), "no copy-up happened");
+    // The backup is untouched: a second overlay sees the original rows.
+    let _ = Command::new("umount").arg(&merged).status();
+    fs::remove_dir_all(&upper).unwrap();
+    fs::remove_dir_all(&work).unwrap();
+    for d in [&upper, &work] {
+        fs::create_dir_all(d).unwrap();
+    }
+    std::os::unix::fs::chown(&upper, Some(uid), Some(gid)).unwrap();
+    fs::set_permissions(&upper, fs::Permissions::from_mode(0o700)).unwrap();
+    run(Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(&merged));
+    let pg = Postgres::start(&env, &merged, "again");
+    assert_eq!(pg.sql("SELECT count(*) FROM t"), "50000");
+    pg.stop();
+}

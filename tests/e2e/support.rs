@@ -58,6 +58,9 @@ impl Env {
             .env("REPO_PASSWORD", PASSWORD)
             .env("CAIRN_TESTONLY_WEAK_KDF", "1")
             .stdin(Stdio::null());
+        if let Some(filter) = std::env::var_os("REPO_LOG") {
+            c.env("REPO_LOG", filter); // for debugging a failing test
+        }
         c
     }
 

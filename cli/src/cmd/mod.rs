@@ -49,8 +49,12 @@ pub fn run(cli: Cli) -> Result<u8> {
             mountpoint,
             daemon,
             allow_other,
+            private,
             cache_size,
-        } => mount::mount(&settings, g, &mountpoint, daemon, allow_other, cache_size),
+        } => {
+            let allow_other = allow_other || (!private && nix::unistd::geteuid().is_root());
+            mount::mount(&settings, g, &mountpoint, daemon, allow_other, cache_size)
+        }
         Command::Umount { mountpoint } => mount::umount(&mountpoint),
         Command::Key(k) => admin::key(&settings, g, k),
         Command::Index(i) => admin::index(&settings, g, i),
