@@ -108,6 +108,9 @@ pub enum Command {
         /// Restore only this path of the snapshot, with everything below it (repeatable)
         #[arg(long, short)]
         include: Vec<PathBuf>,
+        /// For an image snapshot restored to a file: raw (sparse) or qcow2
+        #[arg(long, value_parser = ["raw", "qcow2"])]
+        format: Option<String>,
         #[command(flatten)]
         filter: Filter,
     },
@@ -149,12 +152,22 @@ pub enum Command {
 #[derive(Args, Debug)]
 pub struct BackupArgs {
     /// Files and directories to back up
-    #[arg(required_unless_present = "stdin", conflicts_with = "stdin")]
+    #[arg(required_unless_present_any = ["stdin", "image", "nbd"], conflicts_with_all = ["stdin", "image", "nbd"])]
     pub paths: Vec<PathBuf>,
+    /// Back up a disk image file (qcow2, raw, VMDK), read through a private qemu-nbd
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["stdin", "nbd"])]
+    pub image: Option<PathBuf>,
+    /// Back up an NBD export: nbd+unix:///EXPORT?socket=PATH (libvirt pull backup, qemu-nbd)
+    #[arg(long, value_name = "URI", conflicts_with = "stdin", requires = "name")]
+    pub nbd: Option<String>,
+    /// With --nbd: read only the blocks this dirty bitmap marks; take the rest from the
+    /// parent snapshot (changed-block tracking)
+    #[arg(long, value_name = "BITMAP", requires = "nbd")]
+    pub bitmap: Option<String>,
     /// Back up standard input as one stream
     #[arg(long, requires = "name")]
     pub stdin: bool,
-    /// Name of the stream (with --stdin)
+    /// Name of the stream (with --stdin) or image (default: the image file's name)
     #[arg(long)]
     pub name: Option<String>,
     /// Skip paths matching this glob (repeatable); without a `/` it matches names anywhere

@@ -301,6 +301,8 @@ fn make_dir(p: &Path) -> io::Result<()> {
 }
 
 /// Writes a file's content; returns problems with parts of it (damaged blobs).
+/// Extents are fetched and written in parallel with positioned writes; holes are left
+/// unwritten after `set_len`, so they stay holes.
 fn write_file(
     repo: &Repository,
     to: &Path,
@@ -330,31 +332,85 @@ fn write_file(
         }
         Err(e) => return Err(e),
     };
-    // Setting the length first leaves every hole unwritten (sparse).
     f.set_len(node.size)?;
-    let mut problems = Vec::new();
+    let mut placed = Vec::with_capacity(node.content.len());
     let mut offset = 0u64;
     for e in &node.content {
-        if let Some(id) = e.blob {
-            match repo.read_blob(&id) {
-                Ok(data) if data.len() as u64 == e.len => {
-                    f.write_all_at(&data, offset)?;
-                    Progress::add(&progress.bytes_done, e.len);
-                }
-                Ok(_) => problems.push(format!(
-                    "blob {id} has the wrong length; bytes {offset}..{} are zeros",
-                    offset + e.len
-                )),
-                Err(err) => problems.push(format!(
-                    "damaged: bytes {offset}..{} are zeros: {err}",
-                    offset + e.len
-                )),
-            }
-        } else {
-            Progress::add(&progress.bytes_done, e.len);
-        }
+        placed.push((offset, *e));
         offset += e.len;
     }
+    let results: Vec<io::Result<Option<String>>> = placed
+        .par_iter()
+        .map(|(offset, e)| {
+            let Some(id) = e.blob else {
+                Progress::add(&progress.bytes_done, e.len);
+                return Ok(None);
+            };
+            let end = offset + e.len;
+            match repo.read_blob(&id) {
+                Ok(data) if data.len() as u64 == e.len => {
+                    f.write_all_at(&data, *offset)?;
+                    Progress::add(&progress.bytes_done, e.len);
+                    Ok(None)
+                }
+                Ok(_) => Ok(Some(format!(
+                    "blob {id} has the wrong length; bytes {offset}..{end} are zeros"
+                ))),
+                Err(err) => Ok(Some(format!(
+                    "damaged: bytes {offset}..{end} are zeros: {err}"
+                ))),
+            }
+        })
+        .collect();
+    let mut problems = Vec::new();
+    for r in results {
+        if let Some(p) = r? {
+            problems.push(p);
+        }
+    }
+    Ok(problems)
+}
+
+/// Restores the single file of a stream or image snapshot to the file `to` (content,
+/// mode and mtime), sparse. Returns the problems met (damaged parts).
+pub fn restore_single_file(
+    repo: &Repository,
+    snap: &Snapshot,
+    to: &Path,
+    progress: &Progress,
+) -> Result<Vec<String>> {
+    let tree = repo.load_tree(&snap.manifest.root)?;
+    let [node] = tree.nodes.as_slice() else {
+        return Err(Error::InvalidInput(format!(
+            "snapshot {} holds a file tree, not one image or stream: restore it into a directory",
+            snap.id.short()
+        )));
+    };
+    if node.kind != NodeKind::File {
+        return Err(Error::corrupt(
+            format!("snapshot {}", snap.id),
+            "its single entry is not a file",
+        ));
+    }
+    Progress::add(&progress.total_files, 1);
+    Progress::add(&progress.total_bytes, node.size);
+    progress
+        .total_known
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let problems =
+        write_file(repo, to, node, progress).ctx(|| format!("writing {}", to.display()))?;
+    let f = fs::File::open(to).ctx(|| to.display().to_string())?;
+    f.sync_all().ctx(|| format!("syncing {}", to.display()))?;
+    let _ = fs::set_permissions(to, fs::Permissions::from_mode(node.mode));
+    let mtime = TimeSpec::new(node.mtime.sec, i64::from(node.mtime.nsec));
+    let _ = utimensat(
+        None,
+        to,
+        &TimeSpec::UTIME_OMIT,
+        &mtime,
+        UtimensatFlags::NoFollowSymlink,
+    );
+    Progress::add(&progress.files_done, 1);
     Ok(problems)
 }
 

@@ -24,6 +24,9 @@ pub enum SnapshotKind {
     Tree,
     /// One byte stream: the root tree holds one file named after the stream.
     Stream,
+    /// A block image (a VM disk): the root tree holds one file `<name>.raw` of the
+    /// guest-visible size, cut in fixed, offset-aligned chunks (zero chunks are holes).
+    Image,
 }
 
 /// Figures of one backup run.

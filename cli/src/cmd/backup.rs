@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use cairn_engine::backup::{self, BackupOutcome, StreamBackupOptions, TreeBackupOptions};
+use cairn_engine::backup::{
+    self, BackupOutcome, ImageBackupOptions, StreamBackupOptions, TreeBackupOptions,
+};
 use cairn_engine::progress::Progress;
 use serde_json::json;
 
@@ -17,7 +19,53 @@ pub fn run(s: &Settings, g: &Global, a: &BackupArgs) -> Result<u8> {
     let repo = s.open()?;
     let progress = Arc::new(Progress::default());
     let display = Display::start(progress.clone(), "backup", !g.quiet && !g.json);
-    let outcome = if a.stdin {
+    let outcome = if let Some(path) = &a.image {
+        let name = match &a.name {
+            Some(n) => n.clone(),
+            None => path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .context("give --name for this image")?
+                .to_owned(),
+        };
+        let (mut source, format) =
+            cairn_agent::image::NbdSource::open_image(path).map_err(anyhow::Error::msg)?;
+        let mut meta = std::collections::BTreeMap::new();
+        meta.insert("source_format".to_owned(), format);
+        meta.insert("source_path".to_owned(), path.display().to_string());
+        let opts = ImageBackupOptions {
+            name,
+            host: a.host.clone(),
+            tags: a.tag.clone(),
+            meta,
+            ..Default::default()
+        };
+        backup::backup_image(&repo, &opts, &mut source, &progress)
+    } else if let Some(uri) = &a.nbd {
+        let uri = cairn_agent::image::NbdUri::parse(uri).map_err(anyhow::Error::msg)?;
+        let mut source = cairn_agent::image::NbdSource::open(&uri, a.bitmap.as_deref())
+            .with_context(|| {
+                format!(
+                    "opening NBD export {:?} at {}",
+                    uri.export,
+                    uri.socket.display()
+                )
+            })?;
+        let mut meta = std::collections::BTreeMap::new();
+        meta.insert("source_format".to_owned(), "nbd".to_owned());
+        if let Some(b) = &a.bitmap {
+            meta.insert("dirty_bitmap".to_owned(), b.clone());
+        }
+        let opts = ImageBackupOptions {
+            name: a.name.clone().unwrap_or_default(),
+            host: a.host.clone(),
+            tags: a.tag.clone(),
+            use_changed_blocks: a.bitmap.is_some(),
+            meta,
+            ..Default::default()
+        };
+        backup::backup_image(&repo, &opts, &mut source, &progress)
+    } else if a.stdin {
         let opts = StreamBackupOptions {
             name: a.name.clone().unwrap_or_default(),
             host: a.host.clone(),

@@ -39,6 +39,7 @@ pub fn snapshots(s: &Settings, g: &Global, f: &Filter) -> Result<u8> {
         let kind = match m.kind {
             SnapshotKind::Tree => "tree",
             SnapshotKind::Stream => "stream",
+            SnapshotKind::Image => "image",
         };
         println!(
             "{:<8}  {:<19}  {:<12}  {:<6}  {:>10}  {:<12}  {}",

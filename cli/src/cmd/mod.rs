@@ -40,8 +40,17 @@ pub fn run(cli: Cli) -> Result<u8> {
             snapshot,
             target,
             include,
+            format,
             filter,
-        } => restore::run(&settings, g, &snapshot, &target, &include, &filter),
+        } => {
+            let req = restore::Request {
+                spec: &snapshot,
+                target: &target,
+                include: &include,
+                format: format.as_deref(),
+            };
+            restore::run(&settings, g, &req, &filter)
+        }
         Command::Stats { snapshot, filter } => {
             browse::stats(&settings, g, snapshot.as_deref(), &filter)
         }

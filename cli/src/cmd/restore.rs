@@ -3,9 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
 use cairn_engine::progress::Progress;
 use cairn_engine::restore::{self, RestoreOptions};
+use cairn_engine::snapshot::{Snapshot, SnapshotKind};
+use cairn_engine::Repository;
 use serde_json::json;
 
 use crate::args::{Filter, Global};
@@ -14,16 +16,25 @@ use crate::format::{self, bytes};
 use crate::open::Settings;
 use crate::progress::Display;
 
-pub fn run(
-    s: &Settings,
-    g: &Global,
-    spec: &str,
-    target: &Path,
-    include: &[PathBuf],
-    f: &Filter,
-) -> Result<u8> {
+/// What to restore, and where.
+pub struct Request<'a> {
+    pub spec: &'a str,
+    pub target: &'a Path,
+    pub include: &'a [PathBuf],
+    /// Image format of a file target (`raw`, `qcow2`).
+    pub format: Option<&'a str>,
+}
+
+pub fn run(s: &Settings, g: &Global, req: &Request<'_>, f: &Filter) -> Result<u8> {
     let repo = s.open()?;
-    let snap = super::find_snapshot(&repo, spec, f)?;
+    let snap = super::find_snapshot(&repo, req.spec, f)?;
+    let (target, include) = (req.target, req.include);
+    if snap.manifest.kind == SnapshotKind::Image && !target.is_dir() {
+        return image(&repo, g, &snap, target, req.format);
+    }
+    if req.format.is_some() {
+        bail!("--format applies to an image snapshot restored to a file");
+    }
     let progress = Arc::new(Progress::default());
     let display = Display::start(progress.clone(), "restore", !g.quiet && !g.json);
     let started = std::time::Instant::now();
@@ -69,4 +80,58 @@ pub fn run(
         return Ok(exit::PARTIAL);
     }
     Ok(exit::OK)
+}
+
+/// Restores an image snapshot to a file: sparse raw, or qcow2 through `qemu-img convert`.
+fn image(
+    repo: &Repository,
+    g: &Global,
+    snap: &Snapshot,
+    target: &Path,
+    format: Option<&str>,
+) -> Result<u8> {
+    let format = format.unwrap_or(if target.extension().is_some_and(|e| e == "qcow2") {
+        "qcow2"
+    } else {
+        "raw"
+    });
+    let progress = Arc::new(Progress::default());
+    let display = Display::start(progress.clone(), "restore", !g.quiet && !g.json);
+    let started = std::time::Instant::now();
+    let raw = if format == "raw" {
+        target.to_owned()
+    } else {
+        target.with_extension("cairn-restore.raw")
+    };
+    let result = restore::restore_single_file(repo, snap, &raw, &progress);
+    display.finish();
+    let problems = result.with_context(|| format!("restoring to {}", raw.display()))?;
+    if format != "raw" {
+        let converted = cairn_agent::qemu::convert_raw(&raw, target, format);
+        let _ = std::fs::remove_file(&raw);
+        converted.with_context(|| format!("converting to {format}"))?;
+    }
+    for p in &problems {
+        eprintln!("warning: {}: {p}", target.display());
+    }
+    let size = snap.manifest.summary.total_bytes;
+    if g.json {
+        format::print_json(&json!({
+            "snapshot": snap.id.to_hex(), "target": target, "format": format, "bytes": size,
+            "seconds": started.elapsed().as_secs_f64(), "problems": problems,
+        }));
+    } else if !g.quiet {
+        println!(
+            "restored image {} to {} ({format}, {}) in {:.1}s",
+            snap.id.short(),
+            target.display(),
+            bytes(size),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(if problems.is_empty() {
+        exit::OK
+    } else {
+        exit::PARTIAL
+    })
 }

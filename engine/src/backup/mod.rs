@@ -5,6 +5,7 @@
 //! ([`content`]). A snapshot is written only after every pack it refers to is durable.
 
 pub mod content;
+pub mod image;
 mod source;
 pub mod stream;
 pub mod tree;
@@ -22,5 +23,6 @@ pub struct Warning {
     pub lost: bool,
 }
 
+pub use image::{backup_image, BlockRegion, BlockSource, ImageBackupOptions};
 pub use stream::{backup_stream, StreamBackupOptions};
 pub use tree::{backup_tree, BackupOutcome, TreeBackupOptions};

@@ -1,0 +1,197 @@
+//! Disk images as block sources: an NBD export (given, or a private `qemu-nbd` of an
+//! image file) read through [`NbdClient`], with `base:allocation` telling which regions
+//! hold data and, when asked, a `qemu:dirty-bitmap:NAME` context telling which changed.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cairn_engine::backup::{BlockRegion, BlockSource};
+
+use crate::nbd::{NbdClient, NbdError, STATE_HOLE, STATE_ZERO};
+use crate::qemu::{self, QemuNbd};
+
+/// How long the NBD peer may stay silent before a request fails.
+pub const TIMEOUT: Duration = Duration::from_secs(60);
+const ALLOCATION: &str = "base:allocation";
+
+fn io_err(e: NbdError) -> io::Error {
+    match e {
+        NbdError::Io(e) => e,
+        other => io::Error::new(io::ErrorKind::InvalidData, other.to_string()),
+    }
+}
+
+/// An NBD export as a [`BlockSource`].
+pub struct NbdSource {
+    client: NbdClient,
+    allocation: Option<u32>,
+    bitmap: Option<u32>,
+    /// Keeps a private qemu-nbd alive while we read.
+    _server: Option<QemuNbd>,
+}
+
+/// Where an NBD export is: `nbd+unix:///EXPORT?socket=PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdUri {
+    pub socket: PathBuf,
+    pub export: String,
+}
+
+impl NbdUri {
+    pub fn parse(uri: &str) -> Result<Self, String> {
+        let rest = uri
+            .strip_prefix("nbd+unix://")
+            .ok_or_else(|| format!("{uri:?}: only nbd+unix:///EXPORT?socket=PATH is supported"))?;
+        let (path, query) = rest
+            .split_once('?')
+            .ok_or_else(|| format!("{uri:?}: missing ?socket=PATH"))?;
+        let export = path.trim_start_matches('/').to_owned();
+        let socket = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("socket="))
+            .ok_or_else(|| format!("{uri:?}: missing socket=PATH"))?;
+        Ok(Self {
+            socket: socket.into(),
+            export,
+        })
+    }
+}
+
+impl NbdSource {
+    /// Opens an export; with `bitmap`, also its `qemu:dirty-bitmap:BITMAP` context.
+    pub fn open(uri: &NbdUri, bitmap: Option<&str>) -> Result<Self, NbdError> {
+        Self::open_with(uri, bitmap, None)
+    }
+
+    fn open_with(
+        uri: &NbdUri,
+        bitmap: Option<&str>,
+        server: Option<QemuNbd>,
+    ) -> Result<Self, NbdError> {
+        let bitmap_ctx = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
+        let mut contexts = vec![ALLOCATION];
+        if let Some(b) = &bitmap_ctx {
+            contexts.push(b);
+        }
+        let client = NbdClient::connect_unix(&uri.socket, &uri.export, &contexts, TIMEOUT)?;
+        let allocation = client.context_id(ALLOCATION);
+        let bitmap = match &bitmap_ctx {
+            Some(name) => Some(client.context_id(name).ok_or_else(|| {
+                NbdError::Refused(format!(
+                    "the export has no dirty bitmap {:?}",
+                    bitmap.unwrap_or_default()
+                ))
+            })?),
+            None => None,
+        };
+        Ok(Self {
+            client,
+            allocation,
+            bitmap,
+            _server: server,
+        })
+    }
+
+    /// Exports an image file through a private, read-only qemu-nbd and opens it.
+    /// Returns the source and the image's detected format.
+    pub fn open_image(path: &Path) -> Result<(Self, String), String> {
+        let info = qemu::image_info(path).map_err(|e| e.to_string())?;
+        if !qemu::FORMATS.contains(&info.format.as_str()) {
+            return Err(format!(
+                "{}: unsupported image format {:?}",
+                path.display(),
+                info.format
+            ));
+        }
+        let server = QemuNbd::start(path, &info.format, None).map_err(|e| e.to_string())?;
+        let uri = NbdUri {
+            socket: server.socket().to_owned(),
+            export: String::new(),
+        };
+        let src = Self::open_with(&uri, None, Some(server)).map_err(|e| e.to_string())?;
+        if src.client.size() != info.virtual_size {
+            return Err(format!(
+                "qemu-nbd exports {} bytes, qemu-img says {}",
+                src.client.size(),
+                info.virtual_size
+            ));
+        }
+        Ok((src, info.format))
+    }
+
+    fn status(
+        &mut self,
+        ctx: u32,
+        offset: u64,
+        len: u64,
+        data: impl Fn(u32) -> bool,
+    ) -> io::Result<Vec<BlockRegion>> {
+        let len = u32::try_from(len.min(1 << 30)).unwrap_or(1 << 30);
+        let ext = self.client.block_status(ctx, offset, len).map_err(io_err)?;
+        Ok(ext
+            .into_iter()
+            .map(|e| BlockRegion {
+                offset: e.offset,
+                length: e.length,
+                data: data(e.flags),
+            })
+            .collect())
+    }
+}
+
+impl BlockSource for NbdSource {
+    fn size(&self) -> u64 {
+        self.client.size()
+    }
+
+    fn map(&mut self, offset: u64, len: u64) -> io::Result<Vec<BlockRegion>> {
+        match self.allocation {
+            // Zero-reading regions (holes, or allocated zeros) need not be read.
+            Some(ctx) => self.status(ctx, offset, len, |f| f & (STATE_HOLE | STATE_ZERO) == 0),
+            None => Ok(vec![BlockRegion {
+                offset,
+                length: len,
+                data: true,
+            }]),
+        }
+    }
+
+    fn changed(&mut self, offset: u64, len: u64) -> io::Result<Option<Vec<BlockRegion>>> {
+        match self.bitmap {
+            Some(ctx) => self.status(ctx, offset, len, |f| f & 1 != 0).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(crate::nbd::MAX_READ as usize);
+            self.client
+                .read(offset + done as u64, &mut buf[done..done + n])
+                .map_err(io_err)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uris() {
+        assert_eq!(
+            NbdUri::parse("nbd+unix:///disk0?socket=/run/x.sock").unwrap(),
+            NbdUri {
+                socket: "/run/x.sock".into(),
+                export: "disk0".into()
+            }
+        );
+        assert_eq!(NbdUri::parse("nbd+unix:///?socket=/s").unwrap().export, "");
+        assert!(NbdUri::parse("nbd://host:10809/x").is_err());
+        assert!(NbdUri::parse("nbd+unix:///x").is_err());
+    }
+}
