@@ -333,8 +333,10 @@ impl NbdClient {
         }
         // Chunks may come in any order; every byte must be covered exactly once.
         let mut covered = 0u64;
+        let mut first = true;
         loop {
-            let (flags, ty, payload) = self.structured_chunk(cookie)?;
+            let (flags, ty, payload) = self.structured_chunk(cookie, first)?;
+            first = false;
             match ty {
                 REPLY_TYPE_OFFSET_DATA => {
                     if payload.len() < 8 {
@@ -401,7 +403,12 @@ impl NbdClient {
         NbdError::Refused(format!("request at {offset}: error {code} {msg}"))
     }
 
-    fn structured_chunk(&mut self, cookie: u64) -> Result<(u16, u16, Vec<u8>)> {
+    /// Reads one structured reply chunk; every chunk but the first (whose magic the
+    /// caller has read) starts with the magic.
+    fn structured_chunk(&mut self, cookie: u64, first: bool) -> Result<(u16, u16, Vec<u8>)> {
+        if !first && be32(&mut self.sock)? != STRUCTURED_REPLY_MAGIC {
+            return Err(bad("bad structured reply magic"));
+        }
         let flags = be16(&mut self.sock)?;
         let ty = be16(&mut self.sock)?;
         if be64(&mut self.sock)? != cookie {
@@ -426,8 +433,10 @@ impl NbdClient {
             return Err(bad("BLOCK_STATUS answered without a structured reply"));
         }
         let mut out = Vec::new();
+        let mut first = true;
         loop {
-            let (flags, ty, payload) = self.structured_chunk(cookie)?;
+            let (flags, ty, payload) = self.structured_chunk(cookie, first)?;
+            first = false;
             match ty {
                 REPLY_TYPE_BLOCK_STATUS => {
                     if payload.len() < 4 || (payload.len() - 4) % 8 != 0 {
@@ -478,5 +487,279 @@ impl NbdClient {
     /// Says goodbye (best effort).
     pub fn disconnect(mut self) {
         let _ = self.request(CMD_DISC, 0, 0, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A scripted fake server on a socket pair: well-behaved up to the point a test
+    //! makes it misbehave.
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use proptest::prelude::*;
+    use std::thread;
+
+    const SIZE: u64 = 1 << 20;
+
+    fn opt_reply(s: &mut UnixStream, opt: u32, ty: u32, data: &[u8]) {
+        let mut m = Vec::new();
+        m.extend_from_slice(&OPT_REPLY_MAGIC.to_be_bytes());
+        m.extend_from_slice(&opt.to_be_bytes());
+        m.extend_from_slice(&ty.to_be_bytes());
+        m.extend_from_slice(&u32::try_from(data.len()).unwrap().to_be_bytes());
+        m.extend_from_slice(data);
+        s.write_all(&m).unwrap();
+    }
+
+    /// Serves a correct handshake (structured replies, base:allocation as context 1).
+    fn handshake(s: &mut UnixStream) {
+        s.write_all(&NBDMAGIC.to_be_bytes()).unwrap();
+        s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
+        s.write_all(&3u16.to_be_bytes()).unwrap();
+        be32(s).unwrap();
+        loop {
+            assert_eq!(be64(s).unwrap(), IHAVEOPT);
+            let opt = be32(s).unwrap();
+            let len = be32(s).unwrap();
+            read_vec(s, len).unwrap();
+            match opt {
+                OPT_STRUCTURED_REPLY => opt_reply(s, opt, REP_ACK, &[]),
+                OPT_SET_META_CONTEXT => {
+                    let mut d = 1u32.to_be_bytes().to_vec();
+                    d.extend_from_slice(b"base:allocation");
+                    opt_reply(s, opt, REP_META_CONTEXT, &d);
+                    opt_reply(s, opt, REP_ACK, &[]);
+                }
+                OPT_GO => {
+                    let mut d = INFO_EXPORT.to_be_bytes().to_vec();
+                    d.extend_from_slice(&SIZE.to_be_bytes());
+                    d.extend_from_slice(&1u16.to_be_bytes());
+                    opt_reply(s, opt, REP_INFO, &d);
+                    opt_reply(s, opt, REP_ACK, &[]);
+                    return;
+                }
+                _ => opt_reply(s, opt, REP_ERR_BIT | 1, &[]),
+            }
+        }
+    }
+
+    /// Reads one request; returns (cookie, offset, length).
+    fn request(s: &mut UnixStream) -> (u64, u64, u32) {
+        let m: [u8; 28] = read_exact(s).unwrap();
+        let cookie = u64::from_be_bytes(m[8..16].try_into().unwrap());
+        let off = u64::from_be_bytes(m[16..24].try_into().unwrap());
+        let len = u32::from_be_bytes(m[24..28].try_into().unwrap());
+        (cookie, off, len)
+    }
+
+    fn chunk(flags: u16, ty: u16, cookie: u64, payload: &[u8]) -> Vec<u8> {
+        let mut m = STRUCTURED_REPLY_MAGIC.to_be_bytes().to_vec();
+        m.extend_from_slice(&flags.to_be_bytes());
+        m.extend_from_slice(&ty.to_be_bytes());
+        m.extend_from_slice(&cookie.to_be_bytes());
+        m.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        m.extend_from_slice(payload);
+        m
+    }
+
+    /// Runs `server` on one end and returns what connecting from the other end gives.
+    fn against(server: impl FnOnce(UnixStream) + Send + 'static) -> Result<NbdClient> {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let t = thread::spawn(move || server(b));
+        let r = NbdClient::handshake(a, "", &["base:allocation"]);
+        let _ = t.join();
+        r
+    }
+
+    #[test]
+    fn a_good_server_reads_and_reports_allocation() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let t = thread::spawn(move || {
+            handshake(&mut b);
+            let (c, off, len) = request(&mut b);
+            let mut p = off.to_be_bytes().to_vec();
+            p.extend(vec![7u8; len as usize / 2]);
+            let mut hole = (off + u64::from(len / 2)).to_be_bytes().to_vec();
+            hole.extend_from_slice(&(len / 2).to_be_bytes());
+            b.write_all(&chunk(0, REPLY_TYPE_OFFSET_DATA, c, &p))
+                .unwrap();
+            b.write_all(&chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, c, &hole))
+                .unwrap();
+            let (c, _, _) = request(&mut b);
+            let mut st = 1u32.to_be_bytes().to_vec();
+            for (l, f) in [(4096u32, 0u32), (8192, STATE_HOLE | STATE_ZERO)] {
+                st.extend_from_slice(&l.to_be_bytes());
+                st.extend_from_slice(&f.to_be_bytes());
+            }
+            b.write_all(&chunk(REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, c, &st))
+                .unwrap();
+        });
+        let mut c = NbdClient::handshake(a, "", &["base:allocation"]).unwrap();
+        assert_eq!(c.size(), SIZE);
+        let mut buf = vec![1u8; 8192];
+        c.read(4096, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&x| x == 7) && buf[4096..].iter().all(|&x| x == 0));
+        let st = c
+            .block_status(c.context_id("base:allocation").unwrap(), 0, 65536)
+            .unwrap();
+        assert_eq!(
+            st,
+            vec![
+                Extent {
+                    offset: 0,
+                    length: 4096,
+                    flags: 0
+                },
+                Extent {
+                    offset: 4096,
+                    length: 8192,
+                    flags: 3
+                },
+            ]
+        );
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_bad_greeting_is_refused() {
+        let r = against(|mut s| {
+            s.write_all(b"HTTP/1.1 200 OK\r\n\r\n").unwrap();
+        });
+        assert!(
+            matches!(r, Err(NbdError::Protocol(_)) | Err(NbdError::Io(_))),
+            "{:?}",
+            r.err()
+        );
+    }
+
+    #[test]
+    fn a_truncated_greeting_is_an_error() {
+        let r = against(|mut s| {
+            s.write_all(&NBDMAGIC.to_be_bytes()[..5]).unwrap();
+        });
+        assert!(
+            matches!(r, Err(NbdError::Io(ref e)) if e.kind() == io::ErrorKind::UnexpectedEof),
+            "{:?}",
+            r.err()
+        );
+    }
+
+    #[test]
+    fn a_silent_server_times_out() {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let t = thread::spawn(move || {
+            thread::sleep(Duration::from_millis(1500));
+            drop(b);
+        });
+        let started = std::time::Instant::now();
+        let r = NbdClient::handshake(a, "", &[]);
+        assert!(
+            started.elapsed() < Duration::from_millis(1000),
+            "did not time out"
+        );
+        assert!(matches!(r, Err(NbdError::Io(_))), "{:?}", r.err());
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn a_huge_option_reply_is_refused_without_allocating_it() {
+        let r = against(|mut s| {
+            s.write_all(&NBDMAGIC.to_be_bytes()).unwrap();
+            s.write_all(&IHAVEOPT.to_be_bytes()).unwrap();
+            s.write_all(&3u16.to_be_bytes()).unwrap();
+            let mut m = OPT_REPLY_MAGIC.to_be_bytes().to_vec();
+            m.extend_from_slice(&OPT_STRUCTURED_REPLY.to_be_bytes());
+            m.extend_from_slice(&REP_ACK.to_be_bytes());
+            m.extend_from_slice(&u32::MAX.to_be_bytes());
+            s.write_all(&m).unwrap();
+            thread::sleep(Duration::from_millis(50));
+        });
+        assert!(matches!(r, Err(NbdError::Protocol(_))), "{:?}", r.err());
+    }
+
+    fn after_handshake(
+        reply: impl FnOnce(&mut UnixStream, u64, u64, u32) + Send + 'static,
+    ) -> Result<Vec<u8>> {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        a.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let t = thread::spawn(move || {
+            handshake(&mut b);
+            let (c, off, len) = request(&mut b);
+            reply(&mut b, c, off, len);
+            thread::sleep(Duration::from_millis(50));
+        });
+        let mut c = NbdClient::handshake(a, "", &[]).unwrap();
+        let mut buf = vec![0u8; 4096];
+        let r = c.read(0, &mut buf).map(|()| buf);
+        let _ = t.join();
+        r
+    }
+
+    #[test]
+    fn replies_that_do_not_fit_the_request_are_refused() {
+        // Data beyond the request.
+        let r = after_handshake(|s, c, off, len| {
+            let mut p = off.to_be_bytes().to_vec();
+            p.extend(vec![1u8; len as usize + 1]);
+            s.write_all(&chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, c, &p))
+                .unwrap();
+        });
+        assert!(matches!(r, Err(NbdError::Protocol(_))), "{:?}", r.err());
+        // The answer to another request.
+        let r = after_handshake(|s, c, off, len| {
+            let mut p = off.to_be_bytes().to_vec();
+            p.extend(vec![1u8; len as usize]);
+            s.write_all(&chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, c + 1, &p))
+                .unwrap();
+        });
+        assert!(matches!(r, Err(NbdError::Protocol(_))), "{:?}", r.err());
+        // Half an answer, then done.
+        let r = after_handshake(|s, c, off, len| {
+            let mut p = off.to_be_bytes().to_vec();
+            p.extend(vec![1u8; len as usize / 2]);
+            s.write_all(&chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, c, &p))
+                .unwrap();
+        });
+        assert!(matches!(r, Err(NbdError::Protocol(_))), "{:?}", r.err());
+        // A server error.
+        let r = after_handshake(|s, c, _, _| {
+            let mut p = 5u32.to_be_bytes().to_vec();
+            p.extend_from_slice(&4u16.to_be_bytes());
+            p.extend_from_slice(b"oops");
+            s.write_all(&chunk(REPLY_FLAG_DONE, REPLY_TYPE_ERROR_BIT | 1, c, &p))
+                .unwrap();
+        });
+        assert!(
+            matches!(r, Err(NbdError::Refused(ref m)) if m.contains("oops")),
+            "{:?}",
+            r.err()
+        );
+        // A reply that stops halfway through.
+        let r = after_handshake(|s, c, _, _| {
+            let m = chunk(REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, c, &[0u8; 100]);
+            s.write_all(&m[..30]).unwrap();
+        });
+        assert!(matches!(r, Err(NbdError::Io(_))), "{:?}", r.err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn arbitrary_replies_never_panic(garbage in proptest::collection::vec(any::<u8>(), 0..300), keep in 0usize..40) {
+            // A valid reply header (cookie and all) followed by garbage, or garbage alone.
+            let r = after_handshake(move |s, c, _, _| {
+                let head = chunk(0, REPLY_TYPE_OFFSET_DATA, c, &[]);
+                let mut m = head[..keep.min(head.len())].to_vec();
+                m.extend_from_slice(&garbage);
+                let _ = s.write_all(&m);
+            });
+            prop_assert!(r.is_err() || r.is_ok());
+        }
     }
 }
