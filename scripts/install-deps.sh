@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Installs the Debian 12 packages cairn needs to build and test. Idempotent; uses sudo
-# when not root. The Rust toolchain itself is expected to be there (rustup).
+# Installs the Debian 12 packages cairn needs to build and run (and, with --test, to run
+# its whole test suite). Idempotent; uses sudo when not root. The Rust toolchain itself
+# is expected to be there (rustup).
 set -euo pipefail
-packages=(build-essential pkg-config util-linux attr fuse3 fuse-overlayfs)
+packages=(build-essential pkg-config util-linux fuse3 qemu-utils)
+if [ "${1:-}" = "--test" ]; then
+  packages+=(attr fuse-overlayfs postgresql-15 postgresql-client-15)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

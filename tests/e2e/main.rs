@@ -8,6 +8,7 @@
 mod bad_input;
 mod browse;
 mod dedup;
+mod images;
 mod keys;
 mod mount;
 mod roundtrip;

@@ -1,0 +1,344 @@
+//! Disk images: qcow2, raw, sparse raw and VMDK backed up over NBD (qemu-nbd), restored
+//! to raw and qcow2, seen through the mount, incrementals with and without a dirty
+//! bitmap. Real qemu-img, qemu-nbd and qemu-io.
+
+use std::fs;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::support::*;
+
+fn have_qemu(what: &str) -> bool {
+    let ok = ["qemu-img", "qemu-nbd", "qemu-io"].iter().all(|p| {
+        Command::new(p)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{what} needs qemu-img, qemu-nbd and qemu-io (qemu-utils)"
+        );
+        eprintln!("SKIPPED (no qemu-utils): {what}");
+    }
+    ok
+}
+
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn compare(a: &Path, a_fmt: &str, b: &Path, b_fmt: &str) {
+    run(Command::new("qemu-img")
+        .args(["compare", "-f", a_fmt, "-F", b_fmt])
+        .arg(a)
+        .arg(b));
+}
+
+/// A 64 MiB raw image with data, a zero run and holes at unaligned places.
+fn make_raw(path: &Path, sparse: bool) {
+    let f = fs::File::create(path).unwrap();
+    f.set_len(64 << 20).unwrap();
+    if !sparse {
+        f.write_all_at(&vec![0u8; 64 << 20], 0).unwrap();
+    }
+    f.write_all_at(&random_bytes(1, 3 << 20), 0).unwrap();
+    f.write_all_at(&random_bytes(2, 1_000_000), (10 << 20) + 4097)
+        .unwrap();
+    f.write_all_at(&vec![0x5a; 4096], (40 << 20) - 2048)
+        .unwrap();
+    f.write_all_at(&random_bytes(3, 1 << 20), (63 << 20) - 12345)
+        .unwrap();
+}
+
+fn convert(src: &Path, dst: &Path, fmt: &str, opts: &[&str]) {
+    let mut c = Command::new("qemu-img");
+    c.args(["convert", "-f", "raw", "-O", fmt])
+        .args(opts)
+        .arg(src)
+        .arg(dst);
+    run(&mut c);
+}
+
+#[test]
+fn every_image_format_restores_identically_to_raw_and_qcow2_and_through_the_mount() {
+    if !have_qemu("image round trips") || !require_fuse("image mount") {
+        return;
+    }
+    let env = Env::new();
+    let raw = env.path("dense.raw");
+    make_raw(&raw, false);
+    let sparse = env.path("sparse.raw");
+    make_raw(&sparse, true);
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (raw.clone(), "raw"),
+        (sparse.clone(), "raw"),
+        (env.path("disk.qcow2"), "qcow2"),
+        (env.path("mono.vmdk"), "vmdk"),
+        (env.path("stream.vmdk"), "vmdk"),
+    ];
+    convert(&raw, &cases[2].0, "qcow2", &[]);
+    convert(
+        &raw,
+        &cases[3].0,
+        "vmdk",
+        &["-o", "subformat=monolithicSparse"],
+    );
+    convert(
+        &raw,
+        &cases[4].0,
+        "vmdk",
+        &["-o", "subformat=streamOptimized"],
+    );
+    let mut snaps = Vec::new();
+    for (i, (img, fmt)) in cases.iter().enumerate() {
+        let name = format!("img{i}");
+        let snap = env.json(&["backup", "--image", img.to_str().unwrap(), "--name", &name])
+            ["snapshot"]
+            .clone();
+        assert_eq!(snap["kind"], "image");
+        assert_eq!(snap["summary"]["total_bytes"], 64u64 << 20);
+        // Only allocated data is read: about 5 MiB of 64 (all of the dense raw file,
+        // whose zeros must be read to be found).
+        let read = snap["summary"]["bytes_read"].as_u64().unwrap();
+        if i == 0 {
+            assert_eq!(read, 64 << 20);
+        } else {
+            assert!(read < 16 << 20, "{img:?}: {}", snap["summary"]);
+        }
+        let out_raw = env.path(&format!("{name}.out.raw"));
+        env.ok(&[
+            "restore",
+            snap["id"].as_str().unwrap(),
+            "--target",
+            out_raw.to_str().unwrap(),
+        ]);
+        compare(img, fmt, &out_raw, "raw");
+        // Zero regions come back as holes.
+        assert!(fs::metadata(&out_raw).unwrap().blocks() * 512 < 16 << 20);
+        let out_q = env.path(&format!("{name}.out.qcow2"));
+        env.ok(&[
+            "restore",
+            snap["id"].as_str().unwrap(),
+            "--target",
+            out_q.to_str().unwrap(),
+            "--format",
+            "qcow2",
+        ]);
+        assert!(
+            run(Command::new("qemu-img").arg("info").arg(&out_q)).contains("file format: qcow2")
+        );
+        compare(img, fmt, &out_q, "qcow2");
+        snaps.push((snap, name, img.clone(), *fmt));
+    }
+
+    let m = env.mount();
+    for (snap, name, img, fmt) in &snaps {
+        let disk = m.snapshot(snap).join(format!("{name}.raw"));
+        assert_eq!(fs::metadata(&disk).unwrap().len(), 64 << 20);
+        compare(img, fmt, &disk, "raw");
+    }
+    // A writable disk on top of the backup: writes change the overlay only.
+    let (snap, name, img, fmt) = &snaps[2];
+    let disk = m.snapshot(snap).join(format!("{name}.raw"));
+    let overlay = env.path("overlay.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&disk)
+        .arg(&overlay));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x77 1M 2M"])
+        .arg(&overlay));
+    let differs = Command::new("qemu-img")
+        .args(["compare", "-f", "qcow2", "-F", fmt])
+        .arg(&overlay)
+        .arg(img)
+        .output()
+        .unwrap();
+    assert_eq!(
+        differs.status.code(),
+        Some(1),
+        "the overlay should differ from the source"
+    );
+    compare(img, fmt, &disk, "raw");
+    let read_back = run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "read -P 0x77 1M 2M"])
+        .arg(&overlay));
+    assert!(
+        !read_back.contains("Pattern verification failed"),
+        "{read_back}"
+    );
+}
+
+#[test]
+fn an_incremental_after_changing_5_percent_of_a_2gib_image_stores_about_that() {
+    if !have_qemu("image incrementals") {
+        return;
+    }
+    let env = Env::new();
+    let img = env.path("disk.raw");
+    write_random(&img, 21, 2 << 30);
+    let first = env.json(&["backup", "--image", img.to_str().unwrap()])["snapshot"].clone();
+    assert_eq!(first["summary"]["bytes_read"], 2u64 << 30);
+    let before = env.repo_bytes();
+    // Change 5%: 102 scattered 1 MiB regions, at unaligned offsets.
+    let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+    for i in 0..102u64 {
+        let at = (i * 20 + 3) * (1 << 20) + 777;
+        f.write_all_at(&random_bytes(1000 + i, 1 << 20), at)
+            .unwrap();
+    }
+    drop(f);
+    let second = env.json(&["backup", "--image", img.to_str().unwrap()])["snapshot"].clone();
+    assert_eq!(second["parent"], first["id"]);
+    let growth = env.repo_bytes() - before;
+    let changed = 102u64 << 20;
+    eprintln!("incremental of a 2 GiB image after 102 MiB of changes added {growth} bytes ({:.1}% of the image)", growth as f64 * 100.0 / f64::from(2u32 << 30));
+    // Each unaligned 1 MiB change touches two 1 MiB chunks.
+    assert!(
+        growth >= changed && growth <= 2 * changed + (4 << 20),
+        "added {growth} bytes for {changed} changed"
+    );
+    let out = env.path("out.raw");
+    env.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    assert_eq!(hash_file(&out), hash_file(&img));
+}
+
+#[test]
+fn a_dirty_bitmap_incremental_reads_only_the_dirty_blocks() {
+    if !have_qemu("dirty bitmaps") {
+        return;
+    }
+    let env = Env::new();
+    let img = env.path("disk.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("512M"));
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x11 0 100M",
+            "-c",
+            "write -P 0x22 300M 50M",
+        ])
+        .arg(&img));
+    let first = env.json(&["backup", "--image", img.to_str().unwrap()])["snapshot"].clone();
+    assert_eq!(first["summary"]["bytes_read"], 150u64 << 20);
+    // Track changes from here, then change 3 MiB in three places.
+    run(Command::new("qemu-img")
+        .args(["bitmap", "--add"])
+        .arg(&img)
+        .arg("since-first"));
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x33 5M 1M",
+            "-c",
+            "write -P 0x44 310M 1M",
+            "-c",
+            "write -P 0x55 500M 1M",
+        ])
+        .arg(&img));
+    let sock = env.path("nbd.sock");
+    let mut server = Command::new("qemu-nbd")
+        .args(["--read-only", "-f", "qcow2", "-B", "since-first", "-k"])
+        .arg(&sock)
+        .arg(&img)
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed().as_secs() < 20, "qemu-nbd did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let second = env.json(&[
+        "backup",
+        "--nbd",
+        &uri,
+        "--bitmap",
+        "since-first",
+        "--name",
+        "disk",
+    ])["snapshot"]
+        .clone();
+    let _ = server.kill();
+    let _ = server.wait();
+    assert_eq!(second["parent"], first["id"]);
+    let read = second["summary"]["bytes_read"].as_u64().unwrap();
+    assert!(
+        read <= 6 << 20,
+        "read {read} bytes for 3 MiB of dirty blocks"
+    );
+    assert!(
+        read >= 3 << 20,
+        "read {read} bytes: the dirty blocks were not read"
+    );
+    let out = env.path("out.raw");
+    env.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    compare(&img, "qcow2", &out, "raw");
+    // A bitmap the export does not have is a clear error, and no snapshot.
+    let mut server = Command::new("qemu-nbd")
+        .args(["--read-only", "-f", "qcow2", "-k"])
+        .arg(&sock)
+        .arg(&img)
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed().as_secs() < 20);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = env.run(&[
+        "backup", "--nbd", &uri, "--bitmap", "nope", "--name", "disk",
+    ]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nope"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn bad_image_sources_are_clear_errors() {
+    if !have_qemu("bad image sources") {
+        return;
+    }
+    let env = Env::new();
+    let out = env.run(&[
+        "backup",
+        "--nbd",
+        "nbd+unix:///?socket=/nonexistent.sock",
+        "--name",
+        "x",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NBD"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = env.run(&["backup", "--image", "/nonexistent.qcow2"]);
+    assert_eq!(out.status.code(), Some(1));
+    let out = env.run(&["backup", "--nbd", "http://example/", "--name", "x"]);
+    assert!(!out.status.success());
+    assert!(env.json(&["snapshots"]).as_array().unwrap().is_empty());
+}
