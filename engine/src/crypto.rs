@@ -176,6 +176,34 @@ impl Crypto {
         self.finish_seal(buf, aad)
     }
 
+    /// Opens a sealed message in its own buffer (no copy); returns the plaintext's range
+    /// within `sealed`.
+    pub fn open_in_place(
+        &self,
+        sealed: &mut [u8],
+        aad: &[u8],
+        what: &dyn Fn() -> String,
+    ) -> Result<std::ops::Range<usize>> {
+        if self.encryption == Encryption::None {
+            return Ok(0..sealed.len());
+        }
+        if sealed.len() < SEAL_OVERHEAD {
+            return Err(Error::corrupt(
+                what(),
+                "sealed data shorter than nonce and tag",
+            ));
+        }
+        let end = sealed.len() - TAG_LEN;
+        let (head, tag) = sealed.split_at_mut(end);
+        let (nonce, ct) = head.split_at_mut(NONCE_LEN);
+        self.cipher
+            .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, ct, (&*tag).into())
+            .map_err(|_| {
+                Error::corrupt(what(), "authentication failed (data damaged or altered)")
+            })?;
+        Ok(NONCE_LEN..end)
+    }
+
     /// Opens a sealed message; `what` names it in the error.
     pub fn open(&self, sealed: &[u8], aad: &[u8], what: &dyn Fn() -> String) -> Result<Vec<u8>> {
         if self.encryption == Encryption::None {

@@ -215,7 +215,7 @@ mod tests {
             for (e, b) in parsed.iter().zip(&blobs) {
                 let s = e.offset as usize;
                 let stored = &bytes[s..s + e.length as usize];
-                prop_assert_eq!(&blob::decode(&c, e.kind, &e.id, stored, e.raw_length as usize).unwrap(), b);
+                prop_assert_eq!(&blob::decode(&c, e.kind, &e.id, stored.to_vec(), e.raw_length as usize, blob::Verify::Hash).unwrap(), b);
             }
         }
 

@@ -339,8 +339,13 @@ impl Repository {
         })
     }
 
-    /// Reads, verifies and decodes one blob.
+    /// Reads, verifies (hash) and decodes one blob.
     pub fn read_blob(&self, id: &BlobId) -> Result<Vec<u8>> {
+        self.read_blob_with(id, blob::Verify::Hash)
+    }
+
+    /// Reads and decodes one blob, checked as `verify` says.
+    pub fn read_blob_with(&self, id: &BlobId, verify: blob::Verify) -> Result<Vec<u8>> {
         let loc = self.locate(id)?;
         let stored = self
             .backend
@@ -357,7 +362,14 @@ impl Repository {
                 ),
                 _ => Error::io(format!("reading pack {}", loc.pack), e),
             })?;
-        blob::decode(&self.crypto, loc.kind, id, &stored, loc.raw_length as usize)
+        blob::decode(
+            &self.crypto,
+            loc.kind,
+            id,
+            stored,
+            loc.raw_length as usize,
+            verify,
+        )
     }
 
     pub fn load_tree(&self, id: &BlobId) -> Result<Tree> {

@@ -1,11 +1,15 @@
 //! A shared LRU cache of decoded blobs, bounded in bytes, for the mount's reads.
 //!
+//! Blobs are checked by their AEAD seal, not re-hashed (see [`Verify::Seal`]): the
+//! mount's random reads are dominated by decoding whole blobs.
+//!
 //! Concurrent requests for the same blob load it once: the first caller decodes while
 //! the others wait on the blob's slot. Failed loads are not cached (a transient read
 //! error may succeed later; a damaged blob fails again, with its error).
 
 use std::sync::{Arc, Mutex, OnceLock};
 
+use cairn_engine::blob::Verify;
 use cairn_engine::id::BlobId;
 use cairn_engine::{Repository, Result};
 use lru::LruCache;
@@ -79,7 +83,7 @@ impl BlobCache {
         if let Some(d) = slot.data.get() {
             return Ok(d.clone());
         }
-        let data: Arc<[u8]> = match self.repo.read_blob(id) {
+        let data: Arc<[u8]> = match self.repo.read_blob_with(id, Verify::Seal) {
             Ok(d) => d.into(),
             Err(e) => {
                 let mut l = lock(&self.lru);
