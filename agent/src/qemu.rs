@@ -159,6 +159,16 @@ impl QemuNbd {
     pub fn socket(&self) -> &Path {
         &self.socket
     }
+
+    /// Whether qemu-nbd has exited, and what it said on stderr (for error messages).
+    pub fn diagnose(&mut self) -> String {
+        let status = match self.child.try_wait() {
+            Ok(Some(s)) => format!("qemu-nbd exited ({s})"),
+            _ => "qemu-nbd is running".to_owned(),
+        };
+        let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        format!("{status}: {}", err.trim())
+    }
 }
 
 impl Drop for QemuNbd {
