@@ -123,6 +123,31 @@ mod opt_bytes {
 }
 
 impl Node {
+    /// A node of `kind` with every other field empty or zero, for callers to fill in.
+    #[must_use]
+    pub fn new(name: Vec<u8>, kind: NodeKind) -> Self {
+        Self {
+            name,
+            kind,
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            user: None,
+            group: None,
+            mtime: Timestamp::default(),
+            ctime: Timestamp::default(),
+            inode: 0,
+            device: 0,
+            links: 1,
+            size: 0,
+            content: Vec::new(),
+            subtree: None,
+            target: None,
+            rdev: 0,
+            xattrs: Vec::new(),
+        }
+    }
+
     /// The node's name for messages (lossy UTF-8).
     #[must_use]
     pub fn display_name(&self) -> String {
@@ -207,24 +232,10 @@ mod tests {
 
     fn node(name: &[u8]) -> Node {
         Node {
-            name: name.to_vec(),
-            kind: NodeKind::File,
             mode: 0o644,
-            uid: 0,
-            gid: 0,
-            user: None,
-            group: None,
-            mtime: Timestamp::default(),
-            ctime: Timestamp::default(),
             inode: 1,
             device: 1,
-            links: 1,
-            size: 0,
-            content: vec![],
-            subtree: None,
-            target: None,
-            rdev: 0,
-            xattrs: vec![],
+            ..Node::new(name.to_vec(), NodeKind::File)
         }
     }
 

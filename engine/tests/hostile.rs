@@ -13,69 +13,28 @@ use cairn_engine::progress::Progress;
 use cairn_engine::restore::{restore, RestoreOptions};
 use cairn_engine::saver::BlobSaver;
 use cairn_engine::snapshot::{Manifest, Snapshot, SnapshotKind, Summary};
-use cairn_engine::tree::{Extent, Node, NodeKind, Timestamp, Tree};
+use cairn_engine::tree::{Extent, Node, NodeKind, Tree};
 use cairn_engine::{ErrorKind, Repository};
 
-fn file(name: &[u8], repo: &Repository, saver: &BlobSaver<'_>) -> Node {
+fn file(name: &[u8], saver: &BlobSaver<'_>) -> Node {
     let data = b"pwned";
     let (id, _) = saver.save(BlobKind::Data, data).unwrap();
-    let _ = repo;
     Node {
-        name: name.to_vec(),
-        kind: NodeKind::File,
         mode: 0o644,
-        uid: 0,
-        gid: 0,
-        user: None,
-        group: None,
-        mtime: Timestamp::default(),
-        ctime: Timestamp::default(),
-        inode: 1,
-        device: 1,
-        links: 1,
         size: data.len() as u64,
         content: vec![Extent {
             blob: Some(id),
             len: data.len() as u64,
         }],
-        subtree: None,
-        target: None,
-        rdev: 0,
-        xattrs: vec![],
+        ..Node::new(name.to_vec(), NodeKind::File)
     }
 }
 
 fn dir(name: &[u8], subtree: cairn_engine::id::BlobId) -> Node {
     Node {
-        kind: NodeKind::Dir,
-        size: 0,
-        content: vec![],
-        subtree: Some(subtree),
         mode: 0o755,
-        ..file_stub(name)
-    }
-}
-
-fn file_stub(name: &[u8]) -> Node {
-    Node {
-        name: name.to_vec(),
-        kind: NodeKind::File,
-        mode: 0o644,
-        uid: 0,
-        gid: 0,
-        user: None,
-        group: None,
-        mtime: Timestamp::default(),
-        ctime: Timestamp::default(),
-        inode: 1,
-        device: 1,
-        links: 1,
-        size: 0,
-        content: vec![],
-        subtree: None,
-        target: None,
-        rdev: 0,
-        xattrs: vec![],
+        subtree: Some(subtree),
+        ..Node::new(name.to_vec(), NodeKind::Dir)
     }
 }
 
@@ -150,7 +109,7 @@ fn names_that_escape_the_target_are_refused() {
             KdfParams::TEST_ONLY_WEAK,
         )
         .unwrap();
-        let snap = craft(&repo, |s| vec![file(evil, &repo, s)]);
+        let snap = craft(&repo, |s| vec![file(evil, s)]);
         assert_refused(&repo, &snap, d.path());
     }
 }
@@ -167,7 +126,7 @@ fn a_directory_named_dotdot_deep_in_the_tree_is_refused() {
     .unwrap();
     let snap = craft(&repo, |s| {
         let inner = Tree {
-            nodes: vec![file(b"..", &repo, s)],
+            nodes: vec![file(b"..", s)],
         };
         let (sub, _) = s.save(BlobKind::Tree, &inner.encode()).unwrap();
         vec![dir(b"ok", sub)]
@@ -188,13 +147,12 @@ fn duplicate_names_are_refused() {
     .unwrap();
     let snap = craft(&repo, |s| {
         let inner = Tree {
-            nodes: vec![file(b"passwd", &repo, s)],
+            nodes: vec![file(b"passwd", s)],
         };
         let (sub, _) = s.save(BlobKind::Tree, &inner.encode()).unwrap();
         let link = Node {
-            kind: NodeKind::Symlink,
             target: Some(b"/".to_vec()),
-            ..file_stub(b"a")
+            ..Node::new(b"a".to_vec(), NodeKind::Symlink)
         };
         vec![link, dir(b"a", sub)]
     });

@@ -213,6 +213,25 @@ fn an_incremental_after_changing_5_percent_of_a_2gib_image_stores_about_that() {
     assert_eq!(hash_file(&out), hash_file(&img));
 }
 
+/// A read-only qemu-nbd of a qcow2 on `sock`, once its socket exists.
+fn qemu_nbd(img: &Path, sock: &Path, extra: &[&str]) -> std::process::Child {
+    let _ = fs::remove_file(sock);
+    let child = Command::new("qemu-nbd")
+        .args(["--read-only", "-f", "qcow2"])
+        .args(extra)
+        .arg("-k")
+        .arg(sock)
+        .arg(img)
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(start.elapsed().as_secs() < 20, "qemu-nbd did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child
+}
+
 #[test]
 fn a_dirty_bitmap_incremental_reads_only_the_dirty_blocks() {
     if !have_qemu("dirty bitmaps") {
@@ -254,17 +273,7 @@ fn a_dirty_bitmap_incremental_reads_only_the_dirty_blocks() {
         ])
         .arg(&img));
     let sock = env.path("nbd.sock");
-    let mut server = Command::new("qemu-nbd")
-        .args(["--read-only", "-f", "qcow2", "-B", "since-first", "-k"])
-        .arg(&sock)
-        .arg(&img)
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    while !sock.exists() {
-        assert!(start.elapsed().as_secs() < 20, "qemu-nbd did not start");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut server = qemu_nbd(&img, &sock, &["-B", "since-first"]);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     let second = env.json(&[
         "backup",

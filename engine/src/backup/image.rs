@@ -23,7 +23,7 @@ use crate::progress::Progress;
 use crate::repository::{current_host, current_user, Repository};
 use crate::saver::BlobSaver;
 use crate::snapshot::{Manifest, Snapshot, SnapshotKind, Summary};
-use crate::tree::{is_valid_name, Extent, Node, NodeKind, Timestamp, Tree};
+use crate::tree::{is_valid_name, Extent};
 
 /// Default chunk size of images.
 pub const DEFAULT_CHUNK: u64 = 1 << 20;
@@ -337,31 +337,8 @@ pub fn backup_image(
         }
     }
     let now = Utc::now();
-    let stamp = Timestamp {
-        sec: now.timestamp(),
-        nsec: now.timestamp_subsec_nanos(),
-    };
-    let node = Node {
-        name: file_name.into_bytes(),
-        kind: NodeKind::File,
-        mode: 0o600,
-        uid: nix::unistd::geteuid().as_raw(),
-        gid: nix::unistd::getegid().as_raw(),
-        user: Some(current_user()),
-        group: None,
-        mtime: stamp,
-        ctime: stamp,
-        inode: 0,
-        device: 0,
-        links: 1,
-        size,
-        content,
-        subtree: None,
-        target: None,
-        rdev: 0,
-        xattrs: Vec::new(),
-    };
-    let (root, stored) = saver.save(BlobKind::Tree, &Tree { nodes: vec![node] }.encode())?;
+    let (root, stored) =
+        super::save_single_file_tree(&saver, file_name.into_bytes(), size, content, now)?;
     Progress::add(&progress.bytes_stored, stored);
     saver.flush()?;
     Progress::add(&progress.files_done, 1);

@@ -23,6 +23,37 @@ pub struct Warning {
     pub lost: bool,
 }
 
+/// The root tree of a stream or image snapshot: one file, owned by whoever backs it up,
+/// stamped now. Saved; returns the tree's id and the bytes it added.
+pub(crate) fn save_single_file_tree(
+    saver: &crate::saver::BlobSaver<'_>,
+    name: Vec<u8>,
+    size: u64,
+    content: Vec<crate::tree::Extent>,
+    now: chrono::DateTime<chrono::Utc>,
+) -> crate::Result<(crate::id::BlobId, u64)> {
+    use crate::tree::{Node, NodeKind, Timestamp, Tree};
+    let stamp = Timestamp {
+        sec: now.timestamp(),
+        nsec: now.timestamp_subsec_nanos(),
+    };
+    let node = Node {
+        mode: 0o600,
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
+        user: Some(crate::repository::current_user()),
+        mtime: stamp,
+        ctime: stamp,
+        size,
+        content,
+        ..Node::new(name, NodeKind::File)
+    };
+    saver.save(
+        crate::blob::BlobKind::Tree,
+        &Tree { nodes: vec![node] }.encode(),
+    )
+}
+
 pub use image::{backup_image, BlockRegion, BlockSource, ImageBackupOptions};
 pub use stream::{backup_stream, StreamBackupOptions};
 pub use tree::{backup_tree, BackupOutcome, TreeBackupOptions};

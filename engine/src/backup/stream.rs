@@ -11,13 +11,12 @@ use chrono::Utc;
 
 use super::content::{save_content, ContentError};
 use super::BackupOutcome;
-use crate::blob::BlobKind;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
 use crate::repository::{current_host, current_user, Repository};
 use crate::saver::BlobSaver;
 use crate::snapshot::{Manifest, Snapshot, SnapshotKind, Summary};
-use crate::tree::{is_valid_name, Node, NodeKind, Timestamp, Tree};
+use crate::tree::is_valid_name;
 
 #[derive(Debug, Clone, Default)]
 pub struct StreamBackupOptions {
@@ -58,31 +57,8 @@ pub fn backup_stream<R: Read + Send>(
         ContentError::Repo(e) => e,
     })?;
     let now = Utc::now();
-    let stamp = Timestamp {
-        sec: now.timestamp(),
-        nsec: now.timestamp_subsec_nanos(),
-    };
-    let node = Node {
-        name: opts.name.as_bytes().to_vec(),
-        kind: NodeKind::File,
-        mode: 0o600,
-        uid: nix::unistd::geteuid().as_raw(),
-        gid: nix::unistd::getegid().as_raw(),
-        user: Some(current_user()),
-        group: None,
-        mtime: stamp,
-        ctime: stamp,
-        inode: 0,
-        device: 0,
-        links: 1,
-        size,
-        content,
-        subtree: None,
-        target: None,
-        rdev: 0,
-        xattrs: Vec::new(),
-    };
-    let (root, stored) = saver.save(BlobKind::Tree, &Tree { nodes: vec![node] }.encode())?;
+    let (root, stored) =
+        super::save_single_file_tree(&saver, opts.name.as_bytes().to_vec(), size, content, now)?;
     Progress::add(&progress.bytes_stored, stored);
     saver.flush()?;
     let stats = saver.stats();
