@@ -301,17 +301,7 @@ fn a_dirty_bitmap_incremental_reads_only_the_dirty_blocks() {
     env.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);
     compare(&img, "qcow2", &out, "raw");
     // A bitmap the export does not have is a clear error, and no snapshot.
-    let mut server = Command::new("qemu-nbd")
-        .args(["--read-only", "-f", "qcow2", "-k"])
-        .arg(&sock)
-        .arg(&img)
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    while !sock.exists() {
-        assert!(start.elapsed().as_secs() < 20);
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut server = qemu_nbd(&img, &sock, &[]);
     let out = env.run(&[
         "backup", "--nbd", &uri, "--bitmap", "nope", "--name", "disk",
     ]);
