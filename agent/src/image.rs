@@ -31,30 +31,68 @@ pub struct NbdSource {
     _server: Option<QemuNbd>,
 }
 
-/// Where an NBD export is: `nbd+unix:///EXPORT?socket=PATH`.
+/// Where an NBD server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    /// `host:port`.
+    Tcp(String),
+}
+
+/// An NBD export: `nbd+unix:///EXPORT?socket=PATH` or `nbd://HOST[:PORT]/EXPORT`
+/// (the URIs of the NBD URI specification that libvirt and qemu-nbd give).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NbdUri {
-    pub socket: PathBuf,
+    pub endpoint: Endpoint,
     pub export: String,
 }
 
 impl NbdUri {
     pub fn parse(uri: &str) -> Result<Self, String> {
-        let rest = uri
-            .strip_prefix("nbd+unix://")
-            .ok_or_else(|| format!("{uri:?}: only nbd+unix:///EXPORT?socket=PATH is supported"))?;
-        let (path, query) = rest
-            .split_once('?')
-            .ok_or_else(|| format!("{uri:?}: missing ?socket=PATH"))?;
-        let export = path.trim_start_matches('/').to_owned();
-        let socket = query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("socket="))
-            .ok_or_else(|| format!("{uri:?}: missing socket=PATH"))?;
-        Ok(Self {
-            socket: socket.into(),
-            export,
-        })
+        if let Some(rest) = uri.strip_prefix("nbd+unix://") {
+            let (path, query) = rest
+                .split_once('?')
+                .ok_or_else(|| format!("{uri:?}: missing ?socket=PATH"))?;
+            let socket = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("socket="))
+                .ok_or_else(|| format!("{uri:?}: missing socket=PATH"))?;
+            return Ok(Self {
+                endpoint: Endpoint::Unix(socket.into()),
+                export: path.trim_start_matches('/').to_owned(),
+            });
+        }
+        if let Some(rest) = uri.strip_prefix("nbd://") {
+            let (authority, export) = rest.split_once('/').unwrap_or((rest, ""));
+            if authority.is_empty() {
+                return Err(format!("{uri:?}: missing host"));
+            }
+            let has_port = !authority.ends_with(']')
+                && authority
+                    .rsplit_once(':')
+                    .is_some_and(|(_, p)| p.parse::<u16>().is_ok());
+            let addr = if has_port {
+                authority.to_owned()
+            } else {
+                format!("{authority}:10809")
+            };
+            return Ok(Self {
+                endpoint: Endpoint::Tcp(addr),
+                export: export.to_owned(),
+            });
+        }
+        Err(format!(
+            "{uri:?}: give nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT"
+        ))
+    }
+
+    /// Where it is, for messages.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        match &self.endpoint {
+            Endpoint::Unix(p) => format!("export {:?} at {}", self.export, p.display()),
+            Endpoint::Tcp(a) => format!("export {:?} at {a}", self.export),
+        }
     }
 }
 
@@ -74,7 +112,10 @@ impl NbdSource {
         if let Some(b) = &bitmap_ctx {
             contexts.push(b);
         }
-        let client = NbdClient::connect_unix(&uri.socket, &uri.export, &contexts, TIMEOUT)?;
+        let client = match &uri.endpoint {
+            Endpoint::Unix(p) => NbdClient::connect_unix(p, &uri.export, &contexts, TIMEOUT)?,
+            Endpoint::Tcp(a) => NbdClient::connect_tcp(a, &uri.export, &contexts, TIMEOUT)?,
+        };
         let allocation = client.context_id(ALLOCATION);
         let bitmap = match &bitmap_ctx {
             Some(name) => Some(client.context_id(name).ok_or_else(|| {
@@ -104,12 +145,18 @@ impl NbdSource {
                 info.format
             ));
         }
-        let server = QemuNbd::start(path, &info.format, None).map_err(|e| e.to_string())?;
-        let uri = NbdUri {
-            socket: server.socket().to_owned(),
-            export: String::new(),
+        let mut server = QemuNbd::start(path, &info.format, None).map_err(|e| e.to_string())?;
+        let client = match NbdClient::connect_unix(server.socket(), "", &[ALLOCATION], TIMEOUT) {
+            Ok(c) => c,
+            Err(e) => return Err(format!("{e} ({})", server.diagnose())),
         };
-        let src = Self::open_with(&uri, None, Some(server)).map_err(|e| e.to_string())?;
+        let allocation = client.context_id(ALLOCATION);
+        let src = Self {
+            client,
+            allocation,
+            bitmap: None,
+            _server: Some(server),
+        };
         if src.client.size() != info.virtual_size {
             return Err(format!(
                 "qemu-nbd exports {} bytes, qemu-img says {}",
@@ -186,12 +233,24 @@ mod tests {
         assert_eq!(
             NbdUri::parse("nbd+unix:///disk0?socket=/run/x.sock").unwrap(),
             NbdUri {
-                socket: "/run/x.sock".into(),
+                endpoint: Endpoint::Unix("/run/x.sock".into()),
                 export: "disk0".into()
             }
         );
         assert_eq!(NbdUri::parse("nbd+unix:///?socket=/s").unwrap().export, "");
-        assert!(NbdUri::parse("nbd://host:10809/x").is_err());
+        assert_eq!(
+            NbdUri::parse("nbd://127.0.0.1:10900/vda").unwrap(),
+            NbdUri {
+                endpoint: Endpoint::Tcp("127.0.0.1:10900".into()),
+                export: "vda".into()
+            }
+        );
+        assert_eq!(
+            NbdUri::parse("nbd://backup-host").unwrap().endpoint,
+            Endpoint::Tcp("backup-host:10809".into())
+        );
         assert!(NbdUri::parse("nbd+unix:///x").is_err());
+        assert!(NbdUri::parse("http://x/").is_err());
+        assert!(NbdUri::parse("nbd:///x").is_err());
     }
 }

@@ -11,6 +11,7 @@
 #![allow(clippy::big_endian_bytes)]
 
 use std::io::{self, Read, Write};
+use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
@@ -79,9 +80,45 @@ pub struct Extent {
     pub flags: u32,
 }
 
+/// The connection to the server: a Unix socket or TCP.
+pub enum Conn {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Unix(s) => s.read(buf),
+            Self::Tcp(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Unix(s) => s.write(buf),
+            Self::Tcp(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Unix(s) => s.flush(),
+            Self::Tcp(s) => s.flush(),
+        }
+    }
+}
+
+impl From<UnixStream> for Conn {
+    fn from(s: UnixStream) -> Self {
+        Self::Unix(s)
+    }
+}
+
 /// An open NBD export.
 pub struct NbdClient {
-    sock: UnixStream,
+    sock: Conn,
     size: u64,
     structured: bool,
     /// Negotiated metadata contexts: (id, name).
@@ -133,8 +170,32 @@ impl NbdClient {
         Self::handshake(sock, export, contexts)
     }
 
+    /// Connects over TCP (`host:port`) and opens `export`, as [`Self::connect_unix`].
+    pub fn connect_tcp(
+        addr: &str,
+        export: &str,
+        contexts: &[&str],
+        timeout: Duration,
+    ) -> Result<Self> {
+        use std::net::ToSocketAddrs;
+        let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{addr}: no address"));
+        for a in addr.to_socket_addrs()? {
+            match TcpStream::connect_timeout(&a, timeout) {
+                Ok(sock) => {
+                    sock.set_read_timeout(Some(timeout))?;
+                    sock.set_write_timeout(Some(timeout))?;
+                    sock.set_nodelay(true)?;
+                    return Self::handshake(Conn::Tcp(sock), export, contexts);
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last.into())
+    }
+
     /// Runs the handshake over an already connected socket.
-    pub fn handshake(mut sock: UnixStream, export: &str, contexts: &[&str]) -> Result<Self> {
+    pub fn handshake(sock: impl Into<Conn>, export: &str, contexts: &[&str]) -> Result<Self> {
+        let mut sock: Conn = sock.into();
         if be64(&mut sock)? != NBDMAGIC || be64(&mut sock)? != IHAVEOPT {
             return Err(bad("not an NBD newstyle server (bad greeting)"));
         }

@@ -157,7 +157,8 @@ pub struct BackupArgs {
     /// Back up a disk image file (qcow2, raw, VMDK), read through a private qemu-nbd
     #[arg(long, value_name = "FILE", conflicts_with_all = ["stdin", "nbd"])]
     pub image: Option<PathBuf>,
-    /// Back up an NBD export: nbd+unix:///EXPORT?socket=PATH (libvirt pull backup, qemu-nbd)
+    /// Back up an NBD export: nbd+unix:///EXPORT?socket=PATH or nbd://HOST[:PORT]/EXPORT
+    /// (libvirt pull-mode backup, qemu-nbd)
     #[arg(long, value_name = "URI", conflicts_with = "stdin", requires = "name")]
     pub nbd: Option<String>,
     /// With --nbd: read only the blocks this dirty bitmap marks; take the rest from the

@@ -341,3 +341,81 @@ fn bad_image_sources_are_clear_errors() {
     assert!(!out.status.success());
     assert!(env.json(&["snapshots"]).as_array().unwrap().is_empty());
 }
+
+#[test]
+fn an_nbd_export_over_tcp_is_backed_up() {
+    if !have_qemu("NBD over TCP") {
+        return;
+    }
+    let env = Env::new();
+    let img = env.path("disk.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&img)
+        .arg("64M"));
+    run(Command::new("qemu-io")
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 0x42 1M 2M",
+            "-c",
+            "write -P 0x43 60M 1M",
+        ])
+        .arg(&img));
+    // A free port on loopback.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new("qemu-nbd")
+        .args([
+            "--read-only",
+            "--persistent",
+            "-f",
+            "qcow2",
+            "-b",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-x",
+            "vda",
+        ])
+        .arg(&img)
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(start.elapsed().as_secs() < 20, "qemu-nbd did not listen");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let uri = format!("nbd://127.0.0.1:{port}/vda");
+    let out = env.run(&["backup", "--nbd", &uri, "--name", "vda", "--json"]);
+    let wrong = env.run(&[
+        "backup",
+        "--nbd",
+        &format!("nbd://127.0.0.1:{port}/nope"),
+        "--name",
+        "vda",
+    ]);
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let snap: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(snap["snapshot"]["summary"]["bytes_read"], 3u64 << 20);
+    let restored = env.path("out.raw");
+    env.ok(&["restore", "latest", "--target", restored.to_str().unwrap()]);
+    compare(&img, "qcow2", &restored, "raw");
+    // An export the server does not have is refused by name.
+    assert!(!wrong.status.success());
+    assert!(
+        String::from_utf8_lossy(&wrong.stderr).contains("nope"),
+        "{}",
+        String::from_utf8_lossy(&wrong.stderr)
+    );
+}

@@ -44,13 +44,7 @@ pub fn run(s: &Settings, g: &Global, a: &BackupArgs) -> Result<u8> {
     } else if let Some(uri) = &a.nbd {
         let uri = cairn_agent::image::NbdUri::parse(uri).map_err(anyhow::Error::msg)?;
         let mut source = cairn_agent::image::NbdSource::open(&uri, a.bitmap.as_deref())
-            .with_context(|| {
-                format!(
-                    "opening NBD export {:?} at {}",
-                    uri.export,
-                    uri.socket.display()
-                )
-            })?;
+            .with_context(|| format!("opening NBD {}", uri.describe()))?;
         let mut meta = std::collections::BTreeMap::new();
         meta.insert("source_format".to_owned(), "nbd".to_owned());
         if let Some(b) = &a.bitmap {
