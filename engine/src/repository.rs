@@ -439,9 +439,4 @@ impl Repository {
         self.index.clear()?;
         self.sync_index()
     }
-
-    #[must_use]
-    pub fn blob_kind_of(&self, id: &BlobId) -> Option<BlobKind> {
-        self.index.lookup(id).ok().flatten().map(|l| l.kind)
-    }
 }

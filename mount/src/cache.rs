@@ -108,10 +108,4 @@ impl BlobCache {
         }
         Ok(data)
     }
-
-    /// Bytes of decoded blobs held.
-    #[must_use]
-    pub fn bytes(&self) -> usize {
-        lock(&self.lru).bytes
-    }
 }
