@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use zeroize::Zeroizing;
 
 use crate::backend::{Backend, FileKind, LocalBackend};
-use crate::blob::{self, BlobKind};
+use crate::blob;
 use crate::config::Config;
 use crate::crypto::{Crypto, Encryption, MasterKey};
 use crate::error::{Error, IoContext, Result};
