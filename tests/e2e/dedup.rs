@@ -26,7 +26,13 @@ fn an_unchanged_1gib_tree_adds_less_than_1mib_and_is_not_read_again() {
     let before = env.repo_bytes();
     let forced = env.json(&["backup", "--force", src.to_str().unwrap()])["snapshot"].clone();
     assert_eq!(forced["summary"]["bytes_read"], 1u64 << 30);
-    assert_eq!(forced["summary"]["blobs_new"], 0);
+    // No new data; at most the small trees of the directories above it (/tmp changes
+    // while other tests run).
+    assert!(
+        forced["summary"]["bytes_new"].as_u64().unwrap() < 64 << 10,
+        "{}",
+        forced["summary"]
+    );
     assert!(env.repo_bytes() - before < 1 << 20);
 }
 
