@@ -206,13 +206,7 @@ fn a_full_disk_fails_the_backup_without_a_half_snapshot() {
         .status()
         .unwrap();
     assert!(st.success(), "mount tmpfs failed");
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(self.0).status();
-        }
-    }
-    let _guard = Unmount(&env.repo);
+    let _guard = UnmountOnDrop(env.repo.clone());
     env.ok(&["init"]);
     let src = env.path("src");
     fs::create_dir_all(&src).unwrap();

@@ -268,13 +268,7 @@ fn overlay_case(kernel: bool) {
             .args(["-o", &opts])
             .arg(&merged));
     }
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(self.0).status();
-        }
-    }
-    let _guard = Unmount(&merged);
+    let _guard = UnmountOnDrop(merged.clone());
     // Reads through the overlay equal the source (content, modes, owners, xattrs).
     for f in ["small.txt", "dir/big.bin", "dir/sub/linked2", "new\nline"] {
         assert_eq!(hash_file(&merged.join(f)), hash_file(&src.join(f)), "{f}");
@@ -518,13 +512,7 @@ fn postgresql_serves_queries_from_an_overlay_of_the_mount() {
     run(Command::new("mount")
         .args(["-t", "overlay", "overlay", "-o", &opts])
         .arg(&merged));
-    struct Unmount<'a>(&'a Path);
-    impl Drop for Unmount<'_> {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(self.0).status();
-        }
-    }
-    let _guard = Unmount(&merged);
+    let _guard = UnmountOnDrop(merged.clone());
 
     let pg = Postgres::start(&env, &merged, "recovered");
     assert_eq!(pg.sql("SELECT count(*), sum(x) FROM t"), "50000|1250025000");

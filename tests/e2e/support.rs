@@ -469,3 +469,12 @@ impl Drop for Mounted {
         }
     }
 }
+
+/// Lazily unmounts a path (an overlay, a tmpfs) when dropped.
+pub struct UnmountOnDrop(pub PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
