@@ -121,6 +121,15 @@ pub enum Command {
         #[command(flatten)]
         filter: Filter,
     },
+    /// Verify the repository: structure always, the data with --read-data
+    Check {
+        /// Read every pack and verify every blob (decrypt, decompress, hash)
+        #[arg(long)]
+        read_data: bool,
+        /// Read only subset N of M of the packs, e.g. 1/10 (implies --read-data)
+        #[arg(long, value_name = "N/M", value_parser = parse_subset)]
+        read_data_subset: Option<(u32, u32)>,
+    },
     /// Serve every snapshot as a read-only filesystem at MOUNTPOINT
     Mount {
         mountpoint: PathBuf,
@@ -244,4 +253,23 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok()
         .and_then(|n| n.checked_mul(mult))
         .ok_or_else(|| format!("not a size: {s:?}"))
+}
+
+/// Parses `N/M` with 1 <= N <= M.
+pub fn parse_subset(s: &str) -> Result<(u32, u32), String> {
+    let (n, m) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: give N/M, e.g. 1/10"))?;
+    let (n, m): (u32, u32) = (
+        n.trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: N is not a number"))?,
+        m.trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: M is not a number"))?,
+    );
+    if n == 0 || m == 0 || n > m {
+        return Err(format!("{s:?}: need 1 <= N <= M"));
+    }
+    Ok((n, m))
 }

@@ -14,13 +14,14 @@
 //! - [`index`]: the SQLite blob index, a cache rebuilt from pack trailers.
 //! - [`tree`], [`snapshot`]: directory listings and snapshot manifests.
 //! - [`repository`]: the facade that opens all of the above.
-//! - [`saver`], [`backup`], [`restore`], [`walk`], [`diff`]: the commands' engines.
+//! - [`saver`], [`backup`], [`restore`], [`walk`], [`diff`], [`check`]: the commands' engines.
 //!
 //! The on-disk format is specified byte by byte in `docs/FORMAT.md`.
 
 pub mod backend;
 pub mod backup;
 pub mod blob;
+pub mod check;
 pub mod chunker;
 pub mod config;
 pub mod crypto;

@@ -21,7 +21,7 @@ use crate::snapshot::{Manifest, Snapshot};
 use crate::tree::Tree;
 
 /// A pack's size and entries, or why they could not be read.
-type TrailerResult = Result<(u64, Vec<pack::PackEntry>)>;
+pub type TrailerResult = Result<(u64, Vec<pack::PackEntry>)>;
 
 /// Supplies the password when one is needed (not for encryption `none`).
 pub type PasswordSource<'a> = &'a dyn Fn() -> Result<Zeroizing<Vec<u8>>>;
@@ -379,7 +379,7 @@ impl Repository {
     // ---- index ----
 
     /// Reads a pack's trailer from storage.
-    pub fn read_pack_trailer(&self, pack: &PackId) -> Result<(u64, Vec<pack::PackEntry>)> {
+    pub fn read_pack_trailer(&self, pack: &PackId) -> TrailerResult {
         let name = pack.to_hex();
         let what = || format!("pack {pack}");
         let size = self.backend.size(FileKind::Pack, &name).ctx(what)?;

@@ -7,6 +7,7 @@
 
 mod bad_input;
 mod browse;
+mod check;
 mod dedup;
 mod images;
 mod keys;

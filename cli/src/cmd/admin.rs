@@ -128,3 +128,63 @@ pub fn index(s: &Settings, g: &Global, i: IndexCommand) -> Result<u8> {
     }
     Ok(exit::OK)
 }
+
+pub fn check(s: &Settings, g: &Global, read_data: bool, subset: Option<(u32, u32)>) -> Result<u8> {
+    let repo = s.open()?;
+    let opts = cairn_engine::check::CheckOptions {
+        read_data: read_data || subset.is_some(),
+        subset,
+    };
+    let progress = std::sync::Arc::new(cairn_engine::progress::Progress::default());
+    let display = crate::progress::Display::start(progress.clone(), "check", !g.quiet && !g.json);
+    let report = cairn_engine::check::check(&repo, &opts, &progress);
+    display.finish();
+    let report = report?;
+    if g.json {
+        format::print_json(&json!({
+            "ok": report.ok(),
+            "snapshots": report.snapshots,
+            "trees": report.trees,
+            "blobs_referenced": report.blobs_referenced,
+            "packs": report.packs,
+            "packs_read": report.packs_read,
+            "bytes_read": report.bytes_read,
+            "problems": report.problems,
+            "affected": report.affected.iter().map(|a| json!({
+                "snapshot": a.snapshot.to_hex(), "path": format::json_path(&a.path), "blob": a.blob.to_hex(),
+            })).collect::<Vec<_>>(),
+        }));
+    } else {
+        println!(
+            "checked {} snapshots, {} trees, {} referenced blobs, {} packs{}",
+            report.snapshots,
+            report.trees,
+            report.blobs_referenced,
+            report.packs,
+            if opts.read_data {
+                format!(
+                    " ({} read, {})",
+                    report.packs_read,
+                    format::bytes(report.bytes_read)
+                )
+            } else {
+                String::new()
+            }
+        );
+        for p in &report.problems {
+            println!("damaged: {}: {}", p.object, p.message);
+        }
+        for a in &report.affected {
+            println!(
+                "affected: snapshot {} {} (blob {})",
+                a.snapshot.short(),
+                format::path(&a.path),
+                a.blob.short()
+            );
+        }
+        if report.ok() {
+            println!("no problems found");
+        }
+    }
+    Ok(if report.ok() { exit::OK } else { exit::DAMAGED })
+}

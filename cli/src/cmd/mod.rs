@@ -65,6 +65,10 @@ pub fn run(cli: Cli) -> Result<u8> {
             mount::mount(&settings, g, &mountpoint, daemon, allow_other, cache_size)
         }
         Command::Umount { mountpoint } => mount::umount(&mountpoint),
+        Command::Check {
+            read_data,
+            read_data_subset,
+        } => admin::check(&settings, g, read_data, read_data_subset),
         Command::Key(k) => admin::key(&settings, g, k),
         Command::Index(i) => admin::index(&settings, g, i),
     }

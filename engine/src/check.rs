@@ -1,0 +1,292 @@
+//! `check`: does the repository hold everything its snapshots need, intact?
+//!
+//! Structure (always): every snapshot manifest decodes; every tree reachable from a
+//! snapshot decodes and validates; every blob a tree references is in the index; every
+//! pack's trailer reads and agrees with the index. Data (`read_data`, or a subset of the
+//! packs): every pack is read whole, its name checked against its BLAKE3 hash, and every
+//! blob in it decrypted, decompressed and re-hashed, packs in parallel.
+//! The report names each damaged pack and blob, and the snapshots and files that need them.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::backend::FileKind;
+use crate::blob::{self, BlobKind, Verify};
+use crate::error::Result;
+use crate::id::{BlobId, Id, PackId, SnapshotId};
+use crate::pack;
+use crate::progress::Progress;
+use crate::repository::{Repository, TrailerResult};
+use crate::tree::NodeKind;
+use crate::walk;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckOptions {
+    /// Read and verify the data of the packs.
+    pub read_data: bool,
+    /// Only the packs of subset `n` of `m` (1-based), e.g. (1, 10).
+    pub subset: Option<(u32, u32)>,
+}
+
+/// One problem found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// What is damaged: `pack <id>`, `blob <id>`, `snapshot <id>`, `tree <id>`.
+    pub object: String,
+    pub message: String,
+}
+
+/// A snapshot file that cannot be restored whole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Affected {
+    pub snapshot: SnapshotId,
+    pub path: PathBuf,
+    pub blob: BlobId,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckReport {
+    pub snapshots: u64,
+    pub trees: u64,
+    pub blobs_referenced: u64,
+    pub packs: u64,
+    pub packs_read: u64,
+    pub bytes_read: u64,
+    pub problems: Vec<Problem>,
+    pub affected: Vec<Affected>,
+}
+
+impl CheckReport {
+    #[must_use]
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Checks `repo`; see the module docs.
+pub fn check(repo: &Repository, opts: &CheckOptions, progress: &Progress) -> Result<CheckReport> {
+    let mut report = CheckReport::default();
+    let mut damaged: HashSet<BlobId> = HashSet::new();
+
+    // Packs: every trailer must read and agree with the index.
+    let names = repo
+        .backend()
+        .list(FileKind::Pack)
+        .map_err(|e| crate::Error::io("listing packs", e))?;
+    let packs: Vec<PackId> = names.iter().filter_map(|n| n.parse().ok()).collect();
+    report.packs = packs.len() as u64;
+    let trailers: Vec<(PackId, TrailerResult)> = packs
+        .par_iter()
+        .map(|p| (*p, repo.read_pack_trailer(p)))
+        .collect();
+    let mut in_packs: HashMap<BlobId, (PackId, BlobKind)> = HashMap::new();
+    for (p, t) in &trailers {
+        match t {
+            Ok((_, entries)) => {
+                for e in entries {
+                    in_packs.entry(e.id).or_insert((*p, e.kind));
+                }
+            }
+            Err(e) => report.problems.push(Problem {
+                object: format!("pack {p}"),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    // Snapshots and trees: every referenced blob must be somewhere.
+    let snapshot_names = repo
+        .backend()
+        .list(FileKind::Snapshot)
+        .map_err(|e| crate::Error::io("listing snapshots", e))?;
+    let mut snapshots = Vec::new();
+    for n in snapshot_names {
+        let Ok(id) = n.parse::<SnapshotId>() else {
+            continue;
+        };
+        match repo.load_snapshot(&id) {
+            Ok(s) => snapshots.push(s),
+            Err(e) => report.problems.push(Problem {
+                object: format!("snapshot {id}"),
+                message: e.to_string(),
+            }),
+        }
+    }
+    report.snapshots = snapshots.len() as u64;
+    let mut seen_trees: HashSet<BlobId> = HashSet::new();
+    let mut referenced: BTreeSet<BlobId> = BTreeSet::new();
+    let mut bad_trees: Vec<(SnapshotId, BlobId)> = Vec::new();
+    for s in &snapshots {
+        let mut stack = vec![s.manifest.root];
+        while let Some(t) = stack.pop() {
+            if !seen_trees.insert(t) {
+                continue;
+            }
+            referenced.insert(t);
+            match repo.load_tree(&t) {
+                Ok(tree) => {
+                    for n in &tree.nodes {
+                        referenced.extend(n.content.iter().filter_map(|e| e.blob));
+                        if let Some(sub) = n.subtree {
+                            stack.push(sub);
+                        }
+                    }
+                }
+                Err(e) => {
+                    report.problems.push(Problem {
+                        object: format!("tree {t}"),
+                        message: e.to_string(),
+                    });
+                    damaged.insert(t);
+                    bad_trees.push((s.id, t));
+                }
+            }
+        }
+    }
+    report.trees = seen_trees.len() as u64;
+    report.blobs_referenced = referenced.len() as u64;
+    for b in &referenced {
+        if !in_packs.contains_key(b) {
+            if repo.index().contains(b)? {
+                report.problems.push(Problem {
+                    object: format!("blob {b}"),
+                    message: "in the index but in no pack trailer".into(),
+                });
+            } else {
+                report.problems.push(Problem {
+                    object: format!("blob {b}"),
+                    message: "missing: in no pack".into(),
+                });
+            }
+            damaged.insert(*b);
+        }
+    }
+
+    // Data.
+    if opts.read_data {
+        let chosen: Vec<&(PackId, TrailerResult)> = trailers
+            .iter()
+            .filter(|(p, t)| t.is_ok() && in_subset(p, opts.subset))
+            .collect();
+        Progress::add(&progress.total_files, chosen.len() as u64);
+        progress
+            .total_known
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let results: Vec<(u64, Vec<Problem>, Vec<BlobId>)> = chosen
+            .par_iter()
+            .map(|(p, t)| {
+                let entries = t.as_ref().map(|(_, e)| e.as_slice()).unwrap_or_default();
+                let r = read_pack(repo, p, entries);
+                Progress::add(&progress.files_done, 1);
+                Progress::add(&progress.bytes_done, r.0);
+                r
+            })
+            .collect();
+        for (bytes, problems, bad) in results {
+            report.packs_read += 1;
+            report.bytes_read += bytes;
+            report.problems.extend(problems);
+            damaged.extend(bad);
+        }
+    }
+
+    // Who needs the damaged blobs.
+    if !damaged.is_empty() {
+        for s in &snapshots {
+            for (sid, t) in &bad_trees {
+                if *sid == s.id {
+                    report.affected.push(Affected {
+                        snapshot: s.id,
+                        path: PathBuf::from("/"),
+                        blob: *t,
+                    });
+                }
+            }
+            let _ = walk::walk(repo, &s.manifest.root, Path::new("/"), &mut |p, n| {
+                let hit = n
+                    .content
+                    .iter()
+                    .filter_map(|e| e.blob)
+                    .chain(n.subtree)
+                    .find(|b| damaged.contains(b));
+                if let Some(b) = hit {
+                    report.affected.push(Affected {
+                        snapshot: s.id,
+                        path: p.to_owned(),
+                        blob: b,
+                    });
+                }
+                Ok(n.kind == NodeKind::Dir)
+            });
+        }
+    }
+    Ok(report)
+}
+
+fn in_subset(p: &PackId, subset: Option<(u32, u32)>) -> bool {
+    subset.is_none_or(|(n, m)| u32::from(p.as_bytes()[0]) % m == n - 1)
+}
+
+/// Reads one pack whole and verifies it; returns bytes read, problems and damaged blobs.
+fn read_pack(
+    repo: &Repository,
+    p: &PackId,
+    entries: &[pack::PackEntry],
+) -> (u64, Vec<Problem>, Vec<BlobId>) {
+    let object = format!("pack {p}");
+    let bytes = match repo.backend().read(FileKind::Pack, &p.to_hex()) {
+        Ok(b) => b,
+        Err(e) => {
+            return (
+                0,
+                vec![Problem {
+                    object,
+                    message: e.to_string(),
+                }],
+                entries.iter().map(|e| e.id).collect(),
+            );
+        }
+    };
+    let mut problems = Vec::new();
+    let mut bad = Vec::new();
+    if PackId(Id::hash_of(&bytes)) != *p {
+        problems.push(Problem {
+            object: object.clone(),
+            message: "content does not match its name (damaged)".into(),
+        });
+    }
+    for e in entries {
+        let start = usize::try_from(e.offset).unwrap_or(usize::MAX);
+        let stored = bytes.get(start..start.saturating_add(e.length as usize));
+        let r = match stored {
+            Some(s) => blob::decode(
+                repo.crypto(),
+                e.kind,
+                &e.id,
+                s.to_vec(),
+                e.raw_length as usize,
+                Verify::Hash,
+            )
+            .map(drop),
+            None => Err(crate::Error::corrupt(
+                format!("blob {}", e.id),
+                "beyond the end of its pack",
+            )),
+        };
+        if let Err(err) = r {
+            let message = match err {
+                crate::Error::Corrupt { reason, .. } => reason,
+                other => other.to_string(),
+            };
+            problems.push(Problem {
+                object: format!("blob {} in pack {p}", e.id),
+                message,
+            });
+            bad.push(e.id);
+        }
+    }
+    (bytes.len() as u64, problems, bad)
+}
