@@ -96,6 +96,28 @@ impl NbdUri {
     }
 }
 
+/// What identifies an image file's content without reading it: device, inode, size,
+/// mtime and ctime of the file and of every backing file. Any write changes it.
+pub fn fingerprint(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let chain = qemu::backing_chain(path).map_err(|e| e.to_string())?;
+    let mut parts = Vec::new();
+    for f in chain {
+        let md = std::fs::metadata(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+        parts.push(format!(
+            "{}:{}:{}:{}.{}:{}.{}",
+            md.dev(),
+            md.ino(),
+            md.len(),
+            md.mtime(),
+            md.mtime_nsec(),
+            md.ctime(),
+            md.ctime_nsec()
+        ));
+    }
+    Ok(parts.join(";"))
+}
+
 impl NbdSource {
     /// Opens an export; with `bitmap`, also its `qemu:dirty-bitmap:BITMAP` context.
     pub fn open(uri: &NbdUri, bitmap: Option<&str>) -> Result<Self, NbdError> {

@@ -67,6 +67,30 @@ pub fn image_info(path: &Path) -> Result<ImageInfo> {
         .map_err(|e| QemuError::Other(format!("qemu-img info: unreadable output: {e}")))
 }
 
+/// The files an image reads from: itself and its backing files, in order.
+pub fn backing_chain(path: &Path) -> Result<Vec<PathBuf>> {
+    #[derive(Deserialize)]
+    struct Entry {
+        filename: PathBuf,
+    }
+    let out = run(
+        "qemu-img",
+        &[
+            "info".as_ref(),
+            "--backing-chain".as_ref(),
+            "--output=json".as_ref(),
+            "--".as_ref(),
+            path.as_os_str(),
+        ],
+    )?;
+    let chain: Vec<Entry> = serde_json::from_slice(&out).map_err(|e| {
+        QemuError::Other(format!(
+            "qemu-img info --backing-chain: unreadable output: {e}"
+        ))
+    })?;
+    Ok(chain.into_iter().map(|e| e.filename).collect())
+}
+
 /// Formats accepted by `repo backup --image`.
 pub const FORMATS: [&str; 3] = ["raw", "qcow2", "vmdk"];
 

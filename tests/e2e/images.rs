@@ -419,3 +419,54 @@ fn an_nbd_export_over_tcp_is_backed_up() {
         String::from_utf8_lossy(&wrong.stderr)
     );
 }
+
+#[test]
+fn an_unchanged_image_is_not_read_again_and_any_write_is_noticed() {
+    if !have_qemu("unchanged images") {
+        return;
+    }
+    let env = Env::new();
+    let base = env.path("base.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("64M"));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x61 0 4M"])
+        .arg(&base));
+    let img = env.path("vm.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&base)
+        .arg(&img));
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x62 8M 1M"])
+        .arg(&img));
+    let backup = |extra: &[&str]| {
+        let mut args = vec!["backup", "--image", img.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        env.json(&args)["snapshot"]["summary"].clone()
+    };
+    assert_eq!(backup(&[])["bytes_read"], 5u64 << 20);
+    let again = backup(&[]);
+    assert_eq!(
+        (
+            again["bytes_read"].as_u64(),
+            again["files_unchanged"].as_u64()
+        ),
+        (Some(0), Some(1))
+    );
+    assert_eq!(backup(&["--force"])["bytes_read"], 5u64 << 20);
+    // A write to the image, or to its backing file, is read.
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x63 20M 1M"])
+        .arg(&img));
+    assert!(backup(&[])["bytes_read"].as_u64().unwrap() > 0);
+    run(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x64 30M 1M"])
+        .arg(&base));
+    assert!(backup(&[])["bytes_read"].as_u64().unwrap() > 0);
+    let out = env.path("out.raw");
+    env.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);
+    compare(&img, "qcow2", &out, "raw");
+}

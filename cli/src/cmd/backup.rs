@@ -28,6 +28,7 @@ pub fn run(s: &Settings, g: &Global, a: &BackupArgs) -> Result<u8> {
                 .context("give --name for this image")?
                 .to_owned(),
         };
+        let fingerprint = cairn_agent::image::fingerprint(path).map_err(anyhow::Error::msg)?;
         let (mut source, format) =
             cairn_agent::image::NbdSource::open_image(path).map_err(anyhow::Error::msg)?;
         let mut meta = std::collections::BTreeMap::new();
@@ -38,6 +39,8 @@ pub fn run(s: &Settings, g: &Global, a: &BackupArgs) -> Result<u8> {
             host: a.host.clone(),
             tags: a.tag.clone(),
             meta,
+            fingerprint: Some(fingerprint),
+            force: a.force,
             ..Default::default()
         };
         backup::backup_image(&repo, &opts, &mut source, &progress)
