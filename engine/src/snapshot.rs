@@ -74,6 +74,31 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// The manifest of a stream or image snapshot named `name`, made now by this user;
+    /// parent, summary and meta are the caller's to fill in.
+    #[must_use]
+    pub fn named(
+        kind: SnapshotKind,
+        name: &str,
+        host: String,
+        tags: Vec<String>,
+        root: BlobId,
+    ) -> Self {
+        Self {
+            time: Utc::now(),
+            host,
+            user: crate::repository::current_user(),
+            kind,
+            paths: Vec::new(),
+            name: Some(name.to_owned()),
+            tags,
+            parent: None,
+            root,
+            summary: Summary::default(),
+            meta: BTreeMap::new(),
+        }
+    }
+
     /// A short label of what was backed up: the stream name or the paths.
     #[must_use]
     pub fn source_label(&self) -> String {

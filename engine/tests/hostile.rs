@@ -38,6 +38,19 @@ fn dir(name: &[u8], subtree: cairn_engine::id::BlobId) -> Node {
     }
 }
 
+/// A scratch directory with an empty encrypted repository in `repo/`.
+fn fresh_repo() -> (tempfile::TempDir, Repository) {
+    let d = tempfile::tempdir().unwrap();
+    let repo = Repository::init(
+        &d.path().join("repo"),
+        b"pw",
+        Encryption::Aes256Gcm,
+        KdfParams::TEST_ONLY_WEAK,
+    )
+    .unwrap();
+    (d, repo)
+}
+
 /// Saves `root_nodes` as the root tree of a new snapshot, bypassing every check a
 /// real backup would make (as an attacker writing the repository would).
 fn craft(repo: &Repository, build: impl FnOnce(&BlobSaver<'_>) -> Vec<Node>) -> Snapshot {
@@ -101,14 +114,7 @@ fn walk(p: &Path) -> Vec<std::path::PathBuf> {
 #[test]
 fn names_that_escape_the_target_are_refused() {
     for evil in [&b".."[..], b"../../escaped", b"/abs", b".", b"a\0b", b""] {
-        let d = tempfile::tempdir().unwrap();
-        let repo = Repository::init(
-            &d.path().join("repo"),
-            b"pw",
-            Encryption::Aes256Gcm,
-            KdfParams::TEST_ONLY_WEAK,
-        )
-        .unwrap();
+        let (d, repo) = fresh_repo();
         let snap = craft(&repo, |s| vec![file(evil, s)]);
         assert_refused(&repo, &snap, d.path());
     }
@@ -116,14 +122,7 @@ fn names_that_escape_the_target_are_refused() {
 
 #[test]
 fn a_directory_named_dotdot_deep_in_the_tree_is_refused() {
-    let d = tempfile::tempdir().unwrap();
-    let repo = Repository::init(
-        &d.path().join("repo"),
-        b"pw",
-        Encryption::Aes256Gcm,
-        KdfParams::TEST_ONLY_WEAK,
-    )
-    .unwrap();
+    let (d, repo) = fresh_repo();
     let snap = craft(&repo, |s| {
         let inner = Tree {
             nodes: vec![file(b"..", s)],
@@ -137,14 +136,7 @@ fn a_directory_named_dotdot_deep_in_the_tree_is_refused() {
 #[test]
 fn duplicate_names_are_refused() {
     // A symlink `a -> /` beside a directory `a` would let `a/etc/...` escape.
-    let d = tempfile::tempdir().unwrap();
-    let repo = Repository::init(
-        &d.path().join("repo"),
-        b"pw",
-        Encryption::Aes256Gcm,
-        KdfParams::TEST_ONLY_WEAK,
-    )
-    .unwrap();
+    let (d, repo) = fresh_repo();
     let snap = craft(&repo, |s| {
         let inner = Tree {
             nodes: vec![file(b"passwd", s)],

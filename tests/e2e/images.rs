@@ -155,9 +155,7 @@ fn every_image_format_restores_identically_to_raw_and_qcow2_and_through_the_moun
         .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
         .arg(&disk)
         .arg(&overlay));
-    run(Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x77 1M 2M"])
-        .arg(&overlay));
+    qemu_io(&overlay, &["write -P 0x77 1M 2M"]);
     let differs = Command::new("qemu-img")
         .args(["compare", "-f", "qcow2", "-F", fmt])
         .arg(&overlay)
@@ -213,6 +211,25 @@ fn an_incremental_after_changing_5_percent_of_a_2gib_image_stores_about_that() {
     assert_eq!(hash_file(&out), hash_file(&img));
 }
 
+/// Runs qemu-io commands (`write -P 0x11 0 1M`, ...) on a qcow2 image.
+fn qemu_io(img: &Path, cmds: &[&str]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "qcow2"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    run(c.arg(img));
+}
+
+/// A new qcow2 image of `size` holding what `writes` (qemu-io commands) put there.
+fn new_qcow2(img: &Path, size: &str, writes: &[&str]) {
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(img)
+        .arg(size));
+    qemu_io(img, writes);
+}
+
 /// A read-only qemu-nbd of a qcow2 on `sock`, once its socket exists.
 fn qemu_nbd(img: &Path, sock: &Path, extra: &[&str]) -> std::process::Child {
     let _ = fs::remove_file(sock);
@@ -239,20 +256,11 @@ fn a_dirty_bitmap_incremental_reads_only_the_dirty_blocks() {
     }
     let env = Env::new();
     let img = env.path("disk.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("512M"));
-    run(Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x11 0 100M",
-            "-c",
-            "write -P 0x22 300M 50M",
-        ])
-        .arg(&img));
+    new_qcow2(
+        &img,
+        "512M",
+        &["write -P 0x11 0 100M", "write -P 0x22 300M 50M"],
+    );
     let first = env.json(&["backup", "--image", img.to_str().unwrap()])["snapshot"].clone();
     assert_eq!(first["summary"]["bytes_read"], 150u64 << 20);
     // Track changes from here, then change 3 MiB in three places.
@@ -260,18 +268,14 @@ fn a_dirty_bitmap_incremental_reads_only_the_dirty_blocks() {
         .args(["bitmap", "--add"])
         .arg(&img)
         .arg("since-first"));
-    run(Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
+    qemu_io(
+        &img,
+        &[
             "write -P 0x33 5M 1M",
-            "-c",
             "write -P 0x44 310M 1M",
-            "-c",
             "write -P 0x55 500M 1M",
-        ])
-        .arg(&img));
+        ],
+    );
     let sock = env.path("nbd.sock");
     let mut server = qemu_nbd(&img, &sock, &["-B", "since-first"]);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
@@ -349,20 +353,11 @@ fn an_nbd_export_over_tcp_is_backed_up() {
     }
     let env = Env::new();
     let img = env.path("disk.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&img)
-        .arg("64M"));
-    run(Command::new("qemu-io")
-        .args([
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 0x42 1M 2M",
-            "-c",
-            "write -P 0x43 60M 1M",
-        ])
-        .arg(&img));
+    new_qcow2(
+        &img,
+        "64M",
+        &["write -P 0x42 1M 2M", "write -P 0x43 60M 1M"],
+    );
     // A free port on loopback.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -427,21 +422,13 @@ fn an_unchanged_image_is_not_read_again_and_any_write_is_noticed() {
     }
     let env = Env::new();
     let base = env.path("base.qcow2");
-    run(Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&base)
-        .arg("64M"));
-    run(Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x61 0 4M"])
-        .arg(&base));
+    new_qcow2(&base, "64M", &["write -P 0x61 0 4M"]);
     let img = env.path("vm.qcow2");
     run(Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
         .arg(&base)
         .arg(&img));
-    run(Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x62 8M 1M"])
-        .arg(&img));
+    qemu_io(&img, &["write -P 0x62 8M 1M"]);
     let backup = |extra: &[&str]| {
         let mut args = vec!["backup", "--image", img.to_str().unwrap()];
         args.extend_from_slice(extra);
@@ -458,13 +445,9 @@ fn an_unchanged_image_is_not_read_again_and_any_write_is_noticed() {
     );
     assert_eq!(backup(&["--force"])["bytes_read"], 5u64 << 20);
     // A write to the image, or to its backing file, is read.
-    run(Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x63 20M 1M"])
-        .arg(&img));
+    qemu_io(&img, &["write -P 0x63 20M 1M"]);
     assert!(backup(&[])["bytes_read"].as_u64().unwrap() > 0);
-    run(Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x64 30M 1M"])
-        .arg(&base));
+    qemu_io(&base, &["write -P 0x64 30M 1M"]);
     assert!(backup(&[])["bytes_read"].as_u64().unwrap() > 0);
     let out = env.path("out.raw");
     env.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);

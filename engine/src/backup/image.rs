@@ -20,7 +20,7 @@ use crate::blob::BlobKind;
 use crate::error::{Error, Result};
 use crate::id::BlobId;
 use crate::progress::Progress;
-use crate::repository::{current_host, current_user, Repository};
+use crate::repository::{current_host, Repository};
 use crate::saver::BlobSaver;
 use crate::snapshot::{Manifest, Snapshot, SnapshotKind, Summary};
 use crate::tree::{is_valid_name, Extent};
@@ -371,35 +371,30 @@ pub fn backup_image(
     if parent_map.is_some() {
         meta.insert("changed_block_tracking".into(), "yes".into());
     }
+    let summary = Summary {
+        files: 1,
+        total_bytes: size,
+        bytes_read,
+        blobs_new: stats.blobs_new,
+        bytes_new: stats.bytes_new,
+        bytes_stored: stats.bytes_stored,
+        duration_ms: super::elapsed_ms(started),
+        ..Summary::default()
+    };
     let manifest = Manifest {
         time: now,
-        host,
-        user: current_user(),
-        kind: SnapshotKind::Image,
-        paths: Vec::new(),
-        name: Some(opts.name.clone()),
-        tags: opts.tags.clone(),
         parent: parent.map(|p| p.id),
-        root,
-        summary: Summary {
-            files: 1,
-            dirs: 0,
-            files_unchanged: 0,
-            total_bytes: size,
-            bytes_read,
-            blobs_new: stats.blobs_new,
-            bytes_new: stats.bytes_new,
-            bytes_stored: stats.bytes_stored,
-            errors: 0,
-            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        },
+        summary,
         meta,
+        ..Manifest::named(
+            SnapshotKind::Image,
+            &opts.name,
+            host,
+            opts.tags.clone(),
+            root,
+        )
     };
-    let id = repo.save_snapshot(&manifest)?;
-    Ok(BackupOutcome {
-        snapshot: Snapshot { id, manifest },
-        warnings: Vec::new(),
-    })
+    super::commit(repo, manifest, Vec::new())
 }
 
 /// A snapshot of an image whose fingerprint matches its parent's: the same root, and
@@ -414,28 +409,24 @@ fn unchanged(
     let mut meta = parent.manifest.meta.clone();
     meta.extend(opts.meta.clone());
     meta.remove("changed_block_tracking");
-    let manifest = Manifest {
-        time: Utc::now(),
-        host,
-        user: current_user(),
-        kind: SnapshotKind::Image,
-        paths: Vec::new(),
-        name: Some(opts.name.clone()),
-        tags: opts.tags.clone(),
-        parent: Some(parent.id),
-        root: parent.manifest.root,
-        summary: Summary {
-            files: 1,
-            files_unchanged: 1,
-            total_bytes: parent.manifest.summary.total_bytes,
-            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            ..Summary::default()
-        },
-        meta,
+    let summary = Summary {
+        files: 1,
+        files_unchanged: 1,
+        total_bytes: parent.manifest.summary.total_bytes,
+        duration_ms: super::elapsed_ms(started),
+        ..Summary::default()
     };
-    let id = repo.save_snapshot(&manifest)?;
-    Ok(BackupOutcome {
-        snapshot: Snapshot { id, manifest },
-        warnings: Vec::new(),
-    })
+    let manifest = Manifest {
+        parent: Some(parent.id),
+        summary,
+        meta,
+        ..Manifest::named(
+            SnapshotKind::Image,
+            &opts.name,
+            host,
+            opts.tags.clone(),
+            parent.manifest.root,
+        )
+    };
+    super::commit(repo, manifest, Vec::new())
 }

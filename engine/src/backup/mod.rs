@@ -54,6 +54,24 @@ pub(crate) fn save_single_file_tree(
     )
 }
 
+/// Milliseconds since `started`, for summaries.
+pub(crate) fn elapsed_ms(started: std::time::Instant) -> u64 {
+    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Writes the manifest (the commit point of every backup) and returns the outcome.
+pub(crate) fn commit(
+    repo: &crate::Repository,
+    manifest: crate::snapshot::Manifest,
+    warnings: Vec<Warning>,
+) -> crate::Result<BackupOutcome> {
+    let id = repo.save_snapshot(&manifest)?;
+    Ok(BackupOutcome {
+        snapshot: crate::snapshot::Snapshot { id, manifest },
+        warnings,
+    })
+}
+
 pub use image::{backup_image, BlockRegion, BlockSource, ImageBackupOptions};
 pub use stream::{backup_stream, StreamBackupOptions};
 pub use tree::{backup_tree, BackupOutcome, TreeBackupOptions};

@@ -13,9 +13,9 @@ use super::content::{save_content, ContentError};
 use super::BackupOutcome;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
-use crate::repository::{current_host, current_user, Repository};
+use crate::repository::{current_host, Repository};
 use crate::saver::BlobSaver;
-use crate::snapshot::{Manifest, Snapshot, SnapshotKind, Summary};
+use crate::snapshot::{Manifest, SnapshotKind, Summary};
 use crate::tree::is_valid_name;
 
 #[derive(Debug, Clone, Default)]
@@ -72,33 +72,28 @@ pub fn backup_stream<R: Read + Send>(
                 && s.manifest.name.as_deref() == Some(&opts.name)
         })
         .map(|s| s.id);
+    let summary = Summary {
+        files: 1,
+        total_bytes: size,
+        bytes_read: size,
+        blobs_new: stats.blobs_new,
+        bytes_new: stats.bytes_new,
+        bytes_stored: stats.bytes_stored,
+        duration_ms: super::elapsed_ms(started),
+        ..Summary::default()
+    };
     let manifest = Manifest {
         time: now,
-        host,
-        user: current_user(),
-        kind: SnapshotKind::Stream,
-        paths: Vec::new(),
-        name: Some(opts.name.clone()),
-        tags: opts.tags.clone(),
         parent,
-        root,
-        summary: Summary {
-            files: 1,
-            dirs: 0,
-            files_unchanged: 0,
-            total_bytes: size,
-            bytes_read: size,
-            blobs_new: stats.blobs_new,
-            bytes_new: stats.bytes_new,
-            bytes_stored: stats.bytes_stored,
-            errors: 0,
-            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        },
+        summary,
         meta: opts.meta.clone(),
+        ..Manifest::named(
+            SnapshotKind::Stream,
+            &opts.name,
+            host,
+            opts.tags.clone(),
+            root,
+        )
     };
-    let id = repo.save_snapshot(&manifest)?;
-    Ok(BackupOutcome {
-        snapshot: Snapshot { id, manifest },
-        warnings: Vec::new(),
-    })
+    super::commit(repo, manifest, Vec::new())
 }

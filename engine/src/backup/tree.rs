@@ -586,7 +586,7 @@ pub fn backup_tree(
     summary.blobs_new = stats.blobs_new;
     summary.bytes_new = stats.bytes_new;
     summary.bytes_stored = stats.bytes_stored;
-    summary.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    summary.duration_ms = super::elapsed_ms(started);
     let manifest = Manifest {
         time: Utc::now(),
         host,
@@ -600,14 +600,11 @@ pub fn backup_tree(
         summary,
         meta: BTreeMap::new(),
     };
-    let id = repo.save_snapshot(&manifest)?;
-    Ok(BackupOutcome {
-        snapshot: Snapshot { id, manifest },
-        warnings: walker
-            .warnings
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    })
+    let warnings = walker
+        .warnings
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    super::commit(repo, manifest, warnings)
 }
 
 #[cfg(test)]
