@@ -3,7 +3,7 @@
 //! vectors, never shell strings; stderr is kept for the error message.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
@@ -113,8 +113,11 @@ pub fn convert_raw(src: &Path, dst: &Path, format: &str) -> Result<()> {
 }
 
 /// A `qemu-nbd --read-only` serving one image on a private Unix socket; stopped on drop.
+///
+/// Started with `--fork`, whose parent exits only once the server listens: that is the
+/// readiness signal (a socket file can exist before anyone accepts on it).
 pub struct QemuNbd {
-    child: Child,
+    pid: nix::unistd::Pid,
     socket: PathBuf,
     _dir: tempfile::TempDir,
     stderr: PathBuf,
@@ -128,19 +131,24 @@ impl QemuNbd {
             .tempdir()
             .map_err(|e| QemuError::Other(format!("temporary directory: {e}")))?;
         let socket = dir.path().join("nbd.sock");
+        let pid_file = dir.path().join("qemu-nbd.pid");
         let stderr = dir.path().join("qemu-nbd.err");
         let err_file =
             std::fs::File::create(&stderr).map_err(|e| QemuError::Other(e.to_string()))?;
         let mut cmd = Command::new("qemu-nbd");
         cmd.args([
             "--read-only",
+            "--fork",
+            "--persistent",
             "--shared=4",
             "--cache=none",
             "--aio=threads",
             "-f",
             format,
-            "-k",
         ])
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .arg("-k")
         .arg(&socket);
         if let Some(b) = bitmap {
             cmd.args(["-B", b]);
@@ -150,33 +158,34 @@ impl QemuNbd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err_file);
-        let child = cmd.spawn().map_err(|source| QemuError::Missing {
+        let status = cmd.status().map_err(|source| QemuError::Missing {
             program: "qemu-nbd",
             source,
         })?;
-        let mut me = Self {
-            child,
+        let read_err = || {
+            std::fs::read_to_string(&stderr)
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        };
+        if !status.success() {
+            return Err(QemuError::Failed {
+                program: "qemu-nbd",
+                stderr: format!("{status}: {}", read_err()),
+            });
+        }
+        let pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .ok_or_else(|| {
+                QemuError::Other(format!("qemu-nbd wrote no pid file: {}", read_err()))
+            })?;
+        Ok(Self {
+            pid: nix::unistd::Pid::from_raw(pid),
             socket,
             _dir: dir,
             stderr,
-        };
-        let start = Instant::now();
-        while !me.socket.exists() {
-            if let Ok(Some(status)) = me.child.try_wait() {
-                let msg = std::fs::read_to_string(&me.stderr).unwrap_or_default();
-                return Err(QemuError::Failed {
-                    program: "qemu-nbd",
-                    stderr: format!("{status}: {}", msg.trim()),
-                });
-            }
-            if start.elapsed() > Duration::from_secs(30) {
-                return Err(QemuError::Other(
-                    "qemu-nbd did not open its socket within 30 s".into(),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(me)
+        })
     }
 
     #[must_use]
@@ -184,11 +193,25 @@ impl QemuNbd {
         &self.socket
     }
 
-    /// Whether qemu-nbd has exited, and what it said on stderr (for error messages).
+    /// Whether the server still runs. A zombie counts as gone: it has released its files
+    /// and locks, and its reaping is up to init (which may take its time).
+    fn alive(&self) -> bool {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
+            return false;
+        };
+        // The state follows the parenthesised command name.
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        !matches!(state, None | Some('Z' | 'X'))
+    }
+
+    /// Whether qemu-nbd still runs, and what it said on stderr (for error messages).
     pub fn diagnose(&mut self) -> String {
-        let status = match self.child.try_wait() {
-            Ok(Some(s)) => format!("qemu-nbd exited ({s})"),
-            _ => "qemu-nbd is running".to_owned(),
+        let status = if self.alive() {
+            "qemu-nbd is running"
+        } else {
+            "qemu-nbd has exited"
         };
         let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
         format!("{status}: {}", err.trim())
@@ -197,7 +220,13 @@ impl QemuNbd {
 
 impl Drop for QemuNbd {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // A read-only export has nothing to flush: SIGKILL (qemu-nbd takes seconds to act
+        // on SIGTERM). Wait until it is gone, so its lock on the image is released before
+        // anyone opens the image again.
+        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
+        let start = Instant::now();
+        while self.alive() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 }

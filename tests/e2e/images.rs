@@ -230,23 +230,37 @@ fn new_qcow2(img: &Path, size: &str, writes: &[&str]) {
     qemu_io(img, writes);
 }
 
-/// A read-only qemu-nbd of a qcow2 on `sock`, once its socket exists.
-fn qemu_nbd(img: &Path, sock: &Path, extra: &[&str]) -> std::process::Child {
+/// A read-only qemu-nbd of a qcow2 on `sock`, stopped when dropped. `--fork` returns
+/// only once the server listens (a socket file can exist before anyone accepts on it).
+struct NbdServer(i32);
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+fn qemu_nbd(img: &Path, sock: &Path, extra: &[&str]) -> NbdServer {
     let _ = fs::remove_file(sock);
-    let child = Command::new("qemu-nbd")
-        .args(["--read-only", "-f", "qcow2"])
+    let pid_file = sock.with_extension("pid");
+    run(Command::new("qemu-nbd")
+        .args(["--read-only", "--fork", "--persistent", "-f", "qcow2"])
         .args(extra)
+        .arg("--pid-file")
+        .arg(&pid_file)
         .arg("-k")
         .arg(sock)
-        .arg(img)
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    while !sock.exists() {
-        assert!(start.elapsed().as_secs() < 20, "qemu-nbd did not start");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    child
+        .arg(img));
+    NbdServer(
+        fs::read_to_string(&pid_file)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap(),
+    )
 }
 
 #[test]
@@ -277,7 +291,7 @@ fn a_dirty_bitmap_incremental_reads_only_the_dirty_blocks() {
         ],
     );
     let sock = env.path("nbd.sock");
-    let mut server = qemu_nbd(&img, &sock, &["-B", "since-first"]);
+    let server = qemu_nbd(&img, &sock, &["-B", "since-first"]);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     let second = env.json(&[
         "backup",
@@ -289,8 +303,7 @@ fn a_dirty_bitmap_incremental_reads_only_the_dirty_blocks() {
         "disk",
     ])["snapshot"]
         .clone();
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     assert_eq!(second["parent"], first["id"]);
     let read = second["summary"]["bytes_read"].as_u64().unwrap();
     assert!(
@@ -305,12 +318,11 @@ fn a_dirty_bitmap_incremental_reads_only_the_dirty_blocks() {
     env.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);
     compare(&img, "qcow2", &out, "raw");
     // A bitmap the export does not have is a clear error, and no snapshot.
-    let mut server = qemu_nbd(&img, &sock, &[]);
+    let server = qemu_nbd(&img, &sock, &[]);
     let out = env.run(&[
         "backup", "--nbd", &uri, "--bitmap", "nope", "--name", "disk",
     ]);
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
     assert!(!out.status.success());
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("nope"),
