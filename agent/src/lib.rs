@@ -5,7 +5,15 @@
 //! - [`qemu`]: qemu-img (format detection, conversion) and qemu-nbd (read-only exports).
 //! - [`image`]: disk images (qcow2, raw, VMDK) and NBD exports as a
 //!   [`cairn_engine::backup::BlockSource`].
+//! - [`postgres`], [`mariadb`]: database servers (physical copies and dumps), with what a
+//!   database snapshot records about them in [`database`].
+//! - [`process`]: running those programs (argument vectors, stderr into errors, a failed
+//!   program fails the read of its output).
 
+pub mod database;
 pub mod image;
+pub mod mariadb;
 pub mod nbd;
+pub mod postgres;
+pub mod process;
 pub mod qemu;

@@ -65,7 +65,7 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = EncryptionArg::Aes256Gcm)]
         encryption: EncryptionArg,
     },
-    /// Back up paths, or a stream from standard input
+    /// Back up paths, a stream from standard input, a disk image or a database
     Backup(BackupArgs),
     /// List snapshots
     Snapshots {
@@ -150,6 +150,9 @@ pub enum Command {
     },
     /// Unmount a `repo mount` (lazily: open files do not keep it mounted)
     Umount { mountpoint: PathBuf },
+    /// Instant recovery: start a database on a snapshot, without restoring it
+    #[command(subcommand)]
+    Recover(RecoverCommand),
     /// Manage the passwords that open the repository
     #[command(subcommand)]
     Key(KeyCommand),
@@ -161,8 +164,22 @@ pub enum Command {
 #[derive(Args, Debug)]
 pub struct BackupArgs {
     /// Files and directories to back up
-    #[arg(required_unless_present_any = ["stdin", "image", "nbd"], conflicts_with_all = ["stdin", "image", "nbd"])]
+    #[arg(required_unless_present_any = ["stdin", "image", "nbd", "postgres", "mariadb"], conflicts_with_all = ["stdin", "image", "nbd", "postgres", "mariadb"])]
     pub paths: Vec<PathBuf>,
+    /// Back up a PostgreSQL server: its data directory (pg_basebackup, WAL included), or
+    /// with --logical one pg_dump per database. CONN: a libpq connection string or URI;
+    /// without it the PG* environment, else the local cluster (peer authentication)
+    #[arg(long, value_name = "CONN", num_args = 0..=1, default_missing_value = "", conflicts_with_all = ["stdin", "image", "nbd", "mariadb"])]
+    pub postgres: Option<String>,
+    /// Back up a MariaDB server: a prepared mariadb-backup copy, or with --logical one
+    /// mariadb-dump per database. CONN: mariadb://USER[:PASSWORD]@HOST[:PORT] or a socket
+    /// path; without it the client's defaults, /etc/mysql/debian.cnf, or root over the socket
+    #[arg(long, value_name = "CONN", num_args = 0..=1, default_missing_value = "", conflicts_with_all = ["stdin", "image", "nbd"])]
+    pub mariadb: Option<String>,
+    /// With --postgres or --mariadb: dumps (one stream snapshot per database) instead of
+    /// a physical copy
+    #[arg(long)]
+    pub logical: bool,
     /// Back up a disk image file (qcow2, raw, VMDK), read through a private qemu-nbd
     #[arg(long, value_name = "FILE", conflicts_with_all = ["stdin", "nbd"])]
     pub image: Option<PathBuf>,
@@ -177,7 +194,8 @@ pub struct BackupArgs {
     /// Back up standard input as one stream
     #[arg(long, requires = "name")]
     pub stdin: bool,
-    /// Name of the stream (with --stdin) or image (default: the image file's name)
+    /// Name of the stream (with --stdin), image (default: the image file's name) or
+    /// database source (default: postgresql, mariadb)
     #[arg(long)]
     pub name: Option<String>,
     /// Skip paths matching this glob (repeatable); without a `/` it matches names anywhere
@@ -195,6 +213,54 @@ pub struct BackupArgs {
     /// Read every file, even those unchanged since the parent snapshot
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RecoverCommand {
+    /// Start the database of a physical database snapshot on an overlay of the mount, and
+    /// print how to connect (writes land in the overlay, never in the repository)
+    Db {
+        /// Snapshot id prefix or `latest`
+        snapshot: String,
+        /// Host port to publish the database on (default: a free one), on 127.0.0.1
+        #[arg(long)]
+        port: Option<u16>,
+        /// Container image (default: postgres:<major> or mariadb:<major> of the recorded
+        /// server version)
+        #[arg(long)]
+        image: Option<String>,
+        /// Let clients write (into the overlay); read-only by default
+        #[arg(long)]
+        writable: bool,
+        /// Where the server runs: a Docker container, or a process of the host's own
+        /// binaries (hosts without Docker)
+        #[arg(long, value_enum, default_value_t = RuntimeArg::Docker)]
+        runtime: RuntimeArg,
+        /// Seconds to wait for the server to answer (crash recovery replays WAL first)
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        #[command(flatten)]
+        filter: Filter,
+    },
+    /// List the recovery sessions of this host
+    List,
+    /// Stop recovery sessions: server, overlay, mount and scratch files
+    Stop {
+        /// Session id
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<String>,
+        /// Stop every session
+        #[arg(long)]
+        all: bool,
+    },
+    /// Remove what crashed or killed sessions left behind (after a reboot, a kill -9)
+    Cleanup,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum RuntimeArg {
+    Docker,
+    Process,
 }
 
 #[derive(Subcommand, Debug)]

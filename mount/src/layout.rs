@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use cairn_engine::snapshot::{Snapshot, SnapshotKind};
+use cairn_engine::snapshot::Snapshot;
 
 /// `2026-11-21T05-32-10`.
 #[must_use]
@@ -32,12 +32,13 @@ fn component(s: &str) -> String {
     }
 }
 
-/// The source a snapshot belongs to, as a directory name: the stream name, or the
+/// The source a snapshot belongs to, as a directory name: its name (a stream, an image,
+/// a database), or the
 /// backed-up paths (`/var/lib/x` -> `var-lib-x`, several joined by `,`, `/` -> `root`).
 #[must_use]
 pub fn source_name(s: &Snapshot) -> String {
-    match (&s.manifest.kind, &s.manifest.name) {
-        (SnapshotKind::Stream, Some(n)) => component(n),
+    match &s.manifest.name {
+        Some(n) => component(n),
         _ => {
             let parts: Vec<String> = s
                 .manifest

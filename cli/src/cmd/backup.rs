@@ -1,4 +1,5 @@
-//! `repo backup`: file trees, or a stream from standard input.
+//! `repo backup`: file trees, a stream from standard input, disk images; databases are
+//! in [`super::database`].
 
 use std::sync::Arc;
 
@@ -19,6 +20,15 @@ pub fn run(s: &Settings, g: &Global, a: &BackupArgs) -> Result<u8> {
     let repo = s.open()?;
     let progress = Arc::new(Progress::default());
     let display = Display::start(progress.clone(), "backup", !g.quiet && !g.json);
+    if a.postgres.is_some() || a.mariadb.is_some() {
+        let outcomes = super::database::backup(&repo, a, &progress);
+        display.finish();
+        let mut code = exit::OK;
+        for o in outcomes? {
+            code = code.max(report(g, o));
+        }
+        return Ok(code);
+    }
     let outcome = if let Some(path) = &a.image {
         let name = match &a.name {
             Some(n) => n.clone(),
@@ -83,12 +93,18 @@ pub fn run(s: &Settings, g: &Global, a: &BackupArgs) -> Result<u8> {
             parent,
             force: a.force,
             threads: 0,
+            ..Default::default()
         };
         backup::backup_tree(&repo, &opts, &progress)
     };
     display.finish();
-    let BackupOutcome { snapshot, warnings } =
-        outcome.context("backup failed; no snapshot was saved")?;
+    let outcome = outcome.context("backup failed; no snapshot was saved")?;
+    Ok(report(g, outcome))
+}
+
+/// Prints what a backup saved; returns the exit code it deserves.
+pub fn report(g: &Global, outcome: BackupOutcome) -> u8 {
+    let BackupOutcome { snapshot, warnings } = outcome;
     let sum = &snapshot.manifest.summary;
     if g.json {
         format::print_json(&json!({
@@ -121,7 +137,7 @@ pub fn run(s: &Settings, g: &Global, a: &BackupArgs) -> Result<u8> {
             "{} entries could not be read and are missing from the snapshot",
             sum.errors
         );
-        return Ok(exit::PARTIAL);
+        return exit::PARTIAL;
     }
-    Ok(exit::OK)
+    exit::OK
 }

@@ -3,7 +3,9 @@
 mod admin;
 mod backup;
 mod browse;
+mod database;
 mod mount;
+mod recover;
 mod restore;
 
 use anyhow::Result;
@@ -69,6 +71,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             read_data,
             read_data_subset,
         } => admin::check(&settings, g, read_data, read_data_subset),
+        Command::Recover(r) => recover::run(&settings, g, r),
         Command::Key(k) => admin::key(&settings, g, k),
         Command::Index(i) => admin::index(&settings, g, i),
     }

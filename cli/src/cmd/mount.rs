@@ -99,20 +99,37 @@ pub fn mount(
 }
 
 fn spawn_daemon(s: &Settings, mountpoint: &Path) -> Result<u8> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os()
+        .skip(1)
+        .filter(|a| a != "--daemon")
+        .collect();
+    let (pid, log) = spawn_mount_daemon(s, mountpoint, &args)?;
+    println!(
+        "mounted at {} (pid {pid}, log {})",
+        mountpoint.display(),
+        log.display()
+    );
+    Ok(exit::OK)
+}
+
+/// Starts `repo ARGS` (a foreground mount of `mountpoint`) in a new process group,
+/// hands it the password over a pipe, and returns its pid and log file once the
+/// filesystem is mounted.
+pub fn spawn_mount_daemon(
+    s: &Settings,
+    mountpoint: &Path,
+    args: &[std::ffi::OsString],
+) -> Result<(u32, std::path::PathBuf)> {
     let encrypted = Repository::peek_config(&s.repo)?.encryption != Encryption::None;
     let password = if encrypted {
         Some(s.password(false)?)
     } else {
         None
     };
-    let args: Vec<std::ffi::OsString> = std::env::args_os()
-        .skip(1)
-        .filter(|a| a != "--daemon")
-        .collect();
     let log = std::env::temp_dir().join(format!("cairn-mount-{}.log", std::process::id()));
     let log_file = std::fs::File::create(&log).with_context(|| log.display().to_string())?;
     let mut child = Command::new(std::env::current_exe().context("finding the repo binary")?)
-        .args(&args)
+        .args(args)
         .env(DAEMON_PASSWORD_STDIN, "1")
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -132,13 +149,7 @@ fn spawn_daemon(s: &Settings, mountpoint: &Path) -> Result<u8> {
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(60) {
         if cairn_mount::is_mounted(mountpoint) {
-            println!(
-                "mounted at {} (pid {}, log {})",
-                mountpoint.display(),
-                child.id(),
-                log.display()
-            );
-            return Ok(exit::OK);
+            return Ok((child.id(), log));
         }
         if let Some(status) = child.try_wait()? {
             let msg = std::fs::read_to_string(&log).unwrap_or_default();

@@ -2,7 +2,7 @@
 //!
 //! Content is read into a buffer of up to [`BATCH_BYTES`], cut with FastCDC, and the
 //! chunks of one buffer are hashed, compressed and encrypted in parallel (rayon) while
-//! the next buffer is read (`rayon::join`). The bytes after the last cut are carried
+//! the next buffer is read on the calling thread (`rayon::in_place_scope`). The bytes after the last cut are carried
 //! into the next buffer, so boundaries are those of the whole stream. Memory: two
 //! buffers per file in flight; a small file gets a buffer of its own size.
 
@@ -38,7 +38,7 @@ fn fill<R: Read>(r: &mut R, buf: &mut Vec<u8>, want: usize) -> io::Result<bool> 
 
 /// Chunks all of `reader` and appends one extent per chunk to `out`. `size_hint` (the
 /// expected length) sizes the first buffer. Returns the bytes read.
-pub fn save_content<R: Read + Send>(
+pub fn save_content<R: Read>(
     saver: &BlobSaver<'_>,
     params: ChunkerParams,
     mut reader: R,
@@ -65,28 +65,33 @@ pub fn save_content<R: Read + Send>(
         }
         let starts = std::iter::once(0).chain(ends.iter().copied());
         let ranges: Vec<(usize, usize)> = starts.zip(ends.iter().copied()).collect();
-        let (saved, filled) = rayon::join(
-            || {
-                ranges
-                    .par_iter()
-                    .map(|&(a, b)| {
-                        let (id, stored) = saver.save(BlobKind::Data, &cur[a..b])?;
-                        Progress::add(&progress.bytes_stored, stored);
-                        Ok(Extent {
-                            blob: Some(id),
-                            len: (b - a) as u64,
+        // The chunks are saved on the pool while this thread reads the next buffer (so
+        // the reader need not be `Send`: a tar entry is not).
+        let mut saved: Option<Result<Vec<Extent>, Error>> = None;
+        let filled = rayon::in_place_scope(|scope| {
+            let (cur, ranges, slot) = (&cur, &ranges, &mut saved);
+            scope.spawn(move |_| {
+                *slot = Some(
+                    ranges
+                        .par_iter()
+                        .map(|&(a, b)| {
+                            let (id, stored) = saver.save(BlobKind::Data, &cur[a..b])?;
+                            Progress::add(&progress.bytes_stored, stored);
+                            Ok(Extent {
+                                blob: Some(id),
+                                len: (b - a) as u64,
+                            })
                         })
-                    })
-                    .collect::<Result<Vec<Extent>, Error>>()
-            },
-            || {
-                if eof {
-                    Ok(true)
-                } else {
-                    fill(&mut reader, &mut next, cap)
-                }
-            },
-        );
+                        .collect::<Result<Vec<Extent>, Error>>(),
+                );
+            });
+            if eof {
+                Ok(true)
+            } else {
+                fill(&mut reader, &mut next, cap)
+            }
+        });
+        let saved = saved.unwrap_or_else(|| Ok(Vec::new()));
         let saved = saved.map_err(ContentError::Repo)?;
         total += consumed as u64;
         Progress::add(&progress.bytes_read, consumed as u64);

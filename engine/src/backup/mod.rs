@@ -1,9 +1,11 @@
-//! Backups: file trees ([`tree`]) and byte streams ([`stream`]).
+//! Backups: file trees ([`tree`]), tar archives ingested as trees ([`archive`]), byte
+//! streams ([`stream`]) and block images ([`image`]).
 //!
 //! Both cut content with FastCDC and hand chunks to a [`BlobSaver`] in batches that are
 //! hashed, compressed and encrypted in parallel on rayon, while the next batch is read
 //! ([`content`]). A snapshot is written only after every pack it refers to is durable.
 
+pub mod archive;
 pub mod content;
 pub mod image;
 mod source;
@@ -72,6 +74,7 @@ pub(crate) fn commit(
     })
 }
 
+pub use archive::{backup_tar, ArchiveBackupOptions};
 pub use image::{backup_image, BlockRegion, BlockSource, ImageBackupOptions};
 pub use stream::{backup_stream, StreamBackupOptions};
 pub use tree::{backup_tree, BackupOutcome, TreeBackupOptions};

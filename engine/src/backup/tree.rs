@@ -46,6 +46,11 @@ pub struct TreeBackupOptions {
     pub force: bool,
     /// Threads for the walk and the data path (0: twice the cores, I/O waits overlap CPU).
     pub threads: usize,
+    /// Store the one directory in `paths` as the snapshot's root, under this source name
+    /// (a database's data directory), instead of the tree of `/` holding the paths.
+    pub root_name: Option<String>,
+    /// Source-specific facts recorded in the manifest.
+    pub meta: BTreeMap<String, String>,
 }
 
 /// The result of a backup.
@@ -521,6 +526,11 @@ pub fn backup_tree(
         .map(|p| p.to_string_lossy().into_owned())
         .collect();
     let host = opts.host.clone().unwrap_or_else(current_host);
+    if opts.root_name.is_some() && (paths.len() != 1 || !paths[0].is_dir()) {
+        return Err(Error::InvalidInput(
+            "a named tree snapshot takes exactly one directory".into(),
+        ));
+    }
 
     let snapshots = repo.snapshots()?;
     let parent: Option<Snapshot> = match opts.parent {
@@ -531,7 +541,10 @@ pub fn backup_tree(
             .find(|s| {
                 s.manifest.kind == SnapshotKind::Tree
                     && s.manifest.host == host
-                    && s.manifest.paths == path_strings
+                    && match &opts.root_name {
+                        Some(n) => s.manifest.name.as_ref() == Some(n),
+                        None => s.manifest.name.is_none() && s.manifest.paths == path_strings,
+                    }
             })
             .cloned(),
     };
@@ -560,7 +573,15 @@ pub fn backup_tree(
     let root = std::thread::scope(|s| {
         s.spawn(|| scan(&paths, &walker.excludes, progress, &stop));
         let r = pool.install(|| -> Result<BlobId> {
-            let root = if trie.selected {
+            let root = if opts.root_name.is_some() {
+                walker
+                    .dir(&paths[0], parent_root.as_ref())
+                    .map_err(|e| match e {
+                        EntryError::Repo(e) => e,
+                        EntryError::Lost(e) => Error::io(paths[0].display().to_string(), e),
+                        EntryError::Vanished => Error::NotFound(paths[0].display().to_string()),
+                    })?
+            } else if trie.selected {
                 walker
                     .dir(Path::new("/"), parent_root.as_ref())
                     .map_err(|e| match e {
@@ -592,13 +613,17 @@ pub fn backup_tree(
         host,
         user: current_user(),
         kind: SnapshotKind::Tree,
-        paths: path_strings,
-        name: None,
+        paths: if opts.root_name.is_some() {
+            Vec::new()
+        } else {
+            path_strings
+        },
+        name: opts.root_name.clone(),
         tags: opts.tags.clone(),
         parent: parent.map(|p| p.id),
         root,
         summary,
-        meta: BTreeMap::new(),
+        meta: opts.meta.clone(),
     };
     let warnings = walker
         .warnings

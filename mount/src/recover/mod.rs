@@ -1,0 +1,727 @@
+//! Instant recovery: a database backup answering queries in seconds, without a restore.
+//!
+//! A session stacks four things, each recorded (in [`state`]) before it is made:
+//! 1. the repository mounted read-only (a `repo mount` daemon) at `sessions/<id>/mnt`;
+//! 2. an overlay at `merged/`, the snapshot's data directory as the lower layer and an
+//!    empty `upper/` whose owner and mode (the data directory's, 0700) the overlay's root
+//!    takes: nothing is copied or chowned, and every write lands in `upper/`;
+//! 3. the session's own files in `conf/` (access rules, credentials, the socket);
+//! 4. the server: a Docker container (bollard) running the image of the recorded version
+//!    as the data directory's owner, port published on 127.0.0.1, or with the process
+//!    runtime the host's own binaries.
+//!
+//! [`stop`] takes them down in reverse order and forgets the session; [`cleanup`] does
+//! that for every session whose creator died (killed, a reboot) and for anything labelled
+//! or placed as a session that has no record.
+
+pub mod docker;
+pub mod engines;
+pub mod state;
+
+use std::collections::HashMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_agent::database::{DatabaseMeta, Engine, Method};
+use cairn_engine::snapshot::Snapshot;
+
+use self::docker::{ContainerSpec, Docker, LABEL_SESSION, LABEL_STATE};
+use self::engines::ServerView;
+pub use self::state::{state_dir, SessionRecord, SessionState, Store};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error("snapshot {0} is not a physical database backup (take one with `repo backup --postgres` or `--mariadb`)")]
+    NotADatabase(String),
+    #[error("{0}")]
+    Docker(String),
+    #[error("session state: {0}")]
+    State(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Setup(String),
+    #[error("the database did not come up: {reason}\n--- server output ---\n{log}")]
+    NotReady { reason: String, log: String },
+    #[error("no recovery session {0}")]
+    NoSession(String),
+}
+
+impl RecoverError {
+    pub(crate) fn io(path: &Path, e: std::io::Error) -> Self {
+        Self::Io {
+            what: path.display().to_string(),
+            source: e,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    Docker,
+    Process,
+}
+
+impl Runtime {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Docker => "docker",
+            Self::Process => "process",
+        }
+    }
+}
+
+pub struct Request<'a> {
+    pub snapshot: &'a Snapshot,
+    pub repository: PathBuf,
+    pub port: Option<u16>,
+    pub image: Option<String>,
+    pub writable: bool,
+    pub runtime: Runtime,
+    /// How long the server may take to answer (crash recovery replays WAL).
+    pub timeout: Duration,
+    /// Starts a `repo mount` daemon of the repository at the given mountpoint; returns
+    /// its pid once mounted.
+    pub spawn_mount: &'a dyn Fn(&Path) -> Result<u32, String>,
+}
+
+fn random_token(bytes: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut raw = vec![0u8; bytes];
+    let _ = getrandom::getrandom(&mut raw);
+    raw.iter()
+        .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
+        .collect()
+}
+
+fn free_port() -> Result<u16, RecoverError> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| RecoverError::Io {
+        what: "finding a free port".into(),
+        source: e,
+    })?;
+    l.local_addr()
+        .map(|a| a.port())
+        .map_err(|e| RecoverError::Io {
+            what: "finding a free port".into(),
+            source: e,
+        })
+}
+
+fn mkdir(p: &Path, mode: u32) -> Result<(), RecoverError> {
+    std::fs::create_dir_all(p).map_err(|e| RecoverError::io(p, e))?;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| RecoverError::io(p, e))
+}
+
+fn chown(p: &Path, uid: u32, gid: u32) -> Result<(), RecoverError> {
+    std::os::unix::fs::lchown(p, Some(uid), Some(gid)).map_err(|e| RecoverError::io(p, e))
+}
+
+/// Whether anything is mounted at `p` (any filesystem).
+#[must_use]
+pub fn is_mountpoint(p: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = p.to_string_lossy().replace(' ', "\\040");
+    info.lines()
+        .any(|l| l.split(' ').nth(4).is_some_and(|mp| mp == want))
+}
+
+fn overlay_mount(
+    lower: &Path,
+    upper: &Path,
+    work: &Path,
+    merged: &Path,
+) -> Result<(), RecoverError> {
+    for p in [lower, upper, work] {
+        let s = p.to_string_lossy();
+        if s.contains(':') || s.contains(',') || s.contains('\\') {
+            return Err(RecoverError::Setup(format!(
+                "{s}: an overlay layer path may not hold ':', ',' or '\\' (set CAIRN_STATE_DIR elsewhere)"
+            )));
+        }
+    }
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    let mut cmd = if nix::unistd::geteuid().is_root() {
+        let mut c = Command::new("mount");
+        c.args(["-t", "overlay", "overlay", "-o", &opts])
+            .arg(merged);
+        c
+    } else {
+        let mut c = Command::new("fuse-overlayfs");
+        c.arg("-o").arg(&opts).arg(merged);
+        c
+    };
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| RecoverError::Io {
+            what: format!("running {:?} (for the overlay)", cmd.get_program()),
+            source: e,
+        })?;
+    if !out.status.success() {
+        return Err(RecoverError::Setup(format!(
+            "mounting the overlay at {} failed: {}",
+            merged.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Unmounts `p` if something is mounted there (waiting a little for a busy mount,
+/// then detaching it lazily).
+fn unmount_if_mounted(p: &Path) -> Result<(), RecoverError> {
+    if !is_mountpoint(p) {
+        return Ok(());
+    }
+    let root = nix::unistd::geteuid().is_root();
+    for _ in 0..20 {
+        let ok = if root {
+            nix::mount::umount(p).is_ok()
+        } else {
+            Command::new("fusermount3")
+                .arg("-u")
+                .arg(p)
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if ok || !is_mountpoint(p) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    crate::unmount(p).map_err(|e| RecoverError::io(p, e))
+}
+
+fn pid_alive(pid: u32) -> bool {
+    let Ok(raw) = i32::try_from(pid) else {
+        return false;
+    };
+    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None).is_err() {
+        return false;
+    }
+    // A zombie is gone for our purposes.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_none_or(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Signals the process group of `pid` (the server runs in its own group) and waits for
+/// it to go, escalating to SIGKILL after `grace`.
+fn stop_process(pid: u32, first: nix::sys::signal::Signal, grace: Duration) {
+    use nix::sys::signal::{kill, killpg, Signal};
+    let Ok(raw) = i32::try_from(pid) else { return };
+    let p = nix::unistd::Pid::from_raw(raw);
+    if killpg(p, first).is_err() {
+        let _ = kill(p, first);
+    }
+    let start = Instant::now();
+    while pid_alive(pid) {
+        if start.elapsed() > grace {
+            let _ = killpg(p, Signal::SIGKILL);
+            let _ = kill(p, Signal::SIGKILL);
+            std::thread::sleep(Duration::from_millis(100));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Our own child: reap it.
+    let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+}
+
+/// Starts a session; on any failure everything made so far is taken down again.
+pub fn start(store: &Store, req: &Request<'_>) -> Result<SessionRecord, RecoverError> {
+    let snap = req.snapshot;
+    let meta = DatabaseMeta::from_meta(&snap.manifest.meta)
+        .filter(|m| m.method == Method::Physical)
+        .ok_or_else(|| RecoverError::NotADatabase(snap.id.short()))?;
+    let docker = match req.runtime {
+        Runtime::Docker => Some(Docker::connect()?),
+        Runtime::Process => None,
+    };
+    let image = req
+        .image
+        .clone()
+        .unwrap_or_else(|| engines::default_image(&meta));
+    if let Some(d) = &docker {
+        if !d.image_exists(&image) {
+            return Err(RecoverError::Docker(format!(
+                "image {image} is not on this host: build it (scripts/build-db-images.sh makes \
+                 it from the host's own installation), pull it, or name another with --image"
+            )));
+        }
+    }
+    let id = random_token(8).to_lowercase();
+    let dir = store.sessions_dir().join(&id);
+    let mut rec = SessionRecord {
+        id: id.clone(),
+        state: SessionState::Starting,
+        engine: meta.engine.as_str().into(),
+        snapshot: snap.id.to_hex(),
+        repository: req.repository.display().to_string(),
+        runtime: req.runtime.as_str().into(),
+        writable: req.writable,
+        creator_pid: std::process::id(),
+        dir: dir.clone(),
+        container: None,
+        server_pid: None,
+        mount_pid: None,
+        port: None,
+        user: None,
+        password: None,
+        database: None,
+        created: chrono::Utc::now().to_rfc3339(),
+    };
+    store.put(&rec)?;
+    match set_up(store, req, &meta, &image, docker.as_ref(), &mut rec) {
+        Ok(()) => Ok(rec),
+        Err(e) => {
+            if let Err(e2) = take_down(store, &rec, docker.as_ref()) {
+                tracing::warn!("cleaning up the failed session {id}: {e2}");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn set_up(
+    store: &Store,
+    req: &Request<'_>,
+    meta: &DatabaseMeta,
+    image: &str,
+    docker: Option<&Docker>,
+    rec: &mut SessionRecord,
+) -> Result<(), RecoverError> {
+    let dir = rec.dir.clone();
+    mkdir(&dir, 0o711)?;
+    let (mnt, upper, work, merged, conf) = (
+        dir.join("mnt"),
+        dir.join("upper"),
+        dir.join("work"),
+        dir.join("merged"),
+        dir.join("conf"),
+    );
+    for p in [&mnt, &work, &merged] {
+        mkdir(p, 0o711)?;
+    }
+    // 1. the repository, read-only
+    let pid = (req.spawn_mount)(&mnt).map_err(RecoverError::Setup)?;
+    rec.mount_pid = Some(pid);
+    store.put(rec)?;
+    let lower = mnt
+        .join("snapshots")
+        .join(crate::layout::snapshot_dir_name(req.snapshot));
+    let probe = engines::owner_probes(meta.engine)
+        .iter()
+        .find_map(|f| std::fs::metadata(lower.join(f)).ok())
+        .ok_or_else(|| {
+            RecoverError::Setup(format!(
+                "{} does not look like a {} data directory",
+                lower.display(),
+                meta.engine.as_str()
+            ))
+        })?;
+    let (uid, gid) = (probe.uid(), probe.gid());
+    // 2. the overlay: its root takes the upper directory's owner and mode.
+    mkdir(&upper, 0o700)?;
+    chown(&upper, uid, gid)?;
+    overlay_mount(&lower, &upper, &work, &merged)?;
+    // 3. the session's files, readable by the server's user only.
+    let password = random_token(20);
+    mkdir(&conf, 0o700)?;
+    mkdir(&conf.join("run"), 0o700)?;
+    let has_config = merged.join("postgresql.conf").exists();
+    engines::write_files(meta, &conf, req.writable, &password, has_config)
+        .map_err(|e| RecoverError::io(&conf, e))?;
+    for entry in std::fs::read_dir(&conf).map_err(|e| RecoverError::io(&conf, e))? {
+        let p = entry.map_err(|e| RecoverError::io(&conf, e))?.path();
+        chown(&p, uid, gid)?;
+    }
+    chown(&conf, uid, gid)?;
+    let port = match req.port {
+        Some(p) => p,
+        None => free_port()?,
+    };
+    rec.port = Some(port);
+    rec.user = Some(engines::session_user(meta));
+    rec.password = Some(password.clone());
+    rec.database = Some(engines::session_database(meta));
+    // 4. the server.
+    let view;
+    let mut child = None;
+    let user = format!("{uid}:{gid}");
+    if let Some(d) = docker {
+        view = ServerView {
+            data: engines::container_data_dir(meta.engine).into(),
+            conf: "/cairn".into(),
+            port: engines::container_port(meta.engine),
+            listen: if meta.engine == Engine::Postgresql {
+                "*"
+            } else {
+                "0.0.0.0"
+            },
+        };
+        let mut cmd = engines::server_command(meta, &view, req.writable, has_config);
+        let program = cmd.remove(0);
+        let mut labels = HashMap::new();
+        labels.insert(LABEL_SESSION.to_owned(), rec.id.clone());
+        labels.insert(LABEL_STATE.to_owned(), store.dir().display().to_string());
+        let spec = ContainerSpec {
+            name: format!("cairn-recover-{}", rec.id),
+            image: image.to_owned(),
+            user: user.clone(),
+            entrypoint: vec![program],
+            args: cmd,
+            binds: vec![
+                format!("{}:{}", merged.display(), view.data),
+                format!("{}:{}", conf.display(), view.conf),
+            ],
+            port: format!("{}/tcp", view.port),
+            host_port: port,
+            labels,
+        };
+        rec.container = Some(spec.name.clone());
+        store.put(rec)?;
+        let cid = d.run(&spec)?;
+        rec.container = Some(cid);
+        store.put(rec)?;
+    } else {
+        view = ServerView {
+            data: merged.display().to_string(),
+            conf: conf.display().to_string(),
+            port,
+            listen: "127.0.0.1",
+        };
+        let cmd = engines::server_command(meta, &view, req.writable, has_config);
+        let program = host_program(meta, &cmd[0]);
+        let log = conf.join("server.log");
+        let log_file = std::fs::File::create(&log).map_err(|e| RecoverError::io(&log, e))?;
+        let log_err = log_file
+            .try_clone()
+            .map_err(|e| RecoverError::io(&log, e))?;
+        let c = Command::new(&program)
+            .args(&cmd[1..])
+            .current_dir(&conf)
+            .uid(uid)
+            .gid(gid)
+            .stdin(Stdio::null())
+            .stdout(log_file)
+            .stderr(log_err)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| RecoverError::Io {
+                what: format!("starting {}", program.display()),
+                source: e,
+            })?;
+        rec.server_pid = Some(c.id());
+        store.put(rec)?;
+        child = Some(c);
+    }
+    wait_ready(
+        meta,
+        &view,
+        docker,
+        rec,
+        &user,
+        uid,
+        gid,
+        &password,
+        req.timeout,
+        child.as_mut(),
+    )?;
+    if let Some((cmd, env)) = engines::credential_command(meta, &view, &password) {
+        let (ok, out) = client(meta, docker, rec, &user, uid, gid, &cmd, &env)?;
+        if !ok {
+            return Err(RecoverError::Setup(format!(
+                "setting the session's password failed: {}",
+                out.trim()
+            )));
+        }
+    }
+    rec.state = SessionState::Running;
+    store.put(rec)?;
+    Ok(())
+}
+
+/// The host's binary for `name` (the process runtime): PostgreSQL's of the recorded
+/// major version, else whatever `PATH` finds.
+fn host_program(meta: &DatabaseMeta, name: &str) -> PathBuf {
+    let candidates = match meta.engine {
+        Engine::Postgresql => vec![PathBuf::from(format!(
+            "/usr/lib/postgresql/{}/bin/{name}",
+            meta.major
+        ))],
+        Engine::Mariadb => vec![
+            PathBuf::from(format!("/usr/sbin/{name}")),
+            PathBuf::from(format!("/usr/bin/{name}")),
+        ],
+    };
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Runs a client command where the server runs; returns (success, output).
+#[allow(clippy::too_many_arguments)]
+fn client(
+    meta: &DatabaseMeta,
+    docker: Option<&Docker>,
+    rec: &SessionRecord,
+    user: &str,
+    uid: u32,
+    gid: u32,
+    cmd: &[String],
+    env: &[String],
+) -> Result<(bool, String), RecoverError> {
+    if let (Some(d), Some(cid)) = (docker, &rec.container) {
+        let (code, out) = d.exec(cid, user, cmd, env)?;
+        return Ok((code == 0, out));
+    }
+    let mut c = Command::new(host_program(meta, &cmd[0]));
+    c.args(&cmd[1..]).uid(uid).gid(gid).current_dir("/");
+    for kv in env {
+        if let Some((k, v)) = kv.split_once('=') {
+            c.env(k, v);
+        }
+    }
+    let out = c
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| RecoverError::Io {
+            what: format!("running {}", cmd[0]),
+            source: e,
+        })?;
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    Ok((out.status.success(), text))
+}
+
+fn server_log(docker: Option<&Docker>, rec: &SessionRecord) -> String {
+    if let (Some(d), Some(cid)) = (docker, &rec.container) {
+        return d.logs(cid);
+    }
+    let log = std::fs::read_to_string(rec.dir.join("conf/server.log")).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+#[allow(clippy::too_many_arguments)]
+fn wait_ready(
+    meta: &DatabaseMeta,
+    view: &ServerView,
+    docker: Option<&Docker>,
+    rec: &SessionRecord,
+    user: &str,
+    uid: u32,
+    gid: u32,
+    password: &str,
+    timeout: Duration,
+    mut child: Option<&mut std::process::Child>,
+) -> Result<(), RecoverError> {
+    let (cmd, env) = engines::ready_command(meta, view, password);
+    let started = Instant::now();
+    let mut last;
+    loop {
+        let alive = match (docker, &rec.container, child.as_deref_mut()) {
+            (Some(d), Some(cid), _) => d.running(cid).unwrap_or(false),
+            (_, _, Some(c)) => matches!(c.try_wait(), Ok(None)),
+            _ => false,
+        };
+        if !alive {
+            return Err(RecoverError::NotReady {
+                reason: "the server exited".into(),
+                log: server_log(docker, rec),
+            });
+        }
+        let (ok, out) = client(meta, docker, rec, user, uid, gid, &cmd, &env)?;
+        if ok {
+            // And the published port accepts connections.
+            if let Some(port) = rec.port {
+                if std::net::TcpStream::connect_timeout(
+                    &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                    Duration::from_secs(2),
+                )
+                .is_ok()
+                {
+                    return Ok(());
+                }
+            }
+        }
+        last = out;
+        if started.elapsed() > timeout {
+            return Err(RecoverError::NotReady {
+                reason: format!(
+                    "no answer within {}s (last client output: {})",
+                    timeout.as_secs(),
+                    last.trim()
+                ),
+                log: server_log(docker, rec),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Takes down everything `rec` names, in reverse order, then forgets it. Idempotent:
+/// what is already gone is skipped.
+fn take_down(
+    store: &Store,
+    rec: &SessionRecord,
+    docker: Option<&Docker>,
+) -> Result<(), RecoverError> {
+    if let Some(cid) = &rec.container {
+        let owned;
+        let d = match docker {
+            Some(d) => d,
+            None => {
+                owned = Docker::connect()?;
+                &owned
+            }
+        };
+        d.remove(cid)?;
+    }
+    if let Some(pid) = rec.server_pid {
+        if pid_alive(pid) {
+            // PostgreSQL: SIGINT is a fast shutdown; MariaDB shuts down on SIGTERM.
+            let sig = if rec.engine == "postgresql" {
+                nix::sys::signal::Signal::SIGINT
+            } else {
+                nix::sys::signal::Signal::SIGTERM
+            };
+            stop_process(pid, sig, Duration::from_secs(30));
+        }
+    }
+    unmount_if_mounted(&rec.merged())?;
+    let mnt = rec.mountpoint();
+    if is_mountpoint(&mnt) {
+        crate::unmount(&mnt).map_err(|e| RecoverError::io(&mnt, e))?;
+    }
+    if let Some(pid) = rec.mount_pid {
+        // The daemon exits once its filesystem is gone.
+        let start = Instant::now();
+        while pid_alive(pid) && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if pid_alive(pid) {
+            stop_process(
+                pid,
+                nix::sys::signal::Signal::SIGTERM,
+                Duration::from_secs(5),
+            );
+        }
+    }
+    remove_session_dir(&rec.dir)?;
+    store.remove(&rec.id)
+}
+
+/// Removes a session directory, refusing while anything is still mounted in it.
+fn remove_session_dir(dir: &Path) -> Result<(), RecoverError> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    for sub in ["merged", "mnt"] {
+        if is_mountpoint(&dir.join(sub)) {
+            return Err(RecoverError::Setup(format!(
+                "{} is still mounted; not removing the session's files",
+                dir.join(sub).display()
+            )));
+        }
+    }
+    std::fs::remove_dir_all(dir).map_err(|e| RecoverError::io(dir, e))
+}
+
+/// Stops one session.
+pub fn stop(store: &Store, id: &str) -> Result<SessionRecord, RecoverError> {
+    let rec = store
+        .get(id)?
+        .ok_or_else(|| RecoverError::NoSession(id.to_owned()))?;
+    take_down(store, &rec, None)?;
+    Ok(rec)
+}
+
+/// Whether a session still serves: its creator is still setting it up, or its server,
+/// overlay and mount are all there.
+#[must_use]
+pub fn is_live(rec: &SessionRecord, docker: Option<&Docker>) -> bool {
+    if rec.state == SessionState::Starting {
+        return pid_alive(rec.creator_pid) && rec.creator_pid != std::process::id();
+    }
+    let server = match (&rec.container, rec.server_pid) {
+        (Some(cid), _) => docker.and_then(|d| d.running(cid)).unwrap_or(false),
+        (None, Some(pid)) => pid_alive(pid),
+        (None, None) => false,
+    };
+    server && is_mountpoint(&rec.merged()) && is_mountpoint(&rec.mountpoint())
+}
+
+/// What [`cleanup`] did.
+#[derive(Debug, Default)]
+pub struct Cleanup {
+    pub sessions_removed: Vec<String>,
+    pub containers_removed: Vec<String>,
+    pub dirs_removed: Vec<PathBuf>,
+    pub still_running: Vec<String>,
+}
+
+/// Removes what dead sessions left behind: recorded sessions that no longer serve,
+/// labelled containers with no record, and session directories with no record.
+pub fn cleanup(store: &Store) -> Result<Cleanup, RecoverError> {
+    let mut report = Cleanup::default();
+    let docker = Docker::connect().ok();
+    let records = store.list()?;
+    for rec in &records {
+        if is_live(rec, docker.as_ref()) {
+            report.still_running.push(rec.id.clone());
+            continue;
+        }
+        take_down(store, rec, docker.as_ref())?;
+        report.sessions_removed.push(rec.id.clone());
+    }
+    let known: Vec<String> = store.list()?.into_iter().map(|r| r.id).collect();
+    if let Some(d) = &docker {
+        for (cid, sid) in d.session_containers(&store.dir().display().to_string())? {
+            if !known.contains(&sid) {
+                d.remove(&cid)?;
+                report.containers_removed.push(cid);
+            }
+        }
+    }
+    let sessions = store.sessions_dir();
+    if let Ok(entries) = std::fs::read_dir(&sessions) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if known.contains(&name) {
+                continue;
+            }
+            let dir = e.path();
+            unmount_if_mounted(&dir.join("merged"))?;
+            let mnt = dir.join("mnt");
+            if is_mountpoint(&mnt) {
+                crate::unmount(&mnt).map_err(|e| RecoverError::io(&mnt, e))?;
+            }
+            remove_session_dir(&dir)?;
+            report.dirs_removed.push(dir);
+        }
+    }
+    Ok(report)
+}
