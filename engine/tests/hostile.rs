@@ -150,3 +150,81 @@ fn duplicate_names_are_refused() {
     });
     assert_refused(&repo, &snap, d.path());
 }
+
+/// A tar archive with entries named exactly as given (no checks: an attacker's).
+fn raw_tar(entries: &[(&[u8], tar::EntryType, &[u8], &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (path, kind, data, link) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.as_old_mut().name[..path.len()].copy_from_slice(path);
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
+        h.set_entry_type(*kind);
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        out.extend_from_slice(h.as_bytes());
+        out.extend_from_slice(data);
+        out.resize(out.len().div_ceil(512) * 512, 0);
+    }
+    out.resize(out.len() + 1024, 0);
+    out
+}
+
+fn tar_backup(repo: &Repository, archive: &[u8]) -> cairn_engine::Result<()> {
+    let opts = cairn_engine::backup::ArchiveBackupOptions {
+        name: "postgresql".into(),
+        ..Default::default()
+    };
+    cairn_engine::backup::backup_tar(repo, &opts, archive, &Progress::default()).map(|_| ())
+}
+
+#[test]
+fn hostile_archives_fail_the_backup_and_save_no_snapshot() {
+    use tar::EntryType::{Link, Regular, Symlink};
+    let (_d, repo) = fresh_repo();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "dotdot",
+            raw_tar(&[(b"base/../../etc/passwd", Regular, b"x", b"")]),
+        ),
+        ("absolute", raw_tar(&[(b"/etc/passwd", Regular, b"x", b"")])),
+        (
+            "link to nothing",
+            raw_tar(&[(b"a", Link, b"", b"never-seen")]),
+        ),
+        (
+            "link out",
+            raw_tar(&[(b"a", Regular, b"x", b""), (b"b", Link, b"", b"../a")]),
+        ),
+        // The header promises more bytes than the archive holds.
+        ("truncated", {
+            let mut t = raw_tar(&[(b"big", Regular, &[7u8; 4096], b"")]);
+            t.truncate(512 + 1000);
+            t
+        }),
+    ];
+    for (what, archive) in cases {
+        let e = tar_backup(&repo, &archive).expect_err(what);
+        assert!(
+            matches!(e.kind(), ErrorKind::InvalidInput | ErrorKind::Io),
+            "{what}: {e}"
+        );
+    }
+    assert!(repo.snapshots().unwrap().is_empty());
+    // A symlink may point anywhere (it is data, restored as a link); a good archive with
+    // a hard link saves both names with one content.
+    let good = raw_tar(&[
+        (b"./PG_VERSION", Regular, b"15\n", b""),
+        (b"./pg_wal/", tar::EntryType::Directory, b"", b""),
+        (b"./link", Symlink, b"", b"/etc/passwd"),
+        (b"./again", Link, b"", b"PG_VERSION"),
+    ]);
+    tar_backup(&repo, &good).unwrap();
+    let snap = &repo.snapshots().unwrap()[0];
+    let root = repo.load_tree(&snap.manifest.root).unwrap();
+    let names: Vec<String> = root.nodes.iter().map(Node::display_name).collect();
+    assert_eq!(names, ["PG_VERSION", "again", "link", "pg_wal"]);
+    assert_eq!(root.nodes[0].content, root.nodes[1].content);
+    assert_eq!(root.nodes[0].links, 2);
+    assert_eq!(root.nodes[1].inode, root.nodes[0].inode);
+}

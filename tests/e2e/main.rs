@@ -8,6 +8,8 @@
 mod bad_input;
 mod browse;
 mod check;
+mod database;
+mod dbserver;
 mod dedup;
 mod images;
 mod keys;

@@ -6,6 +6,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
+use crate::dbserver::{as_postgres, postgres_user, Postgres, PG_BIN};
 use crate::support::*;
 
 fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
@@ -343,122 +344,6 @@ fn the_mount_works_as_the_lower_layer_of_fuse_overlayfs() {
         return;
     }
     overlay_case(false);
-}
-
-/// A PostgreSQL server run as the `postgres` user on `data`, stopped when dropped.
-struct Postgres {
-    child: std::process::Child,
-    sock: std::path::PathBuf,
-    port: u16,
-    log: std::path::PathBuf,
-}
-
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
-
-fn postgres_user() -> (u32, u32) {
-    let u = nix::unistd::User::from_name("postgres")
-        .unwrap()
-        .expect("a postgres user");
-    (u.uid.as_raw(), u.gid.as_raw())
-}
-
-fn as_postgres(cmd: &mut Command) -> &mut Command {
-    use std::os::unix::process::CommandExt;
-    let (uid, gid) = postgres_user();
-    cmd.uid(uid).gid(gid).env("LC_ALL", "C.UTF-8")
-}
-
-impl Postgres {
-    fn start(env: &Env, data: &Path, tag: &str) -> Self {
-        let sock = env.path(&format!("sock-{tag}"));
-        fs::create_dir_all(&sock).unwrap();
-        let (uid, gid) = postgres_user();
-        std::os::unix::fs::chown(&sock, Some(uid), Some(gid)).unwrap();
-        let port = 20000 + (std::process::id() % 20000) as u16 + tag.len() as u16;
-        let log = env.path(&format!("postgres-{tag}.log"));
-        let child = as_postgres(&mut Command::new(format!("{PG_BIN}/postgres")))
-            .arg("-D")
-            .arg(data)
-            .args([
-                "-k",
-                sock.to_str().unwrap(),
-                "-p",
-                &port.to_string(),
-                "-c",
-                "listen_addresses=",
-                "-c",
-                "fsync=off",
-            ])
-            .stdout(fs::File::create(&log).unwrap())
-            .stderr(fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        let pg = Self {
-            child,
-            sock,
-            port,
-            log,
-        };
-        let start = std::time::Instant::now();
-        loop {
-            let ready = Command::new(format!("{PG_BIN}/pg_isready"))
-                .args(["-h", pg.sock.to_str().unwrap(), "-p", &pg.port.to_string()])
-                .output()
-                .unwrap();
-            if ready.status.success() {
-                break;
-            }
-            assert!(
-                start.elapsed().as_secs() < 60,
-                "postgres did not start: {}",
-                fs::read_to_string(&pg.log).unwrap_or_default()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        pg
-    }
-
-    fn sql(&self, q: &str) -> String {
-        let out = as_postgres(&mut Command::new("psql"))
-            .args([
-                "-h",
-                self.sock.to_str().unwrap(),
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                "-At",
-                "-c",
-                q,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{q}: {}\nserver log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            fs::read_to_string(&self.log).unwrap_or_default()
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    }
-
-    fn stop(mut self) -> String {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGINT,
-        );
-        let status = self.child.wait().unwrap();
-        let log = fs::read_to_string(&self.log).unwrap_or_default();
-        assert!(status.success(), "postgres exited with {status}: {log}");
-        log
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

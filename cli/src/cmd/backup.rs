@@ -23,8 +23,22 @@ pub fn run(s: &Settings, g: &Global, a: &BackupArgs) -> Result<u8> {
     if a.postgres.is_some() || a.mariadb.is_some() {
         let outcomes = super::database::backup(&repo, a, &progress);
         display.finish();
+        let outcomes = outcomes?;
+        if g.json {
+            // One document: the first snapshot (the physical one) and all of them.
+            let all: Vec<_> = outcomes
+                .iter()
+                .map(|o| format::snapshot_json(&o.snapshot))
+                .collect();
+            format::print_json(&json!({
+                "snapshot": all.first(),
+                "snapshots": all,
+                "warnings": [],
+            }));
+            return Ok(exit::OK);
+        }
         let mut code = exit::OK;
-        for o in outcomes? {
+        for o in outcomes {
             code = code.max(report(g, o));
         }
         return Ok(code);

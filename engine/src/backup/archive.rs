@@ -202,14 +202,15 @@ pub fn backup_tar<R: Read + Send>(
         };
         let bad = |what: &str| Error::InvalidInput(format!("archive entry {shown:?}: {what}"));
         let mtime = Timestamp {
-            sec: i64::try_from(h.mtime().map_err(|_| bad("bad mtime"))?).unwrap_or(0),
+            sec: i64::try_from(h.mtime().unwrap_or(0)).unwrap_or(0),
             nsec: 0,
         };
         let name = path.last().cloned().unwrap_or_default();
         let mut node = Node {
             mode: h.mode().map_err(|_| bad("bad mode"))? & 0o7777,
-            uid: u32::try_from(h.uid().map_err(|_| bad("bad uid"))?).map_err(|_| bad("bad uid"))?,
-            gid: u32::try_from(h.gid().map_err(|_| bad("bad gid"))?).map_err(|_| bad("bad gid"))?,
+            // Empty numeric fields (some writers leave them so) read as 0.
+            uid: u32::try_from(h.uid().unwrap_or(0)).map_err(|_| bad("uid out of range"))?,
+            gid: u32::try_from(h.gid().unwrap_or(0)).map_err(|_| bad("gid out of range"))?,
             user: h.username().ok().flatten().map(str::to_owned),
             group: h.groupname().ok().flatten().map(str::to_owned),
             mtime,
