@@ -152,7 +152,10 @@ fn duplicate_names_are_refused() {
 }
 
 /// A tar archive with entries named exactly as given (no checks: an attacker's).
-fn raw_tar(entries: &[(&[u8], tar::EntryType, &[u8], &[u8])]) -> Vec<u8> {
+/// (path, type, content, link target) of one archive entry.
+type RawEntry<'a> = (&'a [u8], tar::EntryType, &'a [u8], &'a [u8]);
+
+fn raw_tar(entries: &[RawEntry<'_>]) -> Vec<u8> {
     let mut out = Vec::new();
     for (path, kind, data, link) in entries {
         let mut h = tar::Header::new_gnu();
