@@ -523,3 +523,40 @@ fn recovering_a_snapshot_that_is_not_a_database_is_refused() {
     assert!(err.contains("is not a physical database backup"), "{err}");
     assert_eq!(rjson(&env, &["recover", "list"]), serde_json::json!([]));
 }
+
+#[test]
+fn without_a_connection_string_the_pg_environment_names_the_server() {
+    if !require_root("a PostgreSQL cluster") || !require_postgres() {
+        return;
+    }
+    let env = Env::new();
+    let pg = postgres_cluster(&env, "source");
+    pg.sql("CREATE TABLE marker AS SELECT 42 AS answer");
+    let out = env
+        .cmd()
+        .env("PGHOST", &pg.sock)
+        .env("PGPORT", pg.port.to_string())
+        .env("PGUSER", "postgres")
+        .env("PGDATABASE", "postgres")
+        .args(["backup", "--postgres", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["snapshot"]["name"], "postgresql");
+    // The data directory is the snapshot's root, WAL and all.
+    let ls = env.ok(&["ls", "latest", "--name", "postgresql"]);
+    for want in [
+        "/PG_VERSION",
+        "/backup_label",
+        "/pg_wal",
+        "/base",
+        "/global/pg_control",
+    ] {
+        assert!(ls.lines().any(|l| l == want), "{want} missing from:\n{ls}");
+    }
+}
