@@ -72,7 +72,7 @@ r_pid=$!
 until as_pg psql -h "$work/sock2" -p 25998 -XAtc "SELECT 1" >/dev/null 2>&1; do sleep 0.1; done
 t1=$(now)
 restore_s=$(secs "$t0" "$t_restored"); restore_total_s=$(secs "$t0" "$t1")
-kill -INT $r_pid; wait $r_pid || true
+kill -INT "$(head -1 "$work/restored/postmaster.pid")"; wait $r_pid || true
 
 mib() { awk -v b="$1" 'BEGIN{printf "%.0f", b/1048576}'; }
 echo "| database | backup s | repository | recover db -> first query s | first full scan s | copied up (read-only scan) | UPDATE 1 row s | copied up (1 row) | restore s | restore + start -> first query s |"

@@ -150,6 +150,8 @@ pub enum Command {
     },
     /// Unmount a `repo mount` (lazily: open files do not keep it mounted)
     Umount { mountpoint: PathBuf },
+    /// Remove snapshots a keep policy does not keep (their data stays until a prune)
+    Forget(ForgetArgs),
     /// Instant recovery: start a database on a snapshot, without restoring it
     #[command(subcommand)]
     Recover(RecoverCommand),
@@ -213,6 +215,42 @@ pub struct BackupArgs {
     /// Read every file, even those unchanged since the parent snapshot
     #[arg(long)]
     pub force: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ForgetArgs {
+    /// Keep the N newest snapshots
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_last: u32,
+    /// Keep the newest snapshot of each of the N newest hours that have one
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_hourly: u32,
+    /// ... days (UTC)
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_daily: u32,
+    /// ... ISO weeks
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_weekly: u32,
+    /// ... months
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_monthly: u32,
+    /// ... years
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub keep_yearly: u32,
+    /// Keep every snapshot within this duration of the group's newest: 7d, 12h, 2w, 1y6m
+    #[arg(long, value_name = "DURATION", value_parser = cairn_engine::retention::parse_duration)]
+    pub keep_within: Option<chrono::Duration>,
+    /// Keep every snapshot with this tag (repeatable)
+    #[arg(long, value_name = "TAG")]
+    pub keep_tag: Vec<String>,
+    /// What makes a group the policy applies to separately
+    #[arg(long, value_name = "host,source", default_value = "host,source")]
+    pub group_by: String,
+    /// List every snapshot with keep/remove and the rule that kept it; remove nothing
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub filter: Filter,
 }
 
 #[derive(Subcommand, Debug)]

@@ -14,7 +14,8 @@
 //! - [`index`]: the SQLite blob index, a cache rebuilt from pack trailers.
 //! - [`tree`], [`snapshot`]: directory listings and snapshot manifests.
 //! - [`repository`]: the facade that opens all of the above.
-//! - [`saver`], [`backup`], [`restore`], [`walk`], [`diff`], [`check`]: the commands' engines.
+//! - [`saver`], [`backup`], [`restore`], [`walk`], [`diff`], [`check`], [`retention`]: the
+//!   commands' engines.
 //!
 //! The on-disk format is specified byte by byte in `docs/FORMAT.md`.
 
@@ -34,6 +35,7 @@ pub mod pack;
 pub mod progress;
 pub mod repository;
 pub mod restore;
+pub mod retention;
 pub mod saver;
 pub mod snapshot;
 pub mod tree;

@@ -328,6 +328,13 @@ impl Repository {
         Ok(id)
     }
 
+    /// Forgets a snapshot: its manifest goes, its data stays (until a prune).
+    pub fn remove_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        self.backend
+            .remove(FileKind::Snapshot, &id.to_hex())
+            .ctx(|| format!("removing snapshot {id}"))
+    }
+
     // ---- blobs ----
 
     pub fn locate(&self, id: &BlobId) -> Result<BlobLocation> {

@@ -4,6 +4,7 @@ mod admin;
 mod backup;
 mod browse;
 mod database;
+mod forget;
 mod mount;
 mod recover;
 mod restore;
@@ -71,6 +72,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             read_data,
             read_data_subset,
         } => admin::check(&settings, g, read_data, read_data_subset),
+        Command::Forget(a) => forget::run(&settings, g, &a),
         Command::Recover(r) => recover::run(&settings, g, r),
         Command::Key(k) => admin::key(&settings, g, k),
         Command::Index(i) => admin::index(&settings, g, i),
