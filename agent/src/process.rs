@@ -64,10 +64,8 @@ fn collect_tail<R: Read + Send + 'static>(mut r: R) -> (Arc<Mutex<Vec<u8>>>, Joi
     (buf, handle)
 }
 
-fn tail_text(buf: &Mutex<Vec<u8>>) -> String {
-    let v = buf
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+/// The last [`STDERR_KEEP`] bytes of a program's standard error, as text.
+fn tail_text(v: &[u8]) -> String {
     let start = v.len().saturating_sub(STDERR_KEEP);
     let text = String::from_utf8_lossy(&v[start..]).trim().to_owned();
     if text.is_empty() {
@@ -89,18 +87,10 @@ pub fn run(cmd: &mut Command, what: &str) -> Result<Vec<u8>, ProcessError> {
     if out.status.success() {
         Ok(out.stdout)
     } else {
-        let start = out.stderr.len().saturating_sub(STDERR_KEEP);
-        let stderr = String::from_utf8_lossy(&out.stderr[start..])
-            .trim()
-            .to_owned();
         Err(ProcessError::Failed {
             what: what.to_owned(),
             status: out.status,
-            stderr: if stderr.is_empty() {
-                "(no error output)".into()
-            } else {
-                stderr
-            },
+            stderr: tail_text(&out.stderr),
         })
     }
 }
@@ -158,7 +148,12 @@ impl ChildReader {
             Err(io::Error::other(ProcessError::Failed {
                 what: self.what.clone(),
                 status,
-                stderr: tail_text(&self.stderr),
+                stderr: tail_text(
+                    &self
+                        .stderr
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                ),
             }))
         }
     }
@@ -184,6 +179,20 @@ impl Drop for ChildReader {
             let _ = self.child.wait();
         }
     }
+}
+
+/// Whether process `pid` still runs. A zombie counts as gone: it has released its files
+/// and locks, and its reaping is up to its parent or init (which may take its time).
+#[must_use]
+pub fn pid_alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the parenthesised command name.
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next());
+    !matches!(state, None | Some('Z' | 'X'))
 }
 
 /// `program` from `dir` if it is there, else from `PATH`.

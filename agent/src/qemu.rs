@@ -193,17 +193,9 @@ impl QemuNbd {
         &self.socket
     }
 
-    /// Whether the server still runs. A zombie counts as gone: it has released its files
-    /// and locks, and its reaping is up to init (which may take its time).
+    /// Whether the server still runs (a zombie counts as gone).
     fn alive(&self) -> bool {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)) else {
-            return false;
-        };
-        // The state follows the parenthesised command name.
-        let state = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.chars().next());
-        !matches!(state, None | Some('Z' | 'X'))
+        u32::try_from(self.pid.as_raw()).is_ok_and(crate::process::pid_alive)
     }
 
     /// Whether qemu-nbd still runs, and what it said on stderr (for error messages).

@@ -95,10 +95,8 @@ pub fn unmount(mountpoint: &Path) -> io::Result<()> {
     }
 }
 
-/// Whether `path` is the mountpoint of a cairn filesystem (from /proc/self/mountinfo:
-/// fstype `fuse*` with a source `cairn:...`).
-#[must_use]
-pub fn is_mounted(path: &Path) -> bool {
+/// Whether a mount at `path` in /proc/self/mountinfo satisfies `pred(fstype, source)`.
+fn mounted_where(path: &Path, pred: impl Fn(&str, &str) -> bool) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return false;
     };
@@ -113,9 +111,23 @@ pub fn is_mounted(path: &Path) -> bool {
             .split(' ')
             .nth(4)
             .is_some_and(|mp| unescape(mp) == want)
-            && fstype.starts_with("fuse")
-            && source.starts_with("cairn:")
+            && pred(fstype, source)
     })
+}
+
+/// Whether `path` is the mountpoint of a cairn filesystem (fstype `fuse*` with a source
+/// `cairn:...`).
+#[must_use]
+pub fn is_mounted(path: &Path) -> bool {
+    mounted_where(path, |fstype, source| {
+        fstype.starts_with("fuse") && source.starts_with("cairn:")
+    })
+}
+
+/// Whether anything at all is mounted at `path` (an overlay, any filesystem).
+#[must_use]
+pub fn is_mountpoint(path: &Path) -> bool {
+    mounted_where(path, |_, _| true)
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space, ...).

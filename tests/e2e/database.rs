@@ -26,8 +26,9 @@ fn rcmd(env: &Env) -> Command {
     c
 }
 
-fn rjson(env: &Env, args: &[&str]) -> Value {
-    let out = rcmd(env).args(args).arg("--json").output().unwrap();
+/// Runs `repo ARGS` with the private state directory, asserts success; returns stdout.
+fn rok(env: &Env, args: &[&str]) -> String {
+    let out = rcmd(env).args(args).output().unwrap();
     assert!(
         out.status.success(),
         "repo {args:?} failed ({}):\n{}\n{}",
@@ -35,7 +36,13 @@ fn rjson(env: &Env, args: &[&str]) -> Value {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn rjson(env: &Env, args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.push("--json");
+    serde_json::from_str(&rok(env, &a)).unwrap()
 }
 
 fn snapshot_count(env: &Env) -> usize {
@@ -197,13 +204,7 @@ fn postgres_backup_recovers_in_docker_with_the_backed_up_data() {
     assert_eq!(list[0]["id"], s["id"]);
     assert_eq!(list[0]["state"], "running");
 
-    rcmd(&env)
-        .args(["recover", "stop", s["id"].as_str().unwrap()])
-        .status()
-        .unwrap()
-        .success()
-        .then_some(())
-        .expect("stop failed");
+    rok(&env, &["recover", "stop", s["id"].as_str().unwrap()]);
     assert_nothing_left(&env);
     assert!(psql(conn, "SELECT 1").is_err(), "the server still answers");
 }
@@ -222,11 +223,7 @@ fn writes_in_a_writable_session_never_reach_the_repository() {
     let conn = s["connection"].as_str().unwrap();
     psql(conn, "UPDATE pgbench_accounts SET abalance = -1; DROP TABLE pgbench_tellers; CREATE TABLE scratch AS SELECT 1 AS x; CHECKPOINT").unwrap();
     assert_ne!(psql(conn, SUM_Q).unwrap(), before);
-    let out = rcmd(&env)
-        .args(["recover", "stop", "--all"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    rok(&env, &["recover", "stop", "--all"]);
     assert_nothing_left(&env);
     env.ok(&["check", "--read-data"]);
     // A second session sees the backup as it was.
@@ -238,11 +235,7 @@ fn writes_in_a_writable_session_never_reach_the_repository() {
         "20"
     );
     assert!(psql(conn, "SELECT * FROM scratch").is_err());
-    let out = rcmd(&env)
-        .args(["recover", "stop", "--all"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    rok(&env, &["recover", "stop", "--all"]);
     assert_nothing_left(&env);
 }
 
@@ -280,8 +273,8 @@ fn killing_repo_during_recovery_then_cleanup_leaves_nothing() {
     assert_nothing_left(&env);
     // Cleanup also finds what has no record at all.
     let s = rjson(&env, &["recover", "db", id]);
+    assert_eq!(s["state"], "running");
     fs::remove_file(state_dir(&env).join("sessions.db")).unwrap();
-    let _ = s;
     // The record is gone but the session is not: a stray container, mounts, files.
     assert!(!session_containers(&env).is_empty());
     let r = rjson(&env, &["recover", "cleanup"]);
@@ -351,7 +344,7 @@ fn postgres_logical_dumps_restore_with_pg_restore() {
         .unwrap()
         .success());
     let out = env.json(&["backup", "--postgres", &pg.conn(), "--logical"]);
-    let _ = out;
+    assert_eq!(out["snapshots"].as_array().unwrap().len(), 3);
     let snaps = env.json(&["snapshots"]);
     let names: Vec<&str> = snaps
         .as_array()
@@ -436,15 +429,7 @@ fn mariadb_physical_backup_recovers_and_logical_dumps_hold_the_rows() {
     assert_eq!(mariadb_tcp(&s, q).unwrap(), before);
     let e = mariadb_tcp(&s, "INSERT INTO shop.items VALUES (99999, 'x')").unwrap_err();
     assert!(e.contains("read-only") || e.contains("denied"), "{e}");
-    let out = rcmd(&env)
-        .args(["recover", "stop", "--all"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rok(&env, &["recover", "stop", "--all"]);
     assert_nothing_left(&env);
 }
 
@@ -474,15 +459,7 @@ fn the_process_runtime_serves_without_docker() {
     let conn = s["connection"].as_str().unwrap();
     assert_eq!(psql(conn, SUM_Q).unwrap(), before);
     psql(conn, "CREATE TABLE t AS SELECT 1 AS x").unwrap();
-    let out = rcmd(&env)
-        .args(["recover", "stop", "--all"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    rok(&env, &["recover", "stop", "--all"]);
     // Gone, or a zombie waiting for PID 1 to reap it.
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     assert!(

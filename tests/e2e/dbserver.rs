@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use crate::support::Env;
+use crate::support::{require, Env};
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> u16 {
@@ -149,15 +149,11 @@ pub fn require_docker(image: &str) -> bool {
         .args(["image", "inspect", image])
         .output()
         .is_ok_and(|o| o.status.success());
-    if ok {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "Docker with the image {image} is needed (start dockerd, run scripts/build-db-images.sh)"
-    );
-    eprintln!("SKIPPED (no Docker or no image {image})");
-    false
+    require(
+        ok,
+        &format!("a test with the image {image}"),
+        &format!("Docker and {image} (start dockerd, run scripts/build-db-images.sh)"),
+    )
 }
 
 /// A MariaDB server run as `mysql` on a fresh data directory, stopped when dropped.
@@ -265,13 +261,9 @@ pub fn postgres_cluster(env: &Env, tag: &str) -> Postgres {
 
 /// Whether PostgreSQL 15 is here; in CI its absence is a failure.
 pub fn require_postgres() -> bool {
-    if Path::new(PG_BIN).join("postgres").exists() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "PostgreSQL 15 is not installed ({PG_BIN})"
-    );
-    eprintln!("SKIPPED (no PostgreSQL 15)");
-    false
+    require(
+        Path::new(PG_BIN).join("postgres").exists(),
+        "a PostgreSQL test",
+        &format!("PostgreSQL 15 ({PG_BIN})"),
+    )
 }

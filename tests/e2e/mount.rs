@@ -3,10 +3,9 @@
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
-use std::path::Path;
 use std::process::Command;
 
-use crate::dbserver::{as_postgres, postgres_user, Postgres, PG_BIN};
+use crate::dbserver::{as_postgres, postgres_user, require_postgres, Postgres, PG_BIN};
 use crate::support::*;
 
 fn errno_of(r: std::io::Result<impl Sized>) -> Option<i32> {
@@ -335,12 +334,7 @@ fn the_mount_works_as_the_lower_layer_of_fuse_overlayfs() {
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
-    assert!(
-        have || std::env::var_os("CI").is_none(),
-        "fuse-overlayfs is not installed"
-    );
-    if !have {
-        eprintln!("SKIPPED (no fuse-overlayfs)");
+    if !require(have, "the fuse-overlayfs test", "fuse-overlayfs") {
         return;
     }
     overlay_case(false);
@@ -353,12 +347,7 @@ fn postgresql_serves_queries_from_an_overlay_of_the_mount() {
     {
         return;
     }
-    if !Path::new(PG_BIN).join("postgres").exists() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "PostgreSQL 15 is not installed ({PG_BIN})"
-        );
-        eprintln!("SKIPPED (no PostgreSQL 15)");
+    if !require_postgres() {
         return;
     }
     let env = Env::new();

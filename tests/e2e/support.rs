@@ -121,17 +121,22 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// True when the test may run; in CI a missing requirement is a failure, not a skip.
-pub fn require_root(what: &str) -> bool {
-    if is_root() {
+/// True when the test may run (`available`); in CI a missing requirement is a failure,
+/// not a skip.
+pub fn require(available: bool, what: &str, missing: &str) -> bool {
+    if available {
         return true;
     }
     assert!(
         std::env::var_os("CI").is_none(),
-        "{what} needs root, and CI must run it"
+        "{what} needs {missing}, and CI must run it"
     );
-    eprintln!("SKIPPED (not root): {what}");
+    eprintln!("SKIPPED (no {missing}): {what}");
     false
+}
+
+pub fn require_root(what: &str) -> bool {
+    require(is_root(), what, "root")
 }
 
 pub fn dir_bytes(p: &Path) -> u64 {
@@ -373,15 +378,7 @@ pub fn require_fuse(what: &str) -> bool {
             .arg("-V")
             .output()
             .is_ok_and(|o| o.status.success());
-    if ok {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{what} needs FUSE (/dev/fuse and fusermount3 from fuse3)"
-    );
-    eprintln!("SKIPPED (no FUSE): {what}");
-    false
+    require(ok, what, "FUSE (/dev/fuse and fusermount3 from fuse3)")
 }
 
 pub fn mounted_at(dir: &Path) -> bool {

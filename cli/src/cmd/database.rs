@@ -63,19 +63,17 @@ pub fn backup(
                     globals,
                     progress,
                 )?);
-                for db in &meta.databases {
-                    let reader = pg.dump(&db.name)?;
-                    let file = format!("{name}-{}.dump", db.name.replace('/', "_"));
-                    out.push(stream(
-                        repo,
-                        a,
-                        &file,
-                        &meta,
-                        Some(&db.name),
-                        reader,
-                        progress,
-                    )?);
-                }
+                let names = meta.databases.iter().map(|d| d.name.as_str());
+                out.extend(dump_each(
+                    repo,
+                    a,
+                    &meta,
+                    &name,
+                    "dump",
+                    names,
+                    |db| Ok(pg.dump(db)?),
+                    progress,
+                )?);
                 Ok(out)
             }
         }
@@ -112,24 +110,45 @@ pub fn backup(
                 Ok(vec![outcome])
             }
             Method::Logical => {
-                let mut out = Vec::new();
-                for db in meta.databases.iter().filter(|d| d.name != "mysql") {
-                    let reader = m.dump(&db.name)?;
-                    let file = format!("{name}-{}.sql", db.name.replace('/', "_"));
-                    out.push(stream(
-                        repo,
-                        a,
-                        &file,
-                        &meta,
-                        Some(&db.name),
-                        reader,
-                        progress,
-                    )?);
-                }
-                Ok(out)
+                // The `mysql` schema (users, grants) is not a dump a user restores.
+                let names = meta
+                    .databases
+                    .iter()
+                    .map(|d| d.name.as_str())
+                    .filter(|d| *d != "mysql");
+                dump_each(
+                    repo,
+                    a,
+                    &meta,
+                    &name,
+                    "sql",
+                    names,
+                    |db| Ok(m.dump(db)?),
+                    progress,
+                )
             }
         }
     }
+}
+
+/// One stream snapshot `<name>-<db>.<ext>` per database, from `dump(db)`.
+#[allow(clippy::too_many_arguments)]
+fn dump_each<'d, R: std::io::Read + Send>(
+    repo: &Repository,
+    a: &BackupArgs,
+    meta: &DatabaseMeta,
+    name: &str,
+    ext: &str,
+    databases: impl Iterator<Item = &'d str>,
+    dump: impl Fn(&str) -> Result<R>,
+    progress: &Progress,
+) -> Result<Vec<BackupOutcome>> {
+    databases
+        .map(|db| {
+            let file = format!("{name}-{}.{ext}", db.replace('/', "_"));
+            stream(repo, a, &file, meta, Some(db), dump(db)?, progress)
+        })
+        .collect()
 }
 
 fn stream<R: std::io::Read + Send>(

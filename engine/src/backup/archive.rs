@@ -308,16 +308,7 @@ pub fn backup_tar<R: Read + Send>(
     summary.bytes_new = stats.bytes_new;
     summary.bytes_stored = stats.bytes_stored;
     summary.duration_ms = super::elapsed_ms(started);
-    let parent = repo
-        .snapshots()?
-        .into_iter()
-        .rev()
-        .find(|s| {
-            s.manifest.kind == SnapshotKind::Tree
-                && s.manifest.host == host
-                && s.manifest.name.as_deref() == Some(&opts.name)
-        })
-        .map(|s| s.id);
+    let parent = super::latest_named(repo, SnapshotKind::Tree, &host, &opts.name)?.map(|s| s.id);
     let manifest = Manifest {
         time: Utc::now(),
         host,

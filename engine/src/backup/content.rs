@@ -91,7 +91,14 @@ pub fn save_content<R: Read>(
                 fill(&mut reader, &mut next, cap)
             }
         });
-        let saved = saved.unwrap_or_else(|| Ok(Vec::new()));
+        // The scope ran the job (or re-raised its panic): `None` cannot happen, and must
+        // never turn into a file with no content.
+        let saved = saved.unwrap_or_else(|| {
+            Err(Error::io(
+                "saving chunks",
+                io::Error::other("the saving task did not run"),
+            ))
+        });
         let saved = saved.map_err(ContentError::Repo)?;
         total += consumed as u64;
         Progress::add(&progress.bytes_read, consumed as u64);

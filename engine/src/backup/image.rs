@@ -205,11 +205,7 @@ pub fn backup_image(
     let size = source.size();
     let src_err = |e: io::Error| Error::io(format!("reading image {:?}", opts.name), e);
 
-    let parent = repo.snapshots()?.into_iter().rev().find(|s| {
-        s.manifest.kind == SnapshotKind::Image
-            && s.manifest.host == host
-            && s.manifest.name.as_deref() == Some(&opts.name)
-    });
+    let parent = super::latest_named(repo, SnapshotKind::Image, &host, &opts.name)?;
     if let (Some(p), Some(fp), false) = (&parent, &opts.fingerprint, opts.force) {
         let same_size = p
             .manifest

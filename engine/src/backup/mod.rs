@@ -56,6 +56,20 @@ pub(crate) fn save_single_file_tree(
     )
 }
 
+/// The newest snapshot of `kind` named `name` from `host`: the parent of a named backup.
+pub(crate) fn latest_named(
+    repo: &crate::Repository,
+    kind: crate::snapshot::SnapshotKind,
+    host: &str,
+    name: &str,
+) -> crate::Result<Option<crate::snapshot::Snapshot>> {
+    Ok(repo.snapshots()?.into_iter().rev().find(|s| {
+        s.manifest.kind == kind
+            && s.manifest.host == host
+            && s.manifest.name.as_deref() == Some(name)
+    }))
+}
+
 /// Milliseconds since `started`, for summaries.
 pub(crate) fn elapsed_ms(started: std::time::Instant) -> u64 {
     u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)

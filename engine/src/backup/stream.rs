@@ -62,16 +62,7 @@ pub fn backup_stream<R: Read + Send>(
     Progress::add(&progress.bytes_stored, stored);
     saver.flush()?;
     let stats = saver.stats();
-    let parent = repo
-        .snapshots()?
-        .into_iter()
-        .rev()
-        .find(|s| {
-            s.manifest.kind == SnapshotKind::Stream
-                && s.manifest.host == host
-                && s.manifest.name.as_deref() == Some(&opts.name)
-        })
-        .map(|s| s.id);
+    let parent = super::latest_named(repo, SnapshotKind::Stream, &host, &opts.name)?.map(|s| s.id);
     let summary = Summary {
         files: 1,
         total_bytes: size,

@@ -26,11 +26,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cairn_agent::database::{DatabaseMeta, Engine, Method};
+use cairn_agent::process::pid_alive;
 use cairn_engine::snapshot::Snapshot;
 
 use self::docker::{ContainerSpec, Docker, LABEL_SESSION, LABEL_STATE};
 use self::engines::ServerView;
 pub use self::state::{state_dir, SessionRecord, SessionState, Store};
+use crate::is_mountpoint;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecoverError {
@@ -125,17 +127,6 @@ fn chown(p: &Path, uid: u32, gid: u32) -> Result<(), RecoverError> {
     std::os::unix::fs::lchown(p, Some(uid), Some(gid)).map_err(|e| RecoverError::io(p, e))
 }
 
-/// Whether anything is mounted at `p` (any filesystem).
-#[must_use]
-pub fn is_mountpoint(p: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = p.to_string_lossy().replace(' ', "\\040");
-    info.lines()
-        .any(|l| l.split(' ').nth(4).is_some_and(|mp| mp == want))
-}
-
 fn overlay_mount(
     lower: &Path,
     upper: &Path,
@@ -207,22 +198,6 @@ fn unmount_if_mounted(p: &Path) -> Result<(), RecoverError> {
         std::thread::sleep(Duration::from_millis(100));
     }
     crate::unmount(p).map_err(|e| RecoverError::io(p, e))
-}
-
-fn pid_alive(pid: u32) -> bool {
-    let Ok(raw) = i32::try_from(pid) else {
-        return false;
-    };
-    if nix::sys::signal::kill(nix::unistd::Pid::from_raw(raw), None).is_err() {
-        return false;
-    }
-    // A zombie is gone for our purposes.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit_once(')')
-                .is_none_or(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
 }
 
 /// Signals the process group of `pid` (the server runs in its own group) and waits for
