@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     after_help = "Repository: --repo, $REPO_REPOSITORY, the config file, or the default under the user's data directory.\n\
 Password: --password-file, $REPO_PASSWORD_FILE, $REPO_PASSWORD, $REPO_PASSWORD_COMMAND, the config file, or a prompt on a terminal.\n\
 Exit codes: 0 ok, 1 error, 2 bad arguments, 3 finished but some files were not backed up or restored,\n\
-10 no repository there, 12 wrong password, 13 repository format too new, 14 damaged repository data."
+10 no repository there, 11 repository locked by another process, 12 wrong password, 13 repository format too new, 14 damaged repository data."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -38,6 +38,10 @@ pub struct Global {
     /// More log output (-v info, -vv debug)
     #[arg(long, short, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// How long to wait for a conflicting lock (a prune's sweep, a repair) before giving
+    /// up: 0, 90s, 10m, 2h
+    #[arg(long, global = true, value_name = "DURATION", default_value = "30m", value_parser = parse_wait)]
+    pub lock_wait: std::time::Duration,
 }
 
 /// Narrows which snapshot `latest` means, and which snapshots a listing shows.
@@ -152,6 +156,22 @@ pub enum Command {
     Umount { mountpoint: PathBuf },
     /// Remove snapshots a keep policy does not keep (their data stays until a prune)
     Forget(ForgetArgs),
+    /// Delete data no snapshot needs; rewrite packs that are mostly unused
+    Prune(PruneArgs),
+    /// Rebuild the index, salvage damaged packs, and mark snapshots that lost data
+    Repair {
+        /// Only the structure: do not read and verify every pack
+        #[arg(long)]
+        no_read_data: bool,
+    },
+    /// List the repository's locks, stale ones marked
+    Locks,
+    /// Remove stale locks (their process is gone, or they were not refreshed for 30 min)
+    Unlock {
+        /// Remove every lock, also those of processes that may still run (dangerous)
+        #[arg(long)]
+        all: bool,
+    },
     /// Instant recovery: start a database on a snapshot, without restoring it
     #[command(subcommand)]
     Recover(RecoverCommand),
@@ -249,8 +269,33 @@ pub struct ForgetArgs {
     /// List every snapshot with keep/remove and the rule that kept it; remove nothing
     #[arg(long, short = 'n')]
     pub dry_run: bool,
+    /// Prune afterwards (see `repo prune`)
+    #[arg(long)]
+    pub prune: bool,
+    #[command(flatten)]
+    pub prune_args: PruneOptionsArgs,
     #[command(flatten)]
     pub filter: Filter,
+}
+
+#[derive(Args, Debug)]
+pub struct PruneArgs {
+    /// Report what would be deleted and rewritten; change nothing
+    #[arg(long, short = 'n')]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub options: PruneOptionsArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PruneOptionsArgs {
+    /// Rewrite a pack when more than this share of it is unused: 10%, 0%, 50%
+    #[arg(long, value_name = "PERCENT", default_value = "10%", value_parser = parse_percent)]
+    pub max_unused: f64,
+    /// Leave data written within this long alone (an interrupted backup's, for the next
+    /// one to reuse): 1h, 30m, 0
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_wait)]
+    pub grace: std::time::Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -376,4 +421,38 @@ pub fn parse_subset(s: &str) -> Result<(u32, u32), String> {
         return Err(format!("{s:?}: need 1 <= N <= M"));
     }
     Ok((n, m))
+}
+
+/// Parses `90s`, `10m`, `2h`, `1d`, `0` (a bare number is seconds).
+pub fn parse_wait(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: give a number and a unit, e.g. 90s, 10m, 2h, 1d"))?;
+    let mult = match unit.trim() {
+        "" | "s" => 1,
+        "m" | "min" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        other => return Err(format!("{s:?}: unknown unit {other:?} (use s, m, h or d)")),
+    };
+    n.checked_mul(mult)
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("{s:?}: too long"))
+}
+
+/// Parses `10%`, `10` (percent) into a share 0..=1.
+pub fn parse_percent(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .trim_end_matches('%')
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: give a percentage, e.g. 10%"))?;
+    if !(0.0..=100.0).contains(&v) {
+        return Err(format!("{s:?}: must be between 0% and 100%"));
+    }
+    Ok(v / 100.0)
 }

@@ -20,6 +20,7 @@ pub mod exit {
     pub const ERROR: u8 = 1;
     pub const PARTIAL: u8 = 3;
     pub const NO_REPOSITORY: u8 = 10;
+    pub const LOCKED: u8 = 11;
     pub const WRONG_PASSWORD: u8 = 12;
     pub const UNSUPPORTED_VERSION: u8 = 13;
     pub const DAMAGED: u8 = 14;
@@ -33,6 +34,7 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
                 ErrorKind::WrongPassword => exit::WRONG_PASSWORD,
                 ErrorKind::UnsupportedVersion => exit::UNSUPPORTED_VERSION,
                 ErrorKind::Corrupt => exit::DAMAGED,
+                ErrorKind::Locked => exit::LOCKED,
                 _ => exit::ERROR,
             };
         }

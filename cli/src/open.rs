@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use cairn_engine::keyfile::KdfParams;
+use cairn_engine::lock::LockKind;
 use cairn_engine::Repository;
 use zeroize::Zeroizing;
 
@@ -65,6 +66,7 @@ pub fn default_repository() -> Option<PathBuf> {
 
 pub struct Settings {
     pub repo: PathBuf,
+    pub lock_wait: std::time::Duration,
     file: FileConfig,
     password_file: Option<PathBuf>,
 }
@@ -81,6 +83,7 @@ impl Settings {
             .context("no repository given: use --repo or REPO_REPOSITORY")?;
         Ok(Self {
             repo,
+            lock_wait: g.lock_wait,
             file,
             password_file: g.password_file.clone(),
         })
@@ -125,6 +128,13 @@ impl Settings {
                 .map_err(|e| cairn_engine::Error::InvalidInput(format!("{e:#}")))
         };
         Ok(Repository::open(&self.repo, &pw)?)
+    }
+
+    /// Opens the repository and takes a lock for `operation` (see `cairn_engine::lock`).
+    pub fn open_locked(&self, kind: LockKind, operation: &str) -> Result<Repository> {
+        let repo = self.open()?;
+        repo.lock(kind, operation, self.lock_wait)?;
+        Ok(repo)
     }
 }
 

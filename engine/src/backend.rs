@@ -23,6 +23,8 @@ pub enum FileKind {
     Pack,
     Snapshot,
     Lock,
+    /// Damage marks written by `repair` (`damage/<snapshot id>`).
+    Damage,
 }
 
 impl FileKind {
@@ -34,6 +36,7 @@ impl FileKind {
             Self::Pack => "data",
             Self::Snapshot => "snapshots",
             Self::Lock => "locks",
+            Self::Damage => "damage",
         }
     }
 }
@@ -54,6 +57,14 @@ pub trait Backend: Send + Sync {
     fn list(&self, kind: FileKind) -> io::Result<Vec<String>>;
     /// Removes a file; removing a missing file is not an error.
     fn remove(&self, kind: FileKind, name: &str) -> io::Result<()>;
+    /// Moves a damaged file out of the repository's view (kept for forensics), into
+    /// `quarantine/` for a local repository.
+    fn quarantine(&self, kind: FileKind, name: &str) -> io::Result<()>;
+    /// When a file was written.
+    fn modified(&self, kind: FileKind, name: &str) -> io::Result<std::time::SystemTime>;
+    /// Removes incomplete files (a writer killed mid-write) older than `age`; returns how
+    /// many and their bytes.
+    fn remove_incomplete(&self, age: std::time::Duration) -> io::Result<(u64, u64)>;
 }
 
 /// A repository in a local directory. Directories are created 0700, files 0600.
@@ -229,6 +240,56 @@ impl Backend for LocalBackend {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             other => other,
         }
+    }
+
+    fn quarantine(&self, kind: FileKind, name: &str) -> io::Result<()> {
+        check_name(name)?;
+        let dir = self.root.join("quarantine");
+        DirBuilder::new().mode(0o700).recursive(true).create(&dir)?;
+        fs::rename(self.path(kind, name), dir.join(name))?;
+        fsync_dir(&dir)
+    }
+
+    fn modified(&self, kind: FileKind, name: &str) -> io::Result<std::time::SystemTime> {
+        check_name(name)?;
+        fs::metadata(self.path(kind, name))?.modified()
+    }
+
+    fn remove_incomplete(&self, age: std::time::Duration) -> io::Result<(u64, u64)> {
+        let now = std::time::SystemTime::now();
+        let mut dirs = vec![
+            self.root.clone(),
+            self.root.join("snapshots"),
+            self.root.join("keys"),
+            self.root.join("locks"),
+        ];
+        for i in 0..=255u8 {
+            dirs.push(self.root.join("data").join(format!("{i:02x}")));
+        }
+        let (mut count, mut bytes) = (0, 0);
+        for dir in dirs {
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries {
+                let e = e?;
+                if !e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                    continue;
+                }
+                let meta = e.metadata()?;
+                let old = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| now.duration_since(m).ok())
+                    .is_some_and(|d| d >= age);
+                if meta.is_file() && old {
+                    fs::remove_file(e.path())?;
+                    count += 1;
+                    bytes += meta.len();
+                }
+            }
+        }
+        Ok((count, bytes))
     }
 }
 

@@ -45,6 +45,8 @@ pub struct Affected {
     pub snapshot: SnapshotId,
     pub path: PathBuf,
     pub blob: BlobId,
+    /// `repair` recorded this snapshot's loss already (a damage mark).
+    pub recorded: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -57,6 +59,8 @@ pub struct CheckReport {
     pub bytes_read: u64,
     pub problems: Vec<Problem>,
     pub affected: Vec<Affected>,
+    /// Snapshots carrying a damage mark from `repair`.
+    pub snapshots_marked_damaged: u64,
 }
 
 impl CheckReport {
@@ -194,6 +198,8 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &Progress) -> Res
     }
 
     // Who needs the damaged blobs.
+    let marks = crate::damage::all(repo)?;
+    report.snapshots_marked_damaged = marks.len() as u64;
     if !damaged.is_empty() {
         for s in &snapshots {
             for (sid, t) in &bad_trees {
@@ -202,6 +208,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &Progress) -> Res
                         snapshot: s.id,
                         path: PathBuf::from("/"),
                         blob: *t,
+                        recorded: marks.contains_key(&s.id),
                     });
                 }
             }
@@ -217,6 +224,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &Progress) -> Res
                         snapshot: s.id,
                         path: p.to_owned(),
                         blob: b,
+                        recorded: marks.contains_key(&s.id),
                     });
                 }
                 Ok(n.kind == NodeKind::Dir)

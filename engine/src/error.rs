@@ -25,6 +25,8 @@ pub enum ErrorKind {
     InvalidInput,
     /// Operating-system I/O failure (disk full, permission denied, ...).
     Io,
+    /// Another process holds a conflicting lock on the repository.
+    Locked,
 }
 
 /// The engine's error.
@@ -50,6 +52,9 @@ pub enum Error {
     #[error("{0}")]
     InvalidInput(String),
 
+    #[error("{0}")]
+    Locked(String),
+
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -69,6 +74,7 @@ impl Error {
             Self::NotFound(_) => ErrorKind::NotFound,
             Self::InvalidInput(_) => ErrorKind::InvalidInput,
             Self::Io { .. } => ErrorKind::Io,
+            Self::Locked(_) => ErrorKind::Locked,
         }
     }
 

@@ -39,7 +39,9 @@ pub struct Index {
     conn: Mutex<Connection>,
 }
 
-const SCHEMA_VERSION: i64 = 1;
+/// 2: a blob may be indexed in several packs (a repack copies before it deletes), and
+/// rows have rowids (prune's bitmap). An index of another schema is dropped and rebuilt.
+const SCHEMA_VERSION: i64 = 2;
 
 fn db_err(e: rusqlite::Error) -> Error {
     Error::io("index.sqlite", std::io::Error::other(e.to_string()))
@@ -106,14 +108,7 @@ impl Index {
                 .map_err(db_err)?;
         }
         c.execute_batch(
-            "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-             CREATE TABLE IF NOT EXISTS packs(
-                 id BLOB PRIMARY KEY, size INTEGER NOT NULL, blobs INTEGER NOT NULL) WITHOUT ROWID;
-             CREATE TABLE IF NOT EXISTS blobs(
-                 id BLOB PRIMARY KEY, pack BLOB NOT NULL, kind INTEGER NOT NULL,
-                 offset INTEGER NOT NULL, length INTEGER NOT NULL, raw_length INTEGER NOT NULL
-             ) WITHOUT ROWID;
-             CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);",
+            "CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);",
         )
         .map_err(db_err)?;
         let v: Option<i64> = c
@@ -122,22 +117,27 @@ impl Index {
             })
             .optional()
             .map_err(db_err)?;
-        match v {
-            None => {
-                c.execute(
-                    "INSERT OR REPLACE INTO meta(key, value) VALUES('schema', ?1)",
-                    [SCHEMA_VERSION],
-                )
+        if v.is_some_and(|v| v != SCHEMA_VERSION) {
+            // A derived cache: drop it, and the next sync reads every pack trailer again.
+            tracing::info!("index schema {v:?} replaced by {SCHEMA_VERSION}; rebuilding it");
+            c.execute_batch("DROP TABLE IF EXISTS blobs; DROP TABLE IF EXISTS packs;")
                 .map_err(db_err)?;
-            }
-            Some(SCHEMA_VERSION) => {}
-            Some(other) => {
-                return Err(Error::corrupt(
-                    "index.sqlite",
-                    format!("schema {other} unknown; delete it and run `repo index rebuild`"),
-                ))
-            }
         }
+        c.execute_batch(
+            "CREATE TABLE IF NOT EXISTS packs(
+                 id BLOB PRIMARY KEY, size INTEGER NOT NULL, blobs INTEGER NOT NULL) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS blobs(
+                 id BLOB NOT NULL, pack BLOB NOT NULL, kind INTEGER NOT NULL,
+                 offset INTEGER NOT NULL, length INTEGER NOT NULL, raw_length INTEGER NOT NULL,
+                 UNIQUE(id, pack));
+             CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);",
+        )
+        .map_err(db_err)?;
+        c.execute(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES('schema', ?1)",
+            [SCHEMA_VERSION],
+        )
+        .map_err(db_err)?;
         Ok(())
     }
 
@@ -148,8 +148,8 @@ impl Index {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Records a durable pack and its blobs. A blob already indexed in another pack keeps
-    /// its first location.
+    /// Records a durable pack and its blobs. A blob may be indexed in several packs;
+    /// lookups return one of them.
     pub fn add_pack(&self, pack: &PackId, size: u64, entries: &[PackEntry]) -> Result<()> {
         let mut c = self.conn();
         let tx = c.transaction().map_err(db_err)?;
@@ -180,7 +180,7 @@ impl Index {
         tx.commit().map_err(db_err)
     }
 
-    /// Forgets a pack and the blobs located in it.
+    /// Forgets a pack and the blob locations in it (copies in other packs stay).
     pub fn remove_pack(&self, pack: &PackId) -> Result<()> {
         let mut c = self.conn();
         let tx = c.transaction().map_err(db_err)?;
@@ -195,7 +195,7 @@ impl Index {
         let c = self.conn();
         let mut st = c
             .prepare_cached(
-                "SELECT pack, kind, offset, length, raw_length FROM blobs WHERE id = ?1",
+                "SELECT pack, kind, offset, length, raw_length FROM blobs WHERE id = ?1 LIMIT 1",
             )
             .map_err(db_err)?;
         let row = st
@@ -263,7 +263,7 @@ impl Index {
             .map_err(db_err)?;
         let (blobs, stored, raw): (i64, i64, i64) = c
             .query_row(
-                "SELECT count(*), coalesce(sum(length),0), coalesce(sum(raw_length),0) FROM blobs",
+                "SELECT count(DISTINCT id), coalesce(sum(length),0), coalesce(sum(raw_length),0) FROM blobs",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
@@ -276,6 +276,130 @@ impl Index {
             stored_bytes: u(stored),
             raw_bytes: u(raw),
         })
+    }
+
+    /// The largest row number (0 when empty). Rows added later have larger numbers.
+    pub fn max_row(&self) -> Result<u64> {
+        let v: i64 = self
+            .conn()
+            .query_row("SELECT coalesce(max(rowid), 0) FROM blobs", [], |r| {
+                r.get(0)
+            })
+            .map_err(db_err)?;
+        Ok(u64::try_from(v).unwrap_or(0))
+    }
+
+    /// The row numbers of every location of a blob (none when it is not indexed).
+    pub fn rows_of(&self, id: &BlobId) -> Result<Vec<u64>> {
+        let c = self.conn();
+        let mut st = c
+            .prepare_cached("SELECT rowid FROM blobs WHERE id = ?1")
+            .map_err(db_err)?;
+        let rows = st
+            .query_map([&id.as_bytes()[..]], |r| r.get::<_, i64>(0))
+            .map_err(db_err)?;
+        rows.map(|r| r.map(|v| u64::try_from(v).unwrap_or(0)).map_err(db_err))
+            .collect()
+    }
+
+    /// Calls `f(pack, row, stored length)` for every row numbered at most `max_row`, in
+    /// pack order (one pack's rows together), streaming. `f` must not use the index.
+    pub fn scan_by_pack(
+        &self,
+        max_row: u64,
+        f: &mut dyn FnMut(PackId, u64, u32) -> Result<()>,
+    ) -> Result<()> {
+        let c = self.conn();
+        let mut st = c
+            .prepare("SELECT pack, rowid, length FROM blobs WHERE rowid <= ?1 ORDER BY pack")
+            .map_err(db_err)?;
+        let mut rows = st
+            .query([i64::try_from(max_row).unwrap_or(i64::MAX)])
+            .map_err(db_err)?;
+        while let Some(r) = rows.next().map_err(db_err)? {
+            let pack: Vec<u8> = r.get(0).map_err(db_err)?;
+            let row: i64 = r.get(1).map_err(db_err)?;
+            let len: u32 = r.get(2).map_err(db_err)?;
+            let pack = PackId(
+                Id::from_slice(&pack)
+                    .ok_or_else(|| Error::corrupt("index.sqlite", "bad pack id"))?,
+            );
+            f(pack, u64::try_from(row).unwrap_or(0), len)?;
+        }
+        Ok(())
+    }
+
+    /// The rows of one pack: (row number, entry).
+    pub fn pack_rows(&self, pack: &PackId) -> Result<Vec<(u64, PackEntry)>> {
+        let c = self.conn();
+        let mut st = c
+            .prepare_cached(
+                "SELECT rowid, id, kind, offset, length, raw_length FROM blobs WHERE pack = ?1 ORDER BY offset",
+            )
+            .map_err(db_err)?;
+        let rows = st
+            .query_map([&pack.as_bytes()[..]], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, u8>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, u32>(4)?,
+                    r.get::<_, u32>(5)?,
+                ))
+            })
+            .map_err(db_err)?;
+        let bad = || Error::corrupt("index.sqlite", "bad row");
+        let mut out = Vec::new();
+        for r in rows {
+            let (row, id, kind, offset, length, raw_length) = r.map_err(db_err)?;
+            out.push((
+                u64::try_from(row).map_err(|_| bad())?,
+                PackEntry {
+                    id: BlobId(Id::from_slice(&id).ok_or_else(bad)?),
+                    kind: BlobKind::from_u8(kind).ok_or_else(bad)?,
+                    offset: u64::try_from(offset).map_err(|_| bad())?,
+                    length,
+                    raw_length,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Every indexed pack and its size in bytes.
+    pub fn pack_sizes(&self) -> Result<std::collections::HashMap<PackId, u64>> {
+        let c = self.conn();
+        let mut st = c
+            .prepare_cached("SELECT id, size FROM packs")
+            .map_err(db_err)?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(db_err)?;
+        let mut out = std::collections::HashMap::new();
+        for r in rows {
+            let (id, size) = r.map_err(db_err)?;
+            out.insert(
+                PackId(
+                    Id::from_slice(&id)
+                        .ok_or_else(|| Error::corrupt("index.sqlite", "bad pack id"))?,
+                ),
+                u64::try_from(size).unwrap_or(0),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Size in bytes of an indexed pack.
+    pub fn pack_size(&self, pack: &PackId) -> Result<Option<u64>> {
+        let c = self.conn();
+        let mut st = c
+            .prepare_cached("SELECT size FROM packs WHERE id = ?1")
+            .map_err(db_err)?;
+        st.query_row([&pack.as_bytes()[..]], |r| r.get::<_, i64>(0))
+            .optional()
+            .map_err(db_err)
+            .map(|v| v.map(|v| u64::try_from(v).unwrap_or(0)))
     }
 
     /// Empties the index (before a rebuild).

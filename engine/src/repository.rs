@@ -16,6 +16,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::id::{BlobId, Id, KeyId, PackId, SnapshotId};
 use crate::index::{BlobLocation, Index};
 use crate::keyfile::{KdfParams, KeyFile};
+use crate::lock::{Lock, LockKind};
 use crate::pack::{self, FOOTER_LEN};
 use crate::snapshot::{Manifest, Snapshot};
 use crate::tree::Tree;
@@ -34,6 +35,8 @@ pub struct Repository {
     crypto: Crypto,
     key_id: KeyId,
     index: Index,
+    /// The lock this process holds, if it took one (released when the repository is dropped).
+    lock: std::sync::Mutex<Option<Lock>>,
 }
 
 /// Who is doing this, for key files and snapshots.
@@ -107,6 +110,7 @@ impl Repository {
             crypto,
             key_id,
             index,
+            lock: std::sync::Mutex::new(None),
         })
     }
 
@@ -175,6 +179,7 @@ impl Repository {
             crypto,
             key_id,
             index,
+            lock: std::sync::Mutex::new(None),
         };
         repo.sync_index()?;
         Ok(repo)
@@ -198,6 +203,57 @@ impl Repository {
     #[must_use]
     pub fn backend(&self) -> &dyn Backend {
         self.backend.as_ref()
+    }
+
+    /// The backend, shared (for what outlives a borrow, like a lock's refresher).
+    #[must_use]
+    pub fn backend_arc(&self) -> Arc<dyn Backend> {
+        self.backend.clone()
+    }
+
+    // ---- locks ----
+
+    fn held_lock(&self) -> std::sync::MutexGuard<'_, Option<Lock>> {
+        self.lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes a lock for `operation`, held until [`Self::unlock`] or the repository is
+    /// dropped (see [`crate::lock`]). Waits up to `wait` for conflicting holders.
+    pub fn lock(&self, kind: LockKind, operation: &str, wait: std::time::Duration) -> Result<()> {
+        let mut held = self.held_lock();
+        if held.is_some() {
+            return Err(Error::InvalidInput(
+                "the repository is already locked by this process".into(),
+            ));
+        }
+        *held = Some(Lock::acquire(self.backend.clone(), kind, operation, wait)?);
+        Ok(())
+    }
+
+    /// Whether this process holds a lock on the repository.
+    #[must_use]
+    pub fn has_lock(&self) -> bool {
+        self.held_lock().is_some()
+    }
+
+    /// Turns our shared lock exclusive (see [`Lock::upgrade`]).
+    pub fn upgrade_lock(&self, wait: std::time::Duration) -> Result<()> {
+        match self.held_lock().as_ref() {
+            Some(l) => l.upgrade(wait),
+            None => Err(Error::InvalidInput("no lock to upgrade".into())),
+        }
+    }
+
+    /// Lets go of our lock, if any.
+    pub fn unlock(&self) {
+        drop(self.held_lock().take());
+    }
+
+    /// Fails when this process took a lock and lost it: nothing may be committed then.
+    pub fn ensure_lock_held(&self) -> Result<()> {
+        self.held_lock().as_ref().map_or(Ok(()), Lock::ensure_held)
     }
 
     #[must_use]

@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use cairn_engine::crypto::Encryption;
 use cairn_engine::id::KeyId;
+use cairn_engine::lock::LockKind;
 use cairn_engine::Repository;
 use serde_json::json;
 use zeroize::Zeroizing;
@@ -116,7 +117,7 @@ pub fn key(s: &Settings, g: &Global, k: KeyCommand) -> Result<u8> {
 pub fn index(s: &Settings, g: &Global, i: IndexCommand) -> Result<u8> {
     match i {
         IndexCommand::Rebuild => {
-            let repo = s.open()?;
+            let repo = s.open_locked(LockKind::Exclusive, "index rebuild")?;
             let (added, _) = repo.rebuild_index()?;
             let t = repo.index().totals()?;
             if g.json {
@@ -130,7 +131,7 @@ pub fn index(s: &Settings, g: &Global, i: IndexCommand) -> Result<u8> {
 }
 
 pub fn check(s: &Settings, g: &Global, read_data: bool, subset: Option<(u32, u32)>) -> Result<u8> {
-    let repo = s.open()?;
+    let repo = s.open_locked(LockKind::Shared, "check")?;
     let opts = cairn_engine::check::CheckOptions {
         read_data: read_data || subset.is_some(),
         subset,
@@ -150,8 +151,10 @@ pub fn check(s: &Settings, g: &Global, read_data: bool, subset: Option<(u32, u32
             "packs_read": report.packs_read,
             "bytes_read": report.bytes_read,
             "problems": report.problems,
+            "snapshots_marked_damaged": report.snapshots_marked_damaged,
             "affected": report.affected.iter().map(|a| json!({
                 "snapshot": a.snapshot.to_hex(), "path": format::json_path(&a.path), "blob": a.blob.to_hex(),
+                "recorded_by_repair": a.recorded,
             })).collect::<Vec<_>>(),
         }));
     } else {
@@ -176,10 +179,21 @@ pub fn check(s: &Settings, g: &Global, read_data: bool, subset: Option<(u32, u32
         }
         for a in &report.affected {
             println!(
-                "affected: snapshot {} {} (blob {})",
+                "affected: snapshot {} {} (blob {}){}",
                 a.snapshot.short(),
                 format::path(&a.path),
-                a.blob.short()
+                a.blob.short(),
+                if a.recorded {
+                    " [loss recorded by repair]"
+                } else {
+                    ""
+                }
+            );
+        }
+        if !report.affected.is_empty() && report.affected.iter().all(|a| a.recorded) {
+            println!(
+                "every affected snapshot carries the damage mark of `repo repair`: the loss is known; \
+                 back the files up again (the snapshots heal) or forget those snapshots"
             );
         }
         if report.ok() {

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use cairn_engine::backup::{
     self, BackupOutcome, ImageBackupOptions, StreamBackupOptions, TreeBackupOptions,
 };
+use cairn_engine::lock::LockKind;
 use cairn_engine::progress::Progress;
 use serde_json::json;
 
@@ -17,7 +18,7 @@ use crate::open::Settings;
 use crate::progress::Display;
 
 pub fn run(s: &Settings, g: &Global, a: &BackupArgs) -> Result<u8> {
-    let repo = s.open()?;
+    let repo = s.open_locked(LockKind::Shared, "backup")?;
     let progress = Arc::new(Progress::default());
     let display = Display::start(progress.clone(), "backup", !g.quiet && !g.json);
     if a.postgres.is_some() || a.mariadb.is_some() {

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
+use cairn_engine::lock::LockKind;
 use cairn_engine::retention::{self, Candidate, KeepPolicy};
 use cairn_engine::snapshot::Snapshot;
 use serde_json::json;
@@ -49,7 +50,7 @@ pub fn run(s: &Settings, g: &Global, a: &ForgetArgs) -> Result<u8> {
     if let Some(bad) = by.iter().find(|k| !matches!(**k, "host" | "source")) {
         bail!("--group-by {bad:?}: use host, source or both");
     }
-    let repo = s.open()?;
+    let repo = s.open_locked(LockKind::Shared, "forget")?;
     let filter = super::engine_filter(&a.filter);
     let mut groups: BTreeMap<String, Vec<Snapshot>> = BTreeMap::new();
     for snap in repo.snapshots()? {
@@ -95,6 +96,12 @@ pub fn run(s: &Settings, g: &Global, a: &ForgetArgs) -> Result<u8> {
             }
         }
     }
+    if g.json && a.prune {
+        let opts = super::maint::prune_options(s, &a.prune_args, a.dry_run);
+        let report = cairn_engine::prune::prune(&repo, &opts)?;
+        format::print_json(&json!({ "dry_run": a.dry_run, "snapshots": out, "prune": report }));
+        return Ok(exit::OK);
+    }
     if g.json {
         format::print_json(&json!({ "dry_run": a.dry_run, "snapshots": out }));
     } else if !g.quiet {
@@ -108,6 +115,13 @@ pub fn run(s: &Settings, g: &Global, a: &ForgetArgs) -> Result<u8> {
                 "; their data stays until a prune"
             }
         );
+    }
+    if a.prune {
+        if !g.json && !g.quiet {
+            println!("pruning:");
+        }
+        let opts = super::maint::prune_options(s, &a.prune_args, a.dry_run);
+        return super::maint::prune_open(&repo, g, &opts);
     }
     Ok(exit::OK)
 }

@@ -5,6 +5,7 @@ mod backup;
 mod browse;
 mod database;
 mod forget;
+mod maint;
 mod mount;
 mod recover;
 mod restore;
@@ -74,6 +75,10 @@ pub fn run(cli: Cli) -> Result<u8> {
         } => admin::check(&settings, g, read_data, read_data_subset),
         Command::Forget(a) => forget::run(&settings, g, &a),
         Command::Recover(r) => recover::run(&settings, g, r),
+        Command::Prune(a) => maint::prune(&settings, g, &a.options, a.dry_run),
+        Command::Repair { no_read_data } => maint::repair(&settings, g, no_read_data),
+        Command::Locks => maint::locks(&settings, g),
+        Command::Unlock { all } => maint::unlock(&settings, g, all),
         Command::Key(k) => admin::key(&settings, g, k),
         Command::Index(i) => admin::index(&settings, g, i),
     }

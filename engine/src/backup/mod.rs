@@ -81,6 +81,7 @@ pub(crate) fn commit(
     manifest: crate::snapshot::Manifest,
     warnings: Vec<Warning>,
 ) -> crate::Result<BackupOutcome> {
+    repo.ensure_lock_held()?;
     let id = repo.save_snapshot(&manifest)?;
     Ok(BackupOutcome {
         snapshot: crate::snapshot::Snapshot { id, manifest },

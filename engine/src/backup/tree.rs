@@ -359,7 +359,16 @@ impl<'a> Walker<'a> {
     }
 
     fn file(&self, path: &Path, node: &mut Node, parent: Option<&Node>) -> Result<(), EntryError> {
-        if let Some(p) = parent.filter(|p| !self.force && same_file(p, node)) {
+        // An unchanged file reuses the parent's content, unless some of it was lost (a
+        // repaired repository): then reading it again stores it again, and heals every
+        // snapshot that needs the same content.
+        let reusable = |p: &&Node| -> bool {
+            p.content
+                .iter()
+                .filter_map(|e| e.blob)
+                .all(|b| self.repo.index().contains(&b).unwrap_or(false))
+        };
+        if let Some(p) = parent.filter(|p| !self.force && same_file(p, node) && reusable(p)) {
             node.content.clone_from(&p.content);
             Progress::add(&self.progress.bytes_done, node.size);
             self.summary_mut(|s| s.files_unchanged += 1);
