@@ -68,6 +68,9 @@ pub enum Command {
         /// Encryption of the repository's data
         #[arg(long, value_enum, default_value_t = EncryptionArg::Aes256Gcm)]
         encryption: EncryptionArg,
+        /// Size after which a pack file is closed (1M to 1G; default 16M)
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        pack_size: Option<u64>,
     },
     /// Back up paths, a stream from standard input, a disk image or a database
     Backup(BackupArgs),

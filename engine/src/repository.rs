@@ -64,6 +64,19 @@ impl Repository {
         encryption: Encryption,
         kdf: KdfParams,
     ) -> Result<Self> {
+        Self::init_with(path, password, Config::new(encryption), kdf)
+    }
+
+    /// Like [`Self::init`] with settings of the caller's choice (pack size, chunker,
+    /// compression), validated as a reader would.
+    pub fn init_with(path: &Path, password: &[u8], config: Config, kdf: KdfParams) -> Result<Self> {
+        let encryption = config.encryption;
+        config.chunker.validate()?;
+        if !(1 << 20..=1 << 30).contains(&config.pack_size) {
+            return Err(Error::InvalidInput(
+                "pack size must be between 1 MiB and 1 GiB".into(),
+            ));
+        }
         if path.join("config").exists() {
             return Err(Error::InvalidInput(format!(
                 "{}: a repository already exists here",
@@ -84,7 +97,6 @@ impl Repository {
             .create_layout()
             .ctx(|| format!("creating repository {}", path.display()))?;
         let key = MasterKey::generate();
-        let config = Config::new(encryption);
         let crypto = Crypto::new(key.clone(), encryption);
         let keyfile = KeyFile::create(
             &key,

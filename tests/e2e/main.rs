@@ -14,6 +14,7 @@ mod dedup;
 mod forget;
 mod images;
 mod keys;
+mod maintenance;
 mod mount;
 mod roundtrip;
 mod support;

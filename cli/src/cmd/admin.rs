@@ -13,7 +13,7 @@ use crate::exit;
 use crate::format;
 use crate::open::{self, Settings};
 
-pub fn init(s: &Settings, g: &Global, enc: EncryptionArg) -> Result<u8> {
+pub fn init(s: &Settings, g: &Global, enc: EncryptionArg, pack_size: Option<u64>) -> Result<u8> {
     let encryption = match enc {
         EncryptionArg::Aes256Gcm => Encryption::Aes256Gcm,
         EncryptionArg::None => Encryption::None,
@@ -26,7 +26,14 @@ pub fn init(s: &Settings, g: &Global, enc: EncryptionArg) -> Result<u8> {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
-    let repo = Repository::init(&s.repo, &pw, encryption, open::kdf_params())?;
+    let mut config = cairn_engine::config::Config::new(encryption);
+    if let Some(size) = pack_size {
+        config.pack_size = u32::try_from(size)
+            .ok()
+            .filter(|s| (1 << 20..=1 << 30).contains(s))
+            .context("--pack-size must be between 1M and 1G")?;
+    }
+    let repo = Repository::init_with(&s.repo, &pw, config, open::kdf_params())?;
     if g.json {
         format::print_json(
             &json!({ "id": repo.config().id.to_hex(), "path": repo.path(), "encryption": encryption }),

@@ -21,7 +21,10 @@ pub fn run(cli: Cli) -> Result<u8> {
     let g = &cli.global;
     let settings = Settings::new(g)?;
     match cli.command {
-        Command::Init { encryption } => admin::init(&settings, g, encryption),
+        Command::Init {
+            encryption,
+            pack_size,
+        } => admin::init(&settings, g, encryption, pack_size),
         Command::Backup(a) => backup::run(&settings, g, &a),
         Command::Snapshots { filter } => browse::snapshots(&settings, g, &filter),
         Command::Ls {

@@ -1,0 +1,609 @@
+//! Prune, repair and locks: crash safety under kill -9 at random points, a prune beside
+//! running backups, a flipped byte in a pack, stale and live locks.
+
+use std::collections::{HashMap, HashSet};
+use std::fs;
+use std::io::{BufRead, Write};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::*;
+
+const MIB: usize = 1 << 20;
+
+/// A repository with 1 MiB packs, so that a few MiB of data make many pack files.
+fn small_pack_env() -> Env {
+    let env = Env::without_repo();
+    env.ok(&["init", "--pack-size", "1M"]);
+    env
+}
+
+/// A little deterministic generator (xorshift) for kill delays and choices.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// A source tree of `files` files of `len` bytes whose content is given by seeds.
+struct Source {
+    dir: std::path::PathBuf,
+    seeds: Vec<u64>,
+    len: usize,
+}
+
+impl Source {
+    fn new(dir: std::path::PathBuf, files: usize, len: usize) -> Self {
+        fs::create_dir_all(&dir).unwrap();
+        let s = Self {
+            dir,
+            seeds: (1..=files as u64).collect(),
+            len,
+        };
+        for i in 0..files {
+            s.write(i);
+        }
+        s
+    }
+    fn write(&self, i: usize) {
+        write_random(&self.dir.join(format!("f{i:02}")), self.seeds[i], self.len);
+    }
+    /// Gives `n` files new content.
+    fn change(&mut self, rng: &mut Rng, n: usize) {
+        for _ in 0..n {
+            let i = rng.below(self.seeds.len() as u64) as usize;
+            self.seeds[i] = rng.next();
+            self.write(i);
+        }
+    }
+}
+
+fn snapshot_ids(env: &Env) -> HashSet<String> {
+    env.json(&["snapshots"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Restores `id` and asserts every file has the content its seed gives.
+fn assert_restores(env: &Env, id: &str, src: &Path, seeds: &[u64], len: usize) {
+    let t = env.path("verify");
+    let _ = fs::remove_dir_all(&t);
+    env.ok(&["restore", id, "--target", t.to_str().unwrap()]);
+    let dir = under(&t, src);
+    let mut names: Vec<String> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), seeds.len(), "snapshot {id}: files {names:?}");
+    for (i, seed) in seeds.iter().enumerate() {
+        let want = blake3::hash(&{
+            // write_random writes 16 MiB blocks with consecutive seeds; files here are smaller.
+            assert!(len <= 16 * MIB);
+            random_bytes(*seed, len)
+        });
+        assert_eq!(
+            hash_file(&dir.join(format!("f{i:02}"))),
+            want,
+            "snapshot {id}: f{i:02} differs from what was backed up"
+        );
+    }
+    fs::remove_dir_all(&t).unwrap();
+}
+
+fn kill9(mut child: Child) {
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+}
+
+fn spawn_quiet(env: &Env, args: &[&str]) -> Child {
+    env.cmd()
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn backups_killed_at_50_random_points_lose_no_committed_snapshot() {
+    let env = small_pack_env();
+    let len = MIB;
+    let mut src = Source::new(env.path("src"), 12, len);
+    let srcs = src.dir.to_str().unwrap().to_owned();
+    let mut rng = Rng(0x5EED_0001);
+    let mut committed: HashMap<String, Vec<u64>> = HashMap::new();
+    let first = env.backup(&[&src.dir])["id"].as_str().unwrap().to_owned();
+    committed.insert(first, src.seeds.clone());
+    // How long a backup of a 3-file change takes, to spread the kills over it.
+    src.change(&mut rng, 3);
+    let t = Instant::now();
+    let id = env.backup(&[&src.dir])["id"].as_str().unwrap().to_owned();
+    let full = t.elapsed();
+    committed.insert(id, src.seeds.clone());
+    let mut interrupted = 0;
+    for round in 0..50 {
+        src.change(&mut rng, 3);
+        let before = snapshot_ids(&env);
+        let child = spawn_quiet(&env, &["backup", &srcs]);
+        let delay = rng.below(full.as_micros() as u64 * 6 / 5);
+        std::thread::sleep(Duration::from_micros(delay));
+        kill9(child);
+        let new: Vec<String> = snapshot_ids(&env).difference(&before).cloned().collect();
+        assert!(new.len() <= 1, "round {round}: {new:?}");
+        match new.first() {
+            Some(id) => {
+                committed.insert(id.clone(), src.seeds.clone());
+            }
+            None => interrupted += 1,
+        }
+        let out = env.run(&["check", "--read-data"]);
+        assert!(
+            out.status.success(),
+            "round {round} (killed after {delay} us): check failed:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert!(
+        interrupted >= 10,
+        "only {interrupted} of 50 kills interrupted a backup: the kill points are not spread"
+    );
+    // Every snapshot committed before any kill restores byte for byte.
+    assert_eq!(snapshot_ids(&env).len(), committed.len());
+    for (id, seeds) in &committed {
+        assert_restores(&env, id, &src.dir, seeds, len);
+    }
+    // What the killed runs left behind is reported and cleaned.
+    let locks = env.json(&["locks"]);
+    assert!(locks
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["stale"].is_string()));
+    env.ok(&["unlock"]);
+    assert!(env.json(&["locks"]).as_array().unwrap().is_empty());
+}
+
+#[test]
+fn prunes_killed_at_50_random_points_lose_no_kept_snapshot() {
+    let env = small_pack_env();
+    let len = MIB;
+    let mut src = Source::new(env.path("src"), 12, len);
+    let srcs = src.dir.to_str().unwrap().to_owned();
+    let mut rng = Rng(0x5EED_0002);
+    let mut expected: HashMap<String, Vec<u64>> = HashMap::new();
+    let round_setup = |src: &mut Source, rng: &mut Rng, expected: &mut HashMap<String, Vec<u64>>| {
+        src.change(rng, 4);
+        let id = env.backup(&[&src.dir])["id"].as_str().unwrap().to_owned();
+        expected.insert(id, src.seeds.clone());
+        env.ok(&["forget", "--keep-last", "3"]);
+        let now = snapshot_ids(&env);
+        expected.retain(|k, _| now.contains(k));
+    };
+    for _ in 0..3 {
+        round_setup(&mut src, &mut rng, &mut expected);
+    }
+    let prune = ["prune", "--grace", "0", "--max-unused", "0%"];
+    let t = Instant::now();
+    let report = env.json(&prune);
+    let full = t.elapsed();
+    assert!(report["bytes_freed"].as_u64().unwrap() > 0, "{report}");
+    let mut interrupted = 0;
+    for round in 0..50 {
+        round_setup(&mut src, &mut rng, &mut expected);
+        let packs_before = env.packs().len();
+        let child = spawn_quiet(&env, &prune);
+        let delay = rng.below(full.as_micros() as u64 * 6 / 5);
+        std::thread::sleep(Duration::from_micros(delay));
+        kill9(child);
+        if env.packs().len() == packs_before {
+            interrupted += 1;
+        }
+        let out = env.run(&["check", "--read-data"]);
+        assert!(
+            out.status.success(),
+            "round {round} (prune killed after {delay} us): check failed:\n{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for (id, seeds) in &expected {
+            assert_restores(&env, id, &src.dir, seeds, len);
+        }
+    }
+    assert!(
+        interrupted >= 5,
+        "only {interrupted} of 50 kills came before the prune deleted anything"
+    );
+    // A prune that runs to the end afterwards still finds and frees the leftovers.
+    env.ok(&prune);
+    env.ok(&["check", "--read-data"]);
+    for (id, seeds) in &expected {
+        assert_restores(&env, id, &src.dir, seeds, len);
+    }
+    let _ = srcs;
+}
+
+/// A `repo backup --stdin` fed through a pipe we hold: it runs (and holds its shared
+/// lock) until we close the pipe.
+struct PipedBackup {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl PipedBackup {
+    fn start(env: &Env, name: &str) -> Self {
+        let mut child = env
+            .cmd()
+            .args(["backup", "--stdin", "--name", name, "--json"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take();
+        Self { child, stdin }
+    }
+    fn feed(&mut self, data: &[u8]) {
+        self.stdin.as_mut().unwrap().write_all(data).unwrap();
+    }
+    fn finish(mut self) -> Value {
+        drop(self.stdin.take());
+        let out = self.child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "backup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()["snapshot"].clone()
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn live_locks(env: &Env, operation: &str) -> usize {
+    env.json(&["locks"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["lock"]["operation"] == operation && l["stale"].is_null())
+        .count()
+}
+
+#[test]
+fn prune_beside_two_running_backups_loses_nothing() {
+    let env = small_pack_env();
+    // Data that only a soon-forgotten snapshot holds: garbage for the prune, yet the two
+    // backups below deduplicate against it.
+    let shared = random_bytes(41, 6 * MIB);
+    let g = env.path("g");
+    fs::create_dir_all(&g).unwrap();
+    fs::write(g.join("big"), &shared).unwrap();
+    let old = env.backup(&[&g])["id"].as_str().unwrap().to_owned();
+    let own_a = random_bytes(42, 3 * MIB);
+    let own_b = random_bytes(43, 3 * MIB);
+    let mut a = PipedBackup::start(&env, "a");
+    let mut b = PipedBackup::start(&env, "b");
+    // The first halves go in while the old snapshot still exists...
+    a.feed(&shared[..3 * MIB]);
+    b.feed(&shared[..3 * MIB]);
+    wait_for("both backups to hold their locks", Duration::from_secs(30), || {
+        live_locks(&env, "backup") == 2
+    });
+    env.ok(&["forget", "--keep-tag", "keep"]);
+    assert!(!snapshot_ids(&env).contains(&old));
+    // ...then the prune marks (the shared data is garbage now) and waits to sweep.
+    let mut prune = env
+        .cmd()
+        .args(["prune", "--grace", "0", "--max-unused", "0%", "--json", "-v"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(prune.stderr.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stderr.lines() {
+            let line = line.unwrap_or_default();
+            if line.contains("waiting for the repository to be free") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(60))
+        .expect("the prune never waited for the backups");
+    // The backups go on deduplicating against the condemned data, then commit.
+    a.feed(&shared[3 * MIB..]);
+    b.feed(&shared[3 * MIB..]);
+    a.feed(&own_a);
+    b.feed(&own_b);
+    let sa = a.finish();
+    let sb = b.finish();
+    let out = prune.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["snapshots_during"], 2, "{report}");
+    assert!(
+        report["packs_kept_in_use"].as_u64().unwrap() >= 1,
+        "the prune did not keep the packs the new snapshots use: {report}"
+    );
+    env.ok(&["check", "--read-data"]);
+    for (snap, own) in [(&sa, &own_a), (&sb, &own_b)] {
+        let t = env.path("out");
+        let _ = fs::remove_file(&t);
+        let bytes = env.cmd().args(["cat", snap["id"].as_str().unwrap()]).output().unwrap();
+        assert!(bytes.status.success());
+        let mut want = shared.clone();
+        want.extend_from_slice(own);
+        assert!(bytes.stdout == want, "snapshot {} differs", snap["id"]);
+    }
+    // Now that nothing needs less, a second prune frees nothing in use.
+    env.ok(&["prune", "--grace", "0", "--max-unused", "0%"]);
+    env.ok(&["check", "--read-data"]);
+}
+
+#[test]
+fn a_flipped_byte_is_named_salvaged_around_recorded_and_healed() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    for (i, name) in ["x", "y", "z"].iter().enumerate() {
+        write_random(&src.join(name), 70 + i as u64, 3 * MIB);
+    }
+    let snap = env.backup(&[&src]);
+    let id = snap["id"].as_str().unwrap().to_owned();
+    let packs = env.packs();
+    let pack = packs
+        .iter()
+        .max_by_key(|p| fs::metadata(p).unwrap().len())
+        .unwrap();
+    let mut bytes = fs::read(pack).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x20;
+    fs::write(pack, &bytes).unwrap();
+    let pack_name = pack.file_name().unwrap().to_str().unwrap().to_owned();
+
+    // check names the pack, the blob and the file.
+    let out = env.run(&["check", "--read-data", "--json"]);
+    assert_eq!(out.status.code(), Some(14));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let problems = report["problems"].as_array().unwrap();
+    assert!(problems
+        .iter()
+        .any(|p| p["object"] == format!("pack {pack_name}")));
+    let affected = report["affected"].as_array().unwrap();
+    assert_eq!(affected.len(), 1, "{report}");
+    let hit = affected[0]["path"].as_str().unwrap().to_owned();
+    let hit_name = Path::new(&hit).file_name().unwrap().to_str().unwrap().to_owned();
+    assert!(problems
+        .iter()
+        .any(|p| p["object"].as_str().unwrap().contains(affected[0]["blob"].as_str().unwrap())));
+
+    // The other files still restore.
+    let others: Vec<&str> = ["x", "y", "z"].into_iter().filter(|n| *n != hit_name).collect();
+    let t = env.path("t");
+    for n in &others {
+        env.ok(&[
+            "restore",
+            &id,
+            "--target",
+            t.to_str().unwrap(),
+            "--include",
+            src.join(n).to_str().unwrap(),
+        ]);
+        assert_eq!(hash_file(&under(&t, &src).join(n)), hash_file(&src.join(n)));
+    }
+
+    // repair salvages the pack's intact blobs and records the loss.
+    let r = env.json(&["repair"]);
+    assert_eq!(r["packs_damaged"], serde_json::json!([pack_name]), "{r}");
+    assert_eq!(r["blobs_damaged"].as_array().unwrap().len(), 1);
+    let damaged = r["snapshots_damaged"].as_array().unwrap();
+    assert_eq!(damaged.len(), 1);
+    assert_eq!(damaged[0]["snapshot"], id.as_str());
+    assert_eq!(damaged[0]["paths"], serde_json::json!([hit]));
+    assert!(env.repo.join("quarantine").join(&pack_name).exists());
+    assert!(!pack.exists());
+
+    // check now reports exactly the recorded loss, nothing else.
+    let out = env.run(&["check", "--read-data", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let problems = report["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 1, "{report}");
+    assert!(problems[0]["message"].as_str().unwrap().contains("missing"));
+    let affected = report["affected"].as_array().unwrap();
+    assert_eq!(affected.len(), 1);
+    assert_eq!(affected[0]["path"], hit.as_str());
+    assert_eq!(affected[0]["recorded_by_repair"], true);
+    assert_eq!(report["snapshots_marked_damaged"], 1);
+    // The snapshot was not deleted, and its intact files still restore.
+    assert!(snapshot_ids(&env).contains(&id));
+    let _ = fs::remove_dir_all(&t);
+    for n in &others {
+        env.ok(&[
+            "restore",
+            &id,
+            "--target",
+            t.to_str().unwrap(),
+            "--include",
+            src.join(n).to_str().unwrap(),
+        ]);
+        assert_eq!(hash_file(&under(&t, &src).join(n)), hash_file(&src.join(n)));
+    }
+    // The source still has the file: backing it up again stores the lost blob again
+    // (although the file is unchanged), and the old snapshot is whole once more.
+    env.backup(&[&src]);
+    let r = env.json(&["repair", "--no-read-data"]);
+    assert_eq!(r["snapshots_healed"], 1, "{r}");
+    assert!(r["snapshots_damaged"].as_array().unwrap().is_empty());
+    env.ok(&["check", "--read-data"]);
+    let _ = fs::remove_dir_all(&t);
+    env.ok(&["restore", &id, "--target", t.to_str().unwrap()]);
+    assert_same_tree(&src, &under(&t, &src));
+}
+
+#[test]
+fn prune_frees_forgotten_data_respects_the_grace_period_and_chains_after_forget() {
+    let env = small_pack_env();
+    let len = 2 * MIB;
+    let mut src = Source::new(env.path("src"), 4, len);
+    let mut rng = Rng(7);
+    let mut last = String::new();
+    for _ in 0..3 {
+        src.change(&mut rng, 2);
+        last = env.backup(&[&src.dir])["id"].as_str().unwrap().to_owned();
+    }
+    let data_bytes = || dir_bytes(&env.repo.join("data"));
+    let before = data_bytes();
+    // Everything was written just now: the default grace period keeps it.
+    let r = env.json(&["forget", "--keep-last", "1", "--prune"]);
+    assert_eq!(r["snapshots"].as_array().unwrap().len(), 3);
+    let p = &r["prune"];
+    assert_eq!(p["bytes_freed"], 0, "{p}");
+    assert!(p["packs_young"].as_u64().unwrap() > 0);
+    assert_eq!(data_bytes(), before);
+    // A dry run reports and changes nothing.
+    let dry = env.json(&["prune", "--grace", "0", "--dry-run"]);
+    assert!(dry["packs_deleted"].as_u64().unwrap() > 0, "{dry}");
+    assert_eq!(data_bytes(), before);
+    let r = env.json(&["prune", "--grace", "0", "--max-unused", "0%"]);
+    let freed = r["bytes_freed"].as_u64().unwrap();
+    assert!(freed as usize >= 3 * len, "{r}");
+    assert_eq!(r["bytes_unused_left"], 0, "{r}");
+    let after = data_bytes();
+    assert!(after < before - 3 * len as u64, "{before} -> {after}");
+    // What is left is exactly what the kept snapshot needs: a second prune finds nothing.
+    let again = env.json(&["prune", "--grace", "0", "--max-unused", "0%"]);
+    assert_eq!(again["bytes_unused"], 0, "{again}");
+    env.ok(&["check", "--read-data"]);
+    assert_restores(&env, &last, &src.dir, &src.seeds, len);
+}
+
+#[test]
+fn locks_block_what_conflicts_stale_ones_do_not_and_unlock_removes_them() {
+    let env = Env::new();
+    let data = random_bytes(5, 2 * MIB);
+    // A live backup holds a shared lock as long as its input is open.
+    let mut running = PipedBackup::start(&env, "s");
+    running.feed(&data[..MIB]);
+    wait_for("the backup's lock", Duration::from_secs(30), || {
+        live_locks(&env, "backup") == 1
+    });
+    // Other shared users go ahead; what needs the repository alone gives up, exit 11,
+    // naming the holder.
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("a"), "a").unwrap();
+    env.backup(&[&src]);
+    for args in [
+        &["repair", "--lock-wait", "1s"][..],
+        &["prune", "--grace", "0", "--lock-wait", "1s"][..],
+        &["index", "rebuild", "--lock-wait", "0"][..],
+    ] {
+        let out = env.run(args);
+        assert_eq!(out.status.code(), Some(11), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("shared lock by `backup`"), "{args:?}: {err}");
+    }
+    running.feed(&data[MIB..]);
+    let snap = running.finish();
+    assert!(env.json(&["locks"]).as_array().unwrap().is_empty());
+
+    // An exclusive lock of a live process elsewhere blocks a backup...
+    let now = chrono::Utc::now();
+    let lock = |refreshed: chrono::DateTime<chrono::Utc>| {
+        serde_json::json!({
+            "version": 1, "kind": "exclusive", "operation": "prune", "host": "elsewhere",
+            "user": "x", "pid": 1, "created": refreshed, "refreshed": refreshed,
+        })
+        .to_string()
+    };
+    let name = "0".repeat(64);
+    fs::write(env.repo.join("locks").join(&name), lock(now)).unwrap();
+    let out = env.run(&["backup", src.to_str().unwrap(), "--lock-wait", "1s"]);
+    assert_eq!(out.status.code(), Some(11));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("exclusive lock by `prune`"));
+    // ...until it has not been refreshed for too long: then it is stale, reported, ignored.
+    fs::write(
+        env.repo.join("locks").join(&name),
+        lock(now - chrono::Duration::hours(1)),
+    )
+    .unwrap();
+    let locks = env.json(&["locks"]);
+    assert!(locks[0]["stale"]
+        .as_str()
+        .unwrap()
+        .contains("not refreshed"));
+    let out = env.run(&["backup", src.to_str().unwrap()]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ignoring stale lock"));
+    // A backup killed -9 leaves a lock that is stale at once (its process is gone).
+    let mut killed = PipedBackup::start(&env, "k");
+    killed.feed(&data[..MIB]);
+    wait_for("the backup's lock", Duration::from_secs(30), || {
+        live_locks(&env, "backup") == 1
+    });
+    kill9(killed.child);
+    let locks = env.json(&["locks"]);
+    assert_eq!(locks.as_array().unwrap().len(), 2);
+    assert!(locks
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|l| l["stale"].as_str().is_some_and(|s| s.contains("is gone"))));
+    let removed = env.json(&["unlock"]);
+    assert_eq!(removed.as_array().unwrap().len(), 2);
+    assert!(env.json(&["locks"]).as_array().unwrap().is_empty());
+    env.ok(&["check"]);
+    let _ = snap;
+}
+
+#[test]
+fn an_interrupted_backup_leaves_packs_the_next_one_reuses() {
+    let env = small_pack_env();
+    // Streams are read in 16 MiB batches: 20 MiB in, the first batch is saved.
+    let data = random_bytes(9, 24 * MIB);
+    let mut killed = PipedBackup::start(&env, "s");
+    killed.feed(&data[..20 * MIB]);
+    wait_for("packs of the interrupted backup", Duration::from_secs(60), || {
+        env.packs().len() >= 5
+    });
+    kill9(killed.child);
+    let durable = dir_bytes(&env.repo.join("data"));
+    assert!(snapshot_ids(&env).is_empty());
+    let r = env.json(&["repair", "--no-read-data"]);
+    let orphans = r["packs_unreferenced"].as_u64().unwrap();
+    assert!(orphans >= 5, "{r}");
+    // A prune within the grace period leaves them for the next backup...
+    let p = env.json(&["prune"]);
+    assert_eq!(p["bytes_freed"], 0, "{p}");
+    // ...which stores only what they do not hold.
+    let mut again = PipedBackup::start(&env, "s");
+    again.feed(&data);
+    let snap = again.finish();
+    let stored = snap["summary"]["bytes_new"].as_u64().unwrap();
+    assert!(
+        stored + durable <= 28 * MIB as u64,
+        "the second backup stored {stored} bytes of 24 MiB again, beside {durable} left behind"
+    );
+    let out = env.cmd().args(["cat", snap["id"].as_str().unwrap()]).output().unwrap();
+    assert!(out.stdout == data);
+    env.ok(&["check", "--read-data"]);
+}
