@@ -120,6 +120,27 @@ impl LocalBackend {
     }
 }
 
+/// Test hook for crash tests: with `CAIRN_TESTONLY_CRASH_AT=N` in the environment, the
+/// process kills itself with SIGKILL (no cleanup, as `kill -9` would) at the Nth crash
+/// point of the storage layer: before every write, remove or quarantine, and inside a write
+/// once the temporary file is durable but not yet renamed.
+fn crash_point() {
+    static LEFT: std::sync::OnceLock<Option<std::sync::atomic::AtomicU64>> =
+        std::sync::OnceLock::new();
+    let left = LEFT.get_or_init(|| {
+        std::env::var("CAIRN_TESTONLY_CRASH_AT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(std::sync::atomic::AtomicU64::new)
+    });
+    if let Some(left) = left {
+        if left.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
 fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -171,6 +192,7 @@ impl Backend for LocalBackend {
         // directory. A crash leaves either no file or the whole file (plus at worst a
         // `.tmp-*` file that nothing refers to and `list` never shows).
         let tmp = dir.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
+        crash_point();
         let result = (|| {
             let mut f = OpenOptions::new()
                 .write(true)
@@ -179,6 +201,7 @@ impl Backend for LocalBackend {
                 .open(&tmp)?;
             f.write_all(data)?;
             f.sync_all()?;
+            crash_point();
             fs::rename(&tmp, &path)?;
             fsync_dir(&dir)
         })();
@@ -236,6 +259,7 @@ impl Backend for LocalBackend {
 
     fn remove(&self, kind: FileKind, name: &str) -> io::Result<()> {
         check_name(name)?;
+        crash_point();
         match fs::remove_file(self.path(kind, name)) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             other => other,
@@ -244,6 +268,7 @@ impl Backend for LocalBackend {
 
     fn quarantine(&self, kind: FileKind, name: &str) -> io::Result<()> {
         check_name(name)?;
+        crash_point();
         let dir = self.root.join("quarantine");
         DirBuilder::new().mode(0o700).recursive(true).create(&dir)?;
         fs::rename(self.path(kind, name), dir.join(name))?;

@@ -109,9 +109,31 @@ fn kill9(mut child: Child) {
     child.wait().unwrap();
 }
 
-fn spawn_quiet(env: &Env, args: &[&str]) -> Child {
-    env.cmd()
-        .args(args)
+/// Runs `repo ARGS` and stops it the hard way: for even rounds a SIGKILL after a random
+/// delay below `full` x 1.2; for odd ones the process SIGKILLs itself at storage crash
+/// point `1 + round / 2 % 25` (before a write, rename or delete: see
+/// `CAIRN_TESTONLY_CRASH_AT`), which reaches every step of a short run. Returns a label.
+fn run_and_kill(env: &Env, args: &[&str], round: u64, full: Duration, rng: &mut Rng) -> String {
+    if round % 2 == 0 {
+        let child = spawn_quiet(env, args, None);
+        let delay = rng.below(full.as_micros() as u64 * 6 / 5);
+        std::thread::sleep(Duration::from_micros(delay));
+        kill9(child);
+        format!("killed after {delay} us")
+    } else {
+        let point = 1 + (round / 2) % 25;
+        let mut child = spawn_quiet(env, args, Some(point));
+        child.wait().unwrap();
+        format!("killed itself at storage crash point {point}")
+    }
+}
+
+fn spawn_quiet(env: &Env, args: &[&str], crash_at: Option<u64>) -> Child {
+    let mut cmd = env.cmd();
+    if let Some(n) = crash_at {
+        cmd.env("CAIRN_TESTONLY_CRASH_AT", n.to_string());
+    }
+    cmd.args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -135,13 +157,10 @@ fn backups_killed_at_50_random_points_lose_no_committed_snapshot() {
     let full = t.elapsed();
     committed.insert(id, src.seeds.clone());
     let mut interrupted = 0;
-    for round in 0..50 {
+    for round in 0..50u64 {
         src.change(&mut rng, 3);
         let before = snapshot_ids(&env);
-        let child = spawn_quiet(&env, &["backup", &srcs]);
-        let delay = rng.below(full.as_micros() as u64 * 6 / 5);
-        std::thread::sleep(Duration::from_micros(delay));
-        kill9(child);
+        let how = run_and_kill(&env, &["backup", &srcs], round, full, &mut rng);
         let new: Vec<String> = snapshot_ids(&env).difference(&before).cloned().collect();
         assert!(new.len() <= 1, "round {round}: {new:?}");
         match new.first() {
@@ -153,10 +172,14 @@ fn backups_killed_at_50_random_points_lose_no_committed_snapshot() {
         let out = env.run(&["check", "--read-data"]);
         assert!(
             out.status.success(),
-            "round {round} (killed after {delay} us): check failed:\n{}",
+            "round {round} ({how}): check failed:\n{}",
             String::from_utf8_lossy(&out.stdout)
         );
     }
+    eprintln!(
+        "{interrupted} of 50 kills interrupted a backup; {} snapshots committed",
+        committed.len()
+    );
     assert!(
         interrupted >= 10,
         "only {interrupted} of 50 kills interrupted a backup: the kill points are not spread"
@@ -185,15 +208,16 @@ fn prunes_killed_at_50_random_points_lose_no_kept_snapshot() {
     let srcs = src.dir.to_str().unwrap().to_owned();
     let mut rng = Rng(0x5EED_0002);
     let mut expected: HashMap<String, Vec<u64>> = HashMap::new();
-    let round_setup = |src: &mut Source, rng: &mut Rng, expected: &mut HashMap<String, Vec<u64>>| {
-        src.change(rng, 4);
-        let id = env.backup(&[&src.dir])["id"].as_str().unwrap().to_owned();
-        expected.insert(id, src.seeds.clone());
-        env.ok(&["forget", "--keep-last", "3"]);
-        let now = snapshot_ids(&env);
-        expected.retain(|k, _| now.contains(k));
-    };
-    for _ in 0..3 {
+    let round_setup =
+        |src: &mut Source, rng: &mut Rng, expected: &mut HashMap<String, Vec<u64>>| {
+            src.change(rng, 4);
+            let id = env.backup(&[&src.dir])["id"].as_str().unwrap().to_owned();
+            expected.insert(id, src.seeds.clone());
+            env.ok(&["forget", "--keep-last", "3"]);
+            let now = snapshot_ids(&env);
+            expected.retain(|k, _| now.contains(k));
+        };
+    for _ in 0..5 {
         round_setup(&mut src, &mut rng, &mut expected);
     }
     let prune = ["prune", "--grace", "0", "--max-unused", "0%"];
@@ -202,26 +226,24 @@ fn prunes_killed_at_50_random_points_lose_no_kept_snapshot() {
     let full = t.elapsed();
     assert!(report["bytes_freed"].as_u64().unwrap() > 0, "{report}");
     let mut interrupted = 0;
-    for round in 0..50 {
+    for round in 0..50u64 {
         round_setup(&mut src, &mut rng, &mut expected);
         let packs_before = env.packs().len();
-        let child = spawn_quiet(&env, &prune);
-        let delay = rng.below(full.as_micros() as u64 * 6 / 5);
-        std::thread::sleep(Duration::from_micros(delay));
-        kill9(child);
+        let how = run_and_kill(&env, &prune, round, full, &mut rng);
         if env.packs().len() == packs_before {
             interrupted += 1;
         }
         let out = env.run(&["check", "--read-data"]);
         assert!(
             out.status.success(),
-            "round {round} (prune killed after {delay} us): check failed:\n{}",
+            "round {round} (prune {how}): check failed:\n{}",
             String::from_utf8_lossy(&out.stdout)
         );
         for (id, seeds) in &expected {
             assert_restores(&env, id, &src.dir, seeds, len);
         }
     }
+    eprintln!("{interrupted} of 50 kills came before the prune changed the pack count");
     assert!(
         interrupted >= 5,
         "only {interrupted} of 50 kills came before the prune deleted anything"
@@ -304,15 +326,25 @@ fn prune_beside_two_running_backups_loses_nothing() {
     // The first halves go in while the old snapshot still exists...
     a.feed(&shared[..3 * MIB]);
     b.feed(&shared[..3 * MIB]);
-    wait_for("both backups to hold their locks", Duration::from_secs(30), || {
-        live_locks(&env, "backup") == 2
-    });
+    wait_for(
+        "both backups to hold their locks",
+        Duration::from_secs(30),
+        || live_locks(&env, "backup") == 2,
+    );
     env.ok(&["forget", "--keep-tag", "keep"]);
     assert!(!snapshot_ids(&env).contains(&old));
     // ...then the prune marks (the shared data is garbage now) and waits to sweep.
     let mut prune = env
         .cmd()
-        .args(["prune", "--grace", "0", "--max-unused", "0%", "--json", "-v"])
+        .args([
+            "prune",
+            "--grace",
+            "0",
+            "--max-unused",
+            "0%",
+            "--json",
+            "-v",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -348,7 +380,11 @@ fn prune_beside_two_running_backups_loses_nothing() {
     for (snap, own) in [(&sa, &own_a), (&sb, &own_b)] {
         let t = env.path("out");
         let _ = fs::remove_file(&t);
-        let bytes = env.cmd().args(["cat", snap["id"].as_str().unwrap()]).output().unwrap();
+        let bytes = env
+            .cmd()
+            .args(["cat", snap["id"].as_str().unwrap()])
+            .output()
+            .unwrap();
         assert!(bytes.status.success());
         let mut want = shared.clone();
         want.extend_from_slice(own);
@@ -391,13 +427,22 @@ fn a_flipped_byte_is_named_salvaged_around_recorded_and_healed() {
     let affected = report["affected"].as_array().unwrap();
     assert_eq!(affected.len(), 1, "{report}");
     let hit = affected[0]["path"].as_str().unwrap().to_owned();
-    let hit_name = Path::new(&hit).file_name().unwrap().to_str().unwrap().to_owned();
-    assert!(problems
-        .iter()
-        .any(|p| p["object"].as_str().unwrap().contains(affected[0]["blob"].as_str().unwrap())));
+    let hit_name = Path::new(&hit)
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(problems.iter().any(|p| p["object"]
+        .as_str()
+        .unwrap()
+        .contains(affected[0]["blob"].as_str().unwrap())));
 
     // The other files still restore.
-    let others: Vec<&str> = ["x", "y", "z"].into_iter().filter(|n| *n != hit_name).collect();
+    let others: Vec<&str> = ["x", "y", "z"]
+        .into_iter()
+        .filter(|n| *n != hit_name)
+        .collect();
     let t = env.path("t");
     for n in &others {
         env.ok(&[
@@ -420,6 +465,9 @@ fn a_flipped_byte_is_named_salvaged_around_recorded_and_healed() {
     assert_eq!(damaged[0]["snapshot"], id.as_str());
     assert_eq!(damaged[0]["paths"], serde_json::json!([hit]));
     assert!(env.repo.join("quarantine").join(&pack_name).exists());
+    let listed = env.json(&["snapshots"]);
+    assert_eq!(listed[0]["damage"]["paths"], serde_json::json!([hit]));
+    assert!(env.ok(&["snapshots"]).contains("DAMAGED: 1 blobs lost"));
     assert!(!pack.exists());
 
     // check now reports exactly the recorded loss, nothing else.
@@ -582,9 +630,11 @@ fn an_interrupted_backup_leaves_packs_the_next_one_reuses() {
     let data = random_bytes(9, 24 * MIB);
     let mut killed = PipedBackup::start(&env, "s");
     killed.feed(&data[..20 * MIB]);
-    wait_for("packs of the interrupted backup", Duration::from_secs(60), || {
-        env.packs().len() >= 5
-    });
+    wait_for(
+        "packs of the interrupted backup",
+        Duration::from_secs(60),
+        || env.packs().len() >= 5,
+    );
     kill9(killed.child);
     let durable = dir_bytes(&env.repo.join("data"));
     assert!(snapshot_ids(&env).is_empty());
@@ -603,7 +653,11 @@ fn an_interrupted_backup_leaves_packs_the_next_one_reuses() {
         stored + durable <= 28 * MIB as u64,
         "the second backup stored {stored} bytes of 24 MiB again, beside {durable} left behind"
     );
-    let out = env.cmd().args(["cat", snap["id"].as_str().unwrap()]).output().unwrap();
+    let out = env
+        .cmd()
+        .args(["cat", snap["id"].as_str().unwrap()])
+        .output()
+        .unwrap();
     assert!(out.stdout == data);
     env.ok(&["check", "--read-data"]);
 }

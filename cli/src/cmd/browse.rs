@@ -23,10 +23,17 @@ pub fn snapshots(s: &Settings, g: &Global, f: &Filter) -> Result<u8> {
         .into_iter()
         .filter(|x| filter.matches(&x.manifest))
         .collect();
+    let damaged = cairn_engine::damage::all(&repo)?;
     if g.json {
         format::print_json(&json!(list
             .iter()
-            .map(format::snapshot_json)
+            .map(|x| {
+                let mut v = format::snapshot_json(x);
+                if let (Some(o), Some(d)) = (v.as_object_mut(), damaged.get(&x.id)) {
+                    o.insert("damage".into(), json!(d));
+                }
+                v
+            })
             .collect::<Vec<_>>()));
         return Ok(exit::OK);
     }
@@ -51,6 +58,13 @@ pub fn snapshots(s: &Settings, g: &Global, f: &Filter) -> Result<u8> {
             m.tags.join(","),
             m.source_label()
         );
+        if let Some(d) = damaged.get(&x.id) {
+            println!(
+                "          DAMAGED: {} blobs lost, {} paths not restorable whole (`repo check` lists them)",
+                d.lost_blobs.len(),
+                d.paths_total
+            );
+        }
     }
     if !g.quiet {
         println!("{} snapshots", list.len());
