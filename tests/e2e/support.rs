@@ -99,10 +99,11 @@ impl Env {
         dir_bytes(&self.repo.join("data")) + dir_bytes(&self.repo.join("snapshots"))
     }
 
-    /// Pack files, oldest first.
+    /// Complete pack files (not a writer's `.tmp-*`), oldest first.
     pub fn packs(&self) -> Vec<PathBuf> {
         let mut v: Vec<(std::time::SystemTime, PathBuf)> = walk_files(&self.repo.join("data"))
             .into_iter()
+            .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
             .map(|p| (fs::metadata(&p).unwrap().modified().unwrap(), p))
             .collect();
         v.sort();
