@@ -71,6 +71,9 @@ pub enum Command {
         /// Size after which a pack file is closed (1M to 1G; default 16M)
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         pack_size: Option<u64>,
+        /// zstd level for new data: 0 (none) to 19; 3 by default, 1 is faster and a little larger
+        #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(i32).range(0..=19))]
+        compression: Option<i32>,
     },
     /// Back up paths, a stream from standard input, a disk image or a database
     Backup(BackupArgs),

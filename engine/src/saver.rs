@@ -6,7 +6,9 @@
 //! to the open pack takes a lock. A full pack is written (temp file, fsync, rename) by the
 //! thread that filled it, outside the lock, and indexed only once durable.
 //!
-//! Memory: one open pack (the config's pack size) plus one being written per thread.
+//! Memory: one open pack (the config's pack size) plus one being written per thread, and
+//! the ids of the blobs in those packs (taken by this run, not yet indexed): an id leaves
+//! that set once its pack is indexed, so memory does not grow with the size of the input.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,7 +62,11 @@ impl<'r> BlobSaver<'r> {
     /// to the repository (0 when deduplicated).
     pub fn save(&self, kind: BlobKind, data: &[u8]) -> Result<(BlobId, u64)> {
         let id = self.repo.crypto().blob_id(data);
-        if !lock(&self.taken).insert(id) || self.repo.index().contains(&id)? {
+        if !lock(&self.taken).insert(id) {
+            return Ok((id, 0)); // in a pack of this run that is not indexed yet
+        }
+        if self.repo.index().contains(&id)? {
+            lock(&self.taken).remove(&id);
             return Ok((id, 0));
         }
         let level = self.repo.config().compression_level;
@@ -91,6 +97,12 @@ impl<'r> BlobSaver<'r> {
         self.repo
             .index()
             .add_pack(&id, bytes.len() as u64, &entries)?;
+        // Indexed: from now on the index answers for these blobs.
+        let mut taken = lock(&self.taken);
+        for e in &entries {
+            taken.remove(&e.id);
+        }
+        drop(taken);
         self.packs.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -113,5 +125,58 @@ impl<'r> BlobSaver<'r> {
             bytes_stored: self.bytes_stored.load(Ordering::Relaxed),
             packs: self.packs.load(Ordering::Relaxed),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::crypto::Encryption;
+    use crate::keyfile::KdfParams;
+
+    #[test]
+    fn memory_for_ids_is_bounded_by_the_packs_in_flight_and_dedup_holds() {
+        let d = tempfile::tempdir().unwrap();
+        let mut config = Config::new(Encryption::Aes256Gcm);
+        config.pack_size = 1 << 20;
+        let repo = Repository::init_with(
+            &d.path().join("repo"),
+            b"pw",
+            config,
+            KdfParams::TEST_ONLY_WEAK,
+        )
+        .unwrap();
+        let saver = BlobSaver::new(&repo);
+        // Incompressible 64 KiB blobs, so that 16 of them fill a pack.
+        let blob = |i: u32| -> Vec<u8> {
+            let mut x = u64::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            (0..(64 << 10) / 8)
+                .flat_map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x.to_le_bytes()
+                })
+                .collect()
+        };
+        // 200 blobs of 64 KiB: 12.5 packs of 1 MiB.
+        for i in 0..200 {
+            saver.save(BlobKind::Data, &blob(i)).unwrap();
+            // Only the ids of the open pack are remembered (16 blobs fill one).
+            assert!(
+                lock(&saver.taken).len() <= 17,
+                "{}",
+                lock(&saver.taken).len()
+            );
+        }
+        // Saving them again stores nothing: the index or the open pack answers.
+        for i in 0..200 {
+            assert_eq!(saver.save(BlobKind::Data, &blob(i)).unwrap().1, 0);
+        }
+        saver.flush().unwrap();
+        assert!(lock(&saver.taken).is_empty());
+        assert_eq!(saver.stats().blobs_new, 200);
+        assert_eq!(repo.index().totals().unwrap().blobs, 200);
     }
 }

@@ -13,7 +13,13 @@ use crate::exit;
 use crate::format;
 use crate::open::{self, Settings};
 
-pub fn init(s: &Settings, g: &Global, enc: EncryptionArg, pack_size: Option<u64>) -> Result<u8> {
+pub fn init(
+    s: &Settings,
+    g: &Global,
+    enc: EncryptionArg,
+    pack_size: Option<u64>,
+    compression: Option<i32>,
+) -> Result<u8> {
     let encryption = match enc {
         EncryptionArg::Aes256Gcm => Encryption::Aes256Gcm,
         EncryptionArg::None => Encryption::None,
@@ -32,6 +38,9 @@ pub fn init(s: &Settings, g: &Global, enc: EncryptionArg, pack_size: Option<u64>
             .ok()
             .filter(|s| (1 << 20..=1 << 30).contains(s))
             .context("--pack-size must be between 1M and 1G")?;
+    }
+    if let Some(level) = compression {
+        config.compression_level = level;
     }
     let repo = Repository::init_with(&s.repo, &pw, config, open::kdf_params())?;
     if g.json {

@@ -24,7 +24,8 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Init {
             encryption,
             pack_size,
-        } => admin::init(&settings, g, encryption, pack_size),
+            compression,
+        } => admin::init(&settings, g, encryption, pack_size, compression),
         Command::Backup(a) => backup::run(&settings, g, &a),
         Command::Snapshots { filter } => browse::snapshots(&settings, g, &filter),
         Command::Ls {
