@@ -30,7 +30,10 @@ pub struct BlobLocation {
 pub struct IndexTotals {
     pub packs: u64,
     pub pack_bytes: u64,
+    /// Distinct blobs.
     pub blobs: u64,
+    /// Blob copies: more than `blobs` when a blob is stored in several packs.
+    pub locations: u64,
     pub stored_bytes: u64,
     pub raw_bytes: u64,
 }
@@ -261,11 +264,11 @@ impl Index {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .map_err(db_err)?;
-        let (blobs, stored, raw): (i64, i64, i64) = c
+        let (blobs, locations, stored, raw): (i64, i64, i64, i64) = c
             .query_row(
-                "SELECT count(DISTINCT id), coalesce(sum(length),0), coalesce(sum(raw_length),0) FROM blobs",
+                "SELECT count(DISTINCT id), count(*), coalesce(sum(length),0), coalesce(sum(raw_length),0) FROM blobs",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .map_err(db_err)?;
         let u = |v: i64| u64::try_from(v).unwrap_or(0);
@@ -273,6 +276,7 @@ impl Index {
             packs: u(packs),
             pack_bytes: u(pack_bytes),
             blobs: u(blobs),
+            locations: u(locations),
             stored_bytes: u(stored),
             raw_bytes: u(raw),
         })

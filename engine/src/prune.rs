@@ -119,12 +119,14 @@ impl Marks {
         row <= self.max_row && self.used.contains(row as usize)
     }
 
-    /// Marks every location of `id`; returns false when the blob is not indexed at all.
+    /// Marks one location of `id`, the newest the mark knows, so that other copies (a
+    /// repack interrupted before its sweep, two backups that stored the same blob) count
+    /// as unused and go. Returns (indexed at all, was marked already).
     fn mark(&mut self, repo: &Repository, id: &BlobId) -> Result<(bool, bool)> {
         let rows = repo.index().rows_of(id)?;
         let was = rows.iter().any(|r| self.is_set(*r));
-        for r in &rows {
-            if *r <= self.max_row {
+        if !was {
+            if let Some(r) = rows.iter().filter(|r| **r <= self.max_row).max() {
                 self.used.insert(*r as usize);
             }
         }

@@ -531,6 +531,27 @@ fn prune_frees_forgotten_data_respects_the_grace_period_and_chains_after_forget(
     let dry = env.json(&["prune", "--grace", "0", "--dry-run"]);
     assert!(dry["packs_deleted"].as_u64().unwrap() > 0, "{dry}");
     assert_eq!(data_bytes(), before);
+    // A prune that cannot sweep (a backup holds its lock) gives up after its repack,
+    // leaving copies of the used blobs beside the originals: nothing lost, nothing freed.
+    let mut holder = PipedBackup::start(&env, "holder");
+    wait_for("the backup's lock", Duration::from_secs(30), || {
+        live_locks(&env, "backup") == 1
+    });
+    let out = env.run(&[
+        "prune",
+        "--grace",
+        "0",
+        "--max-unused",
+        "0%",
+        "--lock-wait",
+        "1s",
+    ]);
+    assert_eq!(out.status.code(), Some(11));
+    assert!(data_bytes() > before, "the repack wrote nothing");
+    holder.feed(b"held");
+    holder.finish();
+    env.ok(&["forget", "--keep-last", "1"]);
+    // The next prune frees the garbage and those copies in one pass.
     let r = env.json(&["prune", "--grace", "0", "--max-unused", "0%"]);
     let freed = r["bytes_freed"].as_u64().unwrap();
     assert!(freed as usize >= 3 * len, "{r}");
@@ -540,6 +561,9 @@ fn prune_frees_forgotten_data_respects_the_grace_period_and_chains_after_forget(
     // What is left is exactly what the kept snapshot needs: a second prune finds nothing.
     let again = env.json(&["prune", "--grace", "0", "--max-unused", "0%"]);
     assert_eq!(again["bytes_unused"], 0, "{again}");
+    // And no blob is left stored twice.
+    let stats = env.json(&["stats"]);
+    assert_eq!(stats["blob_copies"], stats["blobs"], "{stats}");
     env.ok(&["check", "--read-data"]);
     assert_restores(&env, &last, &src.dir, &src.seeds, len);
 }

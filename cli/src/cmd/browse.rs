@@ -277,6 +277,7 @@ pub fn stats(s: &Settings, g: &Global, spec: Option<&str>, f: &Filter) -> Result
             "packs": t.packs,
             "pack_bytes": t.pack_bytes,
             "blobs": t.blobs,
+            "blob_copies": t.locations,
             "unique_bytes": t.raw_bytes,
             "stored_bytes": t.stored_bytes,
             "logical_bytes": logical,
