@@ -136,6 +136,28 @@ impl Settings {
         repo.lock(kind, operation, self.lock_wait)?;
         Ok(repo)
     }
+
+    /// Like [`Self::open_locked`] with a shared lock for an operation that only reads: on
+    /// a repository this process cannot write (read-only medium, another user's), it goes
+    /// on without a lock, with a warning.
+    pub fn open_for_reading(&self, operation: &str) -> Result<Repository> {
+        let repo = self.open()?;
+        match repo.lock(LockKind::Shared, operation, self.lock_wait) {
+            Ok(()) => {}
+            Err(cairn_engine::Error::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::PermissionDenied
+                    || source.raw_os_error() == Some(libc::EROFS) =>
+            {
+                tracing::warn!(
+                    "cannot write a lock in {} ({source}): reading without one; a prune \
+                     running elsewhere could delete data under this {operation}",
+                    self.repo.display()
+                );
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(repo)
+    }
 }
 
 pub fn prompt(label: &str, confirm: bool) -> Result<Zeroizing<Vec<u8>>> {

@@ -689,3 +689,51 @@ fn an_interrupted_backup_leaves_packs_the_next_one_reuses() {
     assert!(out.stdout == data);
     env.ok(&["check", "--read-data"]);
 }
+
+#[test]
+fn a_read_only_repository_is_read_without_a_lock_and_refuses_writes() {
+    if !require_root("a read-only bind mount of a repository") {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    write_random(&src.join("f"), 3, MIB);
+    let snap = env.backup(&[&src])["id"].as_str().unwrap().to_owned();
+    let ro = env.path("ro");
+    fs::create_dir_all(&ro).unwrap();
+    let bind = |args: &[&str]| {
+        assert!(std::process::Command::new("mount")
+            .args(args)
+            .status()
+            .unwrap()
+            .success());
+    };
+    bind(&["--bind", env.repo.to_str().unwrap(), ro.to_str().unwrap()]);
+    bind(&["-o", "remount,bind,ro", ro.to_str().unwrap()]);
+    let _unmount = UnmountOnDrop(ro.clone());
+    let run = |args: &[&str]| {
+        env.cmd()
+            .env("REPO_REPOSITORY", &ro)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let t = env.path("t");
+    let out = run(&["restore", &snap, "--target", t.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("reading without one"));
+    assert_eq!(
+        hash_file(&under(&t, &src).join("f")),
+        hash_file(&src.join("f"))
+    );
+    assert!(run(&["check", "--read-data"]).status.success());
+    // Writing needs a lock: a clear error, nothing half done.
+    let out = run(&["backup", src.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("locks/"));
+}

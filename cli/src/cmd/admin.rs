@@ -147,7 +147,7 @@ pub fn index(s: &Settings, g: &Global, i: IndexCommand) -> Result<u8> {
 }
 
 pub fn check(s: &Settings, g: &Global, read_data: bool, subset: Option<(u32, u32)>) -> Result<u8> {
-    let repo = s.open_locked(LockKind::Shared, "check")?;
+    let repo = s.open_for_reading("check")?;
     let opts = cairn_engine::check::CheckOptions {
         read_data: read_data || subset.is_some(),
         subset,

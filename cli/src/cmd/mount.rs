@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use cairn_engine::crypto::Encryption;
-use cairn_engine::lock::LockKind;
 use cairn_engine::Repository;
 use cairn_mount::{MountOptions, ViewOptions};
 use nix::sys::signal::{SigSet, Signal};
@@ -52,7 +51,7 @@ pub fn mount(
     }
     let signals = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP]);
     signals.thread_block().context("blocking signals")?;
-    let repo: Arc<Repository> = Arc::new(s.open_locked(LockKind::Shared, "mount")?);
+    let repo: Arc<Repository> = Arc::new(s.open_for_reading("mount")?);
     let opts = MountOptions {
         allow_other,
         view: ViewOptions {

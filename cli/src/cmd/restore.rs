@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use cairn_engine::lock::LockKind;
 use cairn_engine::progress::Progress;
 use cairn_engine::restore::{self, RestoreOptions};
 use cairn_engine::snapshot::{Snapshot, SnapshotKind};
@@ -27,7 +26,7 @@ pub struct Request<'a> {
 }
 
 pub fn run(s: &Settings, g: &Global, req: &Request<'_>, f: &Filter) -> Result<u8> {
-    let repo = s.open_locked(LockKind::Shared, "restore")?;
+    let repo = s.open_for_reading("restore")?;
     let snap = super::find_snapshot(&repo, req.spec, f)?;
     let (target, include) = (req.target, req.include);
     if snap.manifest.kind == SnapshotKind::Image && !target.is_dir() {
