@@ -481,6 +481,12 @@ fn a_flipped_byte_is_named_salvaged_around_recorded_and_healed() {
     assert_eq!(affected[0]["path"], hit.as_str());
     assert_eq!(affected[0]["recorded_by_repair"], true);
     assert_eq!(report["snapshots_marked_damaged"], 1);
+    // A prune over a repository with recorded loss works and keeps the damaged snapshot's
+    // intact data.
+    env.ok(&["prune", "--grace", "0", "--max-unused", "0%"]);
+    let out = env.run(&["check", "--read-data", "--json"]);
+    let after: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(after["problems"], report["problems"], "{after}");
     // The snapshot was not deleted, and its intact files still restore.
     assert!(snapshot_ids(&env).contains(&id));
     let _ = fs::remove_dir_all(&t);
