@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::backend::FileKind;
-use crate::blob::{self, BlobKind, Verify};
+use crate::blob::BlobKind;
 use crate::error::Result;
 use crate::id::{BlobId, Id, PackId, SnapshotId};
 use crate::pack;
@@ -267,23 +267,7 @@ fn read_pack(
         });
     }
     for e in entries {
-        let start = usize::try_from(e.offset).unwrap_or(usize::MAX);
-        let stored = bytes.get(start..start.saturating_add(e.length as usize));
-        let r = match stored {
-            Some(s) => blob::decode(
-                repo.crypto(),
-                e.kind,
-                &e.id,
-                s.to_vec(),
-                e.raw_length as usize,
-                Verify::Hash,
-            )
-            .map(drop),
-            None => Err(crate::Error::corrupt(
-                format!("blob {}", e.id),
-                "beyond the end of its pack",
-            )),
-        };
+        let r = pack::verified_blob(repo.crypto(), &bytes, e);
         if let Err(err) = r {
             let message = match err {
                 crate::Error::Corrupt { reason, .. } => reason,

@@ -25,6 +25,9 @@ pub struct BlobLocation {
     pub raw_length: u32,
 }
 
+/// One row of a pack in [`Index::scan_by_pack`]: (row number, stored length).
+pub type PackRow = (u64, u32);
+
 /// Totals over the whole index.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IndexTotals {
@@ -306,12 +309,13 @@ impl Index {
             .collect()
     }
 
-    /// Calls `f(pack, row, stored length)` for every row numbered at most `max_row`, in
-    /// pack order (one pack's rows together), streaming. `f` must not use the index.
+    /// Calls `f(pack, rows)` once per pack, with the (row number, stored length) of each
+    /// of its rows numbered at most `max_row`, streaming (one pack's rows in memory).
+    /// `f` must not use the index.
     pub fn scan_by_pack(
         &self,
         max_row: u64,
-        f: &mut dyn FnMut(PackId, u64, u32) -> Result<()>,
+        f: &mut dyn FnMut(PackId, &[PackRow]) -> Result<()>,
     ) -> Result<()> {
         let c = self.conn();
         let mut st = c
@@ -320,6 +324,8 @@ impl Index {
         let mut rows = st
             .query([i64::try_from(max_row).unwrap_or(i64::MAX)])
             .map_err(db_err)?;
+        let mut current: Option<PackId> = None;
+        let mut group: Vec<PackRow> = Vec::new();
         while let Some(r) = rows.next().map_err(db_err)? {
             let pack: Vec<u8> = r.get(0).map_err(db_err)?;
             let row: i64 = r.get(1).map_err(db_err)?;
@@ -328,7 +334,15 @@ impl Index {
                 Id::from_slice(&pack)
                     .ok_or_else(|| Error::corrupt("index.sqlite", "bad pack id"))?,
             );
-            f(pack, u64::try_from(row).unwrap_or(0), len)?;
+            if let Some(p) = current.filter(|p| *p != pack) {
+                f(p, &group)?;
+                group.clear();
+            }
+            current = Some(pack);
+            group.push((u64::try_from(row).unwrap_or(0), len));
+        }
+        if let Some(p) = current {
+            f(p, &group)?;
         }
         Ok(())
     }

@@ -189,6 +189,26 @@ pub fn parse_pack(crypto: &Crypto, pack: &PackId, bytes: &[u8]) -> Result<Vec<Pa
     parse_trailer(crypto, pack, &bytes[s..s + len], start)
 }
 
+/// The stored bytes of `entry` within the whole pack `bytes`, once they decrypt, decompress
+/// and hash to the entry's id (never copy or trust damage).
+pub fn verified_blob<'b>(crypto: &Crypto, bytes: &'b [u8], entry: &PackEntry) -> Result<&'b [u8]> {
+    let start = usize::try_from(entry.offset).unwrap_or(usize::MAX);
+    let stored = bytes
+        .get(start..start.saturating_add(entry.length as usize))
+        .ok_or_else(|| {
+            Error::corrupt(format!("blob {}", entry.id), "beyond the end of its pack")
+        })?;
+    crate::blob::decode(
+        crypto,
+        entry.kind,
+        &entry.id,
+        stored.to_vec(),
+        entry.raw_length as usize,
+        crate::blob::Verify::Hash,
+    )?;
+    Ok(stored)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

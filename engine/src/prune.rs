@@ -27,12 +27,11 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::backend::FileKind;
-use crate::blob::{self, Verify};
 use crate::error::{Error, IoContext, Result};
 use crate::id::{BlobId, PackId, SnapshotId};
 use crate::lock::LockKind;
-use crate::pack::{PackEntry, PackWriter};
 use crate::repository::Repository;
+use crate::saver::BlobSaver;
 
 #[derive(Debug, Clone, Copy)]
 pub struct PruneOptions {
@@ -241,74 +240,44 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         .unwrap_or(SystemTime::UNIX_EPOCH);
     let mut plan: Vec<Planned> = Vec::new();
     let sizes = repo.index().pack_sizes()?;
-    {
-        let mut current: Option<(PackId, u64, u64, u64, u64)> = None; // pack, rows, used rows, bytes, used bytes
-        let finish = |c: (PackId, u64, u64, u64, u64),
-                      report: &mut PruneReport,
-                      plan: &mut Vec<Planned>|
-         -> Result<()> {
-            let (pack, rows, used_rows, _bytes, used_bytes) = c;
-            let size = sizes.get(&pack).copied().unwrap_or(0);
-            report.packs += 1;
-            report.blobs += rows;
-            report.blobs_used += used_rows;
-            report.bytes_total += size;
-            let unused = size.saturating_sub(used_bytes);
-            if used_rows == rows {
-                return Ok(());
-            }
-            report.bytes_unused += unused;
-            let young = repo
-                .backend()
-                .modified(FileKind::Pack, &pack.to_hex())
-                .map(|m| m > grace_start)
-                .unwrap_or(false);
-            let fate = if young {
-                report.packs_young += 1;
-                None
-            } else if used_rows == 0 {
-                Some(Fate::Delete)
-            } else if unused as f64 > opts.max_unused * size as f64 {
-                Some(Fate::Repack)
-            } else {
-                None
-            };
-            match fate {
-                Some(fate) => plan.push(Planned {
-                    pack,
-                    size,
-                    fate,
-                    unused_rows: rows - used_rows,
-                }),
-                None => report.bytes_unused_left += unused,
-            }
-            Ok(())
+    repo.index().scan_by_pack(max_row, &mut |pack, rows| {
+        let size = sizes.get(&pack).copied().unwrap_or(0);
+        let used: Vec<&(u64, u32)> = rows.iter().filter(|(row, _)| marks.is_set(*row)).collect();
+        let used_bytes: u64 = used.iter().map(|(_, len)| u64::from(*len)).sum();
+        report.packs += 1;
+        report.blobs += rows.len() as u64;
+        report.blobs_used += used.len() as u64;
+        report.bytes_total += size;
+        if used.len() == rows.len() {
+            return Ok(());
+        }
+        let unused = size.saturating_sub(used_bytes);
+        report.bytes_unused += unused;
+        let young = repo
+            .backend()
+            .modified(FileKind::Pack, &pack.to_hex())
+            .is_ok_and(|m| m > grace_start);
+        let fate = if young {
+            report.packs_young += 1;
+            None
+        } else if used.is_empty() {
+            Some(Fate::Delete)
+        } else if unused as f64 > opts.max_unused * size as f64 {
+            Some(Fate::Repack)
+        } else {
+            None
         };
-        let mut err = None;
-        repo.index()
-            .scan_by_pack(max_row, &mut |pack, row, len| {
-                if current.as_ref().is_some_and(|c| c.0 != pack) {
-                    if let Some(c) = current.take() {
-                        finish(c, &mut report, &mut plan)?;
-                    }
-                }
-                let c = current.get_or_insert((pack, 0, 0, 0, 0));
-                c.1 += 1;
-                c.3 += u64::from(len);
-                if marks.is_set(row) {
-                    c.2 += 1;
-                    c.4 += u64::from(len);
-                }
-                Ok(())
-            })
-            .unwrap_or_else(|e| err = Some(e));
-        if let Some(e) = err {
-            return Err(e);
+        match fate {
+            Some(fate) => plan.push(Planned {
+                pack,
+                size,
+                fate,
+                unused_rows: (rows.len() - used.len()) as u64,
+            }),
+            None => report.bytes_unused_left += unused,
         }
-        if let Some(c) = current.take() {
-            finish(c, &mut report, &mut plan)?;
-        }
-    }
+        Ok(())
+    })?;
     let count = |f: Fate| plan.iter().filter(|p| p.fate == f).count() as u64;
     report.packs_deleted = count(Fate::Delete);
     report.packs_repacked = count(Fate::Repack);
@@ -321,27 +290,31 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     }
 
     // ---- repack (still shared: backups go on) ----
-    let repacker = Repacker::new(repo);
-    let failed: Mutex<HashSet<PackId>> = Mutex::new(HashSet::new());
+    let saver = BlobSaver::new(repo);
+    let failed: Mutex<Vec<(PackId, Error)>> = Mutex::new(Vec::new());
     let marks_ref = &marks;
     plan.par_iter()
         .filter(|p| p.fate == Fate::Repack)
-        .try_for_each(|p| -> Result<()> {
-            if let Err(e) = repacker.copy_used(&p.pack, marks_ref) {
+        .for_each(|p| {
+            if let Err(e) = copy_used(repo, &saver, &p.pack, marks_ref) {
                 tracing::warn!("pack {} not rewritten: {e}", p.pack);
-                lock(&failed).insert(p.pack);
-                lock(&repacker.warnings).push(format!(
-                    "pack {} kept: {e} (run `repo check --read-data`, then `repo repair`)",
-                    p.pack
-                ));
+                lock(&failed).push((p.pack, e));
             }
-            Ok(())
-        })?;
-    repacker.flush()?;
-    let failed = failed.into_inner().unwrap_or_default();
-    report.packs_written = repacker.packs.load(std::sync::atomic::Ordering::Relaxed);
-    report.bytes_written = repacker.bytes.load(std::sync::atomic::Ordering::Relaxed);
-    report.warnings.extend(lock(&repacker.warnings).drain(..));
+        });
+    saver.flush()?;
+    let failed: HashSet<PackId> = failed
+        .into_inner()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(pack, e)| {
+            report.warnings.push(format!(
+                "pack {pack} kept: {e} (run `repo check --read-data`, then `repo repair`)"
+            ));
+            pack
+        })
+        .collect();
+    report.packs_written = saver.stats().packs;
+    report.bytes_written = saver.stats().pack_bytes;
 
     // ---- sweep (exclusive) ----
     repo.upgrade_lock(opts.lock_wait)?;
@@ -414,91 +387,20 @@ pub(crate) fn snapshot_ids(repo: &Repository) -> Result<Vec<SnapshotId>> {
         .collect())
 }
 
-/// Copies stored blobs, still sealed, into new packs.
-pub(crate) struct Repacker<'r> {
-    repo: &'r Repository,
-    open: Mutex<PackWriter>,
-    pub(crate) packs: std::sync::atomic::AtomicU64,
-    pub(crate) bytes: std::sync::atomic::AtomicU64,
-    warnings: Mutex<Vec<String>>,
-}
-
-impl<'r> Repacker<'r> {
-    pub(crate) fn new(repo: &'r Repository) -> Self {
-        Self {
-            repo,
-            open: Mutex::new(PackWriter::new()),
-            packs: 0.into(),
-            bytes: 0.into(),
-            warnings: Mutex::new(Vec::new()),
-        }
+/// Verifies the used blobs of `pack` and copies them, still sealed, into the saver's
+/// packs; an error leaves the pack to be kept.
+fn copy_used(repo: &Repository, saver: &BlobSaver<'_>, pack: &PackId, marks: &Marks) -> Result<()> {
+    let bytes = repo
+        .backend()
+        .read(FileKind::Pack, &pack.to_hex())
+        .ctx(|| format!("reading pack {pack}"))?;
+    for (_, e) in repo
+        .index()
+        .pack_rows(pack)?
+        .iter()
+        .filter(|(row, _)| marks.is_set(*row))
+    {
+        saver.add_stored(e, crate::pack::verified_blob(repo.crypto(), &bytes, e)?)?;
     }
-
-    /// Verifies and copies the used blobs of `pack`; an error leaves the pack to be kept.
-    fn copy_used(&self, pack: &PackId, marks: &Marks) -> Result<()> {
-        let rows = self.repo.index().pack_rows(pack)?;
-        let bytes = self
-            .repo
-            .backend()
-            .read(FileKind::Pack, &pack.to_hex())
-            .ctx(|| format!("reading pack {pack}"))?;
-        for (row, e) in rows.iter().filter(|(row, _)| marks.is_set(*row)) {
-            let _ = row;
-            let start = usize::try_from(e.offset).unwrap_or(usize::MAX);
-            let stored = bytes
-                .get(start..start.saturating_add(e.length as usize))
-                .ok_or_else(|| {
-                    Error::corrupt(format!("pack {pack}"), "shorter than its trailer says")
-                })?;
-            // Never copy damage forward: the blob must decode to its id.
-            blob::decode(
-                self.repo.crypto(),
-                e.kind,
-                &e.id,
-                stored.to_vec(),
-                e.raw_length as usize,
-                Verify::Hash,
-            )?;
-            self.add(e, stored)?;
-        }
-        Ok(())
-    }
-
-    /// Appends one verified stored blob; writes the pack when full.
-    pub(crate) fn add(&self, e: &PackEntry, stored: &[u8]) -> Result<()> {
-        let full = {
-            let mut open = lock(&self.open);
-            open.add(e.id, e.kind, stored, e.raw_length as usize);
-            (open.len() >= self.repo.config().pack_size as usize)
-                .then(|| std::mem::take(&mut *open))
-        };
-        if let Some(p) = full {
-            self.write(p)?;
-        }
-        Ok(())
-    }
-
-    fn write(&self, pack: PackWriter) -> Result<()> {
-        let (id, bytes, entries) = pack.finish(self.repo.crypto());
-        self.repo
-            .backend()
-            .write(FileKind::Pack, &id.to_hex(), &bytes)
-            .ctx(|| format!("writing pack {id}"))?;
-        self.repo
-            .index()
-            .add_pack(&id, bytes.len() as u64, &entries)?;
-        self.packs
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.bytes
-            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
-    }
-
-    pub(crate) fn flush(&self) -> Result<()> {
-        let pack = std::mem::take(&mut *lock(&self.open));
-        if pack.is_empty() {
-            return Ok(());
-        }
-        self.write(pack)
-    }
+    Ok(())
 }

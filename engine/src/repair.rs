@@ -23,13 +23,13 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::backend::FileKind;
-use crate::blob::{self, Verify};
 use crate::damage;
 use crate::error::{IoContext, Result};
 use crate::id::{BlobId, Id, PackId};
 use crate::lock::LockKind;
-use crate::prune::{snapshot_ids, Marks, Repacker};
+use crate::prune::{snapshot_ids, Marks};
 use crate::repository::Repository;
+use crate::saver::BlobSaver;
 
 #[derive(Debug, Clone, Copy)]
 pub struct RepairOptions {
@@ -125,7 +125,7 @@ pub fn repair(repo: &Repository, opts: &RepairOptions) -> Result<RepairReport> {
 
     // 3. The data.
     if opts.read_data {
-        let repacker = Repacker::new(repo);
+        let saver = BlobSaver::new(repo);
         let damaged: Mutex<Vec<(PackId, Vec<BlobId>, u64)>> = Mutex::new(Vec::new());
         let bytes_read = std::sync::atomic::AtomicU64::new(0);
         readable.par_iter().try_for_each(|p| -> Result<()> {
@@ -140,33 +140,20 @@ pub fn repair(repo: &Repository, opts: &RepairOptions) -> Result<RepairReport> {
             let mut bad = Vec::new();
             let mut good = 0;
             for (_, e) in repo.index().pack_rows(p)? {
-                let start = usize::try_from(e.offset).unwrap_or(usize::MAX);
-                let stored = bytes.get(start..start.saturating_add(e.length as usize));
-                let ok = stored.is_some_and(|s| {
-                    blob::decode(
-                        repo.crypto(),
-                        e.kind,
-                        &e.id,
-                        s.to_vec(),
-                        e.raw_length as usize,
-                        Verify::Hash,
-                    )
-                    .is_ok()
-                });
-                match (ok, stored) {
-                    (true, Some(s)) => {
-                        repacker.add(&e, s)?;
+                match crate::pack::verified_blob(repo.crypto(), &bytes, &e) {
+                    Ok(stored) => {
+                        saver.add_stored(&e, stored)?;
                         good += 1;
                     }
-                    _ => bad.push(e.id),
+                    Err(_) => bad.push(e.id),
                 }
             }
             lock(&damaged).push((*p, bad, good));
             Ok(())
         })?;
-        repacker.flush()?;
+        saver.flush()?;
         report.bytes_read = bytes_read.into_inner();
-        report.packs_written = repacker.packs.load(std::sync::atomic::Ordering::Relaxed);
+        report.packs_written = saver.stats().packs;
         let mut lost: BTreeSet<BlobId> = BTreeSet::new();
         for (p, bad, good) in damaged.into_inner().unwrap_or_default() {
             // The intact blobs are durable in the new packs: the old one can go.
@@ -228,21 +215,13 @@ pub fn repair(repo: &Repository, opts: &RepairOptions) -> Result<RepairReport> {
         });
     }
     damage::forget_orphans(repo)?;
-    let mut current: Option<(PackId, bool)> = None;
     let mut unreferenced = Vec::new();
-    repo.index().scan_by_pack(u64::MAX, &mut |pack, row, _| {
-        if current.as_ref().is_some_and(|c| c.0 != pack) {
-            if let Some((p, false)) = current.take() {
-                unreferenced.push(p);
-            }
+    repo.index().scan_by_pack(u64::MAX, &mut |pack, rows| {
+        if !rows.iter().any(|(row, _)| marks.is_set(*row)) {
+            unreferenced.push(pack);
         }
-        let c = current.get_or_insert((pack, false));
-        c.1 |= marks.is_set(row);
         Ok(())
     })?;
-    if let Some((p, false)) = current {
-        unreferenced.push(p);
-    }
     report.packs_unreferenced = unreferenced.len() as u64;
     for p in &unreferenced {
         report.bytes_unreferenced += repo.index().pack_size(p)?.unwrap_or(0);

@@ -18,7 +18,7 @@ use crate::backend::FileKind;
 use crate::blob::{self, BlobKind};
 use crate::error::{IoContext, Result};
 use crate::id::BlobId;
-use crate::pack::PackWriter;
+use crate::pack::{PackEntry, PackWriter};
 use crate::repository::Repository;
 
 /// What a run added to the repository.
@@ -28,6 +28,8 @@ pub struct SaverStats {
     pub bytes_new: u64,
     pub bytes_stored: u64,
     pub packs: u64,
+    /// Bytes of the pack files written.
+    pub pack_bytes: u64,
 }
 
 pub struct BlobSaver<'r> {
@@ -38,6 +40,7 @@ pub struct BlobSaver<'r> {
     bytes_new: AtomicU64,
     bytes_stored: AtomicU64,
     packs: AtomicU64,
+    pack_bytes: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -55,6 +58,7 @@ impl<'r> BlobSaver<'r> {
             bytes_new: AtomicU64::new(0),
             bytes_stored: AtomicU64::new(0),
             packs: AtomicU64::new(0),
+            pack_bytes: AtomicU64::new(0),
         }
     }
 
@@ -76,16 +80,28 @@ impl<'r> BlobSaver<'r> {
         self.bytes_new
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         self.bytes_stored.fetch_add(stored_len, Ordering::Relaxed);
+        self.append(id, kind, &stored, data.len())?;
+        Ok((id, stored_len))
+    }
+
+    /// Appends an already stored (sealed) blob as it is, without deduplication: a repack
+    /// copying a blob out of a pack that is about to go. The caller verified it.
+    pub fn add_stored(&self, entry: &PackEntry, stored: &[u8]) -> Result<()> {
+        self.append(entry.id, entry.kind, stored, entry.raw_length as usize)
+    }
+
+    /// Adds a stored blob to the open pack; writes the pack when full.
+    fn append(&self, id: BlobId, kind: BlobKind, stored: &[u8], raw_length: usize) -> Result<()> {
         let full = {
             let mut open = lock(&self.open);
-            open.add(id, kind, &stored, data.len());
+            open.add(id, kind, stored, raw_length);
             (open.len() >= self.repo.config().pack_size as usize)
                 .then(|| std::mem::take(&mut *open))
         };
         if let Some(pack) = full {
             self.write_pack(pack)?;
         }
-        Ok((id, stored_len))
+        Ok(())
     }
 
     fn write_pack(&self, pack: PackWriter) -> Result<()> {
@@ -104,6 +120,8 @@ impl<'r> BlobSaver<'r> {
         }
         drop(taken);
         self.packs.fetch_add(1, Ordering::Relaxed);
+        self.pack_bytes
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -124,6 +142,7 @@ impl<'r> BlobSaver<'r> {
             bytes_new: self.bytes_new.load(Ordering::Relaxed),
             bytes_stored: self.bytes_stored.load(Ordering::Relaxed),
             packs: self.packs.load(Ordering::Relaxed),
+            pack_bytes: self.pack_bytes.load(Ordering::Relaxed),
         }
     }
 }

@@ -205,7 +205,6 @@ fn prunes_killed_at_50_random_points_lose_no_kept_snapshot() {
     let env = small_pack_env();
     let len = MIB;
     let mut src = Source::new(env.path("src"), 12, len);
-    let srcs = src.dir.to_str().unwrap().to_owned();
     let mut rng = Rng(0x5EED_0002);
     let mut expected: HashMap<String, Vec<u64>> = HashMap::new();
     let round_setup =
@@ -254,7 +253,6 @@ fn prunes_killed_at_50_random_points_lose_no_kept_snapshot() {
     for (id, seeds) in &expected {
         assert_restores(&env, id, &src.dir, seeds, len);
     }
-    let _ = srcs;
 }
 
 /// A `repo backup --stdin` fed through a pipe we hold: it runs (and holds its shared
@@ -444,17 +442,20 @@ fn a_flipped_byte_is_named_salvaged_around_recorded_and_healed() {
         .filter(|n| *n != hit_name)
         .collect();
     let t = env.path("t");
-    for n in &others {
-        env.ok(&[
-            "restore",
-            &id,
-            "--target",
-            t.to_str().unwrap(),
-            "--include",
-            src.join(n).to_str().unwrap(),
-        ]);
-        assert_eq!(hash_file(&under(&t, &src).join(n)), hash_file(&src.join(n)));
-    }
+    let others_restore = || {
+        for n in &others {
+            env.ok(&[
+                "restore",
+                &id,
+                "--target",
+                t.to_str().unwrap(),
+                "--include",
+                src.join(n).to_str().unwrap(),
+            ]);
+            assert_eq!(hash_file(&under(&t, &src).join(n)), hash_file(&src.join(n)));
+        }
+    };
+    others_restore();
 
     // repair salvages the pack's intact blobs and records the loss.
     let r = env.json(&["repair"]);
@@ -490,17 +491,7 @@ fn a_flipped_byte_is_named_salvaged_around_recorded_and_healed() {
     // The snapshot was not deleted, and its intact files still restore.
     assert!(snapshot_ids(&env).contains(&id));
     let _ = fs::remove_dir_all(&t);
-    for n in &others {
-        env.ok(&[
-            "restore",
-            &id,
-            "--target",
-            t.to_str().unwrap(),
-            "--include",
-            src.join(n).to_str().unwrap(),
-        ]);
-        assert_eq!(hash_file(&under(&t, &src).join(n)), hash_file(&src.join(n)));
-    }
+    others_restore();
     // The source still has the file: backing it up again stores the lost blob again
     // (although the file is unchanged), and the old snapshot is whole once more.
     env.backup(&[&src]);
@@ -601,7 +592,7 @@ fn locks_block_what_conflicts_stale_ones_do_not_and_unlock_removes_them() {
         assert!(err.contains("shared lock by `backup`"), "{args:?}: {err}");
     }
     running.feed(&data[MIB..]);
-    let snap = running.finish();
+    running.finish();
     assert!(env.json(&["locks"]).as_array().unwrap().is_empty());
 
     // An exclusive lock of a live process elsewhere blocks a backup...
@@ -650,7 +641,6 @@ fn locks_block_what_conflicts_stale_ones_do_not_and_unlock_removes_them() {
     assert_eq!(removed.as_array().unwrap().len(), 2);
     assert!(env.json(&["locks"]).as_array().unwrap().is_empty());
     env.ok(&["check"]);
-    let _ = snap;
 }
 
 #[test]
