@@ -89,6 +89,15 @@ pub fn all(repo: &Repository) -> Result<HashMap<SnapshotId, DamageMark>> {
     Ok(out)
 }
 
+/// Whether any snapshot carries a mark (cheap: a directory listing).
+pub fn any(repo: &Repository) -> Result<bool> {
+    Ok(!repo
+        .backend()
+        .list(FileKind::Damage)
+        .ctx(|| "listing damage marks".into())?
+        .is_empty())
+}
+
 /// Removes the marks of snapshots that no longer exist.
 pub fn forget_orphans(repo: &Repository) -> Result<u64> {
     let snaps: BTreeSet<String> = repo

@@ -139,6 +139,9 @@ struct Walker<'a> {
     warnings: Mutex<Vec<Warning>>,
     summary: Mutex<Summary>,
     force: bool,
+    /// The repository has recorded loss (damage marks): check that an unchanged file's
+    /// blobs still exist before reusing them.
+    check_reuse: bool,
 }
 
 /// Entry errors: the source's (warn and go on) or the repository's (stop).
@@ -183,6 +186,7 @@ impl<'a> Walker<'a> {
             warnings: Mutex::new(Vec::new()),
             summary: Mutex::new(Summary::default()),
             force,
+            check_reuse: crate::damage::any(repo).unwrap_or(true),
         }
     }
 
@@ -359,14 +363,15 @@ impl<'a> Walker<'a> {
     }
 
     fn file(&self, path: &Path, node: &mut Node, parent: Option<&Node>) -> Result<(), EntryError> {
-        // An unchanged file reuses the parent's content, unless some of it was lost (a
-        // repaired repository): then reading it again stores it again, and heals every
-        // snapshot that needs the same content.
+        // An unchanged file reuses the parent's content, unless some of it was lost (only
+        // looked up when `repair` recorded a loss): then reading it again stores it again,
+        // and heals every snapshot that needs the same content.
         let reusable = |p: &&Node| -> bool {
-            p.content
-                .iter()
-                .filter_map(|e| e.blob)
-                .all(|b| self.repo.index().contains(&b).unwrap_or(false))
+            !self.check_reuse
+                || p.content
+                    .iter()
+                    .filter_map(|e| e.blob)
+                    .all(|b| self.repo.index().contains(&b).unwrap_or(false))
         };
         if let Some(p) = parent.filter(|p| !self.force && same_file(p, node) && reusable(p)) {
             node.content.clone_from(&p.content);
