@@ -96,14 +96,135 @@ impl NbdUri {
     }
 }
 
-/// What identifies an image file's content without reading it: device, inode, size,
-/// mtime and ctime of the file and of every backing file. Any write changes it.
-pub fn fingerprint(path: &Path) -> Result<String, String> {
+/// An image file (raw, qcow2, vmdk; with its backing files) as a [`BlockSource`]. Looking
+/// at it costs one `qemu-img info`; the private, read-only `qemu-nbd` that serves its
+/// blocks starts on the first block request, so a backup that finds the image unchanged
+/// (same [`fingerprint`](Self::fingerprint)) never starts it.
+pub struct ImageFile {
+    path: PathBuf,
+    info: qemu::ImageInfo,
+    /// The image and its backing files, as qemu-img named them.
+    chain: Vec<PathBuf>,
+    fingerprint: String,
+    source: Option<NbdSource>,
+}
+
+/// Keys of a snapshot's metadata that [`ImageFile::unchanged_since`] reads: the format,
+/// the virtual size, the fingerprint and the files (one per line) of the image backed up.
+pub const META_FORMAT: &str = "source_format";
+pub const META_SIZE: &str = "virtual_size";
+pub const META_FINGERPRINT: &str = "fingerprint";
+pub const META_CHAIN: &str = "source_chain";
+
+impl ImageFile {
+    /// Detects the format, the virtual size and the fingerprint of the image at `path`.
+    pub fn inspect(path: &Path) -> Result<Self, String> {
+        let chain = qemu::image_chain(path).map_err(|e| e.to_string())?;
+        let info = chain[0].1.clone();
+        if !qemu::FORMATS.contains(&info.format.as_str()) {
+            return Err(format!(
+                "{}: unsupported image format {:?}",
+                path.display(),
+                info.format
+            ));
+        }
+        let chain: Vec<PathBuf> = chain.into_iter().map(|(f, _)| f).collect();
+        let fingerprint = fingerprint(chain.iter().map(PathBuf::as_path))?;
+        Ok(Self {
+            path: path.to_owned(),
+            info,
+            chain,
+            fingerprint,
+            source: None,
+        })
+    }
+
+    /// The image at `path` as a parent backup of it recorded it (`meta`: its snapshot's
+    /// metadata), when the files it recorded still carry the same fingerprint: then the
+    /// content is the parent's and not even `qemu-img` needs to run. `None`: inspect it.
+    pub fn unchanged_since(
+        path: &Path,
+        meta: &std::collections::BTreeMap<String, String>,
+    ) -> Option<Self> {
+        let chain: Vec<PathBuf> = meta.get(META_CHAIN)?.lines().map(PathBuf::from).collect();
+        if chain.first().map(PathBuf::as_path) != Some(path) {
+            return None;
+        }
+        let recorded = meta.get(META_FINGERPRINT)?;
+        let now = fingerprint(chain.iter().map(PathBuf::as_path)).ok()?;
+        if &now != recorded {
+            return None;
+        }
+        let info = qemu::ImageInfo {
+            format: meta.get(META_FORMAT)?.clone(),
+            virtual_size: meta.get(META_SIZE)?.parse().ok()?,
+            format_specific: None,
+        };
+        Some(Self {
+            path: path.to_owned(),
+            info,
+            chain,
+            fingerprint: now,
+            source: None,
+        })
+    }
+
+    /// What a snapshot of this image records of it, for [`Self::unchanged_since`].
+    pub fn meta(&self) -> std::collections::BTreeMap<String, String> {
+        let chain: Vec<String> = self
+            .chain
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect();
+        std::collections::BTreeMap::from([
+            (META_FORMAT.to_owned(), self.info.format.clone()),
+            (META_CHAIN.to_owned(), chain.join("\n")),
+        ])
+    }
+
+    /// The format `qemu-img` detected.
+    pub fn format(&self) -> &str {
+        &self.info.format
+    }
+
+    /// What identifies the content without reading it: device, inode, size, mtime and
+    /// ctime of the file and of every backing file. Any write changes it.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    fn source(&mut self) -> io::Result<&mut NbdSource> {
+        if self.source.is_none() {
+            let src = NbdSource::open_image(&self.path, &self.info).map_err(io::Error::other)?;
+            self.source = Some(src);
+        }
+        Ok(self.source.as_mut().expect("opened above"))
+    }
+}
+
+impl BlockSource for ImageFile {
+    fn size(&self) -> u64 {
+        self.info.virtual_size
+    }
+
+    fn map(&mut self, offset: u64, len: u64) -> io::Result<Vec<BlockRegion>> {
+        self.source()?.map(offset, len)
+    }
+
+    fn changed(&mut self, offset: u64, len: u64) -> io::Result<Option<Vec<BlockRegion>>> {
+        self.source()?.changed(offset, len)
+    }
+
+    fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.source()?.read(offset, buf)
+    }
+}
+
+fn fingerprint<'a>(chain: impl Iterator<Item = &'a Path>) -> Result<String, String> {
     use std::os::unix::fs::MetadataExt;
-    let chain = qemu::backing_chain(path).map_err(|e| e.to_string())?;
     let mut parts = Vec::new();
     for f in chain {
-        let md = std::fs::metadata(&f).map_err(|e| format!("{}: {e}", f.display()))?;
+        let md = std::fs::metadata(f).map_err(|e| format!("{}: {e}", f.display()))?;
         parts.push(format!(
             "{}:{}:{}:{}.{}:{}.{}",
             md.dev(),
@@ -157,16 +278,7 @@ impl NbdSource {
     }
 
     /// Exports an image file through a private, read-only qemu-nbd and opens it.
-    /// Returns the source and the image's detected format.
-    pub fn open_image(path: &Path) -> Result<(Self, String), String> {
-        let info = qemu::image_info(path).map_err(|e| e.to_string())?;
-        if !qemu::FORMATS.contains(&info.format.as_str()) {
-            return Err(format!(
-                "{}: unsupported image format {:?}",
-                path.display(),
-                info.format
-            ));
-        }
+    fn open_image(path: &Path, info: &qemu::ImageInfo) -> Result<Self, String> {
         let mut server = QemuNbd::start(path, &info.format, None).map_err(|e| e.to_string())?;
         let client = match NbdClient::connect_unix(server.socket(), "", &[ALLOCATION], TIMEOUT) {
             Ok(c) => c,
@@ -186,7 +298,7 @@ impl NbdSource {
                 info.virtual_size
             ));
         }
-        Ok((src, info.format))
+        Ok(src)
     }
 
     fn status(

@@ -52,26 +52,14 @@ fn run(program: &'static str, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-/// Detects an image's format and virtual size.
-pub fn image_info(path: &Path) -> Result<ImageInfo> {
-    let out = run(
-        "qemu-img",
-        &[
-            "info".as_ref(),
-            "--output=json".as_ref(),
-            "--".as_ref(),
-            path.as_os_str(),
-        ],
-    )?;
-    serde_json::from_slice(&out)
-        .map_err(|e| QemuError::Other(format!("qemu-img info: unreadable output: {e}")))
-}
-
-/// The files an image reads from: itself and its backing files, in order.
-pub fn backing_chain(path: &Path) -> Result<Vec<PathBuf>> {
+/// What `qemu-img info --backing-chain` says of an image and each file it reads from:
+/// the image itself first, then its backing files in order. One subprocess for all.
+pub fn image_chain(path: &Path) -> Result<Vec<(PathBuf, ImageInfo)>> {
     #[derive(Deserialize)]
     struct Entry {
         filename: PathBuf,
+        #[serde(flatten)]
+        info: ImageInfo,
     }
     let out = run(
         "qemu-img",
@@ -88,7 +76,13 @@ pub fn backing_chain(path: &Path) -> Result<Vec<PathBuf>> {
             "qemu-img info --backing-chain: unreadable output: {e}"
         ))
     })?;
-    Ok(chain.into_iter().map(|e| e.filename).collect())
+    if chain.is_empty() {
+        return Err(QemuError::Other(format!(
+            "qemu-img info --backing-chain: nothing said of {}",
+            path.display()
+        )));
+    }
+    Ok(chain.into_iter().map(|e| (e.filename, e.info)).collect())
 }
 
 /// Formats accepted by `repo backup --image`.

@@ -55,6 +55,21 @@ pub trait Backend: Send + Sync {
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> io::Result<()>;
     /// Names of all files of a kind.
     fn list(&self, kind: FileKind) -> io::Result<Vec<String>>;
+    /// Packs are spread over shards (`data/XX/`, XX the first byte of the id in hex).
+    /// Each shard with a stamp that changes whenever a pack is added to or removed from
+    /// it (a local directory's modification time, in ns), so that a reader can list only
+    /// the shards that changed since it last looked. `None`: no such stamps; list all.
+    fn pack_shards(&self) -> io::Result<Option<Vec<(String, i64)>>> {
+        Ok(None)
+    }
+    /// The packs of one shard named by [`Backend::pack_shards`].
+    fn list_pack_shard(&self, shard: &str) -> io::Result<Vec<String>> {
+        Ok(self
+            .list(FileKind::Pack)?
+            .into_iter()
+            .filter(|n| n.starts_with(shard))
+            .collect())
+    }
     /// Removes a file; removing a missing file is not an error.
     fn remove(&self, kind: FileKind, name: &str) -> io::Result<()>;
     /// Moves a damaged file out of the repository's view (kept for forensics), into
@@ -71,14 +86,58 @@ pub trait Backend: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct LocalBackend {
     root: PathBuf,
+    /// Packs opened lately, most recent last: reading many blobs of one pack (a restore,
+    /// the mount) opens it once, and the kernel's readahead sees one sequential reader.
+    open_packs: std::sync::Arc<std::sync::Mutex<OpenPacks>>,
 }
+
+/// Pack name and open handle, least recently used first.
+type OpenPacks = Vec<(String, std::sync::Arc<File>)>;
+
+/// How many pack files [`LocalBackend`] keeps open for reading.
+const OPEN_PACKS: usize = 32;
 
 const TMP_PREFIX: &str = ".tmp-";
 
 impl LocalBackend {
     #[must_use]
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            open_packs: Default::default(),
+        }
+    }
+
+    fn open_packs(&self) -> std::sync::MutexGuard<'_, OpenPacks> {
+        self.open_packs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// An open handle on a pack, from the cache or newly opened.
+    fn open_pack(&self, name: &str) -> io::Result<std::sync::Arc<File>> {
+        {
+            let mut open = self.open_packs();
+            if let Some(i) = open.iter().position(|(n, _)| n == name) {
+                let entry = open.remove(i);
+                let f = entry.1.clone();
+                open.push(entry);
+                return Ok(f);
+            }
+        }
+        let f = std::sync::Arc::new(File::open(self.path(FileKind::Pack, name))?);
+        let mut open = self.open_packs();
+        if open.len() >= OPEN_PACKS {
+            open.remove(0);
+        }
+        open.push((name.to_owned(), f.clone()));
+        Ok(f)
+    }
+
+    fn forget_open(&self, kind: FileKind, name: &str) {
+        if kind == FileKind::Pack {
+            self.open_packs().retain(|(n, _)| n != name);
+        }
     }
 
     #[must_use]
@@ -170,7 +229,11 @@ impl Backend for LocalBackend {
 
     fn read_at(&self, kind: FileKind, name: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         check_name(name)?;
-        let f = File::open(self.path(kind, name))?;
+        let f = if kind == FileKind::Pack {
+            self.open_pack(name)?
+        } else {
+            std::sync::Arc::new(File::open(self.path(kind, name))?)
+        };
         let mut v = vec![0u8; len];
         f.read_exact_at(&mut v, offset)?;
         Ok(v)
@@ -209,6 +272,39 @@ impl Backend for LocalBackend {
             let _ = fs::remove_file(&tmp);
         }
         result
+    }
+
+    fn pack_shards(&self) -> io::Result<Option<Vec<(String, i64)>>> {
+        use std::os::unix::fs::MetadataExt;
+        let mut out = Vec::new();
+        for sub in fs::read_dir(self.root.join("data"))? {
+            let sub = sub?;
+            let Some(name) = sub.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            let md = sub.metadata()?;
+            if md.is_dir() && !name.starts_with('.') {
+                out.push((name, md.mtime() * 1_000_000_000 + md.mtime_nsec()));
+            }
+        }
+        Ok(Some(out))
+    }
+
+    fn list_pack_shard(&self, shard: &str) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        let entries = match fs::read_dir(self.root.join("data").join(shard)) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(e),
+        };
+        for e in entries {
+            if let Some(n) = e?.file_name().to_str() {
+                if !n.starts_with('.') {
+                    out.push(n.to_owned());
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn list(&self, kind: FileKind) -> io::Result<Vec<String>> {
@@ -260,6 +356,7 @@ impl Backend for LocalBackend {
     fn remove(&self, kind: FileKind, name: &str) -> io::Result<()> {
         check_name(name)?;
         crash_point();
+        self.forget_open(kind, name);
         match fs::remove_file(self.path(kind, name)) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             other => other,
@@ -269,6 +366,7 @@ impl Backend for LocalBackend {
     fn quarantine(&self, kind: FileKind, name: &str) -> io::Result<()> {
         check_name(name)?;
         crash_point();
+        self.forget_open(kind, name);
         let dir = self.root.join("quarantine");
         DirBuilder::new().mode(0o700).recursive(true).create(&dir)?;
         fs::rename(self.path(kind, name), dir.join(name))?;

@@ -136,7 +136,9 @@ impl Index {
                  id BLOB NOT NULL, pack BLOB NOT NULL, kind INTEGER NOT NULL,
                  offset INTEGER NOT NULL, length INTEGER NOT NULL, raw_length INTEGER NOT NULL,
                  UNIQUE(id, pack));
-             CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);",
+             CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs(pack);
+             CREATE TABLE IF NOT EXISTS shard_stamps(
+                 shard TEXT PRIMARY KEY, stamp INTEGER NOT NULL) WITHOUT ROWID;",
         )
         .map_err(db_err)?;
         c.execute(
@@ -243,10 +245,26 @@ impl Index {
 
     /// Ids of all indexed packs.
     pub fn packs(&self) -> Result<Vec<PackId>> {
+        self.packs_from(0)
+    }
+
+    /// Indexed packs whose id starts with the byte `first`.
+    pub fn packs_starting_with(&self, first: u8) -> Result<Vec<PackId>> {
+        self.packs_from(u16::from(first) + 1)
+    }
+
+    /// `range` 0: every pack; `b + 1`: the packs whose first byte is `b`.
+    fn packs_from(&self, range: u16) -> Result<Vec<PackId>> {
         let c = self.conn();
-        let mut st = c.prepare_cached("SELECT id FROM packs").map_err(db_err)?;
+        let mut st = c
+            .prepare_cached(
+                "SELECT id FROM packs WHERE ?1 = 0 OR (id >= ?2 AND (?1 = 256 OR id < ?3))",
+            )
+            .map_err(db_err)?;
+        let lo = [range.saturating_sub(1) as u8];
+        let hi = [range.min(255) as u8];
         let rows = st
-            .query_map([], |r| r.get::<_, Vec<u8>>(0))
+            .query_map(params![range, &lo[..], &hi[..]], |r| r.get::<_, Vec<u8>>(0))
             .map_err(db_err)?;
         let mut out = Vec::new();
         for r in rows {
@@ -423,7 +441,33 @@ impl Index {
     /// Empties the index (before a rebuild).
     pub fn clear(&self) -> Result<()> {
         self.conn()
-            .execute_batch("DELETE FROM blobs; DELETE FROM packs;")
+            .execute_batch("DELETE FROM blobs; DELETE FROM packs; DELETE FROM shard_stamps;")
             .map_err(db_err)
+    }
+
+    /// The stamp of each pack shard as of the last time its packs were reconciled.
+    pub fn shard_stamps(&self) -> Result<std::collections::HashMap<String, i64>> {
+        let c = self.conn();
+        let mut st = c
+            .prepare_cached("SELECT shard, stamp FROM shard_stamps")
+            .map_err(db_err)?;
+        let rows = st
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(db_err)?;
+        rows.collect::<rusqlite::Result<_>>().map_err(db_err)
+    }
+
+    /// Records (`Some`) or forgets (`None`) the stamp a shard had when it was reconciled.
+    pub fn set_shard_stamp(&self, shard: &str, stamp: Option<i64>) -> Result<()> {
+        let c = self.conn();
+        match stamp {
+            Some(v) => c.execute(
+                "INSERT OR REPLACE INTO shard_stamps(shard, stamp) VALUES(?1, ?2)",
+                params![shard, v],
+            ),
+            None => c.execute("DELETE FROM shard_stamps WHERE shard = ?1", [shard]),
+        }
+        .map(drop)
+        .map_err(db_err)
     }
 }

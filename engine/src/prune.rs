@@ -366,6 +366,9 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     crate::damage::forget_orphans(repo)?;
     report.bytes_freed = report.bytes_deleted.saturating_sub(report.bytes_written);
     report.duration_ms = elapsed_ms(started);
+    if let Err(e) = repo.sync_index() {
+        tracing::warn!("index shard stamps not recorded: {e}");
+    }
     Ok(report)
 }
 

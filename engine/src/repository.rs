@@ -37,6 +37,8 @@ pub struct Repository {
     index: Index,
     /// The lock this process holds, if it took one (released when the repository is dropped).
     lock: std::sync::Mutex<Option<Lock>>,
+    /// Set once `locate` has relisted every pack after a miss.
+    relisted: std::sync::atomic::AtomicBool,
 }
 
 /// Who is doing this, for key files and snapshots.
@@ -123,6 +125,7 @@ impl Repository {
             key_id,
             index,
             lock: std::sync::Mutex::new(None),
+            relisted: Default::default(),
         })
     }
 
@@ -192,6 +195,7 @@ impl Repository {
             key_id,
             index,
             lock: std::sync::Mutex::new(None),
+            relisted: Default::default(),
         };
         repo.sync_index()?;
         Ok(repo)
@@ -406,6 +410,22 @@ impl Repository {
     // ---- blobs ----
 
     pub fn locate(&self, id: &BlobId) -> Result<BlobLocation> {
+        if let Some(loc) = self.index.lookup(id)? {
+            return Ok(loc);
+        }
+        // The index is a cache: before calling a blob missing, list every pack once (a
+        // shard stamp that failed to show a change must not make a blob unreadable).
+        if !self
+            .relisted
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
+            let stored = self
+                .backend
+                .list(FileKind::Pack)
+                .ctx(|| "listing packs".into())?;
+            let (added, _) = self.reconcile(stored, self.index.packs()?)?;
+            tracing::info!("blob {id} not indexed: relisted every pack, {added} added");
+        }
         self.index.lookup(id)?.ok_or_else(|| {
             Error::corrupt(
                 format!("blob {id}"),
@@ -477,15 +497,72 @@ impl Repository {
     }
 
     /// Brings the index in line with the packs in storage. Returns (added, removed) packs.
+    ///
+    /// Every writer indexes its own packs; what this finds is packs of a writer killed
+    /// before it indexed them, packs another machine wrote, and a missing or rebuilt index.
+    /// Only the shards whose stamp changed since the index last reconciled them are listed
+    /// (a stat per shard on an unchanged repository instead of a listing of every pack).
     pub fn sync_index(&self) -> Result<(usize, usize)> {
-        let stored: std::collections::HashSet<PackId> = self
+        let shards = self
             .backend
-            .list(FileKind::Pack)
-            .ctx(|| "listing packs".into())?
-            .iter()
-            .filter_map(|n| n.parse().ok())
-            .collect();
-        let indexed: std::collections::HashSet<PackId> = self.index.packs()?.into_iter().collect();
+            .pack_shards()
+            .ctx(|| "listing pack shards".into())?;
+        let Some(shards) = shards else {
+            let stored = self
+                .backend
+                .list(FileKind::Pack)
+                .ctx(|| "listing packs".into())?;
+            let indexed = self.index.packs()?;
+            return self.reconcile(stored, indexed);
+        };
+        let known = self.index.shard_stamps()?;
+        // A stamp from the last seconds may not show a change made within the same clock
+        // tick afterwards: such shards are listed again next time.
+        let settled = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i64)
+            - 2_000_000_000;
+        let mut stored = Vec::new();
+        let mut indexed = Vec::new();
+        let mut stamps = Vec::new();
+        for (shard, stamp) in &shards {
+            if known.get(shard) == Some(stamp) {
+                continue;
+            }
+            let Some(first) = u8::from_str_radix(shard, 16)
+                .ok()
+                .filter(|_| shard.len() == 2)
+            else {
+                continue;
+            };
+            stored.extend(
+                self.backend
+                    .list_pack_shard(shard)
+                    .ctx(|| format!("listing packs in {shard}"))?,
+            );
+            indexed.extend(self.index.packs_starting_with(first)?);
+            stamps.push((shard, (*stamp < settled).then_some(*stamp)));
+        }
+        for shard in known.keys() {
+            if !shards.iter().any(|(s, _)| s == shard) {
+                if let Ok(first) = u8::from_str_radix(shard, 16) {
+                    indexed.extend(self.index.packs_starting_with(first)?);
+                }
+                stamps.push((shard, None));
+            }
+        }
+        let counts = self.reconcile(stored, indexed)?;
+        for (shard, stamp) in stamps {
+            self.index.set_shard_stamp(shard, stamp)?;
+        }
+        Ok(counts)
+    }
+
+    /// Adds the `stored` packs the index lacks and drops the `indexed` ones not stored.
+    fn reconcile(&self, stored: Vec<String>, indexed: Vec<PackId>) -> Result<(usize, usize)> {
+        let stored: std::collections::HashSet<PackId> =
+            stored.iter().filter_map(|n| n.parse().ok()).collect();
+        let indexed: std::collections::HashSet<PackId> = indexed.into_iter().collect();
         let gone: Vec<_> = indexed.difference(&stored).collect();
         for p in &gone {
             self.index.remove_pack(p)?;

@@ -448,6 +448,20 @@ fn an_unchanged_image_is_not_read_again_and_any_write_is_noticed() {
         ),
         (Some(0), Some(1))
     );
+    // Recognised from the parent's record alone: no qemu-img (nor qemu-nbd) runs.
+    let out = env
+        .cmd()
+        .env("PATH", "/nonexistent")
+        .args(["backup", "--image", img.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["snapshot"]["summary"]["bytes_read"], 0);
     assert_eq!(backup(&["--force"])["bytes_read"], 5u64 << 20);
     // A write to the image, or to its backing file, is read.
     qemu_io(&img, &["write -P 0x63 20M 1M"]);

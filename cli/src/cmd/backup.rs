@@ -53,18 +53,27 @@ pub fn run(s: &Settings, g: &Global, a: &BackupArgs) -> Result<u8> {
                 .context("give --name for this image")?
                 .to_owned(),
         };
-        let fingerprint = cairn_agent::image::fingerprint(path).map_err(anyhow::Error::msg)?;
-        let (mut source, format) =
-            cairn_agent::image::NbdSource::open_image(path).map_err(anyhow::Error::msg)?;
-        let mut meta = std::collections::BTreeMap::new();
-        meta.insert("source_format".to_owned(), format);
+        // An image unchanged since its last backup (same files, same stat data) is
+        // recognised from the parent's record without running qemu-img or qemu-nbd.
+        let parent = if a.force {
+            None
+        } else {
+            backup::image_parent(&repo, a.host.as_deref(), &name)?
+        };
+        let mut source = match parent
+            .and_then(|p| cairn_agent::image::ImageFile::unchanged_since(path, &p.manifest.meta))
+        {
+            Some(s) => s,
+            None => cairn_agent::image::ImageFile::inspect(path).map_err(anyhow::Error::msg)?,
+        };
+        let mut meta = source.meta();
         meta.insert("source_path".to_owned(), path.display().to_string());
         let opts = ImageBackupOptions {
             name,
             host: a.host.clone(),
             tags: a.tag.clone(),
             meta,
-            fingerprint: Some(fingerprint),
+            fingerprint: Some(source.fingerprint().to_owned()),
             force: a.force,
             ..Default::default()
         };

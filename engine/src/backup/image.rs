@@ -181,6 +181,13 @@ fn parent_chunks(
 }
 
 /// Backs up a block image.
+/// The snapshot a backup of image `name` from `host` (default: this host) would
+/// compare with: the newest image snapshot of that name and host.
+pub fn image_parent(repo: &Repository, host: Option<&str>, name: &str) -> Result<Option<Snapshot>> {
+    let host = host.map_or_else(current_host, str::to_owned);
+    super::latest_named(repo, SnapshotKind::Image, &host, name)
+}
+
 pub fn backup_image(
     repo: &Repository,
     opts: &ImageBackupOptions,

@@ -83,6 +83,11 @@ pub(crate) fn commit(
 ) -> crate::Result<BackupOutcome> {
     repo.ensure_lock_held()?;
     let id = repo.save_snapshot(&manifest)?;
+    // The shards this backup wrote to are in the page cache now: record their stamps so
+    // that the next command need not list them.
+    if let Err(e) = repo.sync_index() {
+        tracing::warn!("index shard stamps not recorded: {e}");
+    }
     Ok(BackupOutcome {
         snapshot: crate::snapshot::Snapshot { id, manifest },
         warnings,
@@ -90,6 +95,6 @@ pub(crate) fn commit(
 }
 
 pub use archive::{backup_tar, ArchiveBackupOptions};
-pub use image::{backup_image, BlockRegion, BlockSource, ImageBackupOptions};
+pub use image::{backup_image, image_parent, BlockRegion, BlockSource, ImageBackupOptions};
 pub use stream::{backup_stream, StreamBackupOptions};
 pub use tree::{backup_tree, BackupOutcome, TreeBackupOptions};
