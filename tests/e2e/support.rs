@@ -70,15 +70,7 @@ impl Env {
 
     /// Runs and asserts success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "repo {args:?} failed ({}):\n{}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        succeeded(&format!("repo {args:?}"), self.run(args))
     }
 
     pub fn json(&self, args: &[&str]) -> Value {
@@ -112,6 +104,18 @@ impl Env {
 }
 
 /// Where scratch data goes: a real disk (not tmpfs), so sparse files and xattrs behave.
+/// Asserts that `what` (a finished command) succeeded; returns its stdout.
+pub fn succeeded(what: &str, out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 pub fn scratch_root() -> PathBuf {
     let p = std::env::var_os("CAIRN_TEST_SCRATCH").map_or_else(std::env::temp_dir, PathBuf::from);
     fs::create_dir_all(&p).unwrap();
