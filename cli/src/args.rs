@@ -121,6 +121,9 @@ pub enum Command {
         /// For an image snapshot restored to a file: raw (sparse) or qcow2
         #[arg(long, value_parser = ["raw", "qcow2"])]
         format: Option<String>,
+        /// Return without waiting for the restored data to reach the disk
+        #[arg(long)]
+        no_sync: bool,
         #[command(flatten)]
         filter: Filter,
     },

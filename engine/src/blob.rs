@@ -114,28 +114,79 @@ pub fn decode(
     raw_len: usize,
     verify: Verify,
 ) -> Result<Vec<u8>> {
+    let plain = match open_payload(crypto, kind, id, &mut stored, raw_len)? {
+        Payload::Raw(range) => {
+            // Reuse the buffer: drop the nonce, the flag and the tag.
+            stored.truncate(range.end);
+            stored.drain(..range.start);
+            stored
+        }
+        Payload::Decompressed(plain) => plain,
+    };
+    check_plain(crypto, id, &plain, raw_len, verify)?;
+    Ok(plain)
+}
+
+/// Like [`decode`] for a blob that is part of a larger buffer (a read that covered
+/// several blobs): decrypts within `stored`, and borrows it when the blob was stored
+/// uncompressed.
+pub fn decode_in_place<'a>(
+    crypto: &Crypto,
+    kind: BlobKind,
+    id: &BlobId,
+    stored: &'a mut [u8],
+    raw_len: usize,
+    verify: Verify,
+) -> Result<std::borrow::Cow<'a, [u8]>> {
+    let plain = match open_payload(crypto, kind, id, stored, raw_len)? {
+        Payload::Raw(range) => std::borrow::Cow::Borrowed(&stored[range]),
+        Payload::Decompressed(plain) => std::borrow::Cow::Owned(plain),
+    };
+    check_plain(crypto, id, &plain, raw_len, verify)?;
+    Ok(plain)
+}
+
+/// A blob's plaintext after the seal is opened: where it lies in the stored buffer, or
+/// decompressed into a new one.
+enum Payload {
+    Raw(std::ops::Range<usize>),
+    Decompressed(Vec<u8>),
+}
+
+fn open_payload(
+    crypto: &Crypto,
+    kind: BlobKind,
+    id: &BlobId,
+    stored: &mut [u8],
+    raw_len: usize,
+) -> Result<Payload> {
     let what = || format!("blob {id}");
     if raw_len > MAX_BLOB_LEN {
         return Err(Error::corrupt(what(), "length beyond the format's limit"));
     }
-    let range = crypto.open_in_place(&mut stored, &aad(kind, id), &what)?;
-    let payload = &stored[range.clone()];
-    let (&flag, body) = payload
+    let range = crypto.open_in_place(stored, &aad(kind, id), &what)?;
+    let (&flag, body) = stored[range.clone()]
         .split_first()
         .ok_or_else(|| Error::corrupt(what(), "empty payload"))?;
-    let plain = match flag {
-        FLAG_RAW => {
-            // Reuse the buffer: drop the nonce, the flag and the tag.
-            let start = range.start + 1;
-            stored.truncate(range.end);
-            stored.drain(..start);
-            stored
-        }
-        FLAG_ZSTD => {
-            decompress(body, raw_len).map_err(|e| Error::corrupt(what(), format!("zstd: {e}")))?
-        }
-        _ => return Err(Error::corrupt(what(), format!("unknown flag {flag}"))),
-    };
+    match flag {
+        FLAG_RAW => Ok(Payload::Raw(range.start + 1..range.end)),
+        FLAG_ZSTD => decompress(body, raw_len)
+            .map(Payload::Decompressed)
+            .map_err(|e| Error::corrupt(what(), format!("zstd: {e}"))),
+        _ => Err(Error::corrupt(what(), format!("unknown flag {flag}"))),
+    }
+}
+
+/// Checks a decoded plaintext's length, and its hash when `verify` (or the lack of
+/// encryption) asks for it.
+fn check_plain(
+    crypto: &Crypto,
+    id: &BlobId,
+    plain: &[u8],
+    raw_len: usize,
+    verify: Verify,
+) -> Result<()> {
+    let what = || format!("blob {id}");
     if plain.len() != raw_len {
         return Err(Error::corrupt(
             what(),
@@ -144,10 +195,10 @@ pub fn decode(
     }
     let check_hash =
         verify == Verify::Hash || crypto.encryption() == crate::crypto::Encryption::None;
-    if check_hash && crypto.blob_id(&plain) != *id {
+    if check_hash && crypto.blob_id(plain) != *id {
         return Err(Error::corrupt(what(), "content does not match its id"));
     }
-    Ok(plain)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -167,6 +218,11 @@ mod tests {
             let id = c.blob_id(&data);
             let stored = encode(&c, BlobKind::Data, &id, &data, level);
             prop_assert_eq!(decode(&c, BlobKind::Data, &id, stored.clone(), data.len(), Verify::Hash).unwrap(), data.clone());
+            // Within a larger buffer, as a read covering several blobs gives it.
+            let mut around = [vec![9u8; 7], stored.clone(), vec![9u8; 5]].concat();
+            let end = around.len() - 5;
+            let plain = decode_in_place(&c, BlobKind::Data, &id, &mut around[7..end], data.len(), Verify::Hash).unwrap();
+            prop_assert_eq!(&plain[..], &data[..]);
             // Wrong kind or id is refused.
             if enc {
                 prop_assert!(decode(&c, BlobKind::Tree, &id, stored.clone(), data.len(), Verify::Hash).is_err());

@@ -49,6 +49,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             target,
             include,
             format,
+            no_sync,
             filter,
         } => {
             let req = restore::Request {
@@ -56,6 +57,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 target: &target,
                 include: &include,
                 format: format.as_deref(),
+                no_sync,
             };
             restore::run(&settings, g, &req, &filter)
         }

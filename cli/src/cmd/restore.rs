@@ -23,6 +23,8 @@ pub struct Request<'a> {
     pub include: &'a [PathBuf],
     /// Image format of a file target (`raw`, `qcow2`).
     pub format: Option<&'a str>,
+    /// Do not wait for the data to reach the disk.
+    pub no_sync: bool,
 }
 
 pub fn run(s: &Settings, g: &Global, req: &Request<'_>, f: &Filter) -> Result<u8> {
@@ -30,7 +32,7 @@ pub fn run(s: &Settings, g: &Global, req: &Request<'_>, f: &Filter) -> Result<u8
     let snap = super::find_snapshot(&repo, req.spec, f)?;
     let (target, include) = (req.target, req.include);
     if snap.manifest.kind == SnapshotKind::Image && !target.is_dir() {
-        return image(&repo, g, &snap, target, req.format);
+        return image(&repo, g, &snap, req);
     }
     if req.format.is_some() {
         bail!("--format applies to an image snapshot restored to a file");
@@ -42,6 +44,7 @@ pub fn run(s: &Settings, g: &Global, req: &Request<'_>, f: &Filter) -> Result<u8
         target: target.to_owned(),
         includes: include.to_vec(),
         threads: 0,
+        no_sync: req.no_sync,
     };
     let out = restore::restore(&repo, &snap, &opts, &progress);
     display.finish();
@@ -83,18 +86,15 @@ pub fn run(s: &Settings, g: &Global, req: &Request<'_>, f: &Filter) -> Result<u8
 }
 
 /// Restores an image snapshot to a file: sparse raw, or qcow2 through `qemu-img convert`.
-fn image(
-    repo: &Repository,
-    g: &Global,
-    snap: &Snapshot,
-    target: &Path,
-    format: Option<&str>,
-) -> Result<u8> {
-    let format = format.unwrap_or(if target.extension().is_some_and(|e| e == "qcow2") {
-        "qcow2"
-    } else {
-        "raw"
-    });
+fn image(repo: &Repository, g: &Global, snap: &Snapshot, req: &Request<'_>) -> Result<u8> {
+    let target = req.target;
+    let format = req
+        .format
+        .unwrap_or(if target.extension().is_some_and(|e| e == "qcow2") {
+            "qcow2"
+        } else {
+            "raw"
+        });
     let progress = Arc::new(Progress::default());
     let display = Display::start(progress.clone(), "restore", !g.quiet && !g.json);
     let started = std::time::Instant::now();
@@ -103,13 +103,20 @@ fn image(
     } else {
         target.with_extension("cairn-restore.raw")
     };
-    let result = restore::restore_single_file(repo, snap, &raw, &progress);
+    // A raw file that is only a step towards another format need not reach the disk.
+    let no_sync = req.no_sync || format != "raw";
+    let result = restore::restore_single_file(repo, snap, &raw, no_sync, &progress);
     display.finish();
     let problems = result.with_context(|| format!("restoring to {}", raw.display()))?;
     if format != "raw" {
         let converted = cairn_agent::qemu::convert_raw(&raw, target, format);
         let _ = std::fs::remove_file(&raw);
         converted.with_context(|| format!("converting to {format}"))?;
+        if !req.no_sync {
+            std::fs::File::open(target)
+                .and_then(|f| f.sync_all())
+                .with_context(|| format!("syncing {} to disk", target.display()))?;
+        }
     }
     for p in &problems {
         eprintln!("warning: {}: {p}", target.display());

@@ -5,16 +5,21 @@
 //! `..`), so joined paths stay inside the target; a symlink or file already in the way
 //! of a directory is replaced rather than followed, and files are opened with O_NOFOLLOW.
 //!
-//! Order: directories (pre-order), file contents in parallel (sparse: holes are never
-//! written), hard links, symlinks and special files, then metadata (xattrs, owner, mode,
-//! times), directories last and deepest first so their times stick. A damaged blob costs
-//! the files that use it, which are reported, and nothing else.
+//! Order: directories (pre-order), file contents ([`content`]: each blob read once, in
+//! pack order, written in parallel; holes are never written), hard links, symlinks and
+//! special files, then metadata (xattrs, owner, mode, times), directories last and
+//! deepest first so their times stick. A damaged blob costs the files that use it, which
+//! are reported, and nothing else. Unless asked not to, a restore ends with its data on
+//! disk ([`writeback`]).
+
+mod content;
+pub mod writeback;
 
 use std::collections::HashMap;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::sys::stat::{utimensat, Mode, SFlag, UtimensatFlags};
@@ -29,6 +34,8 @@ use crate::repository::Repository;
 use crate::snapshot::Snapshot;
 use crate::tree::{Node, NodeKind};
 use crate::walk;
+use content::FileToWrite;
+use writeback::Writeback;
 
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
@@ -37,6 +44,9 @@ pub struct RestoreOptions {
     pub includes: Vec<PathBuf>,
     /// Threads writing files (0: twice the cores).
     pub threads: usize,
+    /// Return as soon as everything is written, without waiting for the data to reach
+    /// the disk (and without starting its writeback early).
+    pub no_sync: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -50,7 +60,8 @@ pub struct RestoreOutcome {
 struct Item {
     /// Path inside the snapshot, absolute.
     path: PathBuf,
-    node: Node,
+    /// Boxed: the list of items grows by doubling, and a node is large.
+    node: Box<Node>,
 }
 
 fn included(path: &Path, includes: &[PathBuf], is_dir: bool) -> bool {
@@ -89,7 +100,7 @@ pub fn restore(
             }
             items.push(Item {
                 path: p.to_owned(),
-                node: n.clone(),
+                node: Box::new(n.clone()),
             });
         }
         Ok(keep)
@@ -173,30 +184,33 @@ pub fn restore(
         .num_threads(threads)
         .build()
         .map_err(|e| Error::io("starting threads", io::Error::other(e)))?;
-    let written: Vec<u64> = pool.install(|| {
-        files
-            .par_iter()
-            .map(|it| {
-                progress.set_current(&it.path.to_string_lossy());
-                let n = match write_file(repo, &dest(target, &it.path), &it.node, progress) {
-                    Ok(problems) => {
-                        for p in problems {
-                            warn(&it.path, p, true);
-                        }
-                        it.node.size
-                    }
-                    Err(e) => {
-                        warn(&it.path, format!("not restored: {e}"), true);
-                        0
-                    }
-                };
-                Progress::add(&progress.files_done, 1);
-                n
-            })
-            .collect()
-    });
+    let writeback = if opts.no_sync {
+        None
+    } else {
+        Some(Writeback::start(target).ctx(|| target.display().to_string())?)
+    };
+    let dests: Vec<PathBuf> = files.iter().map(|it| dest(target, &it.path)).collect();
+    let to_write: Vec<FileToWrite<'_>> = files
+        .iter()
+        .zip(&dests)
+        .map(|(it, d)| FileToWrite {
+            dest: d,
+            node: &it.node,
+        })
+        .collect();
+    let written = content::write_files(repo, &to_write, &pool, writeback.as_ref(), progress)?;
+    for (it, result) in files.iter().zip(written) {
+        match result {
+            Ok(problems) => {
+                out.bytes += it.node.size;
+                for p in problems {
+                    warn(&it.path, p, true);
+                }
+            }
+            Err(e) => warn(&it.path, format!("not restored: {e}"), true),
+        }
+    }
     out.files += files.len() as u64;
-    out.bytes += written.iter().sum::<u64>();
     for (first, it) in &links {
         let to = dest(target, &it.path);
         let _ = remove_non_dir(&to);
@@ -269,6 +283,10 @@ pub fn restore(
             warn(&it.path, p, false);
         }
     }
+    if let Some(wb) = writeback {
+        wb.finish()
+            .ctx(|| format!("syncing {} to disk", target.display()))?;
+    }
     out.warnings = warnings
         .into_inner()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -300,83 +318,14 @@ fn make_dir(p: &Path) -> io::Result<()> {
     }
 }
 
-/// Writes a file's content; returns problems with parts of it (damaged blobs).
-/// Extents are fetched and written in parallel with positioned writes; holes are left
-/// unwritten after `set_len`, so they stay holes.
-fn write_file(
-    repo: &Repository,
-    to: &Path,
-    node: &Node,
-    progress: &Progress,
-) -> io::Result<Vec<String>> {
-    let open = || {
-        OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(to)
-    };
-    let f = match open() {
-        Ok(f) => f,
-        Err(e)
-            if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::EISDIR) =>
-        {
-            if fs::symlink_metadata(to)?.is_dir() {
-                fs::remove_dir_all(to)?;
-            } else {
-                fs::remove_file(to)?;
-            }
-            open()?
-        }
-        Err(e) => return Err(e),
-    };
-    f.set_len(node.size)?;
-    let mut placed = Vec::with_capacity(node.content.len());
-    let mut offset = 0u64;
-    for e in &node.content {
-        placed.push((offset, *e));
-        offset += e.len;
-    }
-    let results: Vec<io::Result<Option<String>>> = placed
-        .par_iter()
-        .map(|(offset, e)| {
-            let Some(id) = e.blob else {
-                Progress::add(&progress.bytes_done, e.len);
-                return Ok(None);
-            };
-            let end = offset + e.len;
-            match repo.read_blob(&id) {
-                Ok(data) if data.len() as u64 == e.len => {
-                    f.write_all_at(&data, *offset)?;
-                    Progress::add(&progress.bytes_done, e.len);
-                    Ok(None)
-                }
-                Ok(_) => Ok(Some(format!(
-                    "blob {id} has the wrong length; bytes {offset}..{end} are zeros"
-                ))),
-                Err(err) => Ok(Some(format!(
-                    "damaged: bytes {offset}..{end} are zeros: {err}"
-                ))),
-            }
-        })
-        .collect();
-    let mut problems = Vec::new();
-    for r in results {
-        if let Some(p) = r? {
-            problems.push(p);
-        }
-    }
-    Ok(problems)
-}
-
 /// Restores the single file of a stream or image snapshot to the file `to` (content,
-/// mode and mtime), sparse. Returns the problems met (damaged parts).
+/// mode and mtime), sparse; on disk when it returns unless `no_sync`. Returns the
+/// problems met (damaged parts).
 pub fn restore_single_file(
     repo: &Repository,
     snap: &Snapshot,
     to: &Path,
+    no_sync: bool,
     progress: &Progress,
 ) -> Result<Vec<String>> {
     let tree = repo.load_tree(&snap.manifest.root)?;
@@ -397,10 +346,27 @@ pub fn restore_single_file(
     progress
         .total_known
         .store(true, std::sync::atomic::Ordering::Relaxed);
-    let problems =
-        write_file(repo, to, node, progress).ctx(|| format!("writing {}", to.display()))?;
-    let f = fs::File::open(to).ctx(|| to.display().to_string())?;
-    f.sync_all().ctx(|| format!("syncing {}", to.display()))?;
+    let parent = match to.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let writeback = if no_sync {
+        None
+    } else {
+        Some(Writeback::start(parent).ctx(|| parent.display().to_string())?)
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .build()
+        .map_err(|e| Error::io("starting threads", io::Error::other(e)))?;
+    let file = FileToWrite { dest: to, node };
+    let written = content::write_files(repo, &[file], &pool, writeback.as_ref(), progress)?.pop();
+    let problems = written
+        .unwrap_or_else(|| Ok(Vec::new()))
+        .ctx(|| format!("writing {}", to.display()))?;
+    if let Some(wb) = writeback {
+        wb.finish()
+            .ctx(|| format!("syncing {} to disk", to.display()))?;
+    }
     let _ = fs::set_permissions(to, fs::Permissions::from_mode(node.mode));
     let mtime = TimeSpec::new(node.mtime.sec, i64::from(node.mtime.nsec));
     let _ = utimensat(
@@ -410,7 +376,6 @@ pub fn restore_single_file(
         &mtime,
         UtimensatFlags::NoFollowSymlink,
     );
-    Progress::add(&progress.files_done, 1);
     Ok(problems)
 }
 
