@@ -4,6 +4,9 @@
 //! - `write` is atomic and durable when it returns: readers see the whole file or none,
 //!   and a crash after the return cannot lose it. Files are immutable once written
 //!   (except `Config`, which is written once at init).
+//! - `create` starts a file written in pieces ([`NewFile`]) and named only once complete
+//!   (a pack, named by the hash of its bytes): the same guarantees hold from
+//!   [`NewFile::commit`] on, and a file never committed is never seen.
 //! - `read_at` returns exactly `len` bytes or an error (`UnexpectedEof` for a short file).
 //! - `list` returns the names (no directories) of every complete file of a kind.
 //! - Nothing is cached here: caching is a decorator's job.
@@ -53,6 +56,16 @@ pub trait Backend: Send + Sync {
     fn size(&self, kind: FileKind, name: &str) -> io::Result<u64>;
     /// Writes a whole file atomically and durably (see module docs).
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> io::Result<()>;
+    /// Starts a file of `kind` to be written in pieces and named at the end. The default
+    /// keeps the pieces in memory and calls [`Backend::write`] on commit; a backend that
+    /// can stream to storage does so, and memory stays flat whatever the file's size.
+    fn create(&self, kind: FileKind) -> io::Result<Box<dyn NewFile + '_>> {
+        Ok(Box::new(BufferedFile {
+            backend: self,
+            kind,
+            data: Vec::new(),
+        }))
+    }
     /// Names of all files of a kind.
     fn list(&self, kind: FileKind) -> io::Result<Vec<String>>;
     /// Packs are spread over shards (`data/XX/`, XX the first byte of the id in hex).
@@ -80,6 +93,37 @@ pub trait Backend: Send + Sync {
     /// Removes incomplete files (a writer killed mid-write) older than `age`; returns how
     /// many and their bytes.
     fn remove_incomplete(&self, age: std::time::Duration) -> io::Result<(u64, u64)>;
+}
+
+/// A file being written whose name is known only when it is complete. Dropping it
+/// without [`NewFile::commit`] discards it.
+pub trait NewFile: Write + Send {
+    /// Makes the file durable and visible as `name`, atomically (see module docs).
+    fn commit(self: Box<Self>, name: &str) -> io::Result<()>;
+}
+
+/// [`Backend::create`] for a backend that cannot stream: the bytes wait in memory.
+struct BufferedFile<'b, B: Backend + ?Sized> {
+    backend: &'b B,
+    kind: FileKind,
+    data: Vec<u8>,
+}
+
+impl<B: Backend + ?Sized> Write for BufferedFile<'_, B> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.data.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<B: Backend + ?Sized> NewFile for BufferedFile<'_, B> {
+    fn commit(self: Box<Self>, name: &str) -> io::Result<()> {
+        self.backend.write(self.kind, name, &self.data)
+    }
 }
 
 /// A repository in a local directory. Directories are created 0700, files 0600.
@@ -200,6 +244,65 @@ fn crash_point() {
     }
 }
 
+/// [`Backend::create`] of [`LocalBackend`]: a temporary file, renamed on commit.
+struct LocalNewFile<'b> {
+    backend: &'b LocalBackend,
+    kind: FileKind,
+    /// `None` once committed.
+    file: Option<std::io::BufWriter<File>>,
+    tmp: PathBuf,
+}
+
+impl Write for LocalNewFile<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match &mut self.file {
+            Some(f) => f.write(data),
+            None => Err(io::Error::other("file already committed")),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.as_mut().map_or(Ok(()), Write::flush)
+    }
+}
+
+impl NewFile for LocalNewFile<'_> {
+    fn commit(mut self: Box<Self>, name: &str) -> io::Result<()> {
+        check_name(name)?;
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| io::Error::other("file already committed"))?;
+        let path = self.backend.path(self.kind, name);
+        let dir = path.parent().unwrap_or(&self.backend.root).to_path_buf();
+        // The same order as `write`: the data is durable before its name exists, and the
+        // name is durable before commit returns.
+        let result = (|| {
+            let file = file.into_inner().map_err(io::IntoInnerError::into_error)?;
+            file.sync_all()?;
+            crash_point();
+            if !dir.exists() {
+                DirBuilder::new().mode(0o700).recursive(true).create(&dir)?;
+            }
+            fs::rename(&self.tmp, &path)?;
+            fsync_dir(&dir)
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+        result
+    }
+}
+
+impl Drop for LocalNewFile<'_> {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            // Never committed (an error, or the backup stopped): nothing refers to it.
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -272,6 +375,34 @@ impl Backend for LocalBackend {
             let _ = fs::remove_file(&tmp);
         }
         result
+    }
+
+    fn create(&self, kind: FileKind) -> io::Result<Box<dyn NewFile + '_>> {
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Packs are named by their hash, so their shard is unknown until the end: the
+        // temporary file waits in `data/` itself, which `list` never reads as a pack.
+        let dir = match kind {
+            FileKind::Config => self.root.clone(),
+            _ => self.root.join(kind.dir()),
+        };
+        let tmp = dir.join(format!(
+            "{TMP_PREFIX}{}-{}-{n}",
+            kind.dir(),
+            std::process::id()
+        ));
+        crash_point();
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        Ok(Box::new(LocalNewFile {
+            backend: self,
+            kind,
+            file: Some(std::io::BufWriter::with_capacity(256 << 10, file)),
+            tmp,
+        }))
     }
 
     fn pack_shards(&self) -> io::Result<Option<Vec<(String, i64)>>> {
@@ -382,6 +513,7 @@ impl Backend for LocalBackend {
         let now = std::time::SystemTime::now();
         let mut dirs = vec![
             self.root.clone(),
+            self.root.join("data"),
             self.root.join("snapshots"),
             self.root.join("keys"),
             self.root.join("locks"),
@@ -442,5 +574,45 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o700);
         assert!(b.read(FileKind::Snapshot, "../config").is_err());
+    }
+
+    #[test]
+    fn a_created_file_is_invisible_until_committed_and_gone_if_dropped() {
+        let d = tempfile::tempdir().unwrap();
+        let b = LocalBackend::new(d.path().join("r"));
+        b.create_layout().unwrap();
+        let temps = || {
+            fs::read_dir(d.path().join("r/data"))
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_file())
+                .count()
+        };
+        let mut f = b.create(FileKind::Pack).unwrap();
+        f.write_all(b"hello ").unwrap();
+        f.write_all(&[7u8; 300 << 10]).unwrap(); // beyond the write buffer
+        assert_eq!(temps(), 1);
+        assert!(b.list(FileKind::Pack).unwrap().is_empty());
+        f.commit("abcd").unwrap();
+        assert_eq!(temps(), 0);
+        assert_eq!(b.list(FileKind::Pack).unwrap(), vec!["abcd".to_string()]);
+        let got = b.read(FileKind::Pack, "abcd").unwrap();
+        assert_eq!(&got[..6], b"hello ");
+        assert_eq!(got.len(), 6 + (300 << 10));
+        let mode = fs::metadata(d.path().join("r/data/ab/abcd"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // Dropped before commit: nothing is left, nothing is listed.
+        let mut f = b.create(FileKind::Pack).unwrap();
+        f.write_all(b"half").unwrap();
+        drop(f);
+        assert_eq!(temps(), 0);
+        assert_eq!(b.list(FileKind::Pack).unwrap().len(), 1);
+        // A bad name is refused at commit, and the file is not left behind.
+        let f = b.create(FileKind::Pack).unwrap();
+        assert!(f.commit("../x").is_err());
+        assert_eq!(temps(), 0);
     }
 }

@@ -49,19 +49,46 @@ fn aad(kind: BlobKind, id: &BlobId) -> [u8; 46] {
 
 /// Encodes a blob for storage. `level` 0 disables compression.
 pub fn encode(crypto: &Crypto, kind: BlobKind, id: &BlobId, plain: &[u8], level: i32) -> Vec<u8> {
+    let mut buf = Vec::new();
+    let len = encode_into(crypto, kind, id, plain, level, &mut buf);
+    buf.truncate(len);
+    buf
+}
+
+/// Encodes a blob into `buf`, which is reused from one blob to the next: its length
+/// only grows (so it is zeroed once, not per blob). Returns the stored length: the blob
+/// is `buf[..len]`. Compresses straight into the sealed message, without a copy.
+pub fn encode_into(
+    crypto: &Crypto,
+    kind: BlobKind,
+    id: &BlobId,
+    plain: &[u8],
+    level: i32,
+    buf: &mut Vec<u8>,
+) -> usize {
+    let body = crypto.seal_prefix_len() + 1;
+    let room = zstd::zstd_safe::compress_bound(plain.len()).max(plain.len());
+    let need = body + room + crypto.seal_suffix_len();
+    if buf.len() < need {
+        buf.resize(need, 0);
+    }
     // Keep the compressed form only when it saves at least 1/64 of the size.
     let compressed = (level > 0)
-        .then(|| compress(plain, level))
+        .then(|| compress_into(plain, level, &mut buf[body..body + room]))
         .flatten()
-        .filter(|c| c.len() + c.len() / 64 < plain.len());
-    let (flag, payload) = match &compressed {
-        Some(c) => (FLAG_ZSTD, c.as_slice()),
-        None => (FLAG_RAW, plain),
+        .filter(|&n| n + n / 64 < plain.len());
+    let payload_len = match compressed {
+        Some(n) => {
+            buf[body - 1] = FLAG_ZSTD;
+            n
+        }
+        None => {
+            buf[body - 1] = FLAG_RAW;
+            buf[body..body + plain.len()].copy_from_slice(plain);
+            plain.len()
+        }
     };
-    let mut buf = crypto.seal_buffer(payload.len() + 1);
-    buf.push(flag);
-    buf.extend_from_slice(payload);
-    crypto.finish_seal(buf, &aad(kind, id))
+    crypto.seal_slice(buf, 1 + payload_len, &aad(kind, id))
 }
 
 thread_local! {
@@ -70,13 +97,14 @@ thread_local! {
     static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
 }
 
-fn compress(plain: &[u8], level: i32) -> Option<Vec<u8>> {
+/// Compresses `plain` into `out`; `None` when it does not fit (or zstd fails).
+fn compress_into(plain: &[u8], level: i32, out: &mut [u8]) -> Option<usize> {
     COMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.as_ref().is_none_or(|(l, _)| *l != level) {
             *slot = Some((level, zstd::bulk::Compressor::new(level).ok()?));
         }
-        slot.as_mut()?.1.compress(plain).ok()
+        slot.as_mut()?.1.compress_to_buffer(plain, out).ok()
     })
 }
 

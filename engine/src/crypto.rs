@@ -148,6 +148,44 @@ impl Crypto {
         buf.extend_from_slice(&tag);
     }
 
+    /// Bytes before the plaintext in a sealed message (the nonce; none without
+    /// encryption). See [`Self::seal_slice`].
+    #[must_use]
+    pub fn seal_prefix_len(&self) -> usize {
+        match self.encryption {
+            Encryption::None => 0,
+            Encryption::Aes256Gcm => NONCE_LEN,
+        }
+    }
+
+    /// Bytes after the plaintext in a sealed message (the tag; none without encryption).
+    #[must_use]
+    pub fn seal_suffix_len(&self) -> usize {
+        match self.encryption {
+            Encryption::None => 0,
+            Encryption::Aes256Gcm => TAG_LEN,
+        }
+    }
+
+    /// Seals in place a plaintext of `plain_len` bytes that the caller placed at
+    /// `buf[seal_prefix_len()..]`; `buf` has room for the suffix after it. Returns the
+    /// sealed length (from `buf[0]`). For buffers reused from one message to the next.
+    pub fn seal_slice(&self, buf: &mut [u8], plain_len: usize, aad: &[u8]) -> usize {
+        if self.encryption == Encryption::None {
+            return plain_len;
+        }
+        let nonce: [u8; NONCE_LEN] = random_array();
+        buf[..NONCE_LEN].copy_from_slice(&nonce);
+        let end = NONCE_LEN + plain_len;
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut buf[NONCE_LEN..end])
+            // AES-GCM fails only for messages over 64 GiB, which we never build.
+            .unwrap_or_else(|_| unreachable!("AES-GCM message too long"));
+        buf[end..end + TAG_LEN].copy_from_slice(&tag);
+        end + TAG_LEN
+    }
+
     /// A buffer to build a plaintext in: after it, append plaintext bytes, then call
     /// [`Self::finish_seal`]. Avoids copying large blobs.
     #[must_use]

@@ -37,48 +37,63 @@ pub struct PackEntry {
     pub raw_length: u32,
 }
 
-/// Builds one pack in memory.
-pub struct PackWriter {
-    buf: Vec<u8>,
+/// Builds one pack, writing it to `out` as blobs arrive (a [`crate::backend::NewFile`]
+/// in a backup, a `Vec<u8>` in tests): only the trailer's entries stay in memory. The
+/// pack's id is hashed on the way.
+pub struct PackWriter<W> {
+    out: W,
+    hasher: blake3::Hasher,
+    len: u64,
     entries: Vec<PackEntry>,
-    raw_bytes: u64,
 }
 
-impl Default for PackWriter {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl PackWriter {
-    #[must_use]
-    pub fn new() -> Self {
-        let mut buf = Vec::new();
-        buf.extend_from_slice(MAGIC);
-        buf.extend_from_slice(&VERSION.to_le_bytes());
-        Self {
-            buf,
+impl<W: std::io::Write> PackWriter<W> {
+    /// Starts a pack in `out` (writes the header).
+    pub fn new(out: W) -> std::io::Result<Self> {
+        let mut w = Self {
+            out,
+            hasher: blake3::Hasher::new(),
+            len: 0,
             entries: Vec::new(),
-            raw_bytes: 0,
-        }
+        };
+        let mut header = [0u8; HEADER_LEN];
+        header[..8].copy_from_slice(MAGIC);
+        header[8..].copy_from_slice(&VERSION.to_le_bytes());
+        w.put(&header)?;
+        Ok(w)
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.out.write_all(bytes)?;
+        self.hasher.update(bytes);
+        self.len += bytes.len() as u64;
+        Ok(())
     }
 
     /// Appends a stored blob.
-    pub fn add(&mut self, id: BlobId, kind: BlobKind, stored: &[u8], raw_length: usize) {
-        self.entries.push(PackEntry {
+    pub fn add(
+        &mut self,
+        id: BlobId,
+        kind: BlobKind,
+        stored: &[u8],
+        raw_length: usize,
+    ) -> std::io::Result<()> {
+        let entry = PackEntry {
             id,
             kind,
-            offset: self.buf.len() as u64,
+            offset: self.len,
             length: u32::try_from(stored.len()).unwrap_or(u32::MAX),
             raw_length: u32::try_from(raw_length).unwrap_or(u32::MAX),
-        });
-        self.buf.extend_from_slice(stored);
-        self.raw_bytes += raw_length as u64;
+        };
+        self.put(stored)?;
+        self.entries.push(entry);
+        Ok(())
     }
 
+    /// Bytes written so far.
     #[must_use]
-    pub fn len(&self) -> usize {
-        self.buf.len()
+    pub fn len(&self) -> u64 {
+        self.len
     }
 
     #[must_use]
@@ -86,9 +101,9 @@ impl PackWriter {
         self.entries.is_empty()
     }
 
-    /// Seals the trailer and returns the pack's id, bytes and entries.
-    #[must_use]
-    pub fn finish(mut self, crypto: &Crypto) -> (PackId, Vec<u8>, Vec<PackEntry>) {
+    /// Appends the sealed trailer and the footer; returns the pack's id, its length, its
+    /// entries, and the sink (to commit it under the id).
+    pub fn finish(mut self, crypto: &Crypto) -> std::io::Result<FinishedPack<W>> {
         let mut plain = Vec::with_capacity(4 + self.entries.len() * ENTRY_LEN);
         plain.extend_from_slice(&u32::try_from(self.entries.len()).unwrap_or(0).to_le_bytes());
         for e in &self.entries {
@@ -99,13 +114,27 @@ impl PackWriter {
             plain.extend_from_slice(&e.raw_length.to_le_bytes());
         }
         let sealed = crypto.seal(&plain, TRAILER_AAD);
-        self.buf.extend_from_slice(&sealed);
-        self.buf
-            .extend_from_slice(&u32::try_from(sealed.len()).unwrap_or(0).to_le_bytes());
-        self.buf.extend_from_slice(END_MAGIC);
-        let id = PackId(Id::hash_of(&self.buf));
-        (id, self.buf, self.entries)
+        self.put(&sealed)?;
+        let mut footer = [0u8; FOOTER_LEN];
+        footer[..4].copy_from_slice(&u32::try_from(sealed.len()).unwrap_or(0).to_le_bytes());
+        footer[4..].copy_from_slice(END_MAGIC);
+        self.put(&footer)?;
+        Ok(FinishedPack {
+            id: PackId(Id::from_bytes(*self.hasher.finalize().as_bytes())),
+            len: self.len,
+            entries: self.entries,
+            out: self.out,
+        })
     }
+}
+
+/// A pack whose last byte is written.
+pub struct FinishedPack<W> {
+    /// The BLAKE3 hash of the whole file.
+    pub id: PackId,
+    pub len: u64,
+    pub entries: Vec<PackEntry>,
+    pub out: W,
 }
 
 /// Reads the trailer length from a pack's footer; `pack_size` is the file size.
@@ -223,12 +252,13 @@ mod tests {
             proptest::collection::vec(any::<u8>(), 0..2000), 0..20), enc in any::<bool>()) {
             let c = Crypto::new(MasterKey::generate(),
                 if enc { Encryption::Aes256Gcm } else { Encryption::None });
-            let mut w = PackWriter::new();
+            let mut w = PackWriter::new(Vec::new()).unwrap();
             for b in &blobs {
                 let id = c.blob_id(b);
-                w.add(id, BlobKind::Data, &blob::encode(&c, BlobKind::Data, &id, b, 3), b.len());
+                w.add(id, BlobKind::Data, &blob::encode(&c, BlobKind::Data, &id, b, 3), b.len()).unwrap();
             }
-            let (id, bytes, entries) = w.finish(&c);
+            let FinishedPack { id, out: bytes, entries, len } = w.finish(&c).unwrap();
+            prop_assert_eq!(len, bytes.len() as u64);
             prop_assert_eq!(PackId(Id::hash_of(&bytes)), id);
             let parsed = parse_pack(&c, &id, &bytes).unwrap();
             prop_assert_eq!(&parsed, &entries);
@@ -242,10 +272,10 @@ mod tests {
         #[test]
         fn truncated_or_garbage_packs_error(cut in any::<usize>(), garbage in proptest::collection::vec(any::<u8>(), 0..200)) {
             let c = Crypto::new(MasterKey::generate(), Encryption::Aes256Gcm);
-            let mut w = PackWriter::new();
+            let mut w = PackWriter::new(Vec::new()).unwrap();
             let id = c.blob_id(b"abc");
-            w.add(id, BlobKind::Data, &blob::encode(&c, BlobKind::Data, &id, b"abc", 3), 3);
-            let (pid, bytes, _) = w.finish(&c);
+            w.add(id, BlobKind::Data, &blob::encode(&c, BlobKind::Data, &id, b"abc", 3), 3).unwrap();
+            let FinishedPack { id: pid, out: bytes, .. } = w.finish(&c).unwrap();
             let n = cut % bytes.len();
             prop_assert!(parse_pack(&c, &pid, &bytes[..n]).is_err());
             prop_assert!(parse_pack(&c, &pid, &garbage).is_err());

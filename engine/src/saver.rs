@@ -2,23 +2,28 @@
 //!
 //! Callers on many threads call [`BlobSaver::save`]. A blob is stored once per
 //! repository: an id already indexed (durable in a pack) or already taken by this run is
-//! skipped. The compression and encryption happen on the caller's thread; only appending
-//! to the open pack takes a lock. A full pack is written (temp file, fsync, rename) by the
-//! thread that filled it, outside the lock, and indexed only once durable.
+//! skipped. The compression and encryption happen on the caller's thread, into a buffer
+//! that thread reuses for every blob; only appending to the open pack takes a lock. The
+//! open pack is a file being written ([`crate::backend::NewFile`]): blobs go to it as
+//! they come, and a pack is never held in memory. A full pack is finished (trailer,
+//! fsync, rename) by the thread that filled it, outside the lock, and indexed only once
+//! durable.
 //!
-//! Memory: one open pack (the config's pack size) plus one being written per thread, and
-//! the ids of the blobs in those packs (taken by this run, not yet indexed): an id leaves
-//! that set once its pack is indexed, so memory does not grow with the size of the input.
+//! Memory: the encoding buffer of each calling thread (the largest blob it encoded, at
+//! most a chunk plus zstd's bound), the open pack's write buffer (256 KiB) and entries
+//! (49 bytes a blob), and the ids of the blobs in packs not yet indexed: an id leaves
+//! that set once its pack is indexed, so memory does not grow with the input.
 
+use std::cell::RefCell;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::backend::FileKind;
+use crate::backend::{FileKind, NewFile};
 use crate::blob::{self, BlobKind};
 use crate::error::{IoContext, Result};
 use crate::id::BlobId;
-use crate::pack::{PackEntry, PackWriter};
+use crate::pack::{FinishedPack, PackEntry, PackWriter};
 use crate::repository::Repository;
 
 /// What a run added to the repository.
@@ -32,10 +37,12 @@ pub struct SaverStats {
     pub pack_bytes: u64,
 }
 
+type OpenPack<'r> = PackWriter<Box<dyn NewFile + 'r>>;
+
 pub struct BlobSaver<'r> {
     repo: &'r Repository,
     taken: Mutex<HashSet<BlobId>>,
-    open: Mutex<PackWriter>,
+    open: Mutex<Option<OpenPack<'r>>>,
     blobs_new: AtomicU64,
     bytes_new: AtomicU64,
     bytes_stored: AtomicU64,
@@ -47,13 +54,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+thread_local! {
+    /// Where this thread encodes blobs; reused, so that saving allocates nothing.
+    static ENCODED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
 impl<'r> BlobSaver<'r> {
     #[must_use]
     pub fn new(repo: &'r Repository) -> Self {
         Self {
             repo,
             taken: Mutex::new(HashSet::new()),
-            open: Mutex::new(PackWriter::new()),
+            open: Mutex::new(None),
             blobs_new: AtomicU64::new(0),
             bytes_new: AtomicU64::new(0),
             bytes_stored: AtomicU64::new(0),
@@ -74,13 +86,15 @@ impl<'r> BlobSaver<'r> {
             return Ok((id, 0));
         }
         let level = self.repo.config().compression_level;
-        let stored = blob::encode(self.repo.crypto(), kind, &id, data, level);
-        let stored_len = stored.len() as u64;
+        let stored_len = ENCODED.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            let n = blob::encode_into(self.repo.crypto(), kind, &id, data, level, &mut buf);
+            self.append(id, kind, &buf[..n], data.len()).map(|()| n)
+        })? as u64;
         self.blobs_new.fetch_add(1, Ordering::Relaxed);
         self.bytes_new
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         self.bytes_stored.fetch_add(stored_len, Ordering::Relaxed);
-        self.append(id, kind, &stored, data.len())?;
         Ok((id, stored_len))
     }
 
@@ -90,13 +104,32 @@ impl<'r> BlobSaver<'r> {
         self.append(entry.id, entry.kind, stored, entry.raw_length as usize)
     }
 
-    /// Adds a stored blob to the open pack; writes the pack when full.
+    /// Adds a stored blob to the open pack (starting one if needed); finishes the pack
+    /// when full.
     fn append(&self, id: BlobId, kind: BlobKind, stored: &[u8], raw_length: usize) -> Result<()> {
         let full = {
             let mut open = lock(&self.open);
-            open.add(id, kind, stored, raw_length);
-            (open.len() >= self.repo.config().pack_size as usize)
-                .then(|| std::mem::take(&mut *open))
+            let pack = match &mut *open {
+                Some(p) => p,
+                None => {
+                    let file = self
+                        .repo
+                        .backend()
+                        .create(FileKind::Pack)
+                        .ctx(|| "starting a pack".into())?;
+                    open.insert(PackWriter::new(file).ctx(|| "writing a pack".into())?)
+                }
+            };
+            if let Err(e) = pack.add(id, kind, stored, raw_length) {
+                // The pack is unusable: drop it (its file goes with it).
+                *open = None;
+                return Err(e).ctx(|| "writing a pack".into());
+            }
+            if pack.len() >= u64::from(self.repo.config().pack_size) {
+                open.take()
+            } else {
+                None
+            }
         };
         if let Some(pack) = full {
             self.write_pack(pack)?;
@@ -104,15 +137,19 @@ impl<'r> BlobSaver<'r> {
         Ok(())
     }
 
-    fn write_pack(&self, pack: PackWriter) -> Result<()> {
-        let (id, bytes, entries) = pack.finish(self.repo.crypto());
-        self.repo
-            .backend()
-            .write(FileKind::Pack, &id.to_hex(), &bytes)
+    /// Finishes a pack, makes it durable under its id, then indexes it.
+    fn write_pack(&self, pack: OpenPack<'r>) -> Result<()> {
+        let FinishedPack {
+            id,
+            len,
+            entries,
+            out,
+        } = pack
+            .finish(self.repo.crypto())
+            .ctx(|| "writing a pack".into())?;
+        out.commit(&id.to_hex())
             .ctx(|| format!("writing pack {id}"))?;
-        self.repo
-            .index()
-            .add_pack(&id, bytes.len() as u64, &entries)?;
+        self.repo.index().add_pack(&id, len, &entries)?;
         // Indexed: from now on the index answers for these blobs.
         let mut taken = lock(&self.taken);
         for e in &entries {
@@ -120,17 +157,18 @@ impl<'r> BlobSaver<'r> {
         }
         drop(taken);
         self.packs.fetch_add(1, Ordering::Relaxed);
-        self.pack_bytes
-            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.pack_bytes.fetch_add(len, Ordering::Relaxed);
         Ok(())
     }
 
     /// Writes the last, partly filled pack. Call before referring to the saved blobs
     /// from a snapshot.
     pub fn flush(&self) -> Result<()> {
-        let pack = std::mem::take(&mut *lock(&self.open));
-        if pack.is_empty() {
+        let Some(pack) = lock(&self.open).take() else {
             return Ok(());
+        };
+        if pack.is_empty() {
+            return Ok(()); // dropped: its file goes with it
         }
         self.write_pack(pack)
     }

@@ -18,6 +18,7 @@ use chrono::Utc;
 use tar::EntryType;
 
 use super::content::{save_content, ContentError};
+use super::pipeline::{with_workers, ChunkWorkers};
 use super::BackupOutcome;
 use crate::blob::BlobKind;
 use crate::error::{Error, Result};
@@ -157,19 +158,14 @@ fn save_dir(saver: &BlobSaver<'_>, dir: DirBuild, progress: &Progress) -> Result
     Ok(id)
 }
 
-/// Reads the tar stream `reader` to its end and stores it as a tree snapshot named
-/// `opts.name` whose root is the archive's root. A read error or a hostile entry fails
-/// the backup: no snapshot of half an archive.
-pub fn backup_tar<R: Read + Send>(
-    repo: &Repository,
-    opts: &ArchiveBackupOptions,
+/// Reads every entry of the tar stream `reader`, saving file contents; returns the
+/// tree built (not yet saved) and the counts.
+fn read_entries<R: Read>(
+    workers: &ChunkWorkers<'_, '_>,
+    params: crate::chunker::ChunkerParams,
     reader: R,
     progress: &Progress,
-) -> Result<BackupOutcome> {
-    let started = Instant::now();
-    let host = opts.host.clone().unwrap_or_else(current_host);
-    let saver = BlobSaver::new(repo);
-    let params = repo.config().chunker;
+) -> Result<(DirBuild, Summary)> {
     let mut root = DirBuild::default();
     let mut summary = Summary::default();
     // Synthetic inode numbers tie hard-linked entries together.
@@ -265,13 +261,13 @@ pub fn backup_tar<R: Read + Send>(
             NodeKind::File => {
                 let size = h.size().map_err(|_| bad("bad size"))?;
                 let mut extents = Vec::new();
-                let got = save_content(&saver, params, &mut entry, size, progress, &mut extents)
+                let got = save_content(workers, params, &mut entry, size, progress, &mut extents)
                     .map_err(|e| match e {
-                        ContentError::Source(e) => {
-                            Error::io(format!("reading archive entry {shown:?}"), e)
-                        }
-                        ContentError::Repo(e) => e,
-                    })?;
+                    ContentError::Source(e) => {
+                        Error::io(format!("reading archive entry {shown:?}"), e)
+                    }
+                    ContentError::Repo(e) => e,
+                })?;
                 if got != size {
                     return Err(bad("the archive ended inside this file"));
                 }
@@ -301,6 +297,25 @@ pub fn backup_tar<R: Read + Send>(
         d.entries.insert(name, Item::Leaf(node));
     }
 
+    Ok((root, summary))
+}
+
+/// Reads the tar stream `reader` to its end and stores it as a tree snapshot named
+/// `opts.name` whose root is the archive's root. A read error or a hostile entry fails
+/// the backup: no snapshot of half an archive.
+pub fn backup_tar<R: Read + Send>(
+    repo: &Repository,
+    opts: &ArchiveBackupOptions,
+    reader: R,
+    progress: &Progress,
+) -> Result<BackupOutcome> {
+    let started = Instant::now();
+    let host = opts.host.clone().unwrap_or_else(current_host);
+    let saver = BlobSaver::new(repo);
+    let params = repo.config().chunker;
+    let (root, mut summary) = with_workers(&saver, |workers| {
+        read_entries(workers, params, reader, progress)
+    })?;
     let root_id = save_dir(&saver, root, progress)?;
     saver.flush()?;
     let stats = saver.stats();

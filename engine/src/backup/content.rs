@@ -1,24 +1,20 @@
 //! Chunking a reader and saving its chunks: the data path of every backup.
 //!
-//! Content is read into a buffer of up to [`BATCH_BYTES`], cut with FastCDC, and the
-//! chunks of one buffer are hashed, compressed and encrypted in parallel (rayon) while
-//! the next buffer is read on the calling thread (`rayon::in_place_scope`). The bytes after the last cut are carried
-//! into the next buffer, so boundaries are those of the whole stream. Memory: two
-//! buffers per file in flight; a small file gets a buffer of its own size.
+//! Content is read into a buffer of up to [`BATCH_BYTES`] taken from the backup's
+//! [`ReadBudget`], cut with FastCDC, and the chunks of one buffer are saved by the
+//! [`ChunkWorkers`] while this thread reads the next buffer (when the budget has room
+//! for it). The bytes after the last cut start the next buffer, so boundaries are those
+//! of the whole stream. A small file gets a buffer of its own size.
 
 use std::io::{self, Read};
+use std::ops::Range;
+use std::sync::Arc;
 
-use rayon::prelude::*;
-
-use crate::blob::BlobKind;
+use super::pipeline::{ChunkWorkers, ReadBuf, Saved, BATCH_BYTES};
 use crate::chunker::{cut, ChunkerParams};
 use crate::error::Error;
 use crate::progress::Progress;
-use crate::saver::BlobSaver;
 use crate::tree::Extent;
-
-/// Bytes read ahead and saved together.
-pub const BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// Why reading content stopped.
 #[derive(Debug)]
@@ -29,7 +25,8 @@ pub enum ContentError {
     Repo(Error),
 }
 
-/// Appends up to `want` bytes from `r` to `buf`; returns whether the source ended.
+/// Appends up to `want` bytes from `r` to `buf` (whose capacity is at least `want`);
+/// returns whether the source ended.
 fn fill<R: Read>(r: &mut R, buf: &mut Vec<u8>, want: usize) -> io::Result<bool> {
     let want = want.saturating_sub(buf.len());
     let got = r.take(want as u64).read_to_end(buf)?;
@@ -39,76 +36,82 @@ fn fill<R: Read>(r: &mut R, buf: &mut Vec<u8>, want: usize) -> io::Result<bool> 
 /// Chunks all of `reader` and appends one extent per chunk to `out`. `size_hint` (the
 /// expected length) sizes the first buffer. Returns the bytes read.
 pub fn save_content<R: Read>(
-    saver: &BlobSaver<'_>,
+    workers: &ChunkWorkers<'_, '_>,
     params: ChunkerParams,
     mut reader: R,
     size_hint: u64,
     progress: &Progress,
     out: &mut Vec<Extent>,
 ) -> Result<u64, ContentError> {
+    let budget = workers.budget();
     let cap = BATCH_BYTES.max(2 * params.max_size as usize);
     // One byte more than expected, so that a file of the expected size ends in one read.
     let first = usize::try_from(size_hint)
         .unwrap_or(usize::MAX)
         .saturating_add(1)
         .min(cap);
-    let mut cur = Vec::with_capacity(first);
-    let mut eof = fill(&mut reader, &mut cur, first).map_err(ContentError::Source)?;
+    let mut cur = budget.take(first);
+    let mut eof = fill(&mut reader, cur.vec(), first).map_err(ContentError::Source)?;
     let mut total = 0u64;
     while !cur.is_empty() {
         let ends = cut(&cur, params, eof);
         let consumed = ends.last().copied().unwrap_or(0);
-        let mut next = Vec::new();
-        if !eof {
-            next.reserve(cap);
-            next.extend_from_slice(&cur[consumed..]);
-        }
         let starts = std::iter::once(0).chain(ends.iter().copied());
-        let ranges: Vec<(usize, usize)> = starts.zip(ends.iter().copied()).collect();
-        // The chunks are saved on the pool while this thread reads the next buffer (so
-        // the reader need not be `Send`: a tar entry is not).
-        let mut saved: Option<Result<Vec<Extent>, Error>> = None;
-        let filled = rayon::in_place_scope(|scope| {
-            let (cur, ranges, slot) = (&cur, &ranges, &mut saved);
-            scope.spawn(move |_| {
-                *slot = Some(
-                    ranges
-                        .par_iter()
-                        .map(|&(a, b)| {
-                            let (id, stored) = saver.save(BlobKind::Data, &cur[a..b])?;
-                            Progress::add(&progress.bytes_stored, stored);
-                            Ok(Extent {
-                                blob: Some(id),
-                                len: (b - a) as u64,
-                            })
-                        })
-                        .collect::<Result<Vec<Extent>, Error>>(),
-                );
-            });
-            if eof {
-                Ok(true)
-            } else {
-                fill(&mut reader, &mut next, cap)
+        let ranges: Vec<Range<usize>> = starts
+            .zip(ends.iter().copied())
+            .map(|(a, b)| a..b)
+            .collect();
+        let shared = Arc::new(cur);
+        let pending = workers.save(&shared, &ranges, false);
+        // Read ahead while the workers save, when the budget has room.
+        let mut ahead: Option<(ReadBuf<'_>, io::Result<bool>)> = None;
+        if !eof {
+            if let Some(mut next) = budget.try_take(cap) {
+                next.vec().extend_from_slice(&shared[consumed..]);
+                let filled = fill(&mut reader, next.vec(), cap);
+                ahead = Some((next, filled));
             }
-        });
-        // The scope ran the job (or re-raised its panic): `None` cannot happen, and must
-        // never turn into a file with no content.
-        let saved = saved.unwrap_or_else(|| {
-            Err(Error::io(
-                "saving chunks",
-                io::Error::other("the saving task did not run"),
-            ))
-        });
-        let saved = saved.map_err(ContentError::Repo)?;
+        }
+        let saved = pending.wait().map_err(ContentError::Repo)?;
+        for (r, s) in ranges.iter().zip(saved) {
+            let blob = match s {
+                Saved::Blob { id, stored } => {
+                    Progress::add(&progress.bytes_stored, stored);
+                    Some(id)
+                }
+                Saved::Hole => None,
+            };
+            out.push(Extent {
+                blob,
+                len: r.len() as u64,
+            });
+        }
         total += consumed as u64;
         Progress::add(&progress.bytes_read, consumed as u64);
         Progress::add(&progress.bytes_done, consumed as u64);
-        out.extend(saved);
         if eof {
             break;
         }
-        eof = filled.map_err(ContentError::Source)?;
-        cur = next;
+        // Every worker let go of the buffer before it answered.
+        let Ok(mut done) = Arc::try_unwrap(shared) else {
+            return Err(ContentError::Repo(Error::io(
+                "saving chunks",
+                io::Error::other("a chunk buffer is still in use"),
+            )));
+        };
+        match ahead {
+            Some((next, filled)) => {
+                drop(done);
+                cur = next;
+                eof = filled.map_err(ContentError::Source)?;
+            }
+            None => {
+                // No read-ahead: the tail moves to the front and the buffer fills again.
+                done.vec().drain(..consumed);
+                eof = fill(&mut reader, done.vec(), cap).map_err(ContentError::Source)?;
+                cur = done;
+            }
+        }
     }
     Ok(total)
 }

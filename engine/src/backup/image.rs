@@ -12,11 +12,12 @@ use std::collections::BTreeMap;
 use std::io;
 use std::time::Instant;
 
-use chrono::Utc;
-use rayon::prelude::*;
+use std::sync::Arc;
 
+use chrono::Utc;
+
+use super::pipeline::{ChunkWorkers, ReadBudget, ReadBuf, Saved, BATCH_BYTES, DEFAULT_BUDGET};
 use super::BackupOutcome;
-use crate::blob::BlobKind;
 use crate::error::{Error, Result};
 use crate::id::BlobId;
 use crate::progress::Progress;
@@ -27,8 +28,8 @@ use crate::tree::{is_valid_name, Extent};
 
 /// Default chunk size of images.
 pub const DEFAULT_CHUNK: u64 = 1 << 20;
-/// Bytes of chunks read and saved together.
-const WINDOW: u64 = 16 << 20;
+/// Bytes of the image described, read and saved together.
+const WINDOW: u64 = BATCH_BYTES as u64;
 
 /// A run of the image and whether it may hold data (`false`: reads as zeros).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,10 +96,33 @@ enum Chunk {
     Blob(BlobId),
 }
 
-/// A chunk after reading: known already (hole, or the parent's), or bytes to save.
-struct Pending {
-    known: Option<Chunk>,
-    buf: Vec<u8>,
+/// A chunk of a window: known already (a hole, or the parent's), or to be saved from
+/// the window's buffer (an index into its ranges).
+#[derive(Clone, Copy)]
+enum Slot {
+    Known(Chunk),
+    Save(usize),
+}
+
+/// One window of the image, read.
+struct Window<'b> {
+    slots: Vec<Slot>,
+    /// Where the chunks to save lie in `buf`.
+    ranges: Vec<std::ops::Range<usize>>,
+    buf: ReadBuf<'b>,
+}
+
+type WindowParts = (Vec<Slot>, Vec<std::ops::Range<usize>>);
+
+impl<'b> Window<'b> {
+    /// A window read into `buf` by `read`.
+    fn read(
+        mut buf: ReadBuf<'b>,
+        read: impl FnOnce(&mut Vec<u8>) -> Result<WindowParts>,
+    ) -> Result<Self> {
+        let (slots, ranges) = read(buf.vec())?;
+        Ok(Self { slots, ranges, buf })
+    }
 }
 
 /// The regions of `[start, end)`, asking the source as often as needed.
@@ -241,108 +265,121 @@ pub fn backup_image(
         .store(true, std::sync::atomic::Ordering::Relaxed);
 
     let saver = BlobSaver::new(repo);
+    let budget = ReadBudget::new(DEFAULT_BUDGET, BATCH_BYTES);
+    let window = WINDOW.max(chunk);
+    let window_bytes = usize::try_from(window).unwrap_or(usize::MAX);
     let mut chunks: Vec<Chunk> =
         Vec::with_capacity(usize::try_from(size.div_ceil(chunk)).unwrap_or(0));
     let mut bytes_read = 0u64;
-    // Reads one window: chunks known without reading, and buffers to save.
-    let mut read_window = |start: u64, source: &mut dyn BlockSource| -> Result<Vec<Pending>> {
-        let end = (start + WINDOW).min(size);
-        let map = describe(start, end, |a, l| source.map(a, l)).map_err(src_err)?;
-        let changed = match &parent_map {
-            Some(_) => match source.changed(start, end - start).map_err(src_err)? {
-                Some(_) => Some(
-                    describe(start, end, |a, l| {
-                        source.changed(a, l).and_then(|c| {
-                            c.ok_or_else(|| io::Error::other("changed-block tracking stopped"))
+    // Reads one window: chunks known without reading, and the others into `v`; returns
+    // the window's slots and where its chunks to save lie in `v`.
+    let mut read_window =
+        |start: u64, source: &mut dyn BlockSource, v: &mut Vec<u8>| -> Result<WindowParts> {
+            let end = (start + window).min(size);
+            let map = describe(start, end, |a, l| source.map(a, l)).map_err(src_err)?;
+            let changed = match &parent_map {
+                Some(_) => match source.changed(start, end - start).map_err(src_err)? {
+                    Some(_) => Some(
+                        describe(start, end, |a, l| {
+                            source.changed(a, l).and_then(|c| {
+                                c.ok_or_else(|| io::Error::other("changed-block tracking stopped"))
+                            })
                         })
-                    })
-                    .map_err(src_err)?,
-                ),
+                        .map_err(src_err)?,
+                    ),
+                    None => None,
+                },
                 None => None,
-            },
-            None => None,
-        };
-        let mut out = Vec::new();
-        let mut a = start;
-        while a < end {
-            let b = (a + chunk).min(end);
-            let index = usize::try_from(a / chunk).unwrap_or(usize::MAX);
-            if let (Some(ch), Some(pm)) = (&changed, &parent_map) {
-                if overlaps(ch, a, b).all(|r| !r.data) {
-                    out.push(Pending {
-                        known: Some(pm[index]),
-                        buf: Vec::new(),
-                    });
+            };
+            let mut slots = Vec::new();
+            let mut ranges = Vec::new();
+            let mut a = start;
+            while a < end {
+                let b = (a + chunk).min(end);
+                let index = usize::try_from(a / chunk).unwrap_or(usize::MAX);
+                if let (Some(ch), Some(pm)) = (&changed, &parent_map) {
+                    if overlaps(ch, a, b).all(|r| !r.data) {
+                        slots.push(Slot::Known(pm[index]));
+                        Progress::add(&progress.bytes_done, b - a);
+                        a = b;
+                        continue;
+                    }
+                }
+                let data: Vec<BlockRegion> =
+                    overlaps(&map, a, b).filter(|r| r.data).copied().collect();
+                if data.is_empty() {
+                    slots.push(Slot::Known(Chunk::Hole));
                     Progress::add(&progress.bytes_done, b - a);
-                    a = b;
-                    continue;
-                }
-            }
-            let data: Vec<BlockRegion> = overlaps(&map, a, b).filter(|r| r.data).copied().collect();
-            if data.is_empty() {
-                out.push(Pending {
-                    known: Some(Chunk::Hole),
-                    buf: Vec::new(),
-                });
-                Progress::add(&progress.bytes_done, b - a);
-            } else {
-                let mut buf = vec![0u8; usize::try_from(b - a).unwrap_or(0)];
-                for r in data {
-                    let (ra, rb) = (r.offset.max(a), (r.offset + r.length).min(b));
-                    let slice = &mut buf[usize::try_from(ra - a).unwrap_or(0)
-                        ..usize::try_from(rb - a).unwrap_or(0)];
-                    source.read(ra, slice).map_err(src_err)?;
-                    bytes_read += rb - ra;
-                    Progress::add(&progress.bytes_read, rb - ra);
-                }
-                out.push(Pending { known: None, buf });
-            }
-            a = b;
-        }
-        Ok(out)
-    };
-
-    let mut next_start = 0u64;
-    let mut current = if size > 0 {
-        read_window(0, source)?
-    } else {
-        Vec::new()
-    };
-    next_start += WINDOW;
-    while !current.is_empty() {
-        let more = next_start < size;
-        let (saved, next) = rayon::join(
-            || {
-                current
-                    .par_iter()
-                    .map(|Pending { known, buf }| -> Result<Chunk> {
-                        if let Some(k) = known {
-                            return Ok(*k);
-                        }
-                        let c = if buf.iter().all(|&b| b == 0) {
-                            Chunk::Hole
-                        } else {
-                            let (id, stored) = saver.save(BlobKind::Data, buf)?;
-                            Progress::add(&progress.bytes_stored, stored);
-                            Chunk::Blob(id)
-                        };
-                        Progress::add(&progress.bytes_done, buf.len() as u64);
-                        Ok(c)
-                    })
-                    .collect::<Result<Vec<Chunk>>>()
-            },
-            || {
-                if more {
-                    read_window(next_start, source).map(Some)
                 } else {
-                    Ok(None)
+                    // The chunk's place in the buffer, zeroed; its data regions read into it.
+                    let at = v.len();
+                    v.resize(at + usize::try_from(b - a).unwrap_or(0), 0);
+                    for r in data {
+                        let (ra, rb) = (r.offset.max(a), (r.offset + r.length).min(b));
+                        let from = at + usize::try_from(ra - a).unwrap_or(0);
+                        let to = at + usize::try_from(rb - a).unwrap_or(0);
+                        source.read(ra, &mut v[from..to]).map_err(src_err)?;
+                        bytes_read += rb - ra;
+                        Progress::add(&progress.bytes_read, rb - ra);
+                    }
+                    slots.push(Slot::Save(ranges.len()));
+                    ranges.push(at..v.len());
                 }
-            },
-        );
-        chunks.extend(saved?);
-        current = next?.unwrap_or_default();
-        next_start += WINDOW;
-    }
+                a = b;
+            }
+            Ok((slots, ranges))
+        };
+
+    std::thread::scope(|scope| -> Result<()> {
+        let workers = ChunkWorkers::start(scope, &saver, &budget, 0);
+        let mut start = 0u64;
+        let mut current = if size > 0 {
+            Some(Window::read(budget.take(window_bytes), |v| {
+                read_window(0, source, v)
+            })?)
+        } else {
+            None
+        };
+        while let Some(w) = current.take() {
+            let next_start = start + window;
+            let shared = Arc::new(w.buf);
+            let pending = workers.save(&shared, &w.ranges, true);
+            // Read the next window while the workers save this one, budget allowing.
+            let mut ahead = None;
+            if next_start < size {
+                if let Some(buf) = budget.try_take(window_bytes) {
+                    ahead = Some(Window::read(buf, |v| read_window(next_start, source, v)));
+                }
+            }
+            let saved = pending.wait()?;
+            for slot in &w.slots {
+                chunks.push(match *slot {
+                    Slot::Known(c) => c,
+                    Slot::Save(i) => {
+                        Progress::add(&progress.bytes_done, w.ranges[i].len() as u64);
+                        match saved[i] {
+                            Saved::Hole => Chunk::Hole,
+                            Saved::Blob { id, stored } => {
+                                Progress::add(&progress.bytes_stored, stored);
+                                Chunk::Blob(id)
+                            }
+                        }
+                    }
+                });
+            }
+            // The workers let go of the buffer before answering: this frees its budget.
+            drop(shared);
+            start = next_start;
+            current = match ahead {
+                Some(next) => Some(next?),
+                None if start < size => Some(Window::read(budget.take(window_bytes), |v| {
+                    read_window(start, source, v)
+                })?),
+                None => None,
+            };
+        }
+        Ok(())
+    })?;
 
     // Extents: one per chunk holding data; consecutive holes merged.
     let mut content: Vec<Extent> = Vec::new();

@@ -1,13 +1,15 @@
 //! Backups: file trees ([`tree`]), tar archives ingested as trees ([`archive`]), byte
 //! streams ([`stream`]) and block images ([`image`]).
 //!
-//! Both cut content with FastCDC and hand chunks to a [`BlobSaver`] in batches that are
-//! hashed, compressed and encrypted in parallel on rayon, while the next batch is read
-//! ([`content`]). A snapshot is written only after every pack it refers to is durable.
+//! Content is cut with FastCDC (fixed, aligned chunks for images) and handed in batches
+//! to worker threads that hash, deduplicate, compress, encrypt and pack it
+//! ([`pipeline`]), while the next batch is read ([`content`]). A snapshot is written
+//! only after every pack it refers to is durable.
 
 pub mod archive;
 pub mod content;
 pub mod image;
+pub mod pipeline;
 mod source;
 pub mod stream;
 pub mod tree;

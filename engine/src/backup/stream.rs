@@ -10,6 +10,7 @@ use std::time::Instant;
 use chrono::Utc;
 
 use super::content::{save_content, ContentError};
+use super::pipeline::{with_workers, BATCH_BYTES};
 use super::BackupOutcome;
 use crate::error::{Error, Result};
 use crate::progress::Progress;
@@ -44,14 +45,16 @@ pub fn backup_stream<R: Read + Send>(
     let host = opts.host.clone().unwrap_or_else(current_host);
     let saver = BlobSaver::new(repo);
     let mut content = Vec::new();
-    let size = save_content(
-        &saver,
-        repo.config().chunker,
-        reader,
-        super::content::BATCH_BYTES as u64,
-        progress,
-        &mut content,
-    )
+    let size = with_workers(&saver, |workers| {
+        save_content(
+            workers,
+            repo.config().chunker,
+            reader,
+            BATCH_BYTES as u64,
+            progress,
+            &mut content,
+        )
+    })
     .map_err(|e| match e {
         ContentError::Source(e) => Error::io(format!("reading stream {:?}", opts.name), e),
         ContentError::Repo(e) => e,

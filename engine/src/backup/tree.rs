@@ -22,6 +22,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use rayon::prelude::*;
 
 use super::content::{save_content, ContentError};
+use super::pipeline::{ChunkWorkers, ReadBudget, BATCH_BYTES, DEFAULT_BUDGET};
 use super::source::{self, data_extents, node_from_metadata, Names};
 use super::Warning;
 use crate::blob::BlobKind;
@@ -129,11 +130,11 @@ impl PathTrie {
     }
 }
 
-struct Walker<'a> {
+struct Walker<'w, 'b, 'a> {
     repo: &'a Repository,
-    saver: BlobSaver<'a>,
+    workers: &'w ChunkWorkers<'b, 'a>,
     progress: &'a Progress,
-    excludes: Excludes,
+    excludes: &'w Excludes,
     names: Names,
     hardlinks: Mutex<HashMap<(u64, u64), Vec<Extent>>>,
     warnings: Mutex<Vec<Warning>>,
@@ -174,11 +175,17 @@ fn same_file(a: &Node, b: &Node) -> bool {
         && a.inode == b.inode
 }
 
-impl<'a> Walker<'a> {
-    fn new(repo: &'a Repository, progress: &'a Progress, excludes: Excludes, force: bool) -> Self {
+impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
+    fn new(
+        repo: &'a Repository,
+        workers: &'w ChunkWorkers<'b, 'a>,
+        progress: &'a Progress,
+        excludes: &'w Excludes,
+        force: bool,
+    ) -> Self {
         Self {
             repo,
-            saver: BlobSaver::new(repo),
+            workers,
             progress,
             excludes,
             names: Names::default(),
@@ -226,7 +233,7 @@ impl<'a> Walker<'a> {
 
     fn save_tree(&self, mut tree: Tree) -> Result<BlobId> {
         tree.sort();
-        let (id, stored) = self.saver.save(BlobKind::Tree, &tree.encode())?;
+        let (id, stored) = self.workers.saver().save(BlobKind::Tree, &tree.encode())?;
         Progress::add(&self.progress.bytes_stored, stored);
         Ok(id)
     }
@@ -416,7 +423,7 @@ impl<'a> Walker<'a> {
             }
             file.seek(SeekFrom::Start(start)).map_err(lost)?;
             let n = save_content(
-                &self.saver,
+                self.workers,
                 self.repo.config().chunker,
                 (&mut file).take(end - start),
                 end - start,
@@ -571,7 +578,7 @@ pub fn backup_tree(
     for p in &paths {
         trie.insert(p);
     }
-    let walker = Walker::new(repo, progress, Excludes::new(&opts.excludes)?, opts.force);
+    let excludes = Excludes::new(&opts.excludes)?;
     let threads = if opts.threads == 0 {
         2 * std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
     } else {
@@ -584,8 +591,12 @@ pub fn backup_tree(
         .build()
         .map_err(|e| Error::io("starting threads", io::Error::other(e)))?;
     let stop = AtomicBool::new(false);
-    let root = std::thread::scope(|s| {
-        s.spawn(|| scan(&paths, &walker.excludes, progress, &stop));
+    let saver = BlobSaver::new(repo);
+    let budget = ReadBudget::new(DEFAULT_BUDGET, BATCH_BYTES);
+    let (root, summary, warnings) = std::thread::scope(|s| {
+        s.spawn(|| scan(&paths, &excludes, progress, &stop));
+        let workers = ChunkWorkers::start(s, &saver, &budget, 0);
+        let walker = Walker::new(repo, &workers, progress, &excludes, opts.force);
         let r = pool.install(|| -> Result<BlobId> {
             let root = if opts.root_name.is_some() {
                 walker
@@ -606,18 +617,23 @@ pub fn backup_tree(
             } else {
                 walker.virtual_dir(Path::new("/"), &trie, parent_root.as_ref())?
             };
-            walker.saver.flush()?;
+            saver.flush()?;
             Ok(root)
         });
         stop.store(true, Ordering::Relaxed);
-        r
+        let summary = walker
+            .summary
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let warnings = walker
+            .warnings
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        r.map(|root| (root, summary, warnings))
     })?;
 
-    let stats = walker.saver.stats();
-    let mut summary = walker
-        .summary
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let stats = saver.stats();
+    let mut summary = summary;
     summary.blobs_new = stats.blobs_new;
     summary.bytes_new = stats.bytes_new;
     summary.bytes_stored = stats.bytes_stored;
@@ -639,10 +655,6 @@ pub fn backup_tree(
         summary,
         meta: opts.meta.clone(),
     };
-    let warnings = walker
-        .warnings
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     super::commit(repo, manifest, warnings)
 }
 
@@ -663,16 +675,20 @@ mod tests {
         )
         .unwrap();
         let progress = Progress::default();
-        let walker = Walker::new(&repo, &progress, Excludes::new(&[]).unwrap(), false);
-        // Listed by readdir, gone before it was looked at.
-        let got = walker
-            .entry_or_warn(&d.path().join("gone"), b"gone", None)
-            .unwrap();
-        assert!(got.is_none());
-        let w = walker.warnings.into_inner().unwrap();
-        assert_eq!(w.len(), 1);
-        assert!(w[0].message.contains("vanished") && !w[0].lost, "{w:?}");
-        assert_eq!(walker.summary.into_inner().unwrap().errors, 0);
+        let excludes = Excludes::new(&[]).unwrap();
+        let saver = BlobSaver::new(&repo);
+        super::super::pipeline::with_workers(&saver, |workers| {
+            let walker = Walker::new(&repo, workers, &progress, &excludes, false);
+            // Listed by readdir, gone before it was looked at.
+            let got = walker
+                .entry_or_warn(&d.path().join("gone"), b"gone", None)
+                .unwrap();
+            assert!(got.is_none());
+            let w = walker.warnings.into_inner().unwrap();
+            assert_eq!(w.len(), 1);
+            assert!(w[0].message.contains("vanished") && !w[0].lost, "{w:?}");
+            assert_eq!(walker.summary.into_inner().unwrap().errors, 0);
+        });
     }
 
     #[test]
