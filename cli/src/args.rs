@@ -74,6 +74,14 @@ pub enum Command {
         /// zstd level for new data: 0 (none) to 19; 3 by default, 1 is faster and a little larger
         #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(i32).range(0..=19))]
         compression: Option<i32>,
+        /// Content-defined chunk sizes of files and streams: minimum, average, maximum
+        /// (default 256K,512K,4M; smaller chunks deduplicate more, larger ones cost less
+        /// metadata)
+        #[arg(long, value_name = "MIN,AVG,MAX", value_parser = parse_chunk_sizes)]
+        chunk_sizes: Option<[u64; 3]>,
+        /// Fixed chunk size of disk images: a power of two from 64K to 16M (default 512K)
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        image_chunk_size: Option<u64>,
     },
     /// Back up paths, a stream from standard input, a disk image or a database
     Backup(BackupArgs),
@@ -391,6 +399,12 @@ pub enum EncryptionArg {
 }
 
 /// Parses `512M`, `2G`, `1048576` (binary units).
+/// `MIN,AVG,MAX`, each a size (`256K`).
+pub fn parse_chunk_sizes(s: &str) -> Result<[u64; 3], String> {
+    let parts: Vec<u64> = s.split(',').map(parse_size).collect::<Result<_, _>>()?;
+    <[u64; 3]>::try_from(parts).map_err(|_| format!("expected MIN,AVG,MAX, got {s:?}"))
+}
+
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let (num, mult) = match s.char_indices().last() {

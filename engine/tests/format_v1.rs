@@ -31,6 +31,10 @@ fn the_v1_fixture_opens_and_restores_byte_for_byte() {
     let pw = || Ok(Zeroizing::new(b"fixture".to_vec()));
     let repo = Repository::open(&d.path().join("repo"), &pw).unwrap();
     assert_eq!(repo.config().version, 1);
+    // Written before the config recorded image chunks, and with the chunker of its
+    // day: it keeps both (new defaults apply to new repositories only).
+    assert_eq!(repo.config().image_chunk_size, 1 << 20);
+    assert_eq!(repo.config().chunker.avg_size, 1 << 20);
     let snaps = repo.snapshots().unwrap();
     assert_eq!(snaps.len(), 2);
 

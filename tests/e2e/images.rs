@@ -194,9 +194,16 @@ fn an_incremental_after_changing_5_percent_of_a_2gib_image_stores_about_that() {
     let growth = env.repo_bytes() - before;
     let changed = 102u64 << 20;
     eprintln!("incremental of a 2 GiB image after 102 MiB of changes added {growth} bytes ({:.1}% of the image)", growth as f64 * 100.0 / f64::from(2u32 << 30));
-    // Each unaligned 1 MiB change touches two 1 MiB chunks.
+    // New repositories cut images in 512 KiB chunks: each unaligned 1 MiB change touches
+    // three of them (1.5 MiB); plus the image map (the root tree, ~200 KB).
+    let chunks_new = 3 * 102 * (512u64 << 10);
+    let bytes_new = second["summary"]["bytes_new"].as_u64().unwrap();
     assert!(
-        growth >= changed && growth <= 2 * changed + (4 << 20),
+        (chunks_new..chunks_new + (1 << 20)).contains(&bytes_new),
+        "{bytes_new} new bytes, {chunks_new} of them chunks"
+    );
+    assert!(
+        growth >= changed && growth <= changed * 3 / 2 + (4 << 20),
         "added {growth} bytes for {changed} changed"
     );
     let out = env.path("out.raw");
@@ -467,4 +474,49 @@ fn an_unchanged_image_is_not_read_again_and_any_write_is_noticed() {
     let out = env.path("out.raw");
     env.ok(&["restore", "latest", "--target", out.to_str().unwrap()]);
     compare(&img, "qcow2", &out, "raw");
+}
+
+#[test]
+fn init_chunk_sizes_apply_to_files_and_images_and_bad_ones_are_refused() {
+    if !have_qemu("image chunk sizes") {
+        return;
+    }
+    let env = Env::without_repo();
+    env.ok(&[
+        "init",
+        "--chunk-sizes",
+        "64K,128K,1M",
+        "--image-chunk-size",
+        "1M",
+    ]);
+    // 8 MiB of random data: about 64 content-defined chunks of 128 KiB on average
+    // (about 16 with the default 512 KiB).
+    let src = env.path("src");
+    fs::create_dir(&src).unwrap();
+    write_random(&src.join("f"), 5, 8 << 20);
+    let snap = env.backup(&[&src]);
+    let data_blobs = snap["summary"]["blobs_new"].as_u64().unwrap() - 3; // the trees
+    assert!((40..=100).contains(&data_blobs), "{data_blobs} chunks");
+    // An image of 4 MiB: four chunks of 1 MiB.
+    let img = env.path("disk.raw");
+    write_random(&img, 6, 4 << 20);
+    let snap = env.json(&["backup", "--image", img.to_str().unwrap()])["snapshot"].clone();
+    assert_eq!(snap["summary"]["blobs_new"], 5);
+
+    for bad in [
+        &["--chunk-sizes", "512K,256K,4M"][..], // min above average
+        &["--chunk-sizes", "256K,512K"],        // two sizes
+        &["--chunk-sizes", "256K,512K,64M"],    // max beyond 16M
+        &["--image-chunk-size", "768K"],        // not a power of two
+        &["--image-chunk-size", "32M"],
+    ] {
+        let env = Env::without_repo();
+        let mut args = vec!["init"];
+        args.extend_from_slice(bad);
+        let out = env.run(&args);
+        assert!(!out.status.success(), "{bad:?} accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("chunk"), "{bad:?}: {err}");
+        assert!(!env.repo.exists(), "{bad:?} left a repository behind");
+    }
 }

@@ -13,17 +13,50 @@ use crate::exit;
 use crate::format;
 use crate::open::{self, Settings};
 
-pub fn init(
-    s: &Settings,
-    g: &Global,
-    enc: EncryptionArg,
-    pack_size: Option<u64>,
-    compression: Option<i32>,
-) -> Result<u8> {
-    let encryption = match enc {
+/// What `repo init` was asked for.
+pub struct InitOptions {
+    pub encryption: EncryptionArg,
+    pub pack_size: Option<u64>,
+    pub compression: Option<i32>,
+    pub chunk_sizes: Option<[u64; 3]>,
+    pub image_chunk_size: Option<u64>,
+}
+
+pub fn init(s: &Settings, g: &Global, o: &InitOptions) -> Result<u8> {
+    let encryption = match o.encryption {
         EncryptionArg::Aes256Gcm => Encryption::Aes256Gcm,
         EncryptionArg::None => Encryption::None,
     };
+    let mut config = cairn_engine::config::Config::new(encryption);
+    if let Some(size) = o.pack_size {
+        config.pack_size = u32::try_from(size)
+            .ok()
+            .filter(|s| (1 << 20..=1 << 30).contains(s))
+            .context("--pack-size must be between 1M and 1G")?;
+    }
+    if let Some(level) = o.compression {
+        config.compression_level = level;
+    }
+    if let Some([min, avg, max]) = o.chunk_sizes {
+        let size = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+        config.chunker = cairn_engine::chunker::ChunkerParams {
+            min_size: size(min),
+            avg_size: size(avg),
+            max_size: size(max),
+        };
+        config.chunker.validate().map_err(|_| {
+            anyhow::anyhow!(
+                "--chunk-sizes: need MIN <= AVG <= MAX with MIN from 64 to 1M, AVG from 256 to 4M \
+                 and MAX from 1K to 16M"
+            )
+        })?;
+    }
+    if let Some(size) = o.image_chunk_size {
+        if !cairn_engine::config::valid_image_chunk(size) {
+            anyhow::bail!("--image-chunk-size must be a power of two from 64K to 16M");
+        }
+        config.image_chunk_size = u32::try_from(size)?;
+    }
     let pw = match encryption {
         Encryption::None => Zeroizing::new(Vec::new()),
         Encryption::Aes256Gcm => s.password(true)?,
@@ -31,16 +64,6 @@ pub fn init(
     if let Some(parent) = s.repo.parent() {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
-    }
-    let mut config = cairn_engine::config::Config::new(encryption);
-    if let Some(size) = pack_size {
-        config.pack_size = u32::try_from(size)
-            .ok()
-            .filter(|s| (1 << 20..=1 << 30).contains(s))
-            .context("--pack-size must be between 1M and 1G")?;
-    }
-    if let Some(level) = compression {
-        config.compression_level = level;
     }
     let repo = Repository::init_with(&s.repo, &pw, config, open::kdf_params())?;
     if g.json {

@@ -25,7 +25,19 @@ pub fn run(cli: Cli) -> Result<u8> {
             encryption,
             pack_size,
             compression,
-        } => admin::init(&settings, g, encryption, pack_size, compression),
+            chunk_sizes,
+            image_chunk_size,
+        } => admin::init(
+            &settings,
+            g,
+            &admin::InitOptions {
+                encryption,
+                pack_size,
+                compression,
+                chunk_sizes,
+                image_chunk_size,
+            },
+        ),
         Command::Backup(a) => backup::run(&settings, g, &a),
         Command::Snapshots { filter } => browse::snapshots(&settings, g, &filter),
         Command::Ls {

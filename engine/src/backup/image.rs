@@ -1,7 +1,7 @@
 //! Backing up block images (VM disks) read through a [`BlockSource`].
 //!
-//! The image is cut in fixed chunks aligned on multiples of the chunk size (default
-//! 1 MiB), so that offset -> chunk is a division for the mount and for changed-block
+//! The image is cut in fixed chunks aligned on multiples of the chunk size (the
+//! parent snapshot's, else the repository's: 512 KiB in new repositories), so that offset -> chunk is a division for the mount and for changed-block
 //! tracking. Regions the source reports as holes or zeros are not read; a chunk that
 //! reads as all zeros is stored as a hole. With changed-block tracking (a dirty bitmap),
 //! chunks not marked dirty are taken from the parent snapshot without being read.
@@ -26,8 +26,6 @@ use crate::saver::BlobSaver;
 use crate::snapshot::{Manifest, Snapshot, SnapshotKind, Summary};
 use crate::tree::{is_valid_name, Extent};
 
-/// Default chunk size of images.
-pub const DEFAULT_CHUNK: u64 = 1 << 20;
 /// Bytes of the image described, read and saved together.
 const WINDOW: u64 = BATCH_BYTES as u64;
 
@@ -55,13 +53,16 @@ pub trait BlockSource: Send {
     fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ImageBackupOptions {
     /// The image's name: the snapshot's source, and `<name>.raw` inside it.
     pub name: String,
     pub host: Option<String>,
     pub tags: Vec<String>,
-    pub chunk_size: u64,
+    /// Fixed chunk size; `None`: the parent snapshot's (so that unchanged chunks
+    /// deduplicate and changed-block tracking applies), or for a first backup the
+    /// repository's (`Config::image_chunk_size`).
+    pub chunk_size: Option<u64>,
     /// Take unchanged chunks from the parent (needs a source with changed-block tracking).
     pub use_changed_blocks: bool,
     /// Facts to record (source format, path, ...).
@@ -72,21 +73,6 @@ pub struct ImageBackupOptions {
     pub fingerprint: Option<String>,
     /// Read everything even when the fingerprint matches.
     pub force: bool,
-}
-
-impl Default for ImageBackupOptions {
-    fn default() -> Self {
-        Self {
-            name: String::new(),
-            host: None,
-            tags: Vec::new(),
-            chunk_size: DEFAULT_CHUNK,
-            use_changed_blocks: false,
-            meta: BTreeMap::new(),
-            fingerprint: None,
-            force: false,
-        }
-    }
 }
 
 /// What one chunk is, once looked at.
@@ -226,17 +212,25 @@ pub fn backup_image(
             opts.name
         )));
     }
-    let chunk = opts.chunk_size;
-    if !chunk.is_power_of_two() || !(64 << 10..=16 << 20).contains(&chunk) {
-        return Err(Error::InvalidInput(
-            "image chunk size must be a power of two from 64 KiB to 16 MiB".into(),
-        ));
-    }
     let host = opts.host.clone().unwrap_or_else(current_host);
     let size = source.size();
     let src_err = |e: io::Error| Error::io(format!("reading image {:?}", opts.name), e);
 
     let parent = super::latest_named(repo, SnapshotKind::Image, &host, &opts.name)?;
+    let parent_chunk = parent
+        .as_ref()
+        .and_then(|p| p.manifest.meta.get("chunk_size"))
+        .and_then(|c| c.parse::<u64>().ok())
+        .filter(|&c| crate::config::valid_image_chunk(c));
+    let chunk = opts
+        .chunk_size
+        .or(parent_chunk)
+        .unwrap_or(u64::from(repo.config().image_chunk_size));
+    if !crate::config::valid_image_chunk(chunk) {
+        return Err(Error::InvalidInput(
+            "image chunk size must be a power of two from 64 KiB to 16 MiB".into(),
+        ));
+    }
     if let (Some(p), Some(fp), false) = (&parent, &opts.fingerprint, opts.force) {
         let same_size = p
             .manifest
@@ -469,4 +463,96 @@ fn unchanged(
         )
     };
     super::commit(repo, manifest, Vec::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::crypto::Encryption;
+    use crate::keyfile::KdfParams;
+
+    /// An image in memory, all of it data.
+    struct Memory(Vec<u8>);
+
+    impl BlockSource for Memory {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn map(&mut self, offset: u64, len: u64) -> io::Result<Vec<BlockRegion>> {
+            Ok(vec![BlockRegion {
+                offset,
+                length: len,
+                data: true,
+            }])
+        }
+        fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            let at = usize::try_from(offset).unwrap();
+            buf.copy_from_slice(&self.0[at..at + buf.len()]);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_image_keeps_its_parents_chunk_size_and_a_new_one_takes_the_repositorys() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = Repository::init_with(
+            &d.path().join("repo"),
+            b"pw",
+            Config::new(Encryption::Aes256Gcm),
+            KdfParams::TEST_ONLY_WEAK,
+        )
+        .unwrap();
+        assert_eq!(repo.config().image_chunk_size, 512 << 10);
+        let mut x = 7u64;
+        let data: Vec<u8> = (0..5 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let backup = |name: &str, chunk: Option<u64>| {
+            let opts = ImageBackupOptions {
+                name: name.into(),
+                chunk_size: chunk,
+                ..Default::default()
+            };
+            backup_image(
+                &repo,
+                &opts,
+                &mut Memory(data.clone()),
+                &Progress::default(),
+            )
+            .unwrap()
+            .snapshot
+            .manifest
+        };
+        // An image first backed up in 1 MiB chunks (a repository from before 512 KiB)...
+        let first = backup("vm", Some(1 << 20));
+        assert_eq!(first.meta["chunk_size"], "1048576");
+        // ...stays in 1 MiB chunks: of unchanged data, only the root tree (stamped with
+        // the backup's time) is new.
+        let second = backup("vm", None);
+        assert_eq!(second.meta["chunk_size"], "1048576");
+        assert_eq!(second.summary.blobs_new, 1);
+        // A new image takes the repository's size: 10 chunks of 512 KiB, and its tree.
+        let other = backup("other", None);
+        assert_eq!(other.meta["chunk_size"], "524288");
+        assert_eq!(other.summary.blobs_new, 11);
+        // An explicit size that is not a power of two is refused.
+        let opts = ImageBackupOptions {
+            name: "bad".into(),
+            chunk_size: Some(3 << 20),
+            ..Default::default()
+        };
+        assert!(backup_image(
+            &repo,
+            &opts,
+            &mut Memory(data.clone()),
+            &Progress::default()
+        )
+        .is_err());
+    }
 }
