@@ -116,7 +116,7 @@ pub fn run(s: &Settings, g: &Global, a: &BackupArgs) -> Result<u8> {
             tags: a.tag.clone(),
             parent,
             force: a.force,
-            threads: 0,
+            threads: a.read_threads.map_or(0, usize::from),
             ..Default::default()
         };
         backup::backup_tree(&repo, &opts, &progress)

@@ -90,25 +90,36 @@ pub fn restore(
     for i in &includes {
         walk::resolve(repo, &snap.manifest.root, i)?;
     }
-    let mut items = Vec::new();
-    walk::walk(repo, &snap.manifest.root, Path::new("/"), &mut |p, n| {
+    let threads = if opts.threads == 0 {
+        2 * std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+    } else {
+        opts.threads
+    };
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| Error::io("starting threads", io::Error::other(e)))?;
+    let started = std::time::Instant::now();
+    let phase = |what: &str| tracing::debug!("restore: {what} done at {:.2?}", started.elapsed());
+    let keep = |p: &Path, n: &Node| {
         let keep = included(p, &includes, n.kind == NodeKind::Dir);
-        if keep {
-            if n.kind == NodeKind::File {
-                Progress::add(&progress.total_files, 1);
-                Progress::add(&progress.total_bytes, n.size);
-            }
-            items.push(Item {
-                path: p.to_owned(),
-                node: Box::new(n.clone()),
-            });
+        if keep && n.kind == NodeKind::File {
+            Progress::add(&progress.total_files, 1);
+            Progress::add(&progress.total_bytes, n.size);
         }
-        Ok(keep)
-    })?;
+        keep
+    };
+    let make = |path, node| Item {
+        path,
+        node: Box::new(node),
+    };
+    let items: Vec<Item> =
+        pool.install(|| walk::collect(repo, &snap.manifest.root, Path::new("/"), &keep, &make))?;
     progress
         .total_known
         .store(true, std::sync::atomic::Ordering::Relaxed);
 
+    phase("snapshot tree read");
     let target = &opts.target;
     fs::create_dir_all(target).ctx(|| format!("creating {}", target.display()))?;
     if !fs::metadata(target)
@@ -156,6 +167,7 @@ pub fn restore(
             .any(|f| it.path.starts_with(f) && it.path != *f)
     };
 
+    phase("directories created");
     // Files: the first name of each hard-linked inode gets the content.
     let mut first_link: HashMap<(u64, u64), PathBuf> = HashMap::new();
     let mut files = Vec::new();
@@ -175,15 +187,6 @@ pub fn restore(
         }
         files.push(it);
     }
-    let threads = if opts.threads == 0 {
-        2 * std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
-    } else {
-        opts.threads
-    };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| Error::io("starting threads", io::Error::other(e)))?;
     let writeback = if opts.no_sync {
         None
     } else {
@@ -211,6 +214,7 @@ pub fn restore(
         }
     }
     out.files += files.len() as u64;
+    phase("file contents written");
     for (first, it) in &links {
         let to = dest(target, &it.path);
         let _ = remove_non_dir(&to);
@@ -257,6 +261,7 @@ pub fn restore(
         }
     }
 
+    phase("links and special files created");
     // Metadata: everything but directories, then directories deepest first.
     let is_root = nix::unistd::geteuid().is_root();
     let restored_links: std::collections::HashSet<&Path> =
@@ -283,10 +288,12 @@ pub fn restore(
             warn(&it.path, p, false);
         }
     }
+    phase("metadata set");
     if let Some(wb) = writeback {
         wb.finish()
             .ctx(|| format!("syncing {} to disk", target.display()))?;
     }
+    phase("synced");
     out.warnings = warnings
         .into_inner()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
