@@ -42,6 +42,7 @@ pub mod restore;
 pub mod retention;
 pub mod saver;
 pub mod snapshot;
+pub mod threads;
 pub mod tree;
 pub mod walk;
 

@@ -579,17 +579,7 @@ pub fn backup_tree(
         trie.insert(p);
     }
     let excludes = Excludes::new(&opts.excludes)?;
-    let threads = if opts.threads == 0 {
-        2 * std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
-    } else {
-        opts.threads
-    };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .stack_size(16 * 1024 * 1024)
-        .thread_name(|i| format!("backup-{i}"))
-        .build()
-        .map_err(|e| Error::io("starting threads", io::Error::other(e)))?;
+    let pool = crate::threads::io_pool(opts.threads, "backup", 16 << 20)?;
     let stop = AtomicBool::new(false);
     let saver = BlobSaver::new(repo);
     let budget = ReadBudget::new(DEFAULT_BUDGET, BATCH_BYTES);

@@ -90,15 +90,7 @@ pub fn restore(
     for i in &includes {
         walk::resolve(repo, &snap.manifest.root, i)?;
     }
-    let threads = if opts.threads == 0 {
-        2 * std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
-    } else {
-        opts.threads
-    };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| Error::io("starting threads", io::Error::other(e)))?;
+    let pool = crate::threads::io_pool(opts.threads, "restore", 0)?;
     let started = std::time::Instant::now();
     let phase = |what: &str| tracing::debug!("restore: {what} done at {:.2?}", started.elapsed());
     let keep = |p: &Path, n: &Node| {
@@ -362,9 +354,7 @@ pub fn restore_single_file(
     } else {
         Some(Writeback::start(parent).ctx(|| parent.display().to_string())?)
     };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .build()
-        .map_err(|e| Error::io("starting threads", io::Error::other(e)))?;
+    let pool = crate::threads::io_pool(0, "restore", 0)?;
     let file = FileToWrite { dest: to, node };
     let written = content::write_files(repo, &[file], &pool, writeback.as_ref(), progress)?.pop();
     let problems = written
