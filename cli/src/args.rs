@@ -168,6 +168,10 @@ pub enum Command {
         /// Memory for decoded blobs, e.g. 512M or 2G
         #[arg(long, default_value = "256M", value_parser = parse_size)]
         cache_size: u64,
+        /// Threads serving requests (default: the cores, at least 2); more help readers
+        /// that keep many reads in flight (a VM booting from the mount)
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+        threads: Option<u16>,
     },
     /// Unmount a `repo mount` (lazily: open files do not keep it mounted)
     Umount { mountpoint: PathBuf },

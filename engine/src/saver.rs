@@ -76,7 +76,21 @@ impl<'r> BlobSaver<'r> {
 
     /// Stores `data` unless the repository has it. Returns its id and the bytes it added
     /// to the repository (0 when deduplicated).
+    ///
+    /// A blob larger than the format allows ([`blob::MAX_BLOB_LEN`]) is refused: stored,
+    /// it would make its pack's trailer, and every snapshot using it, unreadable.
     pub fn save(&self, kind: BlobKind, data: &[u8]) -> Result<(BlobId, u64)> {
+        if data.len() > blob::MAX_BLOB_LEN {
+            return Err(crate::Error::InvalidInput(format!(
+                "a {} of {} MiB is more than one blob may hold ({} MiB)",
+                match kind {
+                    BlobKind::Data => "chunk",
+                    BlobKind::Tree => "directory listing",
+                },
+                data.len() >> 20,
+                blob::MAX_BLOB_LEN >> 20
+            )));
+        }
         let id = self.repo.crypto().blob_id(data);
         if !lock(&self.taken).insert(id) {
             return Ok((id, 0)); // in a pack of this run that is not indexed yet
@@ -235,5 +249,20 @@ mod tests {
         assert!(lock(&saver.taken).is_empty());
         assert_eq!(saver.stats().blobs_new, 200);
         assert_eq!(repo.index().totals().unwrap().blobs, 200);
+
+        // A blob over the format's limit is refused, not stored: readers would reject
+        // its pack.
+        let big = vec![7u8; blob::MAX_BLOB_LEN + 1];
+        let err = saver.save(BlobKind::Tree, &big).unwrap_err();
+        assert!(
+            matches!(&err, crate::Error::InvalidInput(m) if m.contains("directory listing of 64 MiB")),
+            "{err}"
+        );
+        saver.flush().unwrap();
+        assert_eq!(saver.stats().blobs_new, 200);
+        // Exactly at the limit is fine.
+        saver.save(BlobKind::Tree, &big[1..]).unwrap();
+        saver.flush().unwrap();
+        assert_eq!(repo.index().totals().unwrap().blobs, 201);
     }
 }

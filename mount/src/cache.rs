@@ -17,8 +17,12 @@ use lru::LruCache;
 #[derive(Default)]
 struct Slot {
     loading: Mutex<()>,
-    data: OnceLock<Arc<[u8]>>,
+    data: OnceLock<Blob>,
 }
+
+/// A decoded blob, shared by the cache and the reads that use it. The decoder's own
+/// buffer: putting it in an `Arc<[u8]>` would copy it.
+pub type Blob = Arc<Vec<u8>>;
 
 struct Lru {
     map: LruCache<BlobId, Arc<Slot>>,
@@ -64,7 +68,7 @@ impl BlobCache {
     }
 
     /// The decoded blob, from the cache or the repository.
-    pub fn get(&self, id: &BlobId) -> Result<Arc<[u8]>> {
+    pub fn get(&self, id: &BlobId) -> Result<Blob> {
         let slot = {
             let mut l = lock(&self.lru);
             match l.map.get(id) {
@@ -83,8 +87,8 @@ impl BlobCache {
         if let Some(d) = slot.data.get() {
             return Ok(d.clone());
         }
-        let data: Arc<[u8]> = match self.repo.read_blob_with(id, Verify::Seal) {
-            Ok(d) => d.into(),
+        let data: Blob = match self.repo.read_blob_with(id, Verify::Seal) {
+            Ok(d) => Arc::new(d),
             Err(e) => {
                 let mut l = lock(&self.lru);
                 if l.map.peek(id).is_some_and(|s| Arc::ptr_eq(s, &slot)) {

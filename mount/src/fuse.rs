@@ -17,7 +17,7 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow,
 };
 
-use crate::view::{Attr, FsError, View};
+use crate::view::{Attr, FsError, ReadData, View};
 
 /// Kernel cache lifetime of snapshot contents (immutable).
 const CONTENT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -25,6 +25,15 @@ const CONTENT_TTL: Duration = Duration::from_secs(24 * 3600);
 const LISTING_TTL: Duration = Duration::from_secs(1);
 /// Largest read the kernel sends (and read-ahead it may do).
 pub const MAX_READ: u32 = 1 << 20;
+
+/// Replies to reads of holes. Never written: its pages stay the kernel's shared zero
+/// page, so a hole costs no allocation, no zeroing and no cache misses.
+static ZEROS: [u8; MAX_READ as usize] = [0; MAX_READ as usize];
+
+thread_local! {
+    /// Where a request thread assembles a read that spans extents; reused.
+    static ASSEMBLY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 pub struct CairnFs {
     view: Arc<View>,
@@ -131,10 +140,16 @@ impl Filesystem for CairnFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.view.read(fh.0, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno(&e)),
-        }
+        ASSEMBLY.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            match self.view.read_into(fh.0, offset, size, &mut buf) {
+                Ok(ReadData::Zeros(n)) if n <= ZEROS.len() => reply.data(&ZEROS[..n]),
+                Ok(ReadData::Zeros(n)) => reply.data(&vec![0; n]),
+                Ok(ReadData::Blob(blob, range)) => reply.data(&blob[range]),
+                Ok(ReadData::Assembled) => reply.data(&buf),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
     fn release(

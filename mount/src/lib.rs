@@ -34,7 +34,7 @@ pub struct MountOptions {
     /// surfaces as ESTALE. Non-root users need `user_allow_other` in /etc/fuse.conf.
     pub allow_other: bool,
     pub view: ViewOptions,
-    /// Threads serving FUSE requests.
+    /// Threads serving FUSE requests (default: the cores, at least 2).
     pub threads: usize,
 }
 
@@ -43,7 +43,11 @@ impl Default for MountOptions {
         Self {
             allow_other: false,
             view: ViewOptions::default(),
-            threads: 4,
+            // As many as cores: more only contend for them (the prefetch pool absorbs
+            // a sequential reader's waits on the disk).
+            threads: std::thread::available_parallelism()
+                .map_or(2, std::num::NonZero::get)
+                .max(2),
         }
     }
 }

@@ -24,7 +24,7 @@ use cairn_engine::snapshot::Snapshot;
 use cairn_engine::tree::{Node, NodeKind, Timestamp, Tree};
 use cairn_engine::Repository;
 
-use crate::cache::BlobCache;
+use crate::cache::{Blob, BlobCache};
 use crate::layout::Layout;
 
 /// Errors of filesystem operations, each with the errno it stands for.
@@ -70,6 +70,17 @@ impl FsError {
 pub type FsResult<T> = Result<T, FsError>;
 
 pub const ROOT_INO: u64 = 1;
+
+/// What [`View::read_into`] read.
+#[derive(Debug)]
+pub enum ReadData {
+    /// This many zero bytes (a hole).
+    Zeros(usize),
+    /// A part of one decoded blob.
+    Blob(Blob, std::ops::Range<usize>),
+    /// The bytes are in the caller's buffer.
+    Assembled,
+}
 
 /// Attributes of an inode, in plain types.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -630,6 +641,25 @@ impl View {
 
     /// Reads up to `size` bytes at `offset` (fewer only at the end of the file).
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let mut buf = Vec::new();
+        Ok(match self.read_into(fh, offset, size, &mut buf)? {
+            ReadData::Zeros(n) => vec![0; n],
+            ReadData::Blob(blob, range) => blob[range].to_vec(),
+            ReadData::Assembled => buf,
+        })
+    }
+
+    /// Like [`Self::read`], without copying what need not be copied: a read within one
+    /// hole is [`ReadData::Zeros`], a read within one blob a slice of the cached blob;
+    /// only a read across extents is assembled, in `buf` (reused from call to call, so
+    /// that it costs no allocation).
+    pub fn read_into(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        buf: &mut Vec<u8>,
+    ) -> FsResult<ReadData> {
         let f = read_lock(&self.files)
             .get(&fh)
             .cloned()
@@ -637,12 +667,14 @@ impl View {
         let file_size = *f.starts.last().unwrap_or(&0);
         let end = offset.saturating_add(u64::from(size)).min(file_size);
         if offset >= end {
-            return Ok(Vec::new());
+            return Ok(ReadData::Zeros(0));
         }
-        let mut out = Vec::with_capacity(usize::try_from(end - offset).unwrap_or(0));
         // The extent holding `offset`: the last one starting at or before it.
-        let mut i = f.starts.partition_point(|&s| s <= offset) - 1;
+        let first = f.starts.partition_point(|&s| s <= offset) - 1;
+        let mut i = first;
         let mut pos = offset;
+        let mut single = None;
+        buf.clear();
         while pos < end {
             let (start, e) = (f.starts[i], f.node.content[i]);
             let stop = end.min(start + e.len);
@@ -650,7 +682,7 @@ impl View {
                 usize::try_from(pos - start).unwrap_or(0),
                 usize::try_from(stop - start).unwrap_or(0),
             );
-            match e.blob {
+            let piece = match e.blob {
                 Some(id) => {
                     let data = self.cache.get(&id).map_err(|err| {
                         tracing::error!(
@@ -660,12 +692,21 @@ impl View {
                         );
                         FsError::Io(err.to_string())
                     })?;
-                    let slice = data
-                        .get(a..b)
-                        .ok_or_else(|| FsError::Io(format!("blob {id} shorter than its extent")))?;
-                    out.extend_from_slice(slice);
+                    if data.get(a..b).is_none() {
+                        return Err(FsError::Io(format!("blob {id} shorter than its extent")));
+                    }
+                    ReadData::Blob(data, a..b)
                 }
-                None => out.resize(out.len() + (b - a), 0),
+                None => ReadData::Zeros(b - a),
+            };
+            if i == first && stop == end {
+                single = Some(piece);
+            } else {
+                match piece {
+                    ReadData::Blob(data, r) => buf.extend_from_slice(&data[r]),
+                    ReadData::Zeros(n) => buf.resize(buf.len() + n, 0),
+                    ReadData::Assembled => {}
+                }
             }
             pos = stop;
             i += 1;
@@ -674,7 +715,7 @@ impl View {
         if sequential {
             self.read_ahead(&f, i);
         }
-        Ok(out)
+        Ok(single.unwrap_or(ReadData::Assembled))
     }
 
     /// Fetches the blobs of the extents from `first` on, up to the read-ahead window,

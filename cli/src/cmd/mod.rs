@@ -82,9 +82,16 @@ pub fn run(cli: Cli) -> Result<u8> {
             allow_other,
             private,
             cache_size,
+            threads,
         } => {
             let allow_other = allow_other || (!private && nix::unistd::geteuid().is_root());
-            mount::mount(&settings, g, &mountpoint, daemon, allow_other, cache_size)
+            let req = mount::Request {
+                daemon,
+                allow_other,
+                cache_size,
+                threads,
+            };
+            mount::mount(&settings, g, &mountpoint, &req)
         }
         Command::Umount { mountpoint } => mount::umount(&mountpoint),
         Command::Check {

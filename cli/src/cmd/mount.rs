@@ -24,14 +24,17 @@ use crate::args::Global;
 use crate::exit;
 use crate::open::{Settings, DAEMON_PASSWORD_STDIN};
 
-pub fn mount(
-    s: &Settings,
-    g: &Global,
-    mountpoint: &Path,
-    daemon: bool,
-    allow_other: bool,
-    cache_size: u64,
-) -> Result<u8> {
+/// What `repo mount` was asked for.
+pub struct Request {
+    pub daemon: bool,
+    pub allow_other: bool,
+    /// Bytes of decoded blobs to keep.
+    pub cache_size: u64,
+    /// Request threads; `None`: the default.
+    pub threads: Option<u16>,
+}
+
+pub fn mount(s: &Settings, g: &Global, mountpoint: &Path, req: &Request) -> Result<u8> {
     if !mountpoint.is_dir() {
         bail!(
             "{}: not a directory (create it first)",
@@ -46,19 +49,20 @@ pub fn mount(
             mountpoint.display()
         );
     }
-    if daemon {
+    if req.daemon {
         return spawn_daemon(s, &mountpoint);
     }
     let signals = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP]);
     signals.thread_block().context("blocking signals")?;
     let repo: Arc<Repository> = Arc::new(s.open_for_reading("mount")?);
+    let defaults = MountOptions::default();
     let opts = MountOptions {
-        allow_other,
+        allow_other: req.allow_other,
         view: ViewOptions {
-            cache_bytes: usize::try_from(cache_size).unwrap_or(usize::MAX),
+            cache_bytes: usize::try_from(req.cache_size).unwrap_or(usize::MAX),
             ..ViewOptions::default()
         },
-        ..MountOptions::default()
+        threads: req.threads.map_or(defaults.threads, usize::from),
     };
     let session = cairn_mount::mount(repo, &mountpoint, &opts).with_context(|| {
         format!(

@@ -26,6 +26,11 @@ use crate::saver::BlobSaver;
 use crate::snapshot::{Manifest, Snapshot, SnapshotKind, Summary};
 use crate::tree::{is_valid_name, Extent};
 
+/// The most chunks an image is cut into. Its map (the snapshot's one-file tree, ~53
+/// bytes a chunk) must fit in one blob ([`crate::blob::MAX_BLOB_LEN`]): images larger than
+/// this many chunks of the configured size get larger chunks (a 1 TiB image 1 MiB ones).
+pub const MAX_IMAGE_CHUNKS: u64 = 1 << 20;
+
 /// Bytes of the image described, read and saved together.
 const WINDOW: u64 = BATCH_BYTES as u64;
 
@@ -222,14 +227,33 @@ pub fn backup_image(
         .and_then(|p| p.manifest.meta.get("chunk_size"))
         .and_then(|c| c.parse::<u64>().ok())
         .filter(|&c| crate::config::valid_image_chunk(c));
-    let chunk = opts
-        .chunk_size
-        .or(parent_chunk)
-        .unwrap_or(u64::from(repo.config().image_chunk_size));
+    // The image map is one blob: large images get larger chunks, so that it fits.
+    let least = size
+        .div_ceil(MAX_IMAGE_CHUNKS)
+        .next_power_of_two()
+        .max(64 << 10);
+    let chunk = match opts.chunk_size {
+        Some(c) if c < least => {
+            return Err(Error::InvalidInput(format!(
+                "image {:?}: chunks of {c} bytes are too small for {size} bytes (at most {} \
+                 chunks; at least {least} bytes each)",
+                opts.name, MAX_IMAGE_CHUNKS
+            )))
+        }
+        Some(c) => c,
+        None => parent_chunk
+            .unwrap_or(u64::from(repo.config().image_chunk_size))
+            .max(least),
+    };
     if !crate::config::valid_image_chunk(chunk) {
-        return Err(Error::InvalidInput(
-            "image chunk size must be a power of two from 64 KiB to 16 MiB".into(),
-        ));
+        return Err(Error::InvalidInput(if chunk > 16 << 20 {
+            format!(
+                "image {:?} is too large: {size} bytes would need chunks over 16 MiB",
+                opts.name
+            )
+        } else {
+            "image chunk size must be a power of two from 64 KiB to 16 MiB".into()
+        }));
     }
     if let (Some(p), Some(fp), false) = (&parent, &opts.fingerprint, opts.force) {
         let same_size = p
@@ -472,29 +496,7 @@ mod tests {
     use crate::crypto::Encryption;
     use crate::keyfile::KdfParams;
 
-    /// An image in memory, all of it data.
-    struct Memory(Vec<u8>);
-
-    impl BlockSource for Memory {
-        fn size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn map(&mut self, offset: u64, len: u64) -> io::Result<Vec<BlockRegion>> {
-            Ok(vec![BlockRegion {
-                offset,
-                length: len,
-                data: true,
-            }])
-        }
-        fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-            let at = usize::try_from(offset).unwrap();
-            buf.copy_from_slice(&self.0[at..at + buf.len()]);
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn an_image_keeps_its_parents_chunk_size_and_a_new_one_takes_the_repositorys() {
+    fn test_repo() -> (tempfile::TempDir, Repository) {
         let d = tempfile::tempdir().unwrap();
         let repo = Repository::init_with(
             &d.path().join("repo"),
@@ -503,6 +505,91 @@ mod tests {
             KdfParams::TEST_ONLY_WEAK,
         )
         .unwrap();
+        (d, repo)
+    }
+
+    /// A test image: `Some(bytes)`, all of it data, or `None`, all of it a hole of
+    /// `size` bytes (never read).
+    struct TestImage {
+        size: u64,
+        data: Option<Vec<u8>>,
+    }
+
+    impl TestImage {
+        fn data(bytes: Vec<u8>) -> Self {
+            Self {
+                size: bytes.len() as u64,
+                data: Some(bytes),
+            }
+        }
+        fn sparse(size: u64) -> Self {
+            Self { size, data: None }
+        }
+    }
+
+    impl BlockSource for TestImage {
+        fn size(&self) -> u64 {
+            self.size
+        }
+        fn map(&mut self, offset: u64, len: u64) -> io::Result<Vec<BlockRegion>> {
+            Ok(vec![BlockRegion {
+                offset,
+                length: len,
+                data: self.data.is_some(),
+            }])
+        }
+        fn read(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            let data = self
+                .data
+                .as_ref()
+                .ok_or_else(|| io::Error::other("a hole is never read"))?;
+            let at = usize::try_from(offset).unwrap();
+            buf.copy_from_slice(&data[at..at + buf.len()]);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_largest_image_map_fits_in_one_blob_and_large_images_get_larger_chunks() {
+        // The worst case: every chunk holds data.
+        let extent = Extent {
+            blob: Some(BlobId(crate::id::Id::from_bytes([0xab; 32]))),
+            len: 16 << 20,
+        };
+        let node = crate::tree::Node {
+            content: vec![extent; usize::try_from(MAX_IMAGE_CHUNKS).unwrap()],
+            ..crate::tree::Node::new(b"disk.raw".to_vec(), crate::tree::NodeKind::File)
+        };
+        let map = crate::tree::Tree { nodes: vec![node] }.encode();
+        assert!(map.len() < crate::blob::MAX_BLOB_LEN, "{} bytes", map.len());
+
+        let (_d, repo) = test_repo();
+        let chunk_of = |size: u64, chunk: Option<u64>| {
+            let opts = ImageBackupOptions {
+                name: format!("img{size}"),
+                chunk_size: chunk,
+                ..Default::default()
+            };
+            backup_image(
+                &repo,
+                &opts,
+                &mut TestImage::sparse(size),
+                &Progress::default(),
+            )
+            .map(|o| o.snapshot.manifest.meta["chunk_size"].clone())
+        };
+        assert_eq!(chunk_of(100 << 30, None).unwrap(), "524288");
+        assert_eq!(chunk_of(1 << 40, None).unwrap(), "1048576");
+        assert_eq!(chunk_of(3 << 40, None).unwrap(), "4194304");
+        let small = chunk_of(1 << 40, Some(512 << 10)).unwrap_err().to_string();
+        assert!(small.contains("too small"), "{small}");
+        let huge = chunk_of(64 << 40, None).unwrap_err().to_string();
+        assert!(huge.contains("too large"), "{huge}");
+    }
+
+    #[test]
+    fn an_image_keeps_its_parents_chunk_size_and_a_new_one_takes_the_repositorys() {
+        let (_d, repo) = test_repo();
         assert_eq!(repo.config().image_chunk_size, 512 << 10);
         let mut x = 7u64;
         let data: Vec<u8> = (0..5 << 20)
@@ -522,7 +609,7 @@ mod tests {
             backup_image(
                 &repo,
                 &opts,
-                &mut Memory(data.clone()),
+                &mut TestImage::data(data.clone()),
                 &Progress::default(),
             )
             .unwrap()
@@ -550,7 +637,7 @@ mod tests {
         assert!(backup_image(
             &repo,
             &opts,
-            &mut Memory(data.clone()),
+            &mut TestImage::data(data.clone()),
             &Progress::default()
         )
         .is_err());

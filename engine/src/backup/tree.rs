@@ -231,9 +231,21 @@ impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
         }
     }
 
-    fn save_tree(&self, mut tree: Tree) -> Result<BlobId> {
+    fn save_tree(&self, path: &Path, mut tree: Tree) -> Result<BlobId> {
         tree.sort();
-        let (id, stored) = self.workers.saver().save(BlobKind::Tree, &tree.encode())?;
+        let (id, stored) = self
+            .workers
+            .saver()
+            .save(BlobKind::Tree, &tree.encode())
+            .map_err(|e| match e {
+                Error::InvalidInput(m) => Error::InvalidInput(format!(
+                    "{}: {m}: too many entries, or files of too many chunks (about 1.2 \
+                     million chunks fit in one directory: a single file of about 600 GiB \
+                     with the default chunk sizes; see docs/FORMAT.md)",
+                    path.display()
+                )),
+                e => e,
+            })?;
         Progress::add(&self.progress.bytes_stored, stored);
         Ok(id)
     }
@@ -272,9 +284,12 @@ impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
                 Ok(Some(node))
             })
             .collect::<Result<_>>()?;
-        self.save_tree(Tree {
-            nodes: nodes.into_iter().flatten().collect(),
-        })
+        self.save_tree(
+            path,
+            Tree {
+                nodes: nodes.into_iter().flatten().collect(),
+            },
+        )
     }
 
     fn entry_or_warn(
@@ -364,9 +379,12 @@ impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
             .par_iter()
             .map(|n| self.entry_or_warn(&path.join(n), n.as_bytes(), find(parent, n.as_bytes())))
             .collect::<Result<_>>()?;
-        Ok(self.save_tree(Tree {
-            nodes: nodes.into_iter().flatten().collect(),
-        })?)
+        Ok(self.save_tree(
+            path,
+            Tree {
+                nodes: nodes.into_iter().flatten().collect(),
+            },
+        )?)
     }
 
     fn file(&self, path: &Path, node: &mut Node, parent: Option<&Node>) -> Result<(), EntryError> {
