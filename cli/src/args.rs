@@ -79,7 +79,8 @@ pub enum Command {
         /// metadata)
         #[arg(long, value_name = "MIN,AVG,MAX", value_parser = parse_chunk_sizes)]
         chunk_sizes: Option<[u64; 3]>,
-        /// Fixed chunk size of disk images: a power of two from 64K to 16M (default 512K)
+        /// Fixed chunk size of disk images: a power of two from 64K to 16M (default 256K;
+        /// images over 256G get larger chunks)
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         image_chunk_size: Option<u64>,
     },

@@ -13,6 +13,7 @@
 pub mod cache;
 pub mod fuse;
 pub mod layout;
+pub mod prefetch;
 pub mod recover;
 pub mod view;
 

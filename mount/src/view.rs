@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -26,6 +26,7 @@ use cairn_engine::Repository;
 
 use crate::cache::{Blob, BlobCache};
 use crate::layout::Layout;
+use crate::prefetch::Prefetcher;
 
 /// Errors of filesystem operations, each with the errno it stands for.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -180,8 +181,7 @@ pub struct View {
     catalog: Mutex<Catalog>,
     files: RwLock<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
-    prefetching: Arc<AtomicUsize>,
-    pool: rayon::ThreadPool,
+    prefetch: Prefetcher,
     opts: ViewOptions,
     started: SystemTime,
     owner: (u32, u32),
@@ -210,18 +210,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl View {
     pub fn new(repo: Arc<Repository>, opts: ViewOptions) -> cairn_engine::Result<Self> {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(4)
-            .thread_name(|i| format!("prefetch-{i}"))
-            .build()
-            .map_err(|e| cairn_engine::Error::io("starting threads", std::io::Error::other(e)))?;
+        let cache = Arc::new(BlobCache::new(repo.clone(), opts.cache_bytes));
         let root = Inode {
             parent: ROOT_INO,
             name: Vec::new(),
             kind: Kind::Root,
         };
         let view = Self {
-            cache: Arc::new(BlobCache::new(repo.clone(), opts.cache_bytes)),
+            cache: cache.clone(),
             repo,
             table: RwLock::new(Table {
                 inodes: vec![root],
@@ -234,8 +230,7 @@ impl View {
             }),
             files: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            prefetching: Arc::new(AtomicUsize::new(0)),
-            pool,
+            prefetch: Prefetcher::new(cache.clone(), 4, 8),
             opts,
             started: SystemTime::now(),
             owner: (
@@ -727,17 +722,9 @@ impl View {
                 break;
             }
             ahead += e.len;
-            let Some(id) = e.blob else { continue };
-            if self.cache.contains(&id) || self.prefetching.load(Ordering::Relaxed) >= 8 {
-                continue;
+            if let Some(id) = e.blob {
+                self.prefetch.request(id);
             }
-            self.prefetching.fetch_add(1, Ordering::Relaxed);
-            let cache = self.cache.clone();
-            let counter = self.prefetching.clone();
-            self.pool.spawn(move || {
-                let _ = cache.get(&id);
-                counter.fetch_sub(1, Ordering::Relaxed);
-            });
         }
     }
 }

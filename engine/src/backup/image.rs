@@ -1,7 +1,7 @@
 //! Backing up block images (VM disks) read through a [`BlockSource`].
 //!
 //! The image is cut in fixed chunks aligned on multiples of the chunk size (the
-//! parent snapshot's, else the repository's: 512 KiB in new repositories), so that offset -> chunk is a division for the mount and for changed-block
+//! parent snapshot's, else the repository's: 256 KiB in new repositories), so that offset -> chunk is a division for the mount and for changed-block
 //! tracking. Regions the source reports as holes or zeros are not read; a chunk that
 //! reads as all zeros is stored as a hole. With changed-block tracking (a dirty bitmap),
 //! chunks not marked dirty are taken from the parent snapshot without being read.
@@ -311,6 +311,10 @@ pub fn backup_image(
             };
             let mut slots = Vec::new();
             let mut ranges = Vec::new();
+            // Runs of consecutive chunks to save: contiguous in the image and in `v`
+            // (image start, image end, start in `v`), read with one request per data
+            // region rather than one per chunk.
+            let mut runs: Vec<(u64, u64, usize)> = Vec::new();
             let mut a = start;
             while a < end {
                 let b = (a + chunk).min(end);
@@ -323,27 +327,32 @@ pub fn backup_image(
                         continue;
                     }
                 }
-                let data: Vec<BlockRegion> =
-                    overlaps(&map, a, b).filter(|r| r.data).copied().collect();
-                if data.is_empty() {
+                if overlaps(&map, a, b).all(|r| !r.data) {
                     slots.push(Slot::Known(Chunk::Hole));
                     Progress::add(&progress.bytes_done, b - a);
                 } else {
-                    // The chunk's place in the buffer, zeroed; its data regions read into it.
+                    // The chunk's place in the buffer, zeroed: what no data region
+                    // covers reads as zeros.
                     let at = v.len();
                     v.resize(at + usize::try_from(b - a).unwrap_or(0), 0);
-                    for r in data {
-                        let (ra, rb) = (r.offset.max(a), (r.offset + r.length).min(b));
-                        let from = at + usize::try_from(ra - a).unwrap_or(0);
-                        let to = at + usize::try_from(rb - a).unwrap_or(0);
-                        source.read(ra, &mut v[from..to]).map_err(src_err)?;
-                        bytes_read += rb - ra;
-                        Progress::add(&progress.bytes_read, rb - ra);
+                    match runs.last_mut() {
+                        Some(run) if run.1 == a => run.1 = b,
+                        _ => runs.push((a, b, at)),
                     }
                     slots.push(Slot::Save(ranges.len()));
                     ranges.push(at..v.len());
                 }
                 a = b;
+            }
+            for &(ra, rb, at) in &runs {
+                for r in overlaps(&map, ra, rb).filter(|r| r.data) {
+                    let (da, db) = (r.offset.max(ra), (r.offset + r.length).min(rb));
+                    let from = at + usize::try_from(da - ra).unwrap_or(0);
+                    let to = at + usize::try_from(db - ra).unwrap_or(0);
+                    source.read(da, &mut v[from..to]).map_err(src_err)?;
+                    bytes_read += db - da;
+                    Progress::add(&progress.bytes_read, db - da);
+                }
             }
             Ok((slots, ranges))
         };
@@ -578,10 +587,10 @@ mod tests {
             )
             .map(|o| o.snapshot.manifest.meta["chunk_size"].clone())
         };
-        assert_eq!(chunk_of(100 << 30, None).unwrap(), "524288");
+        assert_eq!(chunk_of(100 << 30, None).unwrap(), "262144");
         assert_eq!(chunk_of(1 << 40, None).unwrap(), "1048576");
         assert_eq!(chunk_of(3 << 40, None).unwrap(), "4194304");
-        let small = chunk_of(1 << 40, Some(512 << 10)).unwrap_err().to_string();
+        let small = chunk_of(1 << 40, Some(256 << 10)).unwrap_err().to_string();
         assert!(small.contains("too small"), "{small}");
         let huge = chunk_of(64 << 40, None).unwrap_err().to_string();
         assert!(huge.contains("too large"), "{huge}");
@@ -590,7 +599,7 @@ mod tests {
     #[test]
     fn an_image_keeps_its_parents_chunk_size_and_a_new_one_takes_the_repositorys() {
         let (_d, repo) = test_repo();
-        assert_eq!(repo.config().image_chunk_size, 512 << 10);
+        assert_eq!(repo.config().image_chunk_size, 256 << 10);
         let mut x = 7u64;
         let data: Vec<u8> = (0..5 << 20)
             .map(|_| {
@@ -616,7 +625,7 @@ mod tests {
             .snapshot
             .manifest
         };
-        // An image first backed up in 1 MiB chunks (a repository from before 512 KiB)...
+        // An image first backed up in 1 MiB chunks (a repository from before 256 KiB)...
         let first = backup("vm", Some(1 << 20));
         assert_eq!(first.meta["chunk_size"], "1048576");
         // ...stays in 1 MiB chunks: of unchanged data, only the root tree (stamped with
@@ -624,10 +633,10 @@ mod tests {
         let second = backup("vm", None);
         assert_eq!(second.meta["chunk_size"], "1048576");
         assert_eq!(second.summary.blobs_new, 1);
-        // A new image takes the repository's size: 10 chunks of 512 KiB, and its tree.
+        // A new image takes the repository's size: 20 chunks of 256 KiB, and its tree.
         let other = backup("other", None);
-        assert_eq!(other.meta["chunk_size"], "524288");
-        assert_eq!(other.summary.blobs_new, 11);
+        assert_eq!(other.meta["chunk_size"], "262144");
+        assert_eq!(other.summary.blobs_new, 21);
         // An explicit size that is not a power of two is refused.
         let opts = ImageBackupOptions {
             name: "bad".into(),
