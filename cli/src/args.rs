@@ -167,7 +167,7 @@ pub enum Command {
         #[arg(long, conflicts_with = "allow_other")]
         private: bool,
         /// Memory for decoded blobs, e.g. 512M or 2G
-        #[arg(long, default_value = "256M", value_parser = parse_size)]
+        #[arg(long, default_value = "128M", value_parser = parse_size)]
         cache_size: u64,
         /// Threads serving requests (default: the cores, at least 2); more help readers
         /// that keep many reads in flight (a VM booting from the mount)

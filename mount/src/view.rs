@@ -167,7 +167,7 @@ pub struct ViewOptions {
 impl Default for ViewOptions {
     fn default() -> Self {
         Self {
-            cache_bytes: 256 << 20,
+            cache_bytes: 128 << 20,
             refresh: Duration::from_secs(1),
             readahead_bytes: 8 << 20,
         }
