@@ -257,7 +257,7 @@ pub struct BackupArgs {
     /// Read every file, even those unchanged since the parent snapshot
     #[arg(long)]
     pub force: bool,
-    /// Files read at once (default: twice the cores); more helps on slow or network
+    /// Files read at once (default: four per core); more helps on slow or network
     /// filesystems, where each read waits longer
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub read_threads: Option<u16>,

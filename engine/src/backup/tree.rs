@@ -45,7 +45,8 @@ pub struct TreeBackupOptions {
     pub parent: Option<SnapshotId>,
     /// Read every file, ignoring the parent snapshot.
     pub force: bool,
-    /// Threads for the walk and the data path (0: twice the cores, I/O waits overlap CPU).
+    /// Threads walking and reading files (0: four per core, so that reads waiting on the
+    /// disk overlap each other and the CPU work).
     pub threads: usize,
     /// Store the one directory in `paths` as the snapshot's root, under this source name
     /// (a database's data directory), instead of the tree of `/` holding the paths.
@@ -431,7 +432,14 @@ impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
         let size = before.len();
         let mut content = Vec::new();
         let mut pos = 0u64;
-        for (start, end) in data_extents(&file, size).map_err(lost)? {
+        // A file whose blocks cover its size has no holes to skip: no need to ask for
+        // them (two system calls for every small file).
+        let extents = if before.blocks().saturating_mul(512) >= size {
+            vec![(0, size)]
+        } else {
+            data_extents(&file, size).map_err(lost)?
+        };
+        for (start, end) in extents {
             if start > pos {
                 content.push(Extent {
                     blob: None,
@@ -439,7 +447,9 @@ impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
                 });
                 Progress::add(&self.progress.bytes_done, start - pos);
             }
-            file.seek(SeekFrom::Start(start)).map_err(lost)?;
+            if start > 0 {
+                file.seek(SeekFrom::Start(start)).map_err(lost)?;
+            }
             let n = save_content(
                 self.workers,
                 self.repo.config().chunker,
@@ -597,7 +607,15 @@ pub fn backup_tree(
         trie.insert(p);
     }
     let excludes = Excludes::new(&opts.excludes)?;
-    let pool = crate::threads::io_pool(opts.threads, "backup", 16 << 20)?;
+    // Four readers a core: on a cold cache each small file's read waits on the disk, and
+    // more reads in flight keep both the disk and the cores busy (the files benchmark:
+    // 12 s with 8 readers on 2 cores, 14 s with 4).
+    let readers = if opts.threads == 0 {
+        4 * std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+    } else {
+        opts.threads
+    };
+    let pool = crate::threads::io_pool(readers, "backup", 16 << 20)?;
     let stop = AtomicBool::new(false);
     let saver = BlobSaver::new(repo);
     let budget = ReadBudget::new(DEFAULT_BUDGET, BATCH_BYTES);
