@@ -434,7 +434,8 @@ impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
         let mut pos = 0u64;
         // A file whose blocks cover its size has no holes to skip: no need to ask for
         // them (two system calls for every small file).
-        let extents = if before.blocks().saturating_mul(512) >= size {
+        let dense = before.blocks().saturating_mul(512) >= size;
+        let extents = if dense {
             vec![(0, size)]
         } else {
             data_extents(&file, size).map_err(lost)?
@@ -447,7 +448,8 @@ impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
                 });
                 Progress::add(&self.progress.bytes_done, start - pos);
             }
-            if start > 0 {
+            // SEEK_DATA/SEEK_HOLE moved the file offset; a dense file is still at 0.
+            if start > 0 || !dense {
                 file.seek(SeekFrom::Start(start)).map_err(lost)?;
             }
             let n = save_content(
