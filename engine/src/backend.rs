@@ -275,8 +275,10 @@ impl NewFile for LocalNewFile<'_> {
             .ok_or_else(|| io::Error::other("file already committed"))?;
         let path = self.backend.path(self.kind, name);
         let dir = path.parent().unwrap_or(&self.backend.root).to_path_buf();
-        // The same order as `write`: the data is durable before its name exists, and the
-        // name is durable before commit returns.
+        // Crash safety: the data is durable (fsync) before its name exists (rename), and
+        // the name is durable (fsync of the directory) before commit returns. A crash
+        // leaves either no file or the whole file, plus at worst a `.tmp-*` file that
+        // nothing refers to, `list` never shows and `remove_incomplete` deletes.
         let result = (|| {
             let file = file.into_inner().map_err(io::IntoInnerError::into_error)?;
             file.sync_all()?;
@@ -349,58 +351,39 @@ impl Backend for LocalBackend {
 
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> io::Result<()> {
         check_name(name)?;
-        let path = self.path(kind, name);
-        let dir = path.parent().unwrap_or(&self.root).to_path_buf();
-        if !dir.exists() {
-            DirBuilder::new().mode(0o700).recursive(true).create(&dir)?;
-        }
-        // Crash safety: write a temporary file, fsync it, rename it into place, fsync the
-        // directory. A crash leaves either no file or the whole file (plus at worst a
-        // `.tmp-*` file that nothing refers to and `list` never shows).
-        let tmp = dir.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
-        crash_point();
-        let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(data)?;
-            f.sync_all()?;
-            crash_point();
-            fs::rename(&tmp, &path)?;
-            fsync_dir(&dir)
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
+        let mut f = self.create(kind)?;
+        f.write_all(data)?;
+        f.commit(name)
     }
 
     fn create(&self, kind: FileKind) -> io::Result<Box<dyn NewFile + '_>> {
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // Packs are named by their hash, so their shard is unknown until the end: the
-        // temporary file waits in `data/` itself, which `list` never reads as a pack.
-        let dir = match kind {
-            FileKind::Config => self.root.clone(),
-            _ => self.root.join(kind.dir()),
-        };
-        let tmp = dir.join(format!(
-            "{TMP_PREFIX}{}-{}-{n}",
-            kind.dir(),
-            std::process::id()
-        ));
+        // The temporary file waits in the kind's directory. A pack is named by its hash,
+        // so its shard is unknown until the end: its temporary file waits in `data/`
+        // itself, which `list` never reads as a pack.
+        let dir = self.root.join(kind.dir());
+        if !dir.exists() {
+            DirBuilder::new().mode(0o700).recursive(true).create(&dir)?;
+        }
+        let tmp = dir.join(format!("{TMP_PREFIX}{}-{n}", std::process::id()));
         crash_point();
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
+        // Packs are written a blob at a time: a large buffer saves system calls. Other
+        // files are written whole, once.
+        let buffer = if kind == FileKind::Pack {
+            256 << 10
+        } else {
+            8 << 10
+        };
         Ok(Box::new(LocalNewFile {
             backend: self,
             kind,
-            file: Some(std::io::BufWriter::with_capacity(256 << 10, file)),
+            file: Some(std::io::BufWriter::with_capacity(buffer, file)),
             tmp,
         }))
     }
