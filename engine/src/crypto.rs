@@ -132,22 +132,6 @@ impl Crypto {
         *blake3::keyed_hash(&self.key.mac, data).as_bytes()
     }
 
-    /// Seals `plaintext`, which the caller has placed at `buf[NONCE_LEN..]` (see
-    /// [`Self::seal_buffer`]), in place; associated data `aad` is authenticated, not stored.
-    fn seal_in_place(&self, buf: &mut Vec<u8>, aad: &[u8]) {
-        if self.encryption == Encryption::None {
-            return;
-        }
-        let nonce: [u8; NONCE_LEN] = random_array();
-        buf[..NONCE_LEN].copy_from_slice(&nonce);
-        let tag = self
-            .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut buf[NONCE_LEN..])
-            // AES-GCM fails only for messages over 64 GiB, which we never build.
-            .unwrap_or_else(|_| unreachable!("AES-GCM message too long"));
-        buf.extend_from_slice(&tag);
-    }
-
     /// Bytes before the plaintext in a sealed message (the nonce; none without
     /// encryption). See [`Self::seal_slice`].
     #[must_use]
@@ -169,7 +153,8 @@ impl Crypto {
 
     /// Seals in place a plaintext of `plain_len` bytes that the caller placed at
     /// `buf[seal_prefix_len()..]`; `buf` has room for the suffix after it. Returns the
-    /// sealed length (from `buf[0]`). For buffers reused from one message to the next.
+    /// sealed length (from `buf[0]`): nonce, ciphertext, tag. Associated data `aad` is
+    /// authenticated, not stored. Lets a caller reuse one buffer for many messages.
     pub fn seal_slice(&self, buf: &mut [u8], plain_len: usize, aad: &[u8]) -> usize {
         if self.encryption == Encryption::None {
             return plain_len;
@@ -186,32 +171,15 @@ impl Crypto {
         end + TAG_LEN
     }
 
-    /// A buffer to build a plaintext in: after it, append plaintext bytes, then call
-    /// [`Self::finish_seal`]. Avoids copying large blobs.
-    #[must_use]
-    pub fn seal_buffer(&self, capacity: usize) -> Vec<u8> {
-        match self.encryption {
-            Encryption::None => Vec::with_capacity(capacity),
-            Encryption::Aes256Gcm => {
-                let mut v = Vec::with_capacity(capacity + SEAL_OVERHEAD);
-                v.resize(NONCE_LEN, 0);
-                v
-            }
-        }
-    }
-
-    /// Seals a buffer from [`Self::seal_buffer`] with plaintext appended.
-    pub fn finish_seal(&self, mut buf: Vec<u8>, aad: &[u8]) -> Vec<u8> {
-        self.seal_in_place(&mut buf, aad);
-        buf
-    }
-
     /// Seals a copy of `plaintext`.
     #[must_use]
     pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Vec<u8> {
-        let mut buf = self.seal_buffer(plaintext.len());
-        buf.extend_from_slice(plaintext);
-        self.finish_seal(buf, aad)
+        let start = self.seal_prefix_len();
+        let mut buf = vec![0u8; start + plaintext.len() + self.seal_suffix_len()];
+        buf[start..start + plaintext.len()].copy_from_slice(plaintext);
+        let len = self.seal_slice(&mut buf, plaintext.len(), aad);
+        buf.truncate(len);
+        buf
     }
 
     /// Opens a sealed message in its own buffer (no copy); returns the plaintext's range
