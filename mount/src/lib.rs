@@ -46,9 +46,7 @@ impl Default for MountOptions {
             view: ViewOptions::default(),
             // As many as cores: more only contend for them (the prefetch pool absorbs
             // a sequential reader's waits on the disk).
-            threads: std::thread::available_parallelism()
-                .map_or(2, std::num::NonZero::get)
-                .max(2),
+            threads: cairn_engine::threads::cores().max(2),
         }
     }
 }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use chrono::Utc;
 
-use super::pipeline::{ChunkWorkers, ReadBudget, ReadBuf, Saved, BATCH_BYTES, DEFAULT_BUDGET};
+use super::pipeline::{with_workers, ReadBuf, Saved, BATCH_BYTES};
 use super::BackupOutcome;
 use crate::error::{Error, Result};
 use crate::id::BlobId;
@@ -283,7 +283,6 @@ pub fn backup_image(
         .store(true, std::sync::atomic::Ordering::Relaxed);
 
     let saver = BlobSaver::new(repo);
-    let budget = ReadBudget::new(DEFAULT_BUDGET, BATCH_BYTES);
     let window = WINDOW.max(chunk);
     let window_bytes = usize::try_from(window).unwrap_or(usize::MAX);
     let mut chunks: Vec<Chunk> =
@@ -357,8 +356,8 @@ pub fn backup_image(
             Ok((slots, ranges))
         };
 
-    std::thread::scope(|scope| -> Result<()> {
-        let workers = ChunkWorkers::start(scope, &saver, &budget, 0);
+    with_workers(&saver, |workers| -> Result<()> {
+        let budget = workers.budget();
         let mut start = 0u64;
         let mut current = if size > 0 {
             Some(Window::read(budget.take(window_bytes), |v| {

@@ -182,10 +182,10 @@ struct Job<'b> {
     reply: mpsc::Sender<(usize, Result<Saved>)>,
 }
 
-/// The worker threads of one backup; see the module docs. Dropping it lets the threads
-/// finish (the scope they run in waits for them).
+/// The worker threads of one backup; see the module docs. Dropping it closes their
+/// queue, and they finish (the scope they run in waits for them).
 pub struct ChunkWorkers<'b, 'r> {
-    jobs: Option<crossbeam_channel::Sender<Job<'b>>>,
+    jobs: crossbeam_channel::Sender<Job<'b>>,
     saver: &'b BlobSaver<'r>,
     budget: &'b ReadBudget,
 }
@@ -211,7 +211,7 @@ impl<'b, 'r> ChunkWorkers<'b, 'r> {
         'r: 'scope,
     {
         let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(2, std::num::NonZero::get) + 1
+            crate::threads::cores() + 1
         } else {
             threads
         };
@@ -244,7 +244,7 @@ impl<'b, 'r> ChunkWorkers<'b, 'r> {
             }
         }
         Self {
-            jobs: Some(tx),
+            jobs: tx,
             saver,
             budget,
         }
@@ -265,8 +265,7 @@ impl<'b, 'r> ChunkWorkers<'b, 'r> {
     /// work handed to the workers (the queue has room) with results to wait for.
     pub fn save(&self, buf: &Arc<ReadBuf<'b>>, ranges: &[Range<usize>], holes: bool) -> Pending {
         let total: usize = ranges.iter().map(ExactSizeIterator::len).sum();
-        let jobs = self.jobs.as_ref().filter(|_| total > INLINE_BYTES);
-        let Some(jobs) = jobs else {
+        if total <= INLINE_BYTES {
             return Pending {
                 results: ranges
                     .iter()
@@ -275,7 +274,7 @@ impl<'b, 'r> ChunkWorkers<'b, 'r> {
                 replies: None,
                 expected: 0,
             };
-        };
+        }
         let (reply, replies) = mpsc::channel();
         let mut expected = 0;
         let mut results: Vec<Option<Result<Saved>>> = (0..ranges.len()).map(|_| None).collect();
@@ -287,7 +286,7 @@ impl<'b, 'r> ChunkWorkers<'b, 'r> {
                 holes,
                 reply: reply.clone(),
             };
-            match jobs.send(job) {
+            match self.jobs.send(job) {
                 Ok(()) => expected += 1,
                 Err(crossbeam_channel::SendError(job)) => {
                     // No worker is running: save it here.
@@ -300,12 +299,6 @@ impl<'b, 'r> ChunkWorkers<'b, 'r> {
             replies: Some(replies),
             expected,
         }
-    }
-}
-
-impl Drop for ChunkWorkers<'_, '_> {
-    fn drop(&mut self) {
-        drop(self.jobs.take());
     }
 }
 
@@ -344,7 +337,7 @@ pub fn with_workers<'r, T>(saver: &BlobSaver<'r>, f: impl FnOnce(&ChunkWorkers<'
     std::thread::scope(|s| {
         let workers = ChunkWorkers::start(s, saver, &budget, 0);
         let result = f(&workers);
-        drop(workers);
+        drop(workers); // closes the queue: the scope can end
         result
     })
 }

@@ -22,7 +22,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use rayon::prelude::*;
 
 use super::content::{save_content, ContentError};
-use super::pipeline::{ChunkWorkers, ReadBudget, BATCH_BYTES, DEFAULT_BUDGET};
+use super::pipeline::{with_workers, ChunkWorkers};
 use super::source::{self, data_extents, node_from_metadata, Names};
 use super::Warning;
 use crate::blob::BlobKind;
@@ -613,51 +613,52 @@ pub fn backup_tree(
     // more reads in flight keep both the disk and the cores busy (the files benchmark:
     // 12 s with 8 readers on 2 cores, 14 s with 4).
     let readers = if opts.threads == 0 {
-        4 * std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+        4 * crate::threads::cores()
     } else {
         opts.threads
     };
     let pool = crate::threads::io_pool(readers, "backup", 16 << 20)?;
     let stop = AtomicBool::new(false);
     let saver = BlobSaver::new(repo);
-    let budget = ReadBudget::new(DEFAULT_BUDGET, BATCH_BYTES);
     let (root, summary, warnings) = std::thread::scope(|s| {
         s.spawn(|| scan(&paths, &excludes, progress, &stop));
-        let workers = ChunkWorkers::start(s, &saver, &budget, 0);
-        let walker = Walker::new(repo, &workers, progress, &excludes, opts.force);
-        let r = pool.install(|| -> Result<BlobId> {
-            let root = if opts.root_name.is_some() {
-                walker
-                    .dir(&paths[0], parent_root.as_ref())
-                    .map_err(|e| match e {
-                        EntryError::Repo(e) => e,
-                        EntryError::Lost(e) => Error::io(paths[0].display().to_string(), e),
-                        EntryError::Vanished => Error::NotFound(paths[0].display().to_string()),
-                    })?
-            } else if trie.selected {
-                walker
-                    .dir(Path::new("/"), parent_root.as_ref())
-                    .map_err(|e| match e {
-                        EntryError::Repo(e) => e,
-                        EntryError::Lost(e) => Error::io("/", e),
-                        EntryError::Vanished => Error::NotFound("/".into()),
-                    })?
-            } else {
-                walker.virtual_dir(Path::new("/"), &trie, parent_root.as_ref())?
-            };
-            saver.flush()?;
-            Ok(root)
+        let walked = with_workers(&saver, |workers| {
+            let walker = Walker::new(repo, workers, progress, &excludes, opts.force);
+            let r = pool.install(|| -> Result<BlobId> {
+                let root = if opts.root_name.is_some() {
+                    walker
+                        .dir(&paths[0], parent_root.as_ref())
+                        .map_err(|e| match e {
+                            EntryError::Repo(e) => e,
+                            EntryError::Lost(e) => Error::io(paths[0].display().to_string(), e),
+                            EntryError::Vanished => Error::NotFound(paths[0].display().to_string()),
+                        })?
+                } else if trie.selected {
+                    walker
+                        .dir(Path::new("/"), parent_root.as_ref())
+                        .map_err(|e| match e {
+                            EntryError::Repo(e) => e,
+                            EntryError::Lost(e) => Error::io("/", e),
+                            EntryError::Vanished => Error::NotFound("/".into()),
+                        })?
+                } else {
+                    walker.virtual_dir(Path::new("/"), &trie, parent_root.as_ref())?
+                };
+                saver.flush()?;
+                Ok(root)
+            });
+            let summary = walker
+                .summary
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let warnings = walker
+                .warnings
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            r.map(|root| (root, summary, warnings))
         });
         stop.store(true, Ordering::Relaxed);
-        let summary = walker
-            .summary
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let warnings = walker
-            .warnings
-            .into_inner()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        r.map(|root| (root, summary, warnings))
+        walked
     })?;
 
     let stats = saver.stats();
