@@ -432,15 +432,8 @@ impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
         let size = before.len();
         let mut content = Vec::new();
         let mut pos = 0u64;
-        // A file whose blocks cover its size has no holes to skip: no need to ask for
-        // them (two system calls for every small file).
-        let dense = before.blocks().saturating_mul(512) >= size;
-        let extents = if dense {
-            vec![(0, size)]
-        } else {
-            data_extents(&file, size).map_err(lost)?
-        };
-        for (start, end) in extents {
+        let allocated = before.blocks().saturating_mul(512);
+        for (start, end) in data_extents(&file, size, allocated).map_err(lost)? {
             if start > pos {
                 content.push(Extent {
                     blob: None,
@@ -448,10 +441,7 @@ impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
                 });
                 Progress::add(&self.progress.bytes_done, start - pos);
             }
-            // SEEK_DATA/SEEK_HOLE moved the file offset; a dense file is still at 0.
-            if start > 0 || !dense {
-                file.seek(SeekFrom::Start(start)).map_err(lost)?;
-            }
+            file.seek(SeekFrom::Start(start)).map_err(lost)?;
             let n = save_content(
                 self.workers,
                 self.repo.config().chunker,
