@@ -27,6 +27,40 @@ pub struct Warning {
     pub lost: bool,
 }
 
+/// Warnings gathered from many threads; each is logged as it comes, and one that lost
+/// data is counted in the progress display.
+#[derive(Default)]
+pub(crate) struct Warnings(std::sync::Mutex<Vec<Warning>>);
+
+impl Warnings {
+    pub(crate) fn add(
+        &self,
+        path: &std::path::Path,
+        message: String,
+        lost: bool,
+        progress: &crate::progress::Progress,
+    ) {
+        tracing::warn!("{}: {message}", path.display());
+        if lost {
+            crate::progress::Progress::add(&progress.errors, 1);
+        }
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Warning {
+                path: path.to_owned(),
+                message,
+                lost,
+            });
+    }
+
+    pub(crate) fn into_vec(self) -> Vec<Warning> {
+        self.0
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
 /// The root tree of a stream or image snapshot: one file, owned by whoever backs it up,
 /// stamped now. Saved; returns the tree's id and the bytes it added.
 pub(crate) fn save_single_file_tree(

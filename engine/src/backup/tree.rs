@@ -24,7 +24,7 @@ use rayon::prelude::*;
 use super::content::{save_content, ContentError};
 use super::pipeline::{with_workers, ChunkWorkers};
 use super::source::{self, data_extents, node_from_metadata, Names};
-use super::Warning;
+use super::{Warning, Warnings};
 use crate::blob::BlobKind;
 use crate::error::{Error, Result};
 use crate::id::{BlobId, SnapshotId};
@@ -138,7 +138,7 @@ struct Walker<'w, 'b, 'a> {
     excludes: &'w Excludes,
     names: Names,
     hardlinks: Mutex<HashMap<(u64, u64), Vec<Extent>>>,
-    warnings: Mutex<Vec<Warning>>,
+    warnings: Warnings,
     summary: Mutex<Summary>,
     force: bool,
     /// The repository has recorded loss (damage marks): check that an unchanged file's
@@ -191,7 +191,7 @@ impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
             excludes,
             names: Names::default(),
             hardlinks: Mutex::new(HashMap::new()),
-            warnings: Mutex::new(Vec::new()),
+            warnings: Warnings::default(),
             summary: Mutex::new(Summary::default()),
             force,
             check_reuse: crate::damage::any(repo).unwrap_or(true),
@@ -199,19 +199,10 @@ impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
     }
 
     fn warn(&self, path: &Path, message: String, lost: bool) {
-        tracing::warn!("{}: {message}", path.display());
         if lost {
-            Progress::add(&self.progress.errors, 1);
             self.summary_mut(|s| s.errors += 1);
         }
-        self.warnings
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(Warning {
-                path: path.to_owned(),
-                message,
-                lost,
-            });
+        self.warnings.add(path, message, lost, self.progress);
     }
 
     fn summary_mut(&self, f: impl FnOnce(&mut Summary)) {
@@ -641,10 +632,7 @@ pub fn backup_tree(
                 .summary
                 .into_inner()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let warnings = walker
-                .warnings
-                .into_inner()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let warnings = walker.warnings.into_vec();
             r.map(|root| (root, summary, warnings))
         });
         stop.store(true, Ordering::Relaxed);
@@ -703,7 +691,7 @@ mod tests {
                 .entry_or_warn(&d.path().join("gone"), b"gone", None)
                 .unwrap();
             assert!(got.is_none());
-            let w = walker.warnings.into_inner().unwrap();
+            let w = walker.warnings.into_vec();
             assert_eq!(w.len(), 1);
             assert!(w[0].message.contains("vanished") && !w[0].lost, "{w:?}");
             assert_eq!(walker.summary.into_inner().unwrap().errors, 0);

@@ -27,7 +27,7 @@ use nix::sys::time::TimeSpec;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::backup::Warning;
+use crate::backup::{Warning, Warnings};
 use crate::error::{Error, IoContext, Result};
 use crate::progress::Progress;
 use crate::repository::Repository;
@@ -124,20 +124,9 @@ pub fn restore(
         )));
     }
     let mut out = RestoreOutcome::default();
-    let warnings = std::sync::Mutex::new(Vec::new());
+    let warnings = Warnings::default();
     let warn = |path: &Path, message: String, lost: bool| {
-        tracing::warn!("{}: {message}", path.display());
-        if lost {
-            Progress::add(&progress.errors, 1);
-        }
-        warnings
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(Warning {
-                path: path.to_owned(),
-                message,
-                lost,
-            });
+        warnings.add(path, message, lost, progress);
     };
 
     // Directories first, parents before children.
@@ -286,9 +275,7 @@ pub fn restore(
             .ctx(|| format!("syncing {} to disk", target.display()))?;
     }
     phase("synced");
-    out.warnings = warnings
-        .into_inner()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    out.warnings = warnings.into_vec();
     Ok(out)
 }
 
