@@ -302,10 +302,10 @@ struct FileState<'a> {
 
 struct Inner {
     handle: Handle,
+    /// Parts lost (left as zeros): then the writes may not reach the end, and the
+    /// length must be set.
     problems: Vec<String>,
     error: Option<io::Error>,
-    /// A part was lost: the length must be set, the writes may not reach the end.
-    needs_len: bool,
 }
 
 enum Handle {
@@ -333,7 +333,6 @@ impl<'a> FileState<'a> {
                 handle: Handle::Unopened,
                 problems: Vec::new(),
                 error: None,
-                needs_len: false,
             }),
         }
     }
@@ -390,7 +389,6 @@ impl<'a> FileState<'a> {
         inner
             .problems
             .push(format!("bytes {start}..{end} are zeros: {why}"));
-        inner.needs_len = true;
         Progress::add(&progress.bytes_done, u.len);
     }
 
@@ -410,7 +408,7 @@ impl<'a> FileState<'a> {
         }
         match inner.handle {
             Handle::Unopened => create(self.dest)?.set_len(self.node.size)?,
-            _ if inner.needs_len => reopen(self.dest)?.set_len(self.node.size)?,
+            _ if !inner.problems.is_empty() => reopen(self.dest)?.set_len(self.node.size)?,
             _ => {}
         }
         inner.handle = Handle::Closed;
