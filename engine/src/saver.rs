@@ -204,20 +204,13 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::crypto::Encryption;
-    use crate::keyfile::KdfParams;
 
     #[test]
     fn memory_for_ids_is_bounded_by_the_packs_in_flight_and_dedup_holds() {
         let d = tempfile::tempdir().unwrap();
         let mut config = Config::new(Encryption::Aes256Gcm);
         config.pack_size = 1 << 20;
-        let repo = Repository::init_with(
-            &d.path().join("repo"),
-            b"pw",
-            config,
-            KdfParams::TEST_ONLY_WEAK,
-        )
-        .unwrap();
+        let repo = crate::test_util::repo_in(d.path(), config);
         let saver = BlobSaver::new(&repo);
         // Incompressible 64 KiB blobs, so that 16 of them fill a pack.
         let blob = |i: u32| -> Vec<u8> {

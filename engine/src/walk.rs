@@ -131,8 +131,8 @@ pub fn collect<T: Send>(
 mod tests {
     use super::*;
     use crate::backup::{backup_tree, TreeBackupOptions};
+    use crate::config::Config;
     use crate::crypto::Encryption;
-    use crate::keyfile::KdfParams;
     use crate::progress::Progress;
 
     #[test]
@@ -150,13 +150,7 @@ mod tests {
         {
             std::fs::write(src.join(f), i.to_string()).unwrap();
         }
-        let repo = Repository::init(
-            &d.path().join("repo"),
-            b"pw",
-            Encryption::None,
-            KdfParams::TEST_ONLY_WEAK,
-        )
-        .unwrap();
+        let repo = crate::test_util::repo_in(d.path(), Config::new(Encryption::None));
         let opts = TreeBackupOptions {
             paths: vec![src.clone()],
             ..Default::default()

@@ -502,17 +502,10 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::crypto::Encryption;
-    use crate::keyfile::KdfParams;
 
     fn test_repo() -> (tempfile::TempDir, Repository) {
         let d = tempfile::tempdir().unwrap();
-        let repo = Repository::init_with(
-            &d.path().join("repo"),
-            b"pw",
-            Config::new(Encryption::Aes256Gcm),
-            KdfParams::TEST_ONLY_WEAK,
-        )
-        .unwrap();
+        let repo = crate::test_util::repo_in(d.path(), Config::new(Encryption::Aes256Gcm));
         (d, repo)
     }
 

@@ -668,19 +668,13 @@ pub fn backup_tree(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
     use crate::crypto::Encryption;
-    use crate::keyfile::KdfParams;
 
     #[test]
     fn a_vanished_entry_is_a_warning_and_not_a_loss() {
         let d = tempfile::tempdir().unwrap();
-        let repo = Repository::init(
-            &d.path().join("repo"),
-            b"pw",
-            Encryption::None,
-            KdfParams::TEST_ONLY_WEAK,
-        )
-        .unwrap();
+        let repo = crate::test_util::repo_in(d.path(), Config::new(Encryption::None));
         let progress = Progress::default();
         let excludes = Excludes::new(&[]).unwrap();
         let saver = BlobSaver::new(&repo);
