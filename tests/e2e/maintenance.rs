@@ -104,22 +104,42 @@ fn assert_restores(env: &Env, id: &str, src: &Path, seeds: &[u64], len: usize) {
     fs::remove_dir_all(&t).unwrap();
 }
 
-fn kill9(mut child: Child) {
+/// SIGKILLs `child`; says whether it was still running (it had not finished on its own).
+fn kill9(mut child: Child) -> bool {
+    let running = child.try_wait().unwrap().is_none();
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
+    running
 }
 
 /// Runs `repo ARGS` and stops it the hard way: for even rounds a SIGKILL after a random
-/// delay below `full` x 1.2; for odd ones the process SIGKILLs itself at storage crash
+/// delay below `window` x 1.2; for odd ones the process SIGKILLs itself at storage crash
 /// point `1 + round / 2 % 25` (before a write, rename or delete: see
 /// `CAIRN_TESTONLY_CRASH_AT`), which reaches every step of a short run. Returns a label.
-fn run_and_kill(env: &Env, args: &[&str], round: u64, full: Duration, rng: &mut Rng) -> String {
+///
+/// `window` starts as the duration of one whole run and follows the runs actually seen:
+/// a kill that comes after the run finished shrinks it, one that stops a run grows it a
+/// little (so about one kill in seven lands after the end). A window measured once would
+/// drift from the runs it aims at when the machine's load changes (other tests in
+/// parallel), and then most kills would land after the end.
+fn run_and_kill(
+    env: &Env,
+    args: &[&str],
+    round: u64,
+    window: &mut Duration,
+    rng: &mut Rng,
+) -> String {
     if round % 2 == 0 {
         let child = spawn_quiet(env, args, None);
-        let delay = rng.below(full.as_micros() as u64 * 6 / 5);
+        let delay = rng.below(window.as_micros() as u64 * 6 / 5);
         std::thread::sleep(Duration::from_micros(delay));
-        kill9(child);
-        format!("killed after {delay} us")
+        if kill9(child) {
+            *window = window.mul_f64(1.05);
+            format!("killed after {delay} us")
+        } else {
+            *window = window.mul_f64(0.75);
+            format!("finished before the kill at {delay} us")
+        }
     } else {
         let point = 1 + (round / 2) % 25;
         let mut child = spawn_quiet(env, args, Some(point));
@@ -154,13 +174,13 @@ fn backups_killed_at_50_random_points_lose_no_committed_snapshot() {
     src.change(&mut rng, 3);
     let t = Instant::now();
     let id = env.backup(&[&src.dir])["id"].as_str().unwrap().to_owned();
-    let full = t.elapsed();
+    let mut window = t.elapsed();
     committed.insert(id, src.seeds.clone());
     let mut interrupted = 0;
     for round in 0..50u64 {
         src.change(&mut rng, 3);
         let before = snapshot_ids(&env);
-        let how = run_and_kill(&env, &["backup", &srcs], round, full, &mut rng);
+        let how = run_and_kill(&env, &["backup", &srcs], round, &mut window, &mut rng);
         let new: Vec<String> = snapshot_ids(&env).difference(&before).cloned().collect();
         assert!(new.len() <= 1, "round {round}: {new:?}");
         match new.first() {
@@ -222,13 +242,13 @@ fn prunes_killed_at_50_random_points_lose_no_kept_snapshot() {
     let prune = ["prune", "--grace", "0", "--max-unused", "0%"];
     let t = Instant::now();
     let report = env.json(&prune);
-    let full = t.elapsed();
+    let mut window = t.elapsed();
     assert!(report["bytes_freed"].as_u64().unwrap() > 0, "{report}");
     let mut interrupted = 0;
     for round in 0..50u64 {
         round_setup(&mut src, &mut rng, &mut expected);
         let packs_before = env.packs().len();
-        let how = run_and_kill(&env, &prune, round, full, &mut rng);
+        let how = run_and_kill(&env, &prune, round, &mut window, &mut rng);
         if env.packs().len() == packs_before {
             interrupted += 1;
         }
