@@ -83,6 +83,11 @@ pub enum Command {
         /// images over 256G get larger chunks)
         #[arg(long, value_name = "SIZE", value_parser = parse_size)]
         image_chunk_size: Option<u64>,
+        /// Repository format version: 2 (the default) or 1, which programs older than format 2
+        /// can open but which keeps each file's chunk list in its directory's listing (a file
+        /// of about 600 GiB at most)
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=2))]
+        format_version: Option<u32>,
     },
     /// Back up paths, a stream from standard input, a disk image or a database
     Backup(BackupArgs),

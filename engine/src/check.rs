@@ -133,7 +133,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &Progress) -> Res
             match repo.load_tree(&t) {
                 Ok(tree) => {
                     for n in &tree.nodes {
-                        referenced.extend(n.content.iter().filter_map(|e| e.blob));
+                        referenced.extend(n.content_blobs());
                         if let Some(sub) = n.subtree {
                             stack.push(sub);
                         }
@@ -214,9 +214,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &Progress) -> Res
             }
             let _ = walk::walk(repo, &s.manifest.root, Path::new("/"), &mut |p, n| {
                 let hit = n
-                    .content
-                    .iter()
-                    .filter_map(|e| e.blob)
+                    .content_blobs()
                     .chain(n.subtree)
                     .find(|b| damaged.contains(b));
                 if let Some(b) = hit {

@@ -13,8 +13,13 @@ use crate::crypto::{Crypto, Encryption};
 use crate::error::{Error, Result};
 use crate::id::RepoId;
 
-/// The format version this program writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this program writes and the newest it reads. Version 2 added
+/// extent-list blobs (a file's list of chunks kept out of its directory's tree); a
+/// repository of version 1 is read and written as version 1 (`docs/FORMAT.md`).
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this program can create (`repo init --format-version`), for
+/// repositories that older programs must still open.
+pub const OLDEST_FORMAT_VERSION: u32 = 1;
 const MAGIC: &[u8; 8] = b"CAIRNCFG";
 const MAC_LEN: usize = 32;
 

@@ -136,7 +136,7 @@ pub fn is_whole(repo: &Repository, t: &BlobId, memo: &mut HashMap<BlobId, bool>)
     let mut whole = tree.is_some();
     if let Some(tree) = tree {
         for n in &tree.nodes {
-            for b in n.content.iter().filter_map(|e| e.blob) {
+            for b in n.content_blobs() {
                 if !repo.index().contains(&b)? {
                     whole = false;
                 }
@@ -172,7 +172,7 @@ pub fn scan(repo: &Repository, root: &BlobId) -> Result<(BTreeSet<BlobId>, Vec<P
         for n in &tree.nodes {
             let p = path.join(std::ffi::OsStr::from_bytes(&n.name));
             let mut hit = false;
-            for b in n.content.iter().filter_map(|e| e.blob) {
+            for b in n.content_blobs() {
                 if !repo.index().contains(&b)? {
                     lost.insert(b);
                     hit = true;

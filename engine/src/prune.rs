@@ -176,7 +176,7 @@ impl Marks {
                 )
             })?;
             for n in &tree.nodes {
-                for b in n.content.iter().filter_map(|e| e.blob) {
+                for b in n.content_blobs() {
                     if !self.mark(repo, &b)?.0 {
                         missing += 1;
                     }

@@ -74,6 +74,15 @@ impl Repository {
     pub fn init_with(path: &Path, password: &[u8], config: Config, kdf: KdfParams) -> Result<Self> {
         let encryption = config.encryption;
         config.chunker.validate()?;
+        let versions = crate::config::OLDEST_FORMAT_VERSION..=crate::config::FORMAT_VERSION;
+        if !versions.contains(&config.version) {
+            return Err(Error::InvalidInput(format!(
+                "format version {} cannot be created: versions {} to {} can",
+                config.version,
+                versions.start(),
+                versions.end()
+            )));
+        }
         if !(1 << 20..=1 << 30).contains(&config.pack_size) {
             return Err(Error::InvalidInput(
                 "pack size must be between 1 MiB and 1 GiB".into(),
@@ -467,8 +476,12 @@ impl Repository {
         )
     }
 
+    /// Reads, verifies and decodes a tree, with every file's whole extent list (read from
+    /// its extent-list blobs where the tree keeps it there).
     pub fn load_tree(&self, id: &BlobId) -> Result<Tree> {
-        Tree::decode(&self.read_blob(id)?, id)
+        let mut tree = Tree::decode(&self.read_blob(id)?, id)?;
+        tree.fill_content(id, |list| self.read_blob(list))?;
+        Ok(tree)
     }
 
     // ---- index ----

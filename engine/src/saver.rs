@@ -25,6 +25,20 @@ use crate::error::{IoContext, Result};
 use crate::id::BlobId;
 use crate::pack::{FinishedPack, PackEntry, PackWriter};
 use crate::repository::Repository;
+use crate::tree::{Tree, EXTENTS_INLINE};
+
+/// How many extents a file lists inline: [`EXTENTS_INLINE`], or for tests of the list
+/// blobs without a file of millions of chunks, `CAIRN_TESTONLY_EXTENTS_INLINE`.
+fn extents_inline() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("CAIRN_TESTONLY_EXTENTS_INLINE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0 && n <= EXTENTS_INLINE)
+            .unwrap_or(EXTENTS_INLINE)
+    })
+}
 
 /// What a run added to the repository.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +124,38 @@ impl<'r> BlobSaver<'r> {
             .fetch_add(data.len() as u64, Ordering::Relaxed);
         self.bytes_stored.fetch_add(stored_len, Ordering::Relaxed);
         Ok((id, stored_len))
+    }
+
+    /// Stores a directory's tree (already sorted), moving long extent lists into list
+    /// blobs first ([`Tree::move_out_long_content`]). Returns the tree's id and the bytes
+    /// it and its list blobs added.
+    ///
+    /// A repository of format 1 has no list blobs: every list stays in its tree, as
+    /// before, and a tree that outgrows a blob is refused with a message saying why.
+    pub fn save_tree(&self, mut tree: Tree) -> Result<(BlobId, u64)> {
+        let mut stored = 0;
+        let version = self.repo.config().version;
+        if version >= 2 {
+            tree.move_out_long_content(extents_inline(), |list| {
+                let (id, n) = self.save(BlobKind::Tree, list)?;
+                stored += n;
+                Ok(id)
+            })?;
+        }
+        let (id, n) = self
+            .save(BlobKind::Tree, &tree.encode())
+            .map_err(|e| match e {
+                crate::Error::InvalidInput(m) if version < 2 => {
+                    crate::Error::InvalidInput(format!(
+                        "{m}: this repository (format version {version}) keeps every file's list \
+                     of chunks in its directory's listing, so about 1.2 million chunks fit in \
+                     one directory (a file of about 600 GiB); a repository created by this \
+                     version of `repo init` (format 2) does not have that limit"
+                    ))
+                }
+                e => e,
+            })?;
+        Ok((id, stored + n))
     }
 
     /// Appends an already stored (sealed) blob as it is, without deduplication: a repack
@@ -257,5 +303,78 @@ mod tests {
         saver.save(BlobKind::Tree, &big[1..]).unwrap();
         saver.flush().unwrap();
         assert_eq!(repo.index().totals().unwrap().blobs, 201);
+    }
+}
+
+#[cfg(test)]
+mod tree_tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::crypto::Encryption;
+    use crate::tree::{Extent, Node, NodeKind};
+
+    /// A tree of one file of `n` one-byte extents, alternately data and holes (the data
+    /// blobs need not exist: only the lists are read back).
+    fn long_file(n: usize) -> Tree {
+        let content: Vec<Extent> = (0..n)
+            .map(|i| Extent {
+                blob: (i % 2 == 0)
+                    .then(|| BlobId(crate::id::Id::from_bytes([(i % 251) as u8; 32]))),
+                len: 1,
+            })
+            .collect();
+        Tree {
+            nodes: vec![Node {
+                size: n as u64,
+                content,
+                ..Node::new(b"huge".to_vec(), NodeKind::File)
+            }],
+        }
+    }
+
+    #[test]
+    fn a_long_extent_list_goes_to_list_blobs_in_format_2_and_stays_inline_in_format_1() {
+        let n = 2 * EXTENTS_INLINE + 5;
+        let want = long_file(n);
+        for version in [2, 1] {
+            let d = tempfile::tempdir().unwrap();
+            let mut config = Config::new(Encryption::Aes256Gcm);
+            config.version = version;
+            let repo = crate::test_util::repo_in(d.path(), config);
+            let saver = BlobSaver::new(&repo);
+            let (id, stored) = saver.save_tree(want.clone()).unwrap();
+            saver.flush().unwrap();
+            // The tree as stored: the list in three blobs (format 2), or inline.
+            let raw = Tree::decode(&repo.read_blob(&id).unwrap(), &id).unwrap();
+            let lists = if version == 2 { 3 } else { 0 };
+            assert_eq!(raw.nodes[0].content_lists.len(), lists, "format {version}");
+            assert_eq!(raw.nodes[0].content.is_empty(), version == 2);
+            assert_eq!(saver.stats().blobs_new, 1 + lists as u64);
+            assert!(stored > 0);
+            // Loaded: the whole list, in order, and the list blobs named for prune and
+            // check.
+            let loaded = repo.load_tree(&id).unwrap();
+            assert_eq!(loaded.nodes[0].content, want.nodes[0].content);
+            assert_eq!(
+                loaded.nodes[0].content_blobs().count(),
+                lists + n.div_ceil(2)
+            );
+            // Saved again (an unchanged file in the next backup): the same tree, nothing
+            // new stored.
+            let saver = BlobSaver::new(&repo);
+            assert_eq!(saver.save_tree(loaded).unwrap(), (id, 0));
+        }
+    }
+
+    #[test]
+    fn a_short_extent_list_stays_inline() {
+        let d = tempfile::tempdir().unwrap();
+        let repo = crate::test_util::repo_in(d.path(), Config::new(Encryption::None));
+        let saver = BlobSaver::new(&repo);
+        let (id, _) = saver.save_tree(long_file(EXTENTS_INLINE)).unwrap();
+        saver.flush().unwrap();
+        let raw = Tree::decode(&repo.read_blob(&id).unwrap(), &id).unwrap();
+        assert!(raw.nodes[0].content_lists.is_empty());
+        assert_eq!(raw.nodes[0].content.len(), EXTENTS_INLINE);
     }
 }

@@ -5,6 +5,12 @@
 //! restore relies on for safety: every name is one path component (not empty, not `.`
 //! or `..`, no `/` or NUL), names are strictly sorted (so unique), and each node carries
 //! only the fields of its kind.
+//!
+//! A file of more than [`EXTENTS_INLINE`] extents keeps its extent list out of the tree,
+//! in extent-list blobs of at most that many extents each (format version 2), named in
+//! [`Node::content_lists`]; without that, one huge file could make its directory's tree
+//! larger than a blob may be. Readers get the whole list back in [`Node::content`]
+//! (`Repository::load_tree` reads the list blobs, [`Tree::fill_content`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -85,9 +91,14 @@ pub struct Node {
     pub links: u64,
     /// Logical size in bytes (files).
     pub size: u64,
-    /// Content of a file, in order; sums to `size`.
+    /// Content of a file, in order; sums to `size`. In a stored tree, empty when the
+    /// list is in [`Self::content_lists`]; in a loaded tree, always the whole list.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub content: Vec<Extent>,
+    /// The extent-list blobs holding a long [`Self::content`], in order (format 2). Kept
+    /// in a loaded tree too: they are blobs the snapshot needs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub content_lists: Vec<BlobId>,
     /// The directory's tree blob.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subtree: Option<BlobId>,
@@ -141,11 +152,53 @@ impl Node {
             links: 1,
             size: 0,
             content: Vec::new(),
+            content_lists: Vec::new(),
             subtree: None,
             target: None,
             rdev: 0,
             xattrs: Vec::new(),
         }
+    }
+
+    /// The blobs of the file's content: its extent-list blobs, then its data blobs. With
+    /// [`Self::subtree`], everything a node needs.
+    pub fn content_blobs(&self) -> impl Iterator<Item = BlobId> + '_ {
+        self.content_lists
+            .iter()
+            .copied()
+            .chain(self.content.iter().filter_map(|e| e.blob))
+    }
+
+    /// Fills in [`Self::content`] from the extent-list blobs in [`Self::content_lists`]
+    /// (nothing to do without them), with `read(list)` giving a list blob's bytes; `tree`
+    /// names the node's tree in errors. The whole list must add up to the file's size.
+    pub fn fill_content<B: std::borrow::Borrow<Vec<u8>>>(
+        &mut self,
+        tree: &BlobId,
+        mut read: impl FnMut(&BlobId) -> Result<B>,
+    ) -> Result<()> {
+        if self.content_lists.is_empty() {
+            return Ok(());
+        }
+        let name = self.display_name();
+        let what = || format!("tree {tree}, file {name:?}");
+        let mut content = Vec::new();
+        for list in &self.content_lists {
+            let bytes = read(list)?;
+            let part: Vec<Extent> =
+                ciborium::from_reader(bytes.borrow().as_slice()).map_err(|e| {
+                    Error::corrupt(what(), format!("extent list {list} undecodable: {e}"))
+                })?;
+            if part.is_empty() || part.len() > EXTENTS_INLINE {
+                return Err(Error::corrupt(
+                    what(),
+                    format!("extent list {list} holds {} extents", part.len()),
+                ));
+            }
+            content.extend(part);
+        }
+        self.content = content;
+        check_size(self).map_err(|r| Error::corrupt(what(), r))
     }
 
     /// The node's name for messages (lossy UTF-8).
@@ -203,26 +256,81 @@ impl Tree {
             prev = Some(&n.name);
             let dir = n.kind == NodeKind::Dir;
             let file = n.kind == NodeKind::File;
+            let inline = !n.content.is_empty();
+            let in_blobs = !n.content_lists.is_empty();
             if dir != n.subtree.is_some()
                 || (n.kind == NodeKind::Symlink) != n.target.is_some()
-                || (!file && !n.content.is_empty())
+                || (!file && (inline || in_blobs))
+                || (inline && in_blobs)
             {
                 return Err(format!(
                     "fields do not fit a {} at {shown:?}",
                     n.kind.as_str()
                 ));
             }
-            if file {
-                let total = n
-                    .content
-                    .iter()
-                    .try_fold(0u64, |acc, e| acc.checked_add(e.len));
-                if total != Some(n.size) {
-                    return Err(format!("content does not add up to the size at {shown:?}"));
-                }
+            // A list kept in blobs is checked once read (`fill_content`).
+            if file && !in_blobs {
+                check_size(n)?;
             }
         }
         Ok(())
+    }
+
+    /// Fills in [`Node::content`] of every node whose list is in extent-list blobs (see
+    /// [`Node::fill_content`]).
+    pub fn fill_content<B: std::borrow::Borrow<Vec<u8>>>(
+        &mut self,
+        id: &BlobId,
+        mut read: impl FnMut(&BlobId) -> Result<B>,
+    ) -> Result<()> {
+        for n in &mut self.nodes {
+            n.fill_content(id, &mut read)?;
+        }
+        Ok(())
+    }
+
+    /// Moves every extent list longer than `inline` out of the tree: `save(list)` stores
+    /// one list blob's bytes (at most `inline` extents) and returns its id. Nodes keep
+    /// [`Node::content`] empty and name the blobs in [`Node::content_lists`].
+    pub fn move_out_long_content(
+        &mut self,
+        inline: usize,
+        mut save: impl FnMut(&[u8]) -> Result<BlobId>,
+    ) -> Result<()> {
+        let inline = inline.max(1);
+        for n in &mut self.nodes {
+            n.content_lists.clear();
+            if n.content.len() <= inline {
+                continue;
+            }
+            for part in n.content.chunks(inline) {
+                let mut bytes = Vec::new();
+                // Writing CBOR to a Vec cannot fail.
+                let _ = ciborium::into_writer(part, &mut bytes);
+                n.content_lists.push(save(&bytes)?);
+            }
+            n.content = Vec::new();
+        }
+        Ok(())
+    }
+}
+
+/// Most extents a node lists in its tree, and most an extent-list blob holds: 65536, a
+/// list blob of about 3 MiB, and 32 GiB of a file at the default average chunk size.
+pub const EXTENTS_INLINE: usize = 1 << 16;
+
+fn check_size(n: &Node) -> std::result::Result<(), String> {
+    let total = n
+        .content
+        .iter()
+        .try_fold(0u64, |acc, e| acc.checked_add(e.len));
+    if total == Some(n.size) {
+        Ok(())
+    } else {
+        Err(format!(
+            "content does not add up to the size at {:?}",
+            n.display_name()
+        ))
     }
 }
 
@@ -266,5 +374,95 @@ mod tests {
         d.kind = NodeKind::Dir; // a dir without subtree
         assert!(Tree::decode(&Tree { nodes: vec![d] }.encode(), &id).is_err());
         assert!(Tree::decode(b"\xff\x00garbage", &id).is_err());
+    }
+}
+
+#[cfg(test)]
+mod list_tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn file(n: u64) -> Node {
+        Node {
+            size: n * 10,
+            content: (0..n)
+                .map(|i| Extent {
+                    blob: Some(BlobId(crate::id::Id::from_bytes([i as u8; 32]))),
+                    len: 10,
+                })
+                .collect(),
+            ..Node::new(format!("f{n}").into_bytes(), NodeKind::File)
+        }
+    }
+
+    /// Moves the lists of `tree` out (at most `inline` extents inline) into a map.
+    fn moved(tree: &Tree, inline: usize) -> (Tree, HashMap<BlobId, Vec<u8>>) {
+        let mut store = HashMap::new();
+        let mut t = tree.clone();
+        t.move_out_long_content(inline, |b| {
+            let id = BlobId(crate::id::Id::from_bytes(*blake3::hash(b).as_bytes()));
+            store.insert(id, b.to_vec());
+            Ok(id)
+        })
+        .unwrap();
+        (t, store)
+    }
+
+    #[test]
+    fn lists_move_out_and_come_back_whole() {
+        let tree = Tree {
+            nodes: vec![file(2), file(3), file(7)],
+        };
+        let (stored, store) = moved(&tree, 3);
+        // Only the list longer than 3 moved, into ceil(7 / 3) blobs.
+        let lists: Vec<usize> = stored.nodes.iter().map(|n| n.content_lists.len()).collect();
+        assert_eq!(lists, [0, 0, 3]);
+        assert!(stored.nodes[2].content.is_empty());
+        let id = BlobId::default();
+        let mut back = Tree::decode(&stored.encode(), &id).unwrap();
+        back.fill_content(&id, |b| Ok(store[b].clone())).unwrap();
+        for (a, b) in back.nodes.iter().zip(&tree.nodes) {
+            assert_eq!(a.content, b.content);
+        }
+        assert_eq!(back.nodes[2].content_blobs().count(), 3 + 7);
+    }
+
+    #[test]
+    fn bad_lists_are_refused() {
+        let id = BlobId::default();
+        let tree = Tree {
+            nodes: vec![file(7)],
+        };
+        let (stored, store) = moved(&tree, 3);
+        // A node with both an inline list and list blobs.
+        let mut both = stored.clone();
+        both.nodes[0].content = tree.nodes[0].content.clone();
+        assert!(Tree::decode(&both.encode(), &id).is_err());
+        // List blobs on a directory.
+        let mut dir = stored.clone();
+        dir.nodes[0].kind = NodeKind::Dir;
+        dir.nodes[0].subtree = Some(id);
+        dir.nodes[0].size = 0;
+        assert!(Tree::decode(&dir.encode(), &id).is_err());
+        // Lists that do not add up to the size, a list blob that is not a list, and an
+        // empty list.
+        let fill = |t: &Tree, read: &dyn Fn(&BlobId) -> Vec<u8>| {
+            let mut t = Tree::decode(&t.encode(), &id).unwrap();
+            t.fill_content(&id, |b| Ok(read(b)))
+        };
+        let mut short = stored.clone();
+        short.nodes[0].content_lists.pop();
+        let err = fill(&short, &|b| store[b].clone()).unwrap_err();
+        assert!(err.to_string().contains("add up"), "{err}");
+        assert!(fill(&stored, &|_| b"\xff\xff".to_vec()).is_err());
+        let mut empty = Vec::new();
+        ciborium::into_writer(&Vec::<Extent>::new(), &mut empty).unwrap();
+        assert!(fill(&stored, &|_| empty.clone()).is_err());
+        // A read error is passed on.
+        let mut t = Tree::decode(&stored.encode(), &id).unwrap();
+        assert!(t
+            .fill_content(&id, |_| Err::<Vec<u8>, _>(Error::corrupt("x", "gone")))
+            .is_err());
     }
 }

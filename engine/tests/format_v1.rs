@@ -6,6 +6,7 @@
 use std::fs;
 use std::path::Path;
 
+use cairn_engine::backup::{backup_tree, TreeBackupOptions};
 use cairn_engine::progress::Progress;
 use cairn_engine::restore::{restore, RestoreOptions};
 use cairn_engine::snapshot::SnapshotKind;
@@ -21,6 +22,21 @@ fn copy_dir(from: &Path, to: &Path) {
             fs::copy(e.path(), to.join(e.file_name())).unwrap();
         }
     }
+}
+
+/// Restores `snap` into `target`, asserting nothing was lost.
+fn restore_into(repo: &Repository, snap: &cairn_engine::snapshot::Snapshot, target: &Path) {
+    let out = restore(
+        repo,
+        snap,
+        &RestoreOptions {
+            target: target.to_owned(),
+            ..Default::default()
+        },
+        &Progress::default(),
+    )
+    .unwrap();
+    assert!(out.warnings.iter().all(|w| !w.lost), "{:?}", out.warnings);
 }
 
 #[test]
@@ -43,17 +59,7 @@ fn the_v1_fixture_opens_and_restores_byte_for_byte() {
         .find(|s| s.manifest.kind == SnapshotKind::Tree)
         .unwrap();
     let target = d.path().join("out");
-    let out = restore(
-        &repo,
-        tree,
-        &RestoreOptions {
-            target: target.clone(),
-            ..Default::default()
-        },
-        &Progress::default(),
-    )
-    .unwrap();
-    assert!(out.warnings.iter().all(|w| !w.lost), "{:?}", out.warnings);
+    restore_into(&repo, tree, &target);
     let restored = target.join(tree.manifest.paths[0].trim_start_matches('/'));
     for f in ["dir/hello.txt", "dir/random.bin", "sparse"] {
         assert_eq!(
@@ -72,18 +78,46 @@ fn the_v1_fixture_opens_and_restores_byte_for_byte() {
         .find(|s| s.manifest.kind == SnapshotKind::Stream)
         .unwrap();
     let out2 = d.path().join("out2");
-    restore(
-        &repo,
-        stream,
-        &RestoreOptions {
-            target: out2.clone(),
-            ..Default::default()
-        },
-        &Progress::default(),
-    )
-    .unwrap();
+    restore_into(&repo, stream, &out2);
     assert_eq!(
         fs::read(out2.join("stream.txt")).unwrap(),
         b"stream content v1"
     );
+}
+
+#[test]
+fn this_program_backs_up_into_a_v1_repository_and_leaves_it_v1() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1");
+    let d = tempfile::tempdir().unwrap();
+    let repo_dir = d.path().join("repo");
+    copy_dir(&fixture.join("repo"), &repo_dir);
+    let config_before = fs::read(repo_dir.join("config")).unwrap();
+    let pw = || Ok(Zeroizing::new(b"fixture".to_vec()));
+    let repo = Repository::open(&repo_dir, &pw).unwrap();
+    let src = fixture.join("src");
+    let snap = backup_tree(
+        &repo,
+        &TreeBackupOptions {
+            paths: vec![src.clone()],
+            ..Default::default()
+        },
+        &Progress::default(),
+    )
+    .unwrap()
+    .snapshot;
+    drop(repo);
+    // The config is untouched: older programs still open the repository.
+    assert_eq!(fs::read(repo_dir.join("config")).unwrap(), config_before);
+    let repo = Repository::open(&repo_dir, &pw).unwrap();
+    assert_eq!(repo.config().version, 1);
+    let target = d.path().join("out");
+    restore_into(&repo, &snap, &target);
+    let restored = target.join(src.strip_prefix("/").unwrap());
+    for f in ["dir/hello.txt", "dir/random.bin", "sparse"] {
+        assert_eq!(
+            fs::read(restored.join(f)).unwrap(),
+            fs::read(src.join(f)).unwrap(),
+            "{f}"
+        );
+    }
 }

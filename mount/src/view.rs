@@ -437,12 +437,23 @@ impl View {
                     Kind::Node {
                         root,
                         snapshot,
-                        node: Arc::new(n.clone()),
+                        node: Arc::new(self.whole_node(tree, n)),
                     },
                     n.kind,
                 )
             })
             .collect())
+    }
+
+    /// `n` of the tree `tree` with its whole extent list: read from its extent-list blobs
+    /// when the tree keeps it there. A list that cannot be read is logged and left empty,
+    /// and opening the file fails (its siblings stay listable).
+    fn whole_node(&self, tree: &BlobId, n: &Node) -> Node {
+        let mut n = n.clone();
+        if let Err(e) = n.fill_content(tree, |list| self.cache.get(list)) {
+            tracing::error!("{e}");
+        }
+        n
     }
 
     /// The root inode of a snapshot root's contents (for hard-link keys).
@@ -474,7 +485,7 @@ impl View {
                 Kind::Node {
                     root,
                     snapshot,
-                    node: Arc::new(t.nodes[i].clone()),
+                    node: Arc::new(self.whole_node(&tree_id, &t.nodes[i])),
                 }
             }
             _ => self
@@ -586,6 +597,11 @@ impl View {
             Kind::Node { .. } | Kind::Latest(_) => return Err(FsError::Invalid),
             _ => return Err(FsError::IsDir),
         };
+        if node.content.is_empty() && !node.content_lists.is_empty() {
+            return Err(FsError::Io(
+                "the file's list of chunks is unreadable".into(),
+            ));
+        }
         let mut starts = Vec::with_capacity(node.content.len() + 1);
         let mut at = 0u64;
         for e in &node.content {

@@ -62,12 +62,13 @@ fn a_repository_of_a_newer_format_is_refused_before_any_password() {
     let env = Env::new();
     let cfg = env.repo.join("config");
     let mut bytes = fs::read(&cfg).unwrap();
-    let needle = b"\"version\": 1";
+    let needle = b"\"version\": ";
     let at = bytes
         .windows(needle.len())
         .position(|w| w == needle)
         .expect("version field");
-    bytes[at + needle.len() - 1] = b'9';
+    assert!(bytes[at + needle.len()].is_ascii_digit());
+    bytes[at + needle.len()] = b'9';
     fs::write(&cfg, &bytes).unwrap();
     let out = env
         .cmd()

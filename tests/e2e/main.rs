@@ -11,6 +11,7 @@ mod check;
 mod database;
 mod dbserver;
 mod dedup;
+mod extent_lists;
 mod forget;
 mod images;
 mod keys;

@@ -20,6 +20,7 @@ pub struct InitOptions {
     pub compression: Option<i32>,
     pub chunk_sizes: Option<[u64; 3]>,
     pub image_chunk_size: Option<u64>,
+    pub format_version: Option<u32>,
 }
 
 pub fn init(s: &Settings, g: &Global, o: &InitOptions) -> Result<u8> {
@@ -57,6 +58,9 @@ pub fn init(s: &Settings, g: &Global, o: &InitOptions) -> Result<u8> {
         }
         config.image_chunk_size = u32::try_from(size)?;
     }
+    if let Some(v) = o.format_version {
+        config.version = v;
+    }
     let pw = match encryption {
         Encryption::None => Zeroizing::new(Vec::new()),
         Encryption::Aes256Gcm => s.password(true)?,
@@ -67,9 +71,12 @@ pub fn init(s: &Settings, g: &Global, o: &InitOptions) -> Result<u8> {
     }
     let repo = Repository::init_with(&s.repo, &pw, config, open::kdf_params())?;
     if g.json {
-        format::print_json(
-            &json!({ "id": repo.config().id.to_hex(), "path": repo.path(), "encryption": encryption }),
-        );
+        format::print_json(&json!({
+            "id": repo.config().id.to_hex(),
+            "path": repo.path(),
+            "encryption": encryption,
+            "format_version": repo.config().version,
+        }));
     } else if !g.quiet {
         println!(
             "created repository {} at {}",

@@ -27,6 +27,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             compression,
             chunk_sizes,
             image_chunk_size,
+            format_version,
         } => admin::init(
             &settings,
             g,
@@ -36,6 +37,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 compression,
                 chunk_sizes,
                 image_chunk_size,
+                format_version,
             },
         ),
         Command::Backup(a) => backup::run(&settings, g, &a),

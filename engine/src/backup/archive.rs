@@ -20,7 +20,6 @@ use tar::EntryType;
 use super::content::{save_content, ContentError};
 use super::pipeline::{with_workers, ChunkWorkers};
 use super::BackupOutcome;
-use crate::blob::BlobKind;
 use crate::error::{Error, Result};
 use crate::id::BlobId;
 use crate::progress::Progress;
@@ -153,7 +152,7 @@ fn save_dir(saver: &BlobSaver<'_>, dir: DirBuild, progress: &Progress) -> Result
     }
     let mut tree = Tree { nodes };
     tree.sort();
-    let (id, stored) = saver.save(BlobKind::Tree, &tree.encode())?;
+    let (id, stored) = saver.save_tree(tree)?;
     Progress::add(&progress.bytes_stored, stored);
     Ok(id)
 }

@@ -86,10 +86,7 @@ pub(crate) fn save_single_file_tree(
         content,
         ..Node::new(name, NodeKind::File)
     };
-    saver.save(
-        crate::blob::BlobKind::Tree,
-        &Tree { nodes: vec![node] }.encode(),
-    )
+    saver.save_tree(Tree { nodes: vec![node] })
 }
 
 /// The newest snapshot of `kind` named `name` from `host`: the parent of a named backup.

@@ -121,6 +121,7 @@ pub fn node_from_metadata(name: &[u8], md: &Metadata, names: &Names) -> Node {
         links: md.nlink(),
         size: if kind == NodeKind::File { md.len() } else { 0 },
         content: Vec::new(),
+        content_lists: Vec::new(),
         subtree: None,
         target: None,
         rdev: if matches!(kind, NodeKind::Chardev | NodeKind::Blockdev) {

@@ -25,7 +25,6 @@ use super::content::{save_content, ContentError};
 use super::pipeline::{with_workers, ChunkWorkers};
 use super::source::{self, data_extents, node_from_metadata, Names};
 use super::{Warning, Warnings};
-use crate::blob::BlobKind;
 use crate::error::{Error, Result};
 use crate::id::{BlobId, SnapshotId};
 use crate::progress::Progress;
@@ -225,19 +224,10 @@ impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
 
     fn save_tree(&self, path: &Path, mut tree: Tree) -> Result<BlobId> {
         tree.sort();
-        let (id, stored) = self
-            .workers
-            .saver()
-            .save(BlobKind::Tree, &tree.encode())
-            .map_err(|e| match e {
-                Error::InvalidInput(m) => Error::InvalidInput(format!(
-                    "{}: {m}: too many entries, or files of too many chunks (about 1.2 \
-                     million chunks fit in one directory: a single file of about 600 GiB \
-                     with the default chunk sizes; see docs/FORMAT.md)",
-                    path.display()
-                )),
-                e => e,
-            })?;
+        let (id, stored) = self.workers.saver().save_tree(tree).map_err(|e| match e {
+            Error::InvalidInput(m) => Error::InvalidInput(format!("{}: {m}", path.display())),
+            e => e,
+        })?;
         Progress::add(&self.progress.bytes_stored, stored);
         Ok(id)
     }
