@@ -208,6 +208,9 @@ pub enum Command {
     /// Maintain the blob index
     #[command(subcommand)]
     Index(IndexCommand),
+    /// Move the repository to the newest format (programs of the older format can no
+    /// longer open it afterwards)
+    Upgrade,
 }
 
 #[derive(Args, Debug)]

@@ -3,7 +3,7 @@
 //! The trait is small and synchronous. Contract of every implementation:
 //! - `write` is atomic and durable when it returns: readers see the whole file or none,
 //!   and a crash after the return cannot lose it. Files are immutable once written
-//!   (except `Config`, which is written once at init).
+//!   (except `Config`, written at init and replaced whole by a format upgrade).
 //! - `create` starts a file written in pieces ([`NewFile`]) and named only once complete
 //!   (a pack, named by the hash of its bytes): the same guarantees hold from
 //!   [`NewFile::commit`] on, and a file never committed is never seen.

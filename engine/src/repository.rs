@@ -271,6 +271,43 @@ impl Repository {
         }
     }
 
+    /// Moves the repository to this program's format version ([`crate::config::FORMAT_VERSION`])
+    /// by rewriting `config` with the new version (atomically: a crash leaves the old or
+    /// the new file). Nothing else changes: every version's data reads as it did. Programs
+    /// that know only the old version refuse the repository afterwards. Call with the
+    /// exclusive lock held, so that no program of the old version is using it. Returns the
+    /// versions before and after (equal when there was nothing to do).
+    pub fn upgrade_format(&mut self) -> Result<(u32, u32)> {
+        let from = self.config.version;
+        let to = crate::config::FORMAT_VERSION;
+        if from >= to {
+            return Ok((from, from));
+        }
+        if !self.has_lock() {
+            return Err(Error::InvalidInput(
+                "upgrading the format needs the repository's exclusive lock".into(),
+            ));
+        }
+        self.ensure_lock_held()?;
+        let mut config = self.config.clone();
+        config.version = to;
+        let bytes = config.encode(&self.crypto);
+        // What readers will see: the same parameters, under a MAC that checks.
+        Config::verify(&bytes, &self.crypto)?;
+        if Config::decode_unverified(&bytes)? != config {
+            return Err(Error::corrupt(
+                "config",
+                "the upgraded config does not read back",
+            ));
+        }
+        self.backend
+            .write(FileKind::Config, "config", &bytes)
+            .ctx(|| "writing config".into())?;
+        tracing::info!("repository format upgraded from {from} to {to}");
+        self.config = config;
+        Ok((from, to))
+    }
+
     /// Lets go of our lock, if any.
     pub fn unlock(&self) {
         drop(self.held_lock().take());

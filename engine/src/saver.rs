@@ -147,10 +147,10 @@ impl<'r> BlobSaver<'r> {
             .map_err(|e| match e {
                 crate::Error::InvalidInput(m) if version < 2 => {
                     crate::Error::InvalidInput(format!(
-                        "{m}: this repository (format version {version}) keeps every file's list \
-                     of chunks in its directory's listing, so about 1.2 million chunks fit in \
-                     one directory (a file of about 600 GiB); a repository created by this \
-                     version of `repo init` (format 2) does not have that limit"
+                        "{m}: this repository (format version {version}) keeps every file's \
+                         list of chunks in its directory's listing, so about 1.2 million chunks \
+                         fit in one directory (a file of about 600 GiB); `repo upgrade` moves it \
+                         to format 2, which does not have that limit"
                     ))
                 }
                 e => e,

@@ -24,6 +24,17 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// The fixture's files under `restored` are those under `src`, byte for byte.
+fn assert_same_files(restored: &Path, src: &Path) {
+    for f in ["dir/hello.txt", "dir/random.bin", "sparse"] {
+        assert_eq!(
+            fs::read(restored.join(f)).unwrap(),
+            fs::read(src.join(f)).unwrap(),
+            "{f}"
+        );
+    }
+}
+
 /// Restores `snap` into `target`, asserting nothing was lost.
 fn restore_into(repo: &Repository, snap: &cairn_engine::snapshot::Snapshot, target: &Path) {
     let out = restore(
@@ -37,6 +48,21 @@ fn restore_into(repo: &Repository, snap: &cairn_engine::snapshot::Snapshot, targ
     )
     .unwrap();
     assert!(out.warnings.iter().all(|w| !w.lost), "{:?}", out.warnings);
+}
+
+/// Restores the fixture's tree snapshot (one of `snaps`) into `target`; returns where its
+/// backed-up directory landed.
+fn restore_tree_snapshot(
+    repo: &Repository,
+    snaps: &[cairn_engine::snapshot::Snapshot],
+    target: &Path,
+) -> std::path::PathBuf {
+    let tree = snaps
+        .iter()
+        .find(|s| s.manifest.kind == SnapshotKind::Tree)
+        .unwrap();
+    restore_into(repo, tree, target);
+    target.join(tree.manifest.paths[0].trim_start_matches('/'))
 }
 
 #[test]
@@ -54,20 +80,8 @@ fn the_v1_fixture_opens_and_restores_byte_for_byte() {
     let snaps = repo.snapshots().unwrap();
     assert_eq!(snaps.len(), 2);
 
-    let tree = snaps
-        .iter()
-        .find(|s| s.manifest.kind == SnapshotKind::Tree)
-        .unwrap();
-    let target = d.path().join("out");
-    restore_into(&repo, tree, &target);
-    let restored = target.join(tree.manifest.paths[0].trim_start_matches('/'));
-    for f in ["dir/hello.txt", "dir/random.bin", "sparse"] {
-        assert_eq!(
-            fs::read(restored.join(f)).unwrap(),
-            fs::read(fixture.join("src").join(f)).unwrap(),
-            "{f}"
-        );
-    }
+    let restored = restore_tree_snapshot(&repo, &snaps, &d.path().join("out"));
+    assert_same_files(&restored, &fixture.join("src"));
     assert_eq!(
         fs::read_link(restored.join("link")).unwrap(),
         Path::new("dir/hello.txt")
@@ -113,11 +127,35 @@ fn this_program_backs_up_into_a_v1_repository_and_leaves_it_v1() {
     let target = d.path().join("out");
     restore_into(&repo, &snap, &target);
     let restored = target.join(src.strip_prefix("/").unwrap());
-    for f in ["dir/hello.txt", "dir/random.bin", "sparse"] {
-        assert_eq!(
-            fs::read(restored.join(f)).unwrap(),
-            fs::read(src.join(f)).unwrap(),
-            "{f}"
-        );
-    }
+    assert_same_files(&restored, &src);
+}
+
+#[test]
+fn the_v1_fixture_upgrades_to_the_current_format_and_still_restores() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1");
+    let d = tempfile::tempdir().unwrap();
+    let repo_dir = d.path().join("repo");
+    copy_dir(&fixture.join("repo"), &repo_dir);
+    let pw = || Ok(Zeroizing::new(b"fixture".to_vec()));
+    let mut repo = Repository::open(&repo_dir, &pw).unwrap();
+    // Only under the exclusive lock.
+    assert!(repo.upgrade_format().is_err());
+    repo.lock(
+        cairn_engine::lock::LockKind::Exclusive,
+        "upgrade",
+        std::time::Duration::ZERO,
+    )
+    .unwrap();
+    assert_eq!(
+        repo.upgrade_format().unwrap(),
+        (1, cairn_engine::config::FORMAT_VERSION)
+    );
+    drop(repo);
+    let repo = Repository::open(&repo_dir, &pw).unwrap();
+    assert_eq!(repo.config().version, cairn_engine::config::FORMAT_VERSION);
+    // Every other parameter is kept.
+    assert_eq!(repo.config().chunker.avg_size, 1 << 20);
+    let snaps = repo.snapshots().unwrap();
+    let restored = restore_tree_snapshot(&repo, &snaps, &d.path().join("out"));
+    assert_same_files(&restored, &fixture.join("src"));
 }

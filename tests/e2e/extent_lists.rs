@@ -138,7 +138,7 @@ fn a_file_of_many_chunks_is_listed_in_list_blobs_and_reads_back_everywhere() {
 }
 
 #[test]
-fn a_format_1_repository_keeps_lists_inline_and_stays_readable() {
+fn a_format_1_repository_keeps_lists_inline_until_upgraded() {
     let env = Env::without_repo();
     init(&env, &["--format-version", "1"]);
     // The config's body is JSON between a binary header and MAC.
@@ -154,6 +154,23 @@ fn a_format_1_repository_keeps_lists_inline_and_stays_readable() {
     assert_eq!(blobs(&env), blobs(&inline));
     assert_restores(&env, &snap, &src);
     env.ok(&["check", "--read-data"]);
+
+    // Upgraded, it is format 2: the next backup moves the long lists into list blobs
+    // (the big file's ~190 extents make ~24 of them), and both snapshots read back.
+    let up = env.json(&["upgrade"]);
+    assert_eq!((up["from"].as_u64(), up["to"].as_u64()), (Some(1), Some(2)));
+    let cfg = String::from_utf8_lossy(&fs::read(env.repo.join("config")).unwrap()).into_owned();
+    assert!(cfg.contains("\"version\": 2"), "{cfg}");
+    assert_eq!(env.json(&["upgrade"])["upgraded"], false);
+    let after = backup_inline(&env, &src, "8");
+    assert_eq!(after["summary"]["files_unchanged"], 3);
+    assert!(
+        after["summary"]["blobs_new"].as_u64().unwrap() > 20,
+        "{after}"
+    );
+    env.ok(&["check", "--read-data"]);
+    assert_restores(&env, &snap, &src);
+    assert_restores(&env, &after, &src);
     // A version this program cannot create is refused.
     let bad = Env::without_repo();
     let out = bad.run(&["init", "--format-version", "3"]);

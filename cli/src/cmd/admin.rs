@@ -176,6 +176,24 @@ pub fn index(s: &Settings, g: &Global, i: IndexCommand) -> Result<u8> {
     Ok(exit::OK)
 }
 
+pub fn upgrade(s: &Settings, g: &Global) -> Result<u8> {
+    let mut repo = s.open_locked(LockKind::Exclusive, "upgrade")?;
+    let (from, to) = repo.upgrade_format()?;
+    if g.json {
+        format::print_json(&json!({ "from": from, "to": to, "upgraded": from != to }));
+    } else if !g.quiet {
+        if from == to {
+            println!("repository is already format {to}: nothing to do");
+        } else {
+            println!(
+                "repository upgraded from format {from} to {to}: programs that know only \
+                 format {from} can no longer open it"
+            );
+        }
+    }
+    Ok(exit::OK)
+}
+
 pub fn check(s: &Settings, g: &Global, read_data: bool, subset: Option<(u32, u32)>) -> Result<u8> {
     let repo = s.open_for_reading("check")?;
     let opts = cairn_engine::check::CheckOptions {

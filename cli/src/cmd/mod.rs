@@ -108,6 +108,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Unlock { all } => maint::unlock(&settings, g, all),
         Command::Key(k) => admin::key(&settings, g, k),
         Command::Index(i) => admin::index(&settings, g, i),
+        Command::Upgrade => admin::upgrade(&settings, g),
     }
 }
 
