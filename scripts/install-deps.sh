@@ -5,7 +5,7 @@
 set -euo pipefail
 packages=(build-essential pkg-config util-linux fuse3 qemu-utils)
 if [ "${1:-}" = "--test" ]; then
-  packages+=(attr file fuse-overlayfs postgresql-15 postgresql-client-15 \
+  packages+=(attr file util-linux-extra fuse-overlayfs postgresql-15 postgresql-client-15 \
     mariadb-server mariadb-backup mariadb-client docker.io)
 fi
 missing=()

@@ -26,6 +26,9 @@ use fuser::{Config, MountOption, SessionACL};
 
 pub use view::{View, ViewOptions};
 
+/// [`MountOptions::direct_io_from`] by default: 2 GiB.
+pub const DEFAULT_DIRECT_IO_FROM: u64 = 2 << 30;
+
 #[derive(Debug, Clone)]
 pub struct MountOptions {
     /// Let users other than the one mounting use the mount (the kernel still enforces
@@ -37,6 +40,12 @@ pub struct MountOptions {
     pub view: ViewOptions,
     /// Threads serving FUSE requests (default: the cores, at least 2).
     pub threads: usize,
+    /// Files of at least this many bytes bypass the kernel's page cache (direct I/O),
+    /// where the kernel can still mmap them (see [`fuse`]); `None`: every file uses it.
+    /// Default 2 GiB: VM disks and dumps, which are read in long runs and would only
+    /// push everything else out of the page cache; not a database's files (PostgreSQL's
+    /// are at most 1 GiB), which a server re-reads and the page cache serves best.
+    pub direct_io_from: Option<u64>,
 }
 
 impl Default for MountOptions {
@@ -47,6 +56,7 @@ impl Default for MountOptions {
             // As many as cores: more only contend for them (the prefetch pool absorbs
             // a sequential reader's waits on the disk).
             threads: cairn_engine::threads::cores().max(2),
+            direct_io_from: Some(DEFAULT_DIRECT_IO_FROM),
         }
     }
 }
@@ -74,7 +84,11 @@ pub fn mount(
     }
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    fuser::spawn_mount(fuse::CairnFs::new(view), mountpoint, &config)
+    fuser::spawn_mount(
+        fuse::CairnFs::new(view, opts.direct_io_from),
+        mountpoint,
+        &config,
+    )
 }
 
 /// Detaches the mount at `mountpoint` (lazily, like `umount -l`): it leaves the mount

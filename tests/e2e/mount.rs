@@ -50,16 +50,28 @@ fn every_file_reads_back_through_the_mount_with_its_metadata() {
 
 #[test]
 fn ten_thousand_random_preads_match_the_source() {
-    if !require_fuse("random reads") {
-        return;
+    if require_fuse("random reads") {
+        random_preads_match_the_source(&[]);
     }
+}
+
+#[test]
+fn ten_thousand_random_preads_with_direct_io_match_the_source() {
+    if require_fuse("random reads with direct I/O") {
+        random_preads_match_the_source(&["--direct-io-from", "1"]);
+    }
+}
+
+/// 10,000 reads of random lengths at random offsets (some past the end) of a file
+/// through a mount started with `mount_args`, each compared with the source.
+fn random_preads_match_the_source(mount_args: &[&str]) {
     let env = Env::new();
     let src = env.path("src");
     fs::create_dir_all(&src).unwrap();
     let len = 48 << 20;
     write_random(&src.join("data"), 11, len);
     let snap = env.backup(&[&src]);
-    let m = env.mount();
+    let m = env.mount_with(mount_args);
     let original = fs::read(src.join("data")).unwrap();
     let f = fs::File::open(under(&m.snapshot(&snap), &src).join("data")).unwrap();
     let mut x: u64 = 0x1234_5678_9abc_def1;
@@ -78,6 +90,80 @@ fn ten_thousand_random_preads_match_the_source() {
         assert_eq!(n, expect.len(), "short read at {off}+{want}");
         assert!(buf[..n] == *expect, "content differs at {off}+{want}");
     }
+}
+
+/// Bytes of `path` in the page cache, by fincore(1) (util-linux-extra).
+fn resident_bytes(path: &std::path::Path) -> u64 {
+    let out = Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--raw", "--output", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux-extra) runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn large_files_are_read_with_direct_io_and_still_map_and_run() {
+    if !require_fuse("direct I/O for large files") {
+        return;
+    }
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    write_random(&src.join("big"), 5, 3 << 20);
+    fs::write(src.join("small"), b"small file").unwrap();
+    // A program of ~35 KiB: run from the mount, it is mapped (exec uses mmap).
+    fs::copy("/usr/bin/true", src.join("prog")).unwrap();
+    let snap = env.backup(&[&src]);
+    let m = env.mount_with(&["--direct-io-from", "16K", "-vv"]);
+    let dir = under(&m.snapshot(&snap), &src);
+    for f in ["big", "small", "prog"] {
+        assert_eq!(hash_file(&dir.join(f)), hash_file(&src.join(f)), "{f}");
+    }
+    // Read whole, the large file left nothing in the page cache; the small one is
+    // there, as every file is without direct I/O. (Linux >= 6.6, where the kernel can
+    // map files opened with direct I/O; older kernels keep the page cache for all.)
+    let direct = m.log().contains("read with direct I/O");
+    assert!(
+        direct
+            || m.log()
+                .contains("every file is read through the page cache"),
+        "{}",
+        m.log()
+    );
+    if direct {
+        assert_eq!(resident_bytes(&dir.join("big")), 0);
+    }
+    assert!(resident_bytes(&dir.join("small")) > 0);
+    // Mapped and run: a program opened with direct I/O.
+    let run = Command::new(dir.join("prog")).status().unwrap();
+    assert!(run.success());
+    // And a mapping of the large file reads what was backed up.
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import mmap,sys,hashlib;f=open(sys.argv[1],'rb');\
+             print(hashlib.sha256(mmap.mmap(f.fileno(),0,prot=mmap.PROT_READ)).hexdigest())",
+        ])
+        .arg(dir.join("big"))
+        .output()
+        .unwrap();
+    let want = Command::new("sha256sum")
+        .arg(src.join("big"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&want.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+    );
 }
 
 #[test]

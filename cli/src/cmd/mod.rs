@@ -85,6 +85,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             private,
             cache_size,
             threads,
+            direct_io_from,
         } => {
             let allow_other = allow_other || (!private && nix::unistd::geteuid().is_root());
             let req = mount::Request {
@@ -92,6 +93,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 allow_other,
                 cache_size,
                 threads,
+                direct_io_from: direct_io_from.map(|d| d.0),
             };
             mount::mount(&settings, g, &mountpoint, &req)
         }

@@ -32,6 +32,9 @@ pub struct Request {
     pub cache_size: u64,
     /// Request threads; `None`: the default.
     pub threads: Option<u16>,
+    /// Files of at least this size are read with direct I/O (`Some(None)`: none);
+    /// `None`: the default.
+    pub direct_io_from: Option<Option<u64>>,
 }
 
 pub fn mount(s: &Settings, g: &Global, mountpoint: &Path, req: &Request) -> Result<u8> {
@@ -63,6 +66,7 @@ pub fn mount(s: &Settings, g: &Global, mountpoint: &Path, req: &Request) -> Resu
             ..ViewOptions::default()
         },
         threads: req.threads.map_or(defaults.threads, usize::from),
+        direct_io_from: req.direct_io_from.unwrap_or(defaults.direct_io_from),
     };
     let session = cairn_mount::mount(repo, &mountpoint, &opts).with_context(|| {
         format!(
