@@ -17,6 +17,8 @@ use crate::id::RepoId;
 /// extent-list blobs (a file's list of chunks kept out of its directory's tree); a
 /// repository of version 1 is read and written as version 1 (`docs/FORMAT.md`).
 pub const FORMAT_VERSION: u32 = 2;
+/// The first format version with extent-list blobs (`tree::Node::content_lists`).
+pub const EXTENT_LISTS_VERSION: u32 = 2;
 /// The oldest format version this program can create (`repo init --format-version`), for
 /// repositories that older programs must still open.
 pub const OLDEST_FORMAT_VERSION: u32 = 1;

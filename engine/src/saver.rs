@@ -135,7 +135,8 @@ impl<'r> BlobSaver<'r> {
     pub fn save_tree(&self, mut tree: Tree) -> Result<(BlobId, u64)> {
         let mut stored = 0;
         let version = self.repo.config().version;
-        if version >= 2 {
+        let lists = version >= crate::config::EXTENT_LISTS_VERSION;
+        if lists {
             tree.move_out_long_content(extents_inline(), |list| {
                 let (id, n) = self.save(BlobKind::Tree, list)?;
                 stored += n;
@@ -145,14 +146,12 @@ impl<'r> BlobSaver<'r> {
         let (id, n) = self
             .save(BlobKind::Tree, &tree.encode())
             .map_err(|e| match e {
-                crate::Error::InvalidInput(m) if version < 2 => {
-                    crate::Error::InvalidInput(format!(
-                        "{m}: this repository (format version {version}) keeps every file's \
+                crate::Error::InvalidInput(m) if !lists => crate::Error::InvalidInput(format!(
+                    "{m}: this repository (format version {version}) keeps every file's \
                          list of chunks in its directory's listing, so about 1.2 million chunks \
                          fit in one directory (a file of about 600 GiB); `repo upgrade` moves it \
                          to format 2, which does not have that limit"
-                    ))
-                }
+                )),
                 e => e,
             })?;
         Ok((id, stored + n))

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use cairn_engine::backup::{backup_tree, TreeBackupOptions};
 use cairn_engine::progress::Progress;
@@ -22,6 +22,16 @@ fn copy_dir(from: &Path, to: &Path) {
             fs::copy(e.path(), to.join(e.file_name())).unwrap();
         }
     }
+}
+
+/// The fixture's directory, and a scratch directory holding a copy of its repository
+/// (in `repo/`, also returned).
+fn fixture_copy() -> (PathBuf, tempfile::TempDir, PathBuf) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1");
+    let d = tempfile::tempdir().unwrap();
+    let repo_dir = d.path().join("repo");
+    copy_dir(&fixture.join("repo"), &repo_dir);
+    (fixture, d, repo_dir)
 }
 
 /// The fixture's files under `restored` are those under `src`, byte for byte.
@@ -56,7 +66,7 @@ fn restore_tree_snapshot(
     repo: &Repository,
     snaps: &[cairn_engine::snapshot::Snapshot],
     target: &Path,
-) -> std::path::PathBuf {
+) -> PathBuf {
     let tree = snaps
         .iter()
         .find(|s| s.manifest.kind == SnapshotKind::Tree)
@@ -67,11 +77,9 @@ fn restore_tree_snapshot(
 
 #[test]
 fn the_v1_fixture_opens_and_restores_byte_for_byte() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1");
-    let d = tempfile::tempdir().unwrap();
-    copy_dir(&fixture.join("repo"), &d.path().join("repo"));
+    let (fixture, d, repo_dir) = fixture_copy();
     let pw = || Ok(Zeroizing::new(b"fixture".to_vec()));
-    let repo = Repository::open(&d.path().join("repo"), &pw).unwrap();
+    let repo = Repository::open(&repo_dir, &pw).unwrap();
     assert_eq!(repo.config().version, 1);
     // Written before the config recorded image chunks, and with the chunker of its
     // day: it keeps both (new defaults apply to new repositories only).
@@ -101,10 +109,7 @@ fn the_v1_fixture_opens_and_restores_byte_for_byte() {
 
 #[test]
 fn this_program_backs_up_into_a_v1_repository_and_leaves_it_v1() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1");
-    let d = tempfile::tempdir().unwrap();
-    let repo_dir = d.path().join("repo");
-    copy_dir(&fixture.join("repo"), &repo_dir);
+    let (fixture, d, repo_dir) = fixture_copy();
     let config_before = fs::read(repo_dir.join("config")).unwrap();
     let pw = || Ok(Zeroizing::new(b"fixture".to_vec()));
     let repo = Repository::open(&repo_dir, &pw).unwrap();
@@ -132,10 +137,7 @@ fn this_program_backs_up_into_a_v1_repository_and_leaves_it_v1() {
 
 #[test]
 fn the_v1_fixture_upgrades_to_the_current_format_and_still_restores() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/v1");
-    let d = tempfile::tempdir().unwrap();
-    let repo_dir = d.path().join("repo");
-    copy_dir(&fixture.join("repo"), &repo_dir);
+    let (fixture, d, repo_dir) = fixture_copy();
     let pw = || Ok(Zeroizing::new(b"fixture".to_vec()));
     let mut repo = Repository::open(&repo_dir, &pw).unwrap();
     // Only under the exclusive lock.

@@ -150,13 +150,18 @@ impl Filesystem for CairnFs {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::from_i32(libc::EROFS));
         }
-        let direct = match self.direct_io_from {
-            Some(from) => self.view.getattr(ino.0).is_ok_and(|a| a.size >= from),
-            None => false,
-        };
         match self.view.open(ino.0) {
-            Ok(fh) if direct => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(fh) => {
+                let direct = self
+                    .direct_io_from
+                    .is_some_and(|from| self.view.open_size(fh).is_ok_and(|size| size >= from));
+                let flags = if direct {
+                    FopenFlags::FOPEN_DIRECT_IO
+                } else {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                };
+                reply.opened(FileHandle(fh), flags);
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }

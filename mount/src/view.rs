@@ -646,6 +646,14 @@ impl View {
         }
     }
 
+    /// The size of the file open as `fh`.
+    pub fn open_size(&self, fh: u64) -> FsResult<u64> {
+        read_lock(&self.files)
+            .get(&fh)
+            .map(|f| *f.starts.last().unwrap_or(&0))
+            .ok_or(FsError::BadHandle)
+    }
+
     pub fn release(&self, fh: u64) {
         write_lock(&self.files).remove(&fh);
     }

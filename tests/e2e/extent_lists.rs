@@ -36,6 +36,15 @@ fn blobs(env: &Env) -> u64 {
     env.json(&["stats"])["blobs"].as_u64().unwrap()
 }
 
+/// Blobs a backup of `src` stores in a new format-2 repository with the normal inline
+/// limit (so without list blobs, for files this small).
+fn blobs_with_lists_inline(src: &Path) -> u64 {
+    let inline = Env::without_repo();
+    init(&inline, &[]);
+    inline.backup(&[src]);
+    blobs(&inline)
+}
+
 /// A big random file, a sparse one (data, a 1 MiB hole, data) and a small one.
 fn make_source(src: &Path) {
     fs::create_dir_all(src).unwrap();
@@ -70,14 +79,11 @@ fn a_file_of_many_chunks_is_listed_in_list_blobs_and_reads_back_everywhere() {
     let first = backup_inline(&env, &src, "8");
     // The same backup into a repository that lists every extent inline stores fewer
     // blobs: the difference is the list blobs.
-    let inline = Env::without_repo();
-    init(&inline, &[]);
-    inline.backup(&[&src]);
+    let without = blobs_with_lists_inline(&src);
     assert!(
-        blobs(&env) > blobs(&inline) + 20,
-        "{} blobs with list blobs, {} without",
-        blobs(&env),
-        blobs(&inline)
+        blobs(&env) > without + 20,
+        "{} blobs with list blobs, {without} without",
+        blobs(&env)
     );
 
     assert_restores(&env, &first, &src);
@@ -147,11 +153,8 @@ fn a_format_1_repository_keeps_lists_inline_until_upgraded() {
     let src = env.path("src");
     make_source(&src);
     let snap = backup_inline(&env, &src, "8");
-    let inline = Env::without_repo();
-    init(&inline, &[]);
-    inline.backup(&[&src]);
     // No list blobs in format 1, whatever the limit.
-    assert_eq!(blobs(&env), blobs(&inline));
+    assert_eq!(blobs(&env), blobs_with_lists_inline(&src));
     assert_restores(&env, &snap, &src);
     env.ok(&["check", "--read-data"]);
 
