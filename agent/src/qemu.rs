@@ -108,14 +108,21 @@ pub fn convert_raw(src: &Path, dst: &Path, format: &str) -> Result<()> {
 
 /// A `qemu-nbd --read-only` serving one image on a private Unix socket; stopped on drop.
 ///
-/// Started with `--fork`, whose parent exits only once the server listens: that is the
-/// readiness signal (a socket file can exist before anyone accepts on it).
+/// qemu-nbd runs as our child (not `--fork`ed away), so that stopping it can wait for
+/// the whole process to be gone: only then are its files closed and its lock on the
+/// image released. A forked-away server is a zombie as soon as its main thread dies,
+/// while its I/O threads may still hold the image open; waiting on that state is how an
+/// image stayed locked after `repo backup --image` had returned. It is ready once its
+/// socket accepts a connection.
 pub struct QemuNbd {
-    pid: nix::unistd::Pid,
+    child: std::process::Child,
     socket: PathBuf,
     _dir: tempfile::TempDir,
     stderr: PathBuf,
 }
+
+/// How long qemu-nbd may take to listen (a loaded machine starts it slowly).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl QemuNbd {
     /// Exports `image` (of `format`), with the dirty bitmap `bitmap` when given.
@@ -125,14 +132,12 @@ impl QemuNbd {
             .tempdir()
             .map_err(|e| QemuError::Other(format!("temporary directory: {e}")))?;
         let socket = dir.path().join("nbd.sock");
-        let pid_file = dir.path().join("qemu-nbd.pid");
         let stderr = dir.path().join("qemu-nbd.err");
         let err_file =
             std::fs::File::create(&stderr).map_err(|e| QemuError::Other(e.to_string()))?;
         let mut cmd = Command::new("qemu-nbd");
         cmd.args([
             "--read-only",
-            "--fork",
             "--persistent",
             "--shared=4",
             "--cache=none",
@@ -140,8 +145,6 @@ impl QemuNbd {
             "-f",
             format,
         ])
-        .arg("--pid-file")
-        .arg(&pid_file)
         .arg("-k")
         .arg(&socket);
         if let Some(b) = bitmap {
@@ -152,34 +155,49 @@ impl QemuNbd {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err_file);
-        let status = cmd.status().map_err(|source| QemuError::Missing {
+        let child = cmd.spawn().map_err(|source| QemuError::Missing {
             program: "qemu-nbd",
             source,
         })?;
-        let read_err = || {
-            std::fs::read_to_string(&stderr)
-                .unwrap_or_default()
-                .trim()
-                .to_owned()
-        };
-        if !status.success() {
-            return Err(QemuError::Failed {
-                program: "qemu-nbd",
-                stderr: format!("{status}: {}", read_err()),
-            });
-        }
-        let pid = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok())
-            .ok_or_else(|| {
-                QemuError::Other(format!("qemu-nbd wrote no pid file: {}", read_err()))
-            })?;
-        Ok(Self {
-            pid: nix::unistd::Pid::from_raw(pid),
+        let mut server = Self {
+            child,
             socket,
             _dir: dir,
             stderr,
-        })
+        };
+        server.wait_until_listening()?;
+        Ok(server)
+    }
+
+    /// Waits until the socket accepts a connection; fails if qemu-nbd exits first.
+    fn wait_until_listening(&mut self) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(QemuError::Failed {
+                    program: "qemu-nbd",
+                    stderr: format!("{status}: {}", self.read_stderr()),
+                });
+            }
+            if start.elapsed() > START_TIMEOUT {
+                return Err(QemuError::Other(format!(
+                    "qemu-nbd did not listen within {} s: {}",
+                    START_TIMEOUT.as_secs(),
+                    self.read_stderr()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn read_stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
     }
 
     #[must_use]
@@ -187,32 +205,40 @@ impl QemuNbd {
         &self.socket
     }
 
-    /// Whether the server still runs (a zombie counts as gone).
-    fn alive(&self) -> bool {
-        u32::try_from(self.pid.as_raw()).is_ok_and(crate::process::pid_alive)
-    }
-
     /// Whether qemu-nbd still runs, and what it said on stderr (for error messages).
     pub fn diagnose(&mut self) -> String {
-        let status = if self.alive() {
-            "qemu-nbd is running"
-        } else {
-            "qemu-nbd has exited"
+        let status = match self.child.try_wait() {
+            Ok(None) => "qemu-nbd is running".to_owned(),
+            Ok(Some(s)) => format!("qemu-nbd has exited ({s})"),
+            Err(e) => format!("qemu-nbd's state is unknown ({e})"),
         };
-        let err = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        format!("{status}: {}", err.trim())
+        format!("{status}: {}", self.read_stderr())
     }
 }
 
 impl Drop for QemuNbd {
     fn drop(&mut self) {
         // A read-only export has nothing to flush: SIGKILL (qemu-nbd takes seconds to act
-        // on SIGTERM). Wait until it is gone, so its lock on the image is released before
-        // anyone opens the image again.
-        let _ = nix::sys::signal::kill(self.pid, nix::sys::signal::Signal::SIGKILL);
-        let start = Instant::now();
-        while self.alive() && start.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(2));
+        // on SIGTERM). Then wait for the whole process, every thread of it: only then is
+        // the image closed and its lock released, and anyone may open it again (the VM
+        // started right after a backup). A process in uninterruptible I/O may take a
+        // while; we say so rather than return early.
+        let _ = self.child.kill();
+        let started = Instant::now();
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => return,
+                Ok(None) => {}
+            }
+            if started.elapsed() > Duration::from_secs(5) {
+                tracing::warn!(
+                    "qemu-nbd (pid {}) has not exited 5 s after SIGKILL; waiting for it to release the image",
+                    self.child.id()
+                );
+                let _ = self.child.wait();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }

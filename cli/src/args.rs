@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     after_help = "Repository: --repo, $REPO_REPOSITORY, the config file, or the default under the user's data directory.\n\
 Password: --password-file, $REPO_PASSWORD_FILE, $REPO_PASSWORD, $REPO_PASSWORD_COMMAND, the config file, or a prompt on a terminal.\n\
 Exit codes: 0 ok, 1 error, 2 bad arguments, 3 finished but some files were not backed up or restored,\n\
-10 no repository there, 11 repository locked by another process, 12 wrong password, 13 repository format too new, 14 damaged repository data."
+10 no repository there, 11 repository locked by another process, 12 wrong password, 13 repository format too new, 14 damaged repository data,\n15 the repository's key, encryption or id changed since this host last opened it (see `repo trust`)."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -216,6 +216,18 @@ pub enum Command {
     /// Move the repository to the newest format (programs of the older format can no
     /// longer open it afterwards)
     Upgrade,
+    /// Show the repository's identity (id, encryption, master key fingerprint) and
+    /// whether this host knows it; every command refuses a repository whose identity
+    /// changed (exit code 15) until it is accepted here
+    Trust {
+        /// Record the repository as it is now, replacing what this host knew of it (after
+        /// re-creating it, or restoring it from elsewhere, on purpose)
+        #[arg(long)]
+        accept: bool,
+        /// List every repository this host knows
+        #[arg(long, conflicts_with = "accept")]
+        list: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -278,6 +290,9 @@ pub struct BackupArgs {
 
 #[derive(Args, Debug)]
 pub struct ForgetArgs {
+    /// Snapshots to forget (id prefixes or `latest`), instead of keep rules
+    #[arg(value_name = "SNAPSHOT")]
+    pub snapshots: Vec<String>,
     /// Keep the N newest snapshots
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub keep_last: u32,
@@ -331,9 +346,9 @@ pub struct PruneOptionsArgs {
     /// Rewrite a pack when more than this share of it is unused: 10%, 0%, 50%
     #[arg(long, value_name = "PERCENT", default_value = "10%", value_parser = parse_percent)]
     pub max_unused: f64,
-    /// Leave data written within this long alone (an interrupted backup's, for the next
-    /// one to reuse): 1h, 30m, 0
-    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_wait)]
+    /// Also leave data written within this long alone: 1h, 30m, 0 (the default: what
+    /// running and interrupted backups may still need is kept by their locks)
+    #[arg(long, value_name = "DURATION", default_value = "0", value_parser = parse_wait)]
     pub grace: std::time::Duration,
 }
 

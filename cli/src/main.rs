@@ -7,6 +7,7 @@ mod cmd;
 mod format;
 mod open;
 mod progress;
+mod testonly;
 
 use std::process::ExitCode;
 
@@ -24,6 +25,7 @@ pub mod exit {
     pub const WRONG_PASSWORD: u8 = 12;
     pub const UNSUPPORTED_VERSION: u8 = 13;
     pub const DAMAGED: u8 = 14;
+    pub const IDENTITY_CHANGED: u8 = 15;
 }
 
 fn exit_code_of(e: &anyhow::Error) -> u8 {
@@ -35,6 +37,7 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
                 ErrorKind::UnsupportedVersion => exit::UNSUPPORTED_VERSION,
                 ErrorKind::Corrupt => exit::DAMAGED,
                 ErrorKind::Locked => exit::LOCKED,
+                ErrorKind::IdentityChanged => exit::IDENTITY_CHANGED,
                 _ => exit::ERROR,
             };
         }
@@ -60,6 +63,10 @@ fn main() -> ExitCode {
         .with_target(false)
         .without_time()
         .init();
+    if let Err(e) = testonly::switches() {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(exit::ERROR);
+    }
     match cmd::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -5,8 +5,13 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use std::sync::Arc;
+
 use cairn_engine::keyfile::KdfParams;
 use cairn_engine::lock::LockKind;
+use cairn_engine::repository::OpenOptions;
+use cairn_engine::store::{Backend, LocalBackend};
+use cairn_engine::trust::KnownRepositories;
 use cairn_engine::Repository;
 use zeroize::Zeroizing;
 
@@ -122,12 +127,42 @@ impl Settings {
         prompt("Password: ", confirm)
     }
 
+    /// The repository's backend and how to open it: a local directory, its identity
+    /// checked against (and recorded in) this host's known repositories.
+    pub fn location(&self) -> (Arc<dyn Backend>, OpenOptions) {
+        let (backend, mut opts) = cairn_engine::repository::local(&self.repo);
+        let switches = crate::testonly::get();
+        let backend: Arc<dyn Backend> = match switches.crash_at {
+            Some(n) => Arc::new(LocalBackend::with_fs(
+                backend.location(),
+                Arc::new(cairn_engine::store::crash::KillingFs::at(n)),
+            )),
+            None => backend,
+        };
+        opts.known = Some(KnownRepositories::of_this_host());
+        (backend, opts)
+    }
+
     pub fn open(&self) -> Result<Repository> {
+        self.open_trusting(true)
+    }
+
+    /// Opens the repository; with `check_identity` false, without comparing its
+    /// identity with what this host knows (`repo trust` does that itself).
+    pub fn open_trusting(&self, check_identity: bool) -> Result<Repository> {
         let pw = || {
             self.password(false)
                 .map_err(|e| cairn_engine::Error::InvalidInput(format!("{e:#}")))
         };
-        Ok(Repository::open(&self.repo, &pw)?)
+        let (backend, mut opts) = self.location();
+        if !check_identity {
+            opts.known = None;
+        }
+        let mut repo = Repository::open_with(backend, &opts, &pw)?;
+        if let Some(n) = crate::testonly::get().extents_inline {
+            repo.set_extents_inline(n);
+        }
+        Ok(repo)
     }
 
     /// Opens the repository and takes a lock for `operation` (see `cairn_engine::lock`).
@@ -213,10 +248,10 @@ fn run_password_command(cmd: &str) -> Result<Zeroizing<Vec<u8>>> {
     Ok(Zeroizing::new(line.to_vec()))
 }
 
-/// Argon2 cost for new keys. `CAIRN_TESTONLY_WEAK_KDF=1` makes it trivial, for test
-/// suites only: such keys protect nothing.
+/// Argon2 cost for new keys (trivial under the debug-only test switch
+/// `CAIRN_TESTONLY_WEAK_KDF`, see [`crate::testonly`]).
 pub fn kdf_params() -> KdfParams {
-    if std::env::var_os("CAIRN_TESTONLY_WEAK_KDF").is_some_and(|v| v == "1") {
+    if crate::testonly::get().weak_kdf {
         KdfParams::TEST_ONLY_WEAK
     } else {
         KdfParams::DEFAULT

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::backend::FileKind;
+use crate::store::FileKind;
 use crate::blob::BlobKind;
 use crate::error::Result;
 use crate::id::{BlobId, Id, PackId, SnapshotId};
@@ -232,8 +232,43 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &Progress) -> Res
     Ok(report)
 }
 
+/// Whether pack `p` is in subset `n` of `m`: the first 8 bytes of its id (uniform: it
+/// is a hash), as a number, modulo `m`. Any `m` splits the packs into `m` subsets of
+/// about equal size.
 fn in_subset(p: &PackId, subset: Option<(u32, u32)>) -> bool {
-    subset.is_none_or(|(n, m)| u32::from(p.as_bytes()[0]) % m == n - 1)
+    subset.is_none_or(|(n, m)| {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&p.as_bytes()[..8]);
+        u64::from_le_bytes(first) % u64::from(m.max(1)) == u64::from(n.saturating_sub(1))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subsets_partition_the_packs_evenly_for_any_count() {
+        let packs: Vec<PackId> = (0..20_000u32)
+            .map(|i| PackId(Id::hash_of(&i.to_le_bytes())))
+            .collect();
+        for m in [1u32, 3, 10, 256, 1000] {
+            let mut sizes = vec![0u32; m as usize];
+            for p in &packs {
+                let hits: Vec<u32> = (1..=m).filter(|n| in_subset(p, Some((*n, m)))).collect();
+                assert_eq!(hits.len(), 1, "pack in {} subsets of {m}", hits.len());
+                sizes[hits[0] as usize - 1] += 1;
+            }
+            // Every subset is used and none is more than twice the mean (the old rule,
+            // the first byte only, left subsets 257..M empty).
+            let mean = packs.len() as u32 / m;
+            assert!(
+                sizes.iter().all(|&s| s > 0 && s < 2 * mean + 10),
+                "m={m}: {:?}",
+                &sizes[..sizes.len().min(20)]
+            );
+        }
+    }
 }
 
 /// Reads one pack whole and verifies it; returns bytes read, problems and damaged blobs.

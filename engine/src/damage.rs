@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::FileKind;
+use crate::store::FileKind;
 use crate::error::{Error, IoContext, Result};
 use crate::id::{BlobId, SnapshotId};
 use crate::repository::Repository;
@@ -125,8 +125,20 @@ pub fn forget_orphans(repo: &Repository) -> Result<u64> {
 /// Whether everything below the tree `t` is in the index (trees also decode). `memo`
 /// remembers the answer per tree, so snapshots sharing subtrees cost one walk.
 pub fn is_whole(repo: &Repository, t: &BlobId, memo: &mut HashMap<BlobId, bool>) -> Result<bool> {
+    is_whole_at(repo, t, memo, 0)
+}
+
+fn is_whole_at(
+    repo: &Repository,
+    t: &BlobId,
+    memo: &mut HashMap<BlobId, bool>,
+    depth: usize,
+) -> Result<bool> {
     if let Some(w) = memo.get(t) {
         return Ok(*w);
+    }
+    if depth > crate::tree::MAX_DEPTH {
+        return Ok(false);
     }
     let tree = if repo.index().contains(t)? {
         repo.load_tree(t).ok()
@@ -142,7 +154,7 @@ pub fn is_whole(repo: &Repository, t: &BlobId, memo: &mut HashMap<BlobId, bool>)
                 }
             }
             if let Some(sub) = n.subtree {
-                if !is_whole(repo, &sub, memo)? {
+                if !is_whole_at(repo, &sub, memo, depth + 1)? {
                     whole = false;
                 }
             }

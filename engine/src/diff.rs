@@ -87,6 +87,9 @@ fn diff_trees(
     if a == b {
         return Ok(());
     }
+    if base.components().count() > crate::tree::MAX_DEPTH {
+        return Err(crate::tree::too_deep(a.or(b).unwrap_or(&BlobId::default())));
+    }
     let (ta, tb) = (load(repo, a)?, load(repo, b)?);
     let (mut i, mut j) = (0, 0);
     while i < ta.nodes.len() || j < tb.nodes.len() {

@@ -27,6 +27,9 @@ pub enum ErrorKind {
     Io,
     /// Another process holds a conflicting lock on the repository.
     Locked,
+    /// The repository is not the one this host knew at that location: its master key,
+    /// encryption or id changed ([`crate::trust`]).
+    IdentityChanged,
 }
 
 /// The engine's error.
@@ -55,6 +58,13 @@ pub enum Error {
     #[error("{0}")]
     Locked(String),
 
+    #[error(
+        "{location}: {detail}. Whoever can write the repository's storage could have planted a key \
+         of their own, which would let them read every new backup, so nothing was done. If the \
+         repository was re-created or re-keyed on purpose, accept it with `repo trust --accept`"
+    )]
+    IdentityChanged { location: String, detail: String },
+
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -75,6 +85,7 @@ impl Error {
             Self::InvalidInput(_) => ErrorKind::InvalidInput,
             Self::Io { .. } => ErrorKind::Io,
             Self::Locked(_) => ErrorKind::Locked,
+            Self::IdentityChanged { .. } => ErrorKind::IdentityChanged,
         }
     }
 
@@ -94,11 +105,16 @@ impl Error {
         }
     }
 
+    /// An I/O error while doing `what`. A full disk says so in words, since that is what
+    /// the reader must act on.
     pub fn io(what: impl Into<String>, source: io::Error) -> Self {
-        Self::Io {
-            what: what.into(),
-            source,
+        let mut what = what.into();
+        let full = source.raw_os_error() == Some(libc::ENOSPC)
+            || source.kind() == io::ErrorKind::StorageFull;
+        if full && !what.contains("disk is full") {
+            what.push_str(" (the disk is full: free some space, then try again)");
         }
+        Self::Io { what, source }
     }
 }
 

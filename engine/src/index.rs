@@ -327,6 +327,25 @@ impl Index {
             .collect()
     }
 
+    /// The packs holding a copy of a blob (none when it is not indexed).
+    pub fn packs_of(&self, id: &BlobId) -> Result<Vec<PackId>> {
+        let c = self.conn();
+        let mut st = c
+            .prepare_cached("SELECT pack FROM blobs WHERE id = ?1")
+            .map_err(db_err)?;
+        let rows = st
+            .query_map([&id.as_bytes()[..]], |r| r.get::<_, Vec<u8>>(0))
+            .map_err(db_err)?;
+        let mut out = Vec::new();
+        for r in rows {
+            let b = r.map_err(db_err)?;
+            out.push(PackId(
+                Id::from_slice(&b).ok_or_else(|| Error::corrupt("index.sqlite", "bad pack id"))?,
+            ));
+        }
+        Ok(out)
+    }
+
     /// Calls `f(pack, rows)` once per pack, with the (row number, stored length) of each
     /// of its rows numbered at most `max_row`, streaming (one pack's rows in memory).
     /// `f` must not use the index.

@@ -8,7 +8,8 @@
 //! - [`id`]: typed 32-byte ids (`BlobId`, `PackId`, `SnapshotId`, ...).
 //! - [`crypto`], [`keyfile`]: the master key, AES-256-GCM sealing, keyed BLAKE3 ids,
 //!   argon2id-wrapped key files.
-//! - [`backend`]: where files live (a local directory), with atomic durable writes.
+//! - [`store`]: where files live (a local directory; in tests an in-memory filesystem that
+//!   models power loss and injects faults), with atomic durable writes.
 //! - [`config`]: the repository's parameters and format version.
 //! - [`chunker`], [`blob`], [`pack`]: cutting content, encoding blobs, packing them.
 //! - [`index`]: the SQLite blob index, a cache rebuilt from pack trailers.
@@ -19,7 +20,6 @@
 //!
 //! The on-disk format is specified byte by byte in `docs/FORMAT.md`.
 
-pub mod backend;
 pub mod backup;
 pub mod blob;
 pub mod check;
@@ -29,6 +29,8 @@ pub mod crypto;
 pub mod damage;
 pub mod diff;
 pub mod error;
+pub mod forget;
+pub mod host;
 pub mod id;
 pub mod index;
 pub mod keyfile;
@@ -42,8 +44,10 @@ pub mod restore;
 pub mod retention;
 pub mod saver;
 pub mod snapshot;
+pub mod store;
 pub mod threads;
 pub mod tree;
+pub mod trust;
 pub mod walk;
 
 pub use error::{Error, ErrorKind, Result};

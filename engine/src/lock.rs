@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Backend, FileKind};
+use crate::store::{Backend, FileKind};
 use crate::error::{Error, IoContext, Result};
 use crate::id::Id;
 use crate::repository::{current_host, current_user};
@@ -155,6 +155,66 @@ pub fn list(backend: &dyn Backend) -> Result<Vec<LockEntry>> {
         out.push(LockEntry { name, info, stale });
     }
     Ok(out)
+}
+
+/// Whether a holder doing `operation` may write packs that no snapshot refers to yet
+/// (a backup before it commits, a prune's or repair's copies). Readers and `forget` do
+/// not; an operation this program does not know is assumed to.
+#[must_use]
+pub fn may_add_data(operation: &str) -> bool {
+    !matches!(operation, "mount" | "restore" | "check" | "forget" | "verify")
+}
+
+/// Room for the clocks of the lock's writer and of the storage to disagree.
+pub const CLOCK_MARGIN: Duration = Duration::from_secs(60);
+
+/// A span of time in which a writer that has not committed (running, or interrupted:
+/// its lock is stale but still there) may have written packs. A prune leaves the packs
+/// written within it alone, so that the writer's snapshot, or the next backup that
+/// reuses an interrupted one's packs, finds them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    pub from: std::time::SystemTime,
+    /// `None` while the writer runs.
+    pub until: Option<std::time::SystemTime>,
+    /// Who, for messages.
+    pub holder: String,
+}
+
+impl Window {
+    #[must_use]
+    pub fn contains(&self, t: std::time::SystemTime) -> bool {
+        t >= self.from && self.until.is_none_or(|u| t <= u)
+    }
+}
+
+/// The [`Window`]s of every lock in `entries` but the one named `own`: from each
+/// writer's start (less [`CLOCK_MARGIN`]) to now for a live one, to its last refresh
+/// plus [`REFRESH_EVERY`] (and the margin) for a stale one.
+#[must_use]
+pub fn uncommitted_windows(entries: &[LockEntry], own: Option<&str>) -> Vec<Window> {
+    let to_system = |t: DateTime<Utc>| std::time::SystemTime::from(t);
+    entries
+        .iter()
+        .filter(|e| Some(e.name.as_str()) != own)
+        .filter_map(|e| {
+            let info = e.info.as_ref().ok()?;
+            if !may_add_data(&info.operation) {
+                return None;
+            }
+            let from = to_system(info.created)
+                .checked_sub(CLOCK_MARGIN)
+                .unwrap_or(std::time::UNIX_EPOCH);
+            let until = e.stale.as_ref().map(|_| {
+                to_system(info.refreshed) + REFRESH_EVERY + CLOCK_MARGIN
+            });
+            Some(Window {
+                from,
+                until,
+                holder: e.describe(),
+            })
+        })
+        .collect()
 }
 
 /// Removes stale locks (or every lock with `all`). Returns what was removed.
@@ -423,7 +483,7 @@ impl Drop for Lock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::LocalBackend;
+    use crate::store::LocalBackend;
 
     fn backend() -> (tempfile::TempDir, Arc<dyn Backend>) {
         let d = tempfile::tempdir().unwrap();

@@ -37,7 +37,7 @@ pub struct PackEntry {
     pub raw_length: u32,
 }
 
-/// Builds one pack, writing it to `out` as blobs arrive (a [`crate::backend::NewFile`]
+/// Builds one pack, writing it to `out` as blobs arrive (a [`crate::store::NewFile`]
 /// in a backup, a `Vec<u8>` in tests): only the trailer's entries stay in memory. The
 /// pack's id is hashed on the way.
 pub struct PackWriter<W> {
@@ -99,6 +99,12 @@ impl<W: std::io::Write> PackWriter<W> {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    /// The blobs added so far.
+    #[must_use]
+    pub fn entries(&self) -> &[PackEntry] {
+        &self.entries
     }
 
     /// Appends the sealed trailer and the footer; returns the pack's id, its length, its
@@ -192,9 +198,12 @@ pub fn parse_trailer(
             length: le4(&rec[41..45]),
             raw_length: le4(&rec[45..49]),
         };
-        // Blobs are in file order, do not overlap, and end before the trailer.
+        // Blobs are in file order, do not overlap, and end before the trailer (an end
+        // beyond u64 is out of bounds too: the trailer of an unencrypted pack is not
+        // authenticated, and anyone can write it).
+        let end = e.offset.checked_add(u64::from(e.length));
         if e.offset < next_free
-            || e.offset + u64::from(e.length) > trailer_start
+            || end.is_none_or(|end| end > trailer_start)
             || e.raw_length as usize > MAX_BLOB_LEN
         {
             return Err(Error::corrupt(
@@ -202,20 +211,50 @@ pub fn parse_trailer(
                 format!("entry for blob {id} out of bounds"),
             ));
         }
-        next_free = e.offset + u64::from(e.length);
+        next_free = end.unwrap_or(u64::MAX);
         out.push(e);
     }
     Ok(out)
 }
 
+/// Checks a pack's header: the magic, and a version this program reads.
+pub fn check_header(pack: &PackId, header: &[u8]) -> Result<()> {
+    if header.len() < HEADER_LEN || &header[..8] != MAGIC {
+        return Err(Error::corrupt(
+            format!("pack {pack}"),
+            "bad header (not a pack)",
+        ));
+    }
+    let version = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    if version != VERSION {
+        return Err(Error::corrupt(
+            format!("pack {pack}"),
+            if version > VERSION {
+                format!(
+                    "pack format version {version}, newer than this program reads ({VERSION}); \
+                     upgrade cairn"
+                )
+            } else {
+                format!("pack format version {version} does not exist")
+            },
+        ));
+    }
+    Ok(())
+}
+
 /// Parses a whole pack held in memory (used by tests and by `check`).
 pub fn parse_pack(crypto: &Crypto, pack: &PackId, bytes: &[u8]) -> Result<Vec<PackEntry>> {
-    if bytes.len() < HEADER_LEN + FOOTER_LEN || &bytes[..8] != MAGIC {
-        return Err(Error::corrupt(format!("pack {pack}"), "bad header"));
+    if bytes.len() < HEADER_LEN + FOOTER_LEN {
+        return Err(Error::corrupt(format!("pack {pack}"), "shorter than a pack"));
     }
+    check_header(pack, &bytes[..HEADER_LEN])?;
     let (start, len) = trailer_span(pack, &bytes[bytes.len() - FOOTER_LEN..], bytes.len() as u64)?;
     let s = usize::try_from(start).unwrap_or(usize::MAX);
-    parse_trailer(crypto, pack, &bytes[s..s + len], start)
+    let sealed = s
+        .checked_add(len)
+        .and_then(|end| bytes.get(s..end))
+        .ok_or_else(|| Error::corrupt(format!("pack {pack}"), "trailer beyond the file"))?;
+    parse_trailer(crypto, pack, sealed, start)
 }
 
 /// The stored bytes of `entry` within the whole pack `bytes`, once they decrypt, decompress

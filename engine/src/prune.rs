@@ -1,22 +1,30 @@
 //! `prune`: deletes the blobs no snapshot needs, safely while backups run.
 //!
-//! Two phases:
+//! Steps ([`prune`]):
 //! 1. **Mark** (under a shared lock, beside running backups): list the snapshots, walk
 //!    their trees and set one bit per index row they use. Rows are numbered by the index,
 //!    so the mark costs one bit per blob (two with the copy taken before the sweep).
-//!    Packs are then classed by streaming the index in pack order: wholly unused packs
-//!    are condemned; packs whose unused share exceeds `max_unused` are rewritten (their
-//!    used blobs copied, still sealed, into new packs that are durable and indexed before
-//!    anything is deleted); packs written within the `grace` period are left alone, so the
-//!    packs of a backup that has not committed (or was killed: the next backup reuses
-//!    them) survive.
-//! 2. **Sweep** (the lock turned exclusive: it waits until no backup runs, and keeps new
+//! 2. **Plan**: stream the index in pack order. Wholly unused packs are condemned; packs
+//!    whose unused share exceeds `max_unused` are to be rewritten. Packs a writer that
+//!    has not committed may still need are left alone ([`crate::lock::uncommitted_windows`]):
+//!    those written since a running backup (or prune, or repair) started, and those an
+//!    interrupted one wrote while it ran, whose stale lock is still there (the next backup
+//!    reuses them; `repo unlock` lets them go). Nothing else waits: the data of forgotten
+//!    snapshots goes at once.
+//! 3. **Repack** (still shared: backups go on): the used blobs of the packs to rewrite
+//!    are verified and copied, still sealed, into new packs, durable and indexed before
+//!    anything is deleted. A write that fails (a full disk) stops the copying
+//!    (the saver is fail-stop) and the prune fails after its sweep.
+//! 4. **Sweep** (the lock turned exclusive: it waits until no backup runs, and keeps new
 //!    ones waiting only while it deletes): the snapshots committed since the mark are
-//!    walked too; a condemned pack holding a blob one of them uses (a backup deduplicated
-//!    against it) is kept. Then the condemned packs are deleted, index first.
+//!    walked too. A condemned pack is deleted only once every row of it that a snapshot
+//!    needs has a copy in an indexed pack that stays (indexed means durable): a copy that
+//!    was lost, or a blob a backup deduplicated against meanwhile, keeps its pack.
+//!    Deletion goes index first, then the file.
 //!
-//! A kill at any point loses nothing a snapshot needs: every deletion follows the durable
-//! copy of what is still used, and the index is a cache rebuilt from what exists.
+//! A kill or a power loss at any point loses nothing a snapshot needs: every deletion
+//! follows the durable copy of what is still used, and the index is a cache rebuilt
+//! from what exists.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -26,18 +34,20 @@ use fixedbitset::FixedBitSet;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::backend::FileKind;
 use crate::error::{Error, IoContext, Result};
 use crate::id::{BlobId, PackId, SnapshotId};
-use crate::lock::LockKind;
+use crate::lock::{LockKind, Window};
 use crate::repository::Repository;
 use crate::saver::BlobSaver;
+use crate::store::FileKind;
 
 #[derive(Debug, Clone, Copy)]
 pub struct PruneOptions {
     /// Rewrite a pack when more than this share (0..=1) of its bytes is unused.
     pub max_unused: f64,
-    /// Leave packs written within this long alone.
+    /// Also leave packs written within this long alone (for writers this program cannot
+    /// see through locks). Zero by default: the locks of running and interrupted writers
+    /// say what must stay.
     pub grace: Duration,
     /// Plan and report, change nothing.
     pub dry_run: bool,
@@ -49,7 +59,7 @@ impl Default for PruneOptions {
     fn default() -> Self {
         Self {
             max_unused: 0.10,
-            grace: Duration::from_secs(3600),
+            grace: Duration::ZERO,
             dry_run: false,
             lock_wait: Duration::from_secs(3600),
         }
@@ -69,18 +79,24 @@ pub struct PruneReport {
     pub packs_deleted: u64,
     pub packs_repacked: u64,
     pub packs_written: u64,
-    /// Packs with unused blobs left alone because they are younger than the grace period.
+    /// Packs with unused blobs left alone because a writer that has not committed may
+    /// need them (or they are within `grace`).
     pub packs_young: u64,
-    /// Condemned packs kept because a snapshot committed during the prune uses them.
+    /// Who those writers are.
+    pub protected_by: Vec<String>,
+    /// Condemned packs kept because a blob of theirs that a snapshot needs has no copy
+    /// elsewhere (a snapshot committed during the prune uses it, or its copy was lost).
     pub packs_kept_in_use: u64,
-    /// Packs that could not be rewritten (damaged): kept, see the warnings.
+    /// Packs that could not be rewritten because they are damaged: kept, see the warnings.
     pub packs_unreadable: u64,
+    /// Packs not rewritten because writing failed (a full disk): kept.
+    pub packs_not_rewritten: u64,
     pub snapshots_during: u64,
     pub blobs_removed: u64,
     pub bytes_deleted: u64,
     pub bytes_written: u64,
     pub bytes_freed: u64,
-    /// Unused bytes left in packs below the `max_unused` threshold or in the grace period.
+    /// Unused bytes left in packs below the `max_unused` threshold or left alone.
     pub bytes_unused_left: u64,
     pub incomplete_files_removed: u64,
     pub warnings: Vec<String>,
@@ -191,9 +207,51 @@ impl Marks {
 }
 
 /// Prunes `repo`; see the module docs. Takes a shared lock unless this process holds one
-/// already, and turns it exclusive for the sweep.
+/// already, and turns it exclusive for the sweep. When the repack could not write (a
+/// full disk), the sweep still deletes what is safe to delete, and then the prune fails
+/// with that write error: the report's figures are in the error's message.
 pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
     let started = Instant::now();
+    take_lock(repo, opts)?;
+    let mut report = PruneReport {
+        dry_run: opts.dry_run,
+        ..PruneReport::default()
+    };
+    let max_row = repo.index().max_row()?;
+    let (mut marks, before) = mark_snapshots(repo, max_row, &mut report)?;
+    let windows = uncommitted_windows(repo)?;
+    let plan = plan(repo, &marks, max_row, &windows, opts, &mut report)?;
+    if opts.dry_run {
+        report.blobs_removed = plan.iter().map(|p| p.unused_rows).sum();
+        report.bytes_deleted = plan.iter().map(|p| p.size).sum();
+        report.bytes_freed = report.bytes_deleted; // before repack writes; an upper bound
+        report.duration_ms = elapsed_ms(started);
+        return Ok(report);
+    }
+    let repacked = repack(repo, &plan, &marks, &mut report);
+
+    repo.upgrade_lock(opts.lock_wait)?;
+    mark_late_snapshots(repo, &mut marks, &before, &mut report)?;
+    sweep(repo, &plan, &marks, &repacked.unreadable, &mut report)?;
+    let (files, _) = repo
+        .backend()
+        .remove_incomplete(opts.grace)
+        .ctx(|| "removing incomplete files".into())?;
+    report.incomplete_files_removed = files;
+    crate::damage::forget_orphans(repo)?;
+    report.bytes_freed = report.bytes_deleted.saturating_sub(report.bytes_written);
+    report.duration_ms = elapsed_ms(started);
+    if let Err(e) = repo.sync_index() {
+        tracing::warn!("index shard stamps not recorded: {e}");
+    }
+    match repacked.write_error {
+        None => Ok(report),
+        Some(e) => Err(repack_failed(e, &report)),
+    }
+}
+
+/// Takes the shared lock (unless held) and refuses to run beside another prune.
+fn take_lock(repo: &Repository, opts: &PruneOptions) -> Result<()> {
     if !repo.has_lock() {
         repo.lock(LockKind::Shared, "prune", opts.lock_wait)?;
     }
@@ -208,13 +266,15 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
             other.describe()
         )));
     }
-    let mut report = PruneReport {
-        dry_run: opts.dry_run,
-        ..PruneReport::default()
-    };
+    Ok(())
+}
 
-    // ---- mark ----
-    let max_row = repo.index().max_row()?;
+/// Step 1: marks what every snapshot uses; returns the marks and the snapshots seen.
+fn mark_snapshots(
+    repo: &Repository,
+    max_row: u64,
+    report: &mut PruneReport,
+) -> Result<(Marks, Vec<SnapshotId>)> {
     let mut marks = Marks::new(max_row);
     let before: Vec<SnapshotId> = snapshot_ids(repo)?;
     let damaged = crate::damage::all(repo)?;
@@ -233,11 +293,31 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         }
     }
     report.snapshots = before.len() as u64;
+    Ok((marks, before))
+}
 
-    // ---- plan ----
+/// The spans in which writers that have not committed may have written packs.
+fn uncommitted_windows(repo: &Repository) -> Result<Vec<Window>> {
+    let locks = crate::lock::list(repo.backend())?;
+    Ok(crate::lock::uncommitted_windows(
+        &locks,
+        repo.lock_name().as_deref(),
+    ))
+}
+
+/// Step 2: what to delete and what to rewrite.
+fn plan(
+    repo: &Repository,
+    marks: &Marks,
+    max_row: u64,
+    windows: &[Window],
+    opts: &PruneOptions,
+    report: &mut PruneReport,
+) -> Result<Vec<Planned>> {
     let grace_start = SystemTime::now()
         .checked_sub(opts.grace)
         .unwrap_or(SystemTime::UNIX_EPOCH);
+    let mut protectors: HashSet<String> = HashSet::new();
     let mut plan: Vec<Planned> = Vec::new();
     let sizes = repo.index().pack_sizes()?;
     repo.index().scan_by_pack(max_row, &mut |pack, rows| {
@@ -253,12 +333,14 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         }
         let unused = size.saturating_sub(used_bytes);
         report.bytes_unused += unused;
-        let young = repo
-            .backend()
-            .modified(FileKind::Pack, &pack.to_hex())
-            .is_ok_and(|m| m > grace_start);
-        let fate = if young {
+        let modified = repo.backend().modified(FileKind::Pack, &pack.to_hex()).ok();
+        let protector = modified.and_then(|m| windows.iter().find(|w| w.contains(m)));
+        let young = modified.is_some_and(|m| m > grace_start);
+        let fate = if protector.is_some() || young {
             report.packs_young += 1;
+            if let Some(w) = protector {
+                protectors.insert(w.holder.clone());
+            }
             None
         } else if used.is_empty() {
             Some(Fate::Delete)
@@ -278,47 +360,74 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         }
         Ok(())
     })?;
+    report.protected_by = protectors.into_iter().collect();
+    report.protected_by.sort();
     let count = |f: Fate| plan.iter().filter(|p| p.fate == f).count() as u64;
     report.packs_deleted = count(Fate::Delete);
     report.packs_repacked = count(Fate::Repack);
-    if opts.dry_run {
-        report.blobs_removed = plan.iter().map(|p| p.unused_rows).sum();
-        report.bytes_deleted = plan.iter().map(|p| p.size).sum();
-        report.bytes_freed = report.bytes_deleted; // before repack writes; an upper bound
-        report.duration_ms = elapsed_ms(started);
-        return Ok(report);
-    }
+    Ok(plan)
+}
 
-    // ---- repack (still shared: backups go on) ----
+/// What the repack left for the sweep to know.
+struct Repacked {
+    /// Packs whose used blobs did not verify: damaged, kept for `repair`.
+    unreadable: HashSet<PackId>,
+    /// The write that failed, if one did: the prune fails after its sweep.
+    write_error: Option<Error>,
+}
+
+/// Step 3: copies the used blobs of the packs to rewrite. Never fails: what could not be
+/// copied is reported, and the sweep keeps every pack whose used blobs have no durable
+/// copy.
+fn repack(repo: &Repository, plan: &[Planned], marks: &Marks, report: &mut PruneReport) -> Repacked {
     let saver = BlobSaver::new(repo);
     let failed: Mutex<Vec<(PackId, Error)>> = Mutex::new(Vec::new());
-    let marks_ref = &marks;
     plan.par_iter()
         .filter(|p| p.fate == Fate::Repack)
         .for_each(|p| {
-            if let Err(e) = copy_used(repo, &saver, &p.pack, marks_ref) {
-                tracing::warn!("pack {} not rewritten: {e}", p.pack);
+            if let Err(e) = copy_used(repo, &saver, &p.pack, marks) {
                 lock(&failed).push((p.pack, e));
             }
         });
-    saver.flush()?;
-    let failed: HashSet<PackId> = failed
-        .into_inner()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(pack, e)| {
+    let flushed = saver.flush();
+    let mut out = Repacked {
+        unreadable: HashSet::new(),
+        write_error: None,
+    };
+    for (pack, e) in failed.into_inner().unwrap_or_default() {
+        if e.kind() == crate::ErrorKind::Corrupt {
             report.warnings.push(format!(
-                "pack {pack} kept: {e} (run `repo check --read-data`, then `repo repair`)"
+                "pack {pack} kept, not rewritten: {e} (run `repo check --read-data`, then `repo repair`)"
             ));
-            pack
-        })
-        .collect();
+            out.unreadable.insert(pack);
+        } else {
+            report.packs_not_rewritten += 1;
+            tracing::debug!("pack {pack} not rewritten: {e}");
+            out.write_error.get_or_insert(e);
+        }
+    }
+    if let Err(e) = flushed {
+        out.write_error.get_or_insert(e);
+    }
+    let lost = saver.lost_blobs().len();
+    if lost > 0 {
+        report.warnings.push(format!(
+            "{lost} copied blobs were lost with a pack that could not be written; their packs are kept"
+        ));
+    }
     report.packs_written = saver.stats().packs;
     report.bytes_written = saver.stats().pack_bytes;
+    out
+}
 
-    // ---- sweep (exclusive) ----
-    repo.upgrade_lock(opts.lock_wait)?;
-    let copied = marks.used.clone();
+/// Marks what the snapshots committed since the mark use (a backup that deduplicated
+/// against a condemned pack).
+fn mark_late_snapshots(
+    repo: &Repository,
+    marks: &mut Marks,
+    before: &[SnapshotId],
+    report: &mut PruneReport,
+) -> Result<()> {
     let known: HashSet<SnapshotId> = before.iter().copied().collect();
     for id in snapshot_ids(repo)? {
         if known.contains(&id) {
@@ -328,22 +437,38 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         let snap = repo.load_snapshot(&id)?;
         marks.mark_tree(repo, &snap.manifest.root, &id, false)?;
     }
-    for p in &plan {
-        let keep = if p.fate == Fate::Repack && failed.contains(&p.pack) {
+    Ok(())
+}
+
+/// Step 4 (exclusive): deletes the planned packs whose needed blobs all have a copy in a
+/// pack that stays.
+fn sweep(
+    repo: &Repository,
+    plan: &[Planned],
+    marks: &Marks,
+    unreadable: &HashSet<PackId>,
+    report: &mut PruneReport,
+) -> Result<()> {
+    let mut doomed: HashSet<PackId> = plan
+        .iter()
+        .map(|p| p.pack)
+        .filter(|p| !unreadable.contains(p))
+        .collect();
+    for p in plan {
+        let keep = if unreadable.contains(&p.pack) {
             report.packs_unreadable += 1;
             true
-        } else {
-            // A row used now but not when the copies were made: a snapshot committed
-            // during the prune needs this pack.
-            let late = repo.index().pack_rows(&p.pack)?.iter().any(|(row, _)| {
-                marks.is_set(*row) && !(*row <= max_row && copied.contains(*row as usize))
-            });
-            if late {
+        } else if let Some(blob) = uncovered_blob(repo, &p.pack, marks, &doomed)? {
+            tracing::debug!("pack {} kept: blob {blob} has no copy elsewhere", p.pack);
+            if p.fate == Fate::Delete {
                 report.packs_kept_in_use += 1;
             }
-            late
+            true
+        } else {
+            false
         };
         if keep {
+            doomed.remove(&p.pack);
             report.bytes_unused_left += p.size;
             match p.fate {
                 Fate::Delete => report.packs_deleted -= 1,
@@ -358,18 +483,54 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
         report.bytes_deleted += p.size;
         report.blobs_removed += p.unused_rows;
     }
-    let (files, _) = repo
-        .backend()
-        .remove_incomplete(opts.grace)
-        .ctx(|| "removing incomplete files".into())?;
-    report.incomplete_files_removed = files;
-    crate::damage::forget_orphans(repo)?;
-    report.bytes_freed = report.bytes_deleted.saturating_sub(report.bytes_written);
-    report.duration_ms = elapsed_ms(started);
-    if let Err(e) = repo.sync_index() {
-        tracing::warn!("index shard stamps not recorded: {e}");
+    Ok(())
+}
+
+/// A blob of `pack` that a snapshot needs and that no indexed pack outside `doomed`
+/// holds, if there is one.
+fn uncovered_blob(
+    repo: &Repository,
+    pack: &PackId,
+    marks: &Marks,
+    doomed: &HashSet<PackId>,
+) -> Result<Option<BlobId>> {
+    for (row, e) in repo.index().pack_rows(pack)? {
+        if !marks.is_set(row) {
+            continue;
+        }
+        let copies = repo.index().packs_of(&e.id)?;
+        if !copies.iter().any(|c| c != pack && !doomed.contains(c)) {
+            return Ok(Some(e.id));
+        }
     }
-    Ok(report)
+    Ok(None)
+}
+
+/// The error of a prune whose repack could not write, with what it did anyway.
+fn repack_failed(e: Error, r: &PruneReport) -> Error {
+    let full = matches!(&e, Error::Io { source, .. }
+        if source.raw_os_error() == Some(libc::ENOSPC)
+            || source.kind() == std::io::ErrorKind::StorageFull);
+    let cause = if full {
+        "the disk is full".to_owned()
+    } else {
+        e.to_string()
+    };
+    let source = match e {
+        Error::Io { source, .. } => source,
+        other => std::io::Error::other(other.to_string()),
+    };
+    Error::io(
+        format!(
+            "prune could not write the packs it rewrites because {cause}: it deleted {} packs \
+             ({} freed) and kept {} packs whose used data could not be copied; every snapshot \
+             is whole. Free some space and run `repo prune` again",
+            r.packs_deleted + r.packs_repacked,
+            crate::progress::human_bytes(r.bytes_deleted.saturating_sub(r.bytes_written)),
+            r.packs_not_rewritten
+        ),
+        source,
+    )
 }
 
 fn elapsed_ms(started: Instant) -> u64 {
@@ -391,7 +552,8 @@ pub(crate) fn snapshot_ids(repo: &Repository) -> Result<Vec<SnapshotId>> {
 }
 
 /// Verifies the used blobs of `pack` and copies them, still sealed, into the saver's
-/// packs; an error leaves the pack to be kept.
+/// packs. A damaged blob is [`crate::ErrorKind::Corrupt`]; a failed write is the saver's
+/// I/O error.
 fn copy_used(repo: &Repository, saver: &BlobSaver<'_>, pack: &PackId, marks: &Marks) -> Result<()> {
     let bytes = repo
         .backend()

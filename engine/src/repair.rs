@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::backend::FileKind;
+use crate::store::FileKind;
 use crate::damage;
 use crate::error::{IoContext, Result};
-use crate::id::{BlobId, Id, PackId};
+use crate::id::{BlobId, Id, PackId, SnapshotId};
 use crate::lock::LockKind;
 use crate::prune::{snapshot_ids, Marks};
 use crate::repository::Repository;
@@ -41,7 +41,7 @@ pub struct RepairOptions {
 /// A snapshot that refers to lost data.
 #[derive(Debug, Clone, Serialize)]
 pub struct DamagedSnapshot {
-    pub snapshot: String,
+    pub snapshot: SnapshotId,
     pub lost_blobs: u64,
     pub paths_total: u64,
     /// The first paths that cannot be restored whole.
@@ -53,13 +53,13 @@ pub struct RepairReport {
     pub incomplete_files_removed: u64,
     pub packs: u64,
     /// Packs whose trailer did not read, moved to `quarantine/`.
-    pub packs_unreadable: Vec<String>,
+    pub packs_unreadable: Vec<PackId>,
     /// Packs with damaged content, salvaged into new packs and moved to `quarantine/`.
-    pub packs_damaged: Vec<String>,
+    pub packs_damaged: Vec<PackId>,
     pub packs_written: u64,
     pub blobs_salvaged: u64,
     /// Blobs dropped from the repository because they were damaged.
-    pub blobs_damaged: Vec<String>,
+    pub blobs_damaged: Vec<BlobId>,
     /// Packs no snapshot refers to (an interrupted backup's), kept for reuse.
     pub packs_unreferenced: u64,
     pub bytes_unreferenced: u64,
@@ -113,12 +113,15 @@ pub fn repair(repo: &Repository, opts: &RepairOptions) -> Result<RepairReport> {
                 repo.index().add_pack(&p, size, &entries)?;
                 readable.push(p);
             }
+            // Only damage is quarantined: a read that failed (EIO, a lost mount) says
+            // nothing about the pack, and quarantining a good pack loses its blobs.
+            Err(e) if e.kind() != crate::ErrorKind::Corrupt => return Err(e),
             Err(e) => {
                 tracing::warn!("pack {p}: {e}; moved to quarantine/");
                 repo.backend()
                     .quarantine(FileKind::Pack, &p.to_hex())
                     .ctx(|| format!("quarantining pack {p}"))?;
-                report.packs_unreadable.push(p.to_hex());
+                report.packs_unreadable.push(p);
             }
         }
     }
@@ -165,14 +168,14 @@ pub fn repair(repo: &Repository, opts: &RepairOptions) -> Result<RepairReport> {
                 "pack {p}: damaged; {good} blobs salvaged, {} lost; moved to quarantine/",
                 bad.len()
             );
-            report.packs_damaged.push(p.to_hex());
+            report.packs_damaged.push(p);
             report.blobs_salvaged += good;
             lost.extend(bad);
         }
         for b in lost {
             // Lost only if no other pack holds a copy.
             if !repo.index().contains(&b)? {
-                report.blobs_damaged.push(b.to_hex());
+                report.blobs_damaged.push(b);
             }
         }
     }
@@ -208,7 +211,7 @@ pub fn repair(repo: &Repository, opts: &RepairOptions) -> Result<RepairReport> {
         let mark = damage::mark_of(&lost, &paths);
         damage::write(repo, id, &mark)?;
         report.snapshots_damaged.push(DamagedSnapshot {
-            snapshot: id.to_hex(),
+            snapshot: *id,
             lost_blobs: lost.len() as u64,
             paths_total: paths.len() as u64,
             paths: paths.into_iter().take(20).collect(),

@@ -8,7 +8,8 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use zeroize::Zeroizing;
 
-use crate::backend::{Backend, FileKind, LocalBackend};
+use crate::store::{Backend, FileKind, LocalBackend};
+use crate::trust::{Identity, KnownRepositories};
 use crate::blob;
 use crate::config::Config;
 use crate::crypto::{Crypto, Encryption, MasterKey};
@@ -29,7 +30,8 @@ pub type PasswordSource<'a> = &'a dyn Fn() -> Result<Zeroizing<Vec<u8>>>;
 
 /// An open repository: config verified, master key unlocked, index in sync.
 pub struct Repository {
-    path: PathBuf,
+    /// Where it is, for messages ([`Backend::location`]).
+    location: String,
     backend: Arc<dyn Backend>,
     config: Config,
     crypto: Crypto,
@@ -39,6 +41,20 @@ pub struct Repository {
     lock: std::sync::Mutex<Option<Lock>>,
     /// Set once `locate` has relisted every pack after a miss.
     relisted: std::sync::atomic::AtomicBool,
+    /// How many extents a file lists inline in its tree ([`crate::tree::EXTENTS_INLINE`];
+    /// lowered by tests of the extent-list blobs).
+    extents_inline: usize,
+}
+
+/// How to open (or create) a repository, beyond its storage and password.
+#[derive(Debug, Clone, Default)]
+pub struct OpenOptions {
+    /// The index file (created if missing); `None` keeps the index in memory, filled
+    /// from the pack trailers at open.
+    pub index: Option<PathBuf>,
+    /// This host's record of known repositories: opening checks the repository's
+    /// identity against it (and records a new one); creating records it.
+    pub known: Option<KnownRepositories>,
 }
 
 /// Who is doing this, for key files and snapshots.
@@ -58,6 +74,19 @@ pub fn current_user() -> String {
         .map_or_else(|| nix::unistd::geteuid().to_string(), |u| u.name)
 }
 
+/// The backend and options of a repository in a local directory: its path made
+/// absolute (so that it names one place, whatever the working directory), the index in
+/// `index.sqlite` inside it.
+#[must_use]
+pub fn local(path: &Path) -> (Arc<dyn Backend>, OpenOptions) {
+    let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let opts = OpenOptions {
+        index: Some(path.join("index.sqlite")),
+        known: None,
+    };
+    (Arc::new(LocalBackend::new(path)), opts)
+}
+
 impl Repository {
     /// Creates a repository in `path` (which must not hold one, and must be empty if it exists).
     pub fn init(
@@ -72,6 +101,45 @@ impl Repository {
     /// Like [`Self::init`] with settings of the caller's choice (pack size, chunker,
     /// compression), validated as a reader would.
     pub fn init_with(path: &Path, password: &[u8], config: Config, kdf: KdfParams) -> Result<Self> {
+        let (backend, opts) = local(path);
+        Self::init_local(path, backend, &opts, password, config, kdf)
+    }
+
+    /// [`Self::init_on`] for a local directory, which must be new or empty.
+    pub fn init_local(
+        path: &Path,
+        backend: Arc<dyn Backend>,
+        opts: &OpenOptions,
+        password: &[u8],
+        config: Config,
+        kdf: KdfParams,
+    ) -> Result<Self> {
+        if path.join("config").exists() {
+            return Err(Error::InvalidInput(format!(
+                "{}: a repository already exists here",
+                path.display()
+            )));
+        }
+        if path.exists() {
+            let mut entries = std::fs::read_dir(path).ctx(|| path.display().to_string())?;
+            if entries.next().is_some() {
+                return Err(Error::InvalidInput(format!(
+                    "{}: directory is not empty; choose a new or empty directory",
+                    path.display()
+                )));
+            }
+        }
+        Self::init_on(backend, opts, password, config, kdf)
+    }
+
+    /// Creates a repository on `backend`, which must hold none.
+    pub fn init_on(
+        backend: Arc<dyn Backend>,
+        opts: &OpenOptions,
+        password: &[u8],
+        config: Config,
+        kdf: KdfParams,
+    ) -> Result<Self> {
         let encryption = config.encryption;
         config.chunker.validate()?;
         let versions = crate::config::OLDEST_FORMAT_VERSION..=crate::config::FORMAT_VERSION;
@@ -88,25 +156,15 @@ impl Repository {
                 "pack size must be between 1 MiB and 1 GiB".into(),
             ));
         }
-        if path.join("config").exists() {
+        let location = backend.location();
+        if backend.size(FileKind::Config, "config").is_ok() {
             return Err(Error::InvalidInput(format!(
-                "{}: a repository already exists here",
-                path.display()
+                "{location}: a repository already exists here"
             )));
         }
-        if path.exists() {
-            let mut entries = std::fs::read_dir(path).ctx(|| path.display().to_string())?;
-            if entries.next().is_some() {
-                return Err(Error::InvalidInput(format!(
-                    "{}: directory is not empty; choose a new or empty directory",
-                    path.display()
-                )));
-            }
-        }
-        let backend = LocalBackend::new(path);
         backend
             .create_layout()
-            .ctx(|| format!("creating repository {}", path.display()))?;
+            .ctx(|| format!("creating repository {location}"))?;
         let key = MasterKey::generate();
         let crypto = Crypto::new(key.clone(), encryption);
         let keyfile = KeyFile::create(
@@ -125,94 +183,107 @@ impl Repository {
         backend
             .write(FileKind::Config, "config", &config.encode(&crypto))
             .ctx(|| "writing config".into())?;
-        let index = Index::open(&path.join("index.sqlite"))?;
+        if let Some(known) = &opts.known {
+            // A new repository here replaces whatever this host knew at this place.
+            known.accept(&location, &identity_of(&config, &crypto))?;
+        }
         Ok(Self {
-            path: path.to_owned(),
-            backend: Arc::new(backend),
+            location,
+            backend,
             config,
             crypto,
             key_id,
-            index,
+            index: open_index(opts)?,
             lock: std::sync::Mutex::new(None),
             relisted: Default::default(),
+            extents_inline: crate::tree::EXTENTS_INLINE,
         })
     }
 
     /// Reads `config` without a key: tells whether `path` is a repository and of which
     /// version, without asking for a password.
     pub fn peek_config(path: &Path) -> Result<Config> {
-        let backend = LocalBackend::new(path);
-        let bytes = match backend.read(FileKind::Config, "config") {
-            Ok(b) => b,
-            Err(e)
-                if e.kind() == std::io::ErrorKind::NotFound
-                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
-            {
-                return Err(Error::NotARepository {
-                    path: path.to_owned(),
-                })
-            }
-            Err(e) => return Err(Error::io(format!("{}/config", path.display()), e)),
-        };
+        Self::peek_config_on(&LocalBackend::new(path))
+    }
+
+    /// [`Self::peek_config`] of a repository on any backend.
+    pub fn peek_config_on(backend: &dyn Backend) -> Result<Config> {
+        let bytes = read_config(backend)?;
         Config::decode_unverified(&bytes)
     }
 
-    /// Opens the repository at `path`, asking `password` only when it is encrypted.
+    /// Opens the repository at `path`, asking `password` only when it is encrypted. The
+    /// identity is not checked against this host's known repositories: callers that
+    /// face a storage host they do not trust use [`Self::open_with`].
     pub fn open(path: &Path, password: PasswordSource<'_>) -> Result<Self> {
-        let backend = LocalBackend::new(path);
-        let config = Self::peek_config(path)?;
-        let raw_config = backend
-            .read(FileKind::Config, "config")
-            .ctx(|| "reading config".into())?;
-        let keys = backend.list(FileKind::Key).ctx(|| "listing keys".into())?;
-        if keys.is_empty() {
-            return Err(Error::corrupt("keys/", "the repository has no key file"));
-        }
-        let pw = match config.encryption {
-            Encryption::None => Zeroizing::new(Vec::new()),
-            Encryption::Aes256Gcm => password()?,
-        };
-        let mut unlocked = None;
-        for name in &keys {
-            let Ok(id) = name.parse::<KeyId>() else {
-                continue;
-            };
-            let bytes = backend
-                .read(FileKind::Key, name)
-                .ctx(|| format!("reading keys/{name}"))?;
-            let kf = match KeyFile::from_json(&bytes, &id) {
-                Ok(k) => k,
-                Err(e) => {
-                    tracing::warn!("skipping unreadable key file: {e}");
-                    continue;
-                }
-            };
-            if let Some(k) = kf.unwrap_key(&pw)? {
-                unlocked = Some((id, k));
-                break;
-            }
-        }
-        let (key_id, key) = unlocked.ok_or(Error::WrongPassword)?;
+        let (backend, opts) = local(path);
+        Self::open_with(backend, &opts, password)
+    }
+
+    /// Opens the repository on `backend`: reads and checks `config`, unlocks the master
+    /// key with `password` (asked only when the repository is encrypted), checks the
+    /// repository's identity against `opts.known`, and brings the index in sync.
+    pub fn open_with(
+        backend: Arc<dyn Backend>,
+        opts: &OpenOptions,
+        password: PasswordSource<'_>,
+    ) -> Result<Self> {
+        let location = backend.location();
+        let raw_config = read_config(backend.as_ref())?;
+        let config = Config::decode_unverified(&raw_config)?;
+        let (key_id, key) = unlock(backend.as_ref(), config.encryption, password)?;
         let crypto = Crypto::new(key, config.encryption);
         Config::verify(&raw_config, &crypto)?;
-        let index = Index::open(&path.join("index.sqlite"))?;
+        if let Some(known) = &opts.known {
+            let seen = known.check(&location, &identity_of(&config, &crypto))?;
+            if seen == crate::trust::Seen::New {
+                tracing::info!(
+                    "first use of repository {} on this host: its identity (master key {}) is recorded in {}",
+                    location,
+                    crate::trust::KeyFingerprint::of(crypto.master_key()),
+                    known.path().display()
+                );
+            }
+        }
         let repo = Self {
-            path: path.to_owned(),
-            backend: Arc::new(backend),
+            location,
+            backend,
             config,
             crypto,
             key_id,
-            index,
+            index: open_index(opts)?,
             lock: std::sync::Mutex::new(None),
             relisted: Default::default(),
+            extents_inline: crate::tree::EXTENTS_INLINE,
         };
         repo.sync_index()?;
         Ok(repo)
     }
 
+    /// How many extents a file lists inline in its tree before its list goes to
+    /// extent-list blobs (format 2).
     #[must_use]
-    pub fn path(&self) -> &Path {
-        &self.path
+    pub fn extents_inline(&self) -> usize {
+        self.extents_inline
+    }
+
+    /// Lowers [`Self::extents_inline`] (1 to [`crate::tree::EXTENTS_INLINE`]), so that a
+    /// test makes list blobs without a file of millions of chunks. Readers accept any
+    /// split, so this changes how new trees are stored, never what they mean.
+    pub fn set_extents_inline(&mut self, n: usize) {
+        self.extents_inline = n.clamp(1, crate::tree::EXTENTS_INLINE);
+    }
+
+    /// Where the repository is, for messages.
+    #[must_use]
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// What makes this repository the one a host knew ([`crate::trust`]).
+    #[must_use]
+    pub fn identity(&self) -> Identity {
+        identity_of(&self.config, &self.crypto)
     }
 
     #[must_use]
@@ -255,6 +326,12 @@ impl Repository {
         }
         *held = Some(Lock::acquire(self.backend.clone(), kind, operation, wait)?);
         Ok(())
+    }
+
+    /// The name of the lock this process holds, if any.
+    #[must_use]
+    pub fn lock_name(&self) -> Option<String> {
+        self.held_lock().as_ref().map(|l| l.name().to_owned())
     }
 
     /// Whether this process holds a lock on the repository.
@@ -528,9 +605,14 @@ impl Repository {
         let name = pack.to_hex();
         let what = || format!("pack {pack}");
         let size = self.backend.size(FileKind::Pack, &name).ctx(what)?;
-        if size < FOOTER_LEN as u64 {
-            return Err(Error::corrupt(what(), "shorter than a footer"));
+        if size < (pack::HEADER_LEN + FOOTER_LEN) as u64 {
+            return Err(Error::corrupt(what(), "shorter than a pack"));
         }
+        let header = self
+            .backend
+            .read_at(FileKind::Pack, &name, 0, pack::HEADER_LEN)
+            .ctx(what)?;
+        pack::check_header(pack, &header)?;
         let footer = self
             .backend
             .read_at(FileKind::Pack, &name, size - FOOTER_LEN as u64, FOOTER_LEN)
@@ -641,4 +723,88 @@ impl Repository {
         self.index.clear()?;
         self.sync_index()
     }
+}
+
+fn identity_of(config: &Config, crypto: &Crypto) -> Identity {
+    Identity {
+        id: config.id,
+        encryption: config.encryption,
+        key: crate::trust::KeyFingerprint::of(crypto.master_key()),
+    }
+}
+
+fn open_index(opts: &OpenOptions) -> Result<Index> {
+    match &opts.index {
+        Some(path) => Index::open(path),
+        None => Index::in_memory(),
+    }
+}
+
+/// The bytes of `config`, or [`Error::NotARepository`] when there is none.
+fn read_config(backend: &dyn Backend) -> Result<Vec<u8>> {
+    match backend.read(FileKind::Config, "config") {
+        Ok(b) => Ok(b),
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(libc::ENOTDIR) =>
+        {
+            Err(Error::NotARepository {
+                path: PathBuf::from(backend.location()),
+            })
+        }
+        Err(e) => Err(Error::io(format!("{}/config", backend.location()), e)),
+    }
+}
+
+/// Finds the key file that `password` opens (asked only for an encrypted repository).
+/// A key file of the other kind than the repository's encryption (one that opens
+/// without a password in an encrypted repository, or the reverse) is refused: it can
+/// only have been planted.
+fn unlock(
+    backend: &dyn Backend,
+    encryption: Encryption,
+    password: PasswordSource<'_>,
+) -> Result<(KeyId, MasterKey)> {
+    let keys = backend.list(FileKind::Key).ctx(|| "listing keys".into())?;
+    if keys.is_empty() {
+        return Err(Error::corrupt("keys/", "the repository has no key file"));
+    }
+    let pw = match encryption {
+        Encryption::None => Zeroizing::new(Vec::new()),
+        Encryption::Aes256Gcm => password()?,
+    };
+    let expected = match encryption {
+        Encryption::None => "none",
+        Encryption::Aes256Gcm => "argon2id",
+    };
+    for name in &keys {
+        let Ok(id) = name.parse::<KeyId>() else {
+            continue;
+        };
+        let bytes = backend
+            .read(FileKind::Key, name)
+            .ctx(|| format!("reading keys/{name}"))?;
+        let kf = match KeyFile::from_json(&bytes, &id) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!("skipping unreadable key file: {e}");
+                continue;
+            }
+        };
+        if kf.kdf.algorithm != expected {
+            return Err(Error::corrupt(
+                format!("keys/{name}"),
+                format!(
+                    "a key file of kind {:?} in a repository whose encryption needs {expected:?}: \
+                     it was not written by cairn and may have been planted to substitute the \
+                     master key; nothing was opened (remove it if you know where it came from)",
+                    kf.kdf.algorithm
+                ),
+            ));
+        }
+        if let Some(k) = kf.unwrap_key(&pw)? {
+            return Ok((id, k));
+        }
+    }
+    Err(Error::WrongPassword)
 }

@@ -4,10 +4,18 @@
 //! repository: an id already indexed (durable in a pack) or already taken by this run is
 //! skipped. The compression and encryption happen on the caller's thread, into a buffer
 //! that thread reuses for every blob; only appending to the open pack takes a lock. The
-//! open pack is a file being written ([`crate::backend::NewFile`]): blobs go to it as
+//! open pack is a file being written ([`crate::store::NewFile`]): blobs go to it as
 //! they come, and a pack is never held in memory. A full pack is finished (trailer,
 //! fsync, rename) by the thread that filled it, outside the lock, and indexed only once
 //! durable.
+//!
+//! **Fail-stop.** A blob is acknowledged (its `save` returns) once it is in the open
+//! pack, before that pack is durable. If the pack is then lost (a write, fsync or rename
+//! fails: a full disk), every blob acknowledged into it is lost with it. From then on
+//! every call fails, [`BlobSaver::flush`] included, so that nothing that refers to those
+//! blobs can be committed, and [`BlobSaver::lost_blobs`] names them. A caller that only
+//! copies blobs (a prune's repack) must check, before it deletes an original, that its
+//! copy is in an indexed pack: indexed means durable.
 //!
 //! Memory: the encoding buffer of each calling thread (the largest blob it encoded, at
 //! most a chunk plus zstd's bound), the open pack's write buffer (256 KiB) and entries
@@ -19,26 +27,13 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::backend::{FileKind, NewFile};
+use crate::store::{FileKind, NewFile};
 use crate::blob::{self, BlobKind};
 use crate::error::{IoContext, Result};
 use crate::id::BlobId;
 use crate::pack::{FinishedPack, PackEntry, PackWriter};
 use crate::repository::Repository;
-use crate::tree::{Tree, EXTENTS_INLINE};
-
-/// How many extents a file lists inline: [`EXTENTS_INLINE`], or for tests of the list
-/// blobs without a file of millions of chunks, `CAIRN_TESTONLY_EXTENTS_INLINE`.
-fn extents_inline() -> usize {
-    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| {
-        std::env::var("CAIRN_TESTONLY_EXTENTS_INLINE")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&n| n > 0 && n <= EXTENTS_INLINE)
-            .unwrap_or(EXTENTS_INLINE)
-    })
-}
+use crate::tree::Tree;
 
 /// What a run added to the repository.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -62,6 +57,17 @@ pub struct BlobSaver<'r> {
     bytes_stored: AtomicU64,
     packs: AtomicU64,
     pack_bytes: AtomicU64,
+    /// Set once a pack holding acknowledged blobs was lost (see the module docs).
+    lost: Mutex<Option<Lost>>,
+}
+
+/// Why a saver stopped, and what it lost.
+struct Lost {
+    /// Blobs acknowledged into packs that never became durable.
+    blobs: Vec<BlobId>,
+    kind: std::io::ErrorKind,
+    errno: Option<i32>,
+    message: String,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -85,7 +91,67 @@ impl<'r> BlobSaver<'r> {
             bytes_stored: AtomicU64::new(0),
             packs: AtomicU64::new(0),
             pack_bytes: AtomicU64::new(0),
+            lost: Mutex::new(None),
         }
+    }
+
+    /// Fails once the saver has lost a pack (see the module docs).
+    fn ensure_whole(&self) -> Result<()> {
+        match &*lock(&self.lost) {
+            None => Ok(()),
+            Some(l) => {
+                let source = match l.errno {
+                    Some(e) => std::io::Error::from_raw_os_error(e),
+                    None => std::io::Error::new(l.kind, l.message.clone()),
+                };
+                Err(crate::Error::io(
+                    format!(
+                        "an earlier pack write failed ({}), losing {} blobs saved into it; \
+                         nothing more is saved",
+                        l.message,
+                        l.blobs.len()
+                    ),
+                    source,
+                ))
+            }
+        }
+    }
+
+    /// Records the loss of a pack whose acknowledged blobs are `entries`; returns the
+    /// error for the caller that saw it happen.
+    fn lose(&self, entries: &[PackEntry], e: std::io::Error, what: &str) -> crate::Error {
+        let mut lost = lock(&self.lost);
+        let l = lost.get_or_insert_with(|| Lost {
+            blobs: Vec::new(),
+            kind: e.kind(),
+            errno: e.raw_os_error(),
+            message: e.to_string(),
+        });
+        l.blobs.extend(entries.iter().map(|e| e.id));
+        drop(lost);
+        // Those ids are no longer "in a pack of this run".
+        let mut taken = lock(&self.taken);
+        for entry in entries {
+            taken.remove(&entry.id);
+        }
+        drop(taken);
+        tracing::error!(
+            "{what} failed ({e}): {} blobs saved into it are lost; stopping",
+            entries.len()
+        );
+        crate::Error::io(
+            format!("{what} ({} blobs saved into it lost with it)", entries.len()),
+            e,
+        )
+    }
+
+    /// The blobs acknowledged into packs that were lost (empty while the saver is whole).
+    #[must_use]
+    pub fn lost_blobs(&self) -> Vec<BlobId> {
+        lock(&self.lost)
+            .as_ref()
+            .map(|l| l.blobs.clone())
+            .unwrap_or_default()
     }
 
     /// Stores `data` unless the repository has it. Returns its id and the bytes it added
@@ -105,6 +171,7 @@ impl<'r> BlobSaver<'r> {
                 blob::MAX_BLOB_LEN >> 20
             )));
         }
+        self.ensure_whole()?;
         let id = self.repo.crypto().blob_id(data);
         if !lock(&self.taken).insert(id) {
             return Ok((id, 0)); // in a pack of this run that is not indexed yet
@@ -114,11 +181,16 @@ impl<'r> BlobSaver<'r> {
             return Ok((id, 0));
         }
         let level = self.repo.config().compression_level;
-        let stored_len = ENCODED.with(|cell| {
-            let mut buf = cell.borrow_mut();
-            let n = blob::encode_into(self.repo.crypto(), kind, &id, data, level, &mut buf);
-            self.append(id, kind, &buf[..n], data.len()).map(|()| n)
-        })? as u64;
+        let stored_len = ENCODED
+            .with(|cell| {
+                let mut buf = cell.borrow_mut();
+                let n = blob::encode_into(self.repo.crypto(), kind, &id, data, level, &mut buf);
+                self.append(id, kind, &buf[..n], data.len()).map(|()| n)
+            })
+            .inspect_err(|_| {
+                // Not in any pack: a later save of the same content must store it.
+                lock(&self.taken).remove(&id);
+            })? as u64;
         self.blobs_new.fetch_add(1, Ordering::Relaxed);
         self.bytes_new
             .fetch_add(data.len() as u64, Ordering::Relaxed);
@@ -137,7 +209,7 @@ impl<'r> BlobSaver<'r> {
         let version = self.repo.config().version;
         let lists = version >= crate::config::EXTENT_LISTS_VERSION;
         if lists {
-            tree.move_out_long_content(extents_inline(), |list| {
+            tree.move_out_long_content(self.repo.extents_inline(), |list| {
                 let (id, n) = self.save(BlobKind::Tree, list)?;
                 stored += n;
                 Ok(id)
@@ -160,6 +232,7 @@ impl<'r> BlobSaver<'r> {
     /// Appends an already stored (sealed) blob as it is, without deduplication: a repack
     /// copying a blob out of a pack that is about to go. The caller verified it.
     pub fn add_stored(&self, entry: &PackEntry, stored: &[u8]) -> Result<()> {
+        self.ensure_whole()?;
         self.append(entry.id, entry.kind, stored, entry.raw_length as usize)
     }
 
@@ -168,6 +241,9 @@ impl<'r> BlobSaver<'r> {
     fn append(&self, id: BlobId, kind: BlobKind, stored: &[u8], raw_length: usize) -> Result<()> {
         let full = {
             let mut open = lock(&self.open);
+            // Checked under the lock: a pack lost by another thread may have held blobs
+            // this call would otherwise join.
+            self.ensure_whole()?;
             let pack = match &mut *open {
                 Some(p) => p,
                 None => {
@@ -180,9 +256,10 @@ impl<'r> BlobSaver<'r> {
                 }
             };
             if let Err(e) = pack.add(id, kind, stored, raw_length) {
-                // The pack is unusable: drop it (its file goes with it).
+                // The pack is unusable, and with it what it acknowledged: fail-stop.
+                let lost = pack.entries().to_vec();
                 *open = None;
-                return Err(e).ctx(|| "writing a pack".into());
+                return Err(self.lose(&lost, e, "writing a pack"));
             }
             if pack.len() >= u64::from(self.repo.config().pack_size) {
                 open.take()
@@ -198,17 +275,25 @@ impl<'r> BlobSaver<'r> {
 
     /// Finishes a pack, makes it durable under its id, then indexes it.
     fn write_pack(&self, pack: OpenPack<'r>) -> Result<()> {
+        let acknowledged = pack.entries().to_vec();
         let FinishedPack {
             id,
             len,
             entries,
             out,
-        } = pack
-            .finish(self.repo.crypto())
-            .ctx(|| "writing a pack".into())?;
-        out.commit(&id.to_hex())
-            .ctx(|| format!("writing pack {id}"))?;
-        self.repo.index().add_pack(&id, len, &entries)?;
+        } = match pack.finish(self.repo.crypto()) {
+            Ok(f) => f,
+            Err(e) => return Err(self.lose(&acknowledged, e, "writing a pack")),
+        };
+        if let Err(e) = out.commit(&id.to_hex()) {
+            return Err(self.lose(&acknowledged, e, &format!("writing pack {id}")));
+        }
+        if let Err(e) = self.repo.index().add_pack(&id, len, &entries) {
+            // Durable but not indexed: the next open indexes it (the index is a cache),
+            // but this run cannot vouch for its blobs.
+            let err = std::io::Error::other(e.to_string());
+            return Err(self.lose(&acknowledged, err, &format!("indexing pack {id}")));
+        }
         // Indexed: from now on the index answers for these blobs.
         let mut taken = lock(&self.taken);
         for e in &entries {
@@ -223,6 +308,7 @@ impl<'r> BlobSaver<'r> {
     /// Writes the last, partly filled pack. Call before referring to the saved blobs
     /// from a snapshot.
     pub fn flush(&self) -> Result<()> {
+        self.ensure_whole()?;
         let Some(pack) = lock(&self.open).take() else {
             return Ok(());
         };
@@ -310,7 +396,7 @@ mod tree_tests {
     use super::*;
     use crate::config::Config;
     use crate::crypto::Encryption;
-    use crate::tree::{Extent, Node, NodeKind};
+    use crate::tree::{Extent, Node, NodeKind, EXTENTS_INLINE};
 
     /// A tree of one file of `n` one-byte extents, alternately data and holes (the data
     /// blobs need not exist: only the lists are read back).

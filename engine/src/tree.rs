@@ -315,6 +315,20 @@ impl Tree {
     }
 }
 
+/// How deep directories may nest in a snapshot. Deeper is refused when backing up (the
+/// directory is skipped with a warning) and when reading a snapshot (its trees are
+/// corrupt): the walks recurse, and a crafted snapshot must not overflow their stack.
+pub const MAX_DEPTH: usize = 1024;
+
+/// The error for a tree nested deeper than [`MAX_DEPTH`].
+#[must_use]
+pub fn too_deep(tree: &BlobId) -> crate::Error {
+    crate::Error::corrupt(
+        format!("tree {tree}"),
+        format!("directories nested more than {MAX_DEPTH} deep"),
+    )
+}
+
 /// Most extents a node lists in its tree, and most an extent-list blob holds: 65536, a
 /// list blob of about 3 MiB, and 32 GiB of a file at the default average chunk size.
 pub const EXTENTS_INLINE: usize = 1 << 16;

@@ -75,6 +75,9 @@ pub fn walk(
     base: &Path,
     f: &mut dyn FnMut(&Path, &Node) -> Result<bool>,
 ) -> Result<()> {
+    if base.components().count() > crate::tree::MAX_DEPTH {
+        return Err(crate::tree::too_deep(tree));
+    }
     let t = repo.load_tree(tree)?;
     for n in &t.nodes {
         let p = join(base, &n.name);
@@ -101,6 +104,9 @@ pub fn collect<T: Send>(
     keep: &(dyn Fn(&Path, &Node) -> bool + Sync),
     make: &(dyn Fn(PathBuf, Node) -> T + Sync),
 ) -> Result<Vec<T>> {
+    if base.components().count() > crate::tree::MAX_DEPTH {
+        return Err(crate::tree::too_deep(tree));
+    }
     let t = repo.load_tree(tree)?;
     let parts: Vec<Vec<T>> = t
         .nodes

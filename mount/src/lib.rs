@@ -68,7 +68,7 @@ pub fn mount(
     mountpoint: &Path,
     opts: &MountOptions,
 ) -> io::Result<fuser::BackgroundSession> {
-    let fsname = format!("cairn:{}", repo.path().display());
+    let fsname = format!("cairn:{}", repo.location());
     let view = Arc::new(View::new(repo, opts.view.clone()).map_err(io::Error::other)?);
     let mut config = Config::default();
     config.mount_options = vec![

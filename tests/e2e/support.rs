@@ -53,6 +53,8 @@ impl Env {
         c.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", self.dir.path())
+            // Host state (known repositories, sessions) of this test only.
+            .env("CAIRN_STATE_DIR", self.dir.path().join("state"))
             .env("REPO_CONFIG", self.dir.path().join("no-config"))
             .env("REPO_REPOSITORY", &self.repo)
             .env("REPO_PASSWORD", PASSWORD)

@@ -118,12 +118,12 @@ fn pack_write(c: &mut Criterion) {
         });
     });
     let dir = tempfile::tempdir().unwrap();
-    let backend = cairn_engine::backend::LocalBackend::new(dir.path().join("r"));
-    backend.create_layout().unwrap();
+    let backend = cairn_engine::store::LocalBackend::new(dir.path().join("r"));
+    cairn_engine::store::Backend::create_layout(&backend).unwrap();
     g.bench_function(
         "... streamed to a file, made durable (fsync, rename)",
         |b| {
-            use cairn_engine::backend::{Backend, FileKind};
+            use cairn_engine::store::{Backend, FileKind};
             b.iter(|| {
                 let file = backend.create(FileKind::Pack).unwrap();
                 let mut w = PackWriter::new(file).unwrap();

@@ -69,19 +69,21 @@ pub fn init(s: &Settings, g: &Global, o: &InitOptions) -> Result<u8> {
         std::fs::create_dir_all(parent)
             .with_context(|| format!("creating {}", parent.display()))?;
     }
-    let repo = Repository::init_with(&s.repo, &pw, config, open::kdf_params())?;
+    let (backend, opts) = s.location();
+    let repo = Repository::init_local(&s.repo, backend, &opts, &pw, config, open::kdf_params())?;
     if g.json {
         format::print_json(&json!({
             "id": repo.config().id.to_hex(),
-            "path": repo.path(),
+            "path": repo.location(),
             "encryption": encryption,
             "format_version": repo.config().version,
+            "key_fingerprint": cairn_engine::trust::KeyFingerprint::of(repo.crypto().master_key()).to_string(),
         }));
     } else if !g.quiet {
         println!(
             "created repository {} at {}",
             repo.config().id.short(),
-            repo.path().display()
+            repo.location()
         );
         if encryption == Encryption::Aes256Gcm {
             println!("keep the password safe: without it the data cannot be read");
@@ -265,4 +267,110 @@ pub fn check(s: &Settings, g: &Global, read_data: bool, subset: Option<(u32, u32
         }
     }
     Ok(if report.ok() { exit::OK } else { exit::DAMAGED })
+}
+
+/// `repo trust`: the repository's identity against this host's record.
+pub fn trust(s: &Settings, g: &Global, accept: bool, list: bool) -> Result<u8> {
+    let known = cairn_engine::trust::KnownRepositories::of_this_host();
+    if list {
+        let all = known.list()?;
+        if g.json {
+            format::print_json(&json!(all));
+        } else {
+            for k in &all {
+                println!(
+                    "{}  id {}  {}  key {}  since {}",
+                    k.location,
+                    k.identity.id.short(),
+                    encryption_name(k.identity.encryption),
+                    k.identity.key,
+                    k.first_seen.format("%Y-%m-%d %H:%M UTC")
+                );
+            }
+            if all.is_empty() && !g.quiet {
+                println!("no known repositories in {}", known.path().display());
+            }
+        }
+        return Ok(exit::OK);
+    }
+    let repo = s.open_trusting(false)?;
+    let identity = repo.identity();
+    let location = repo.location().to_owned();
+    if accept {
+        let replaced = known.accept(&location, &identity)?;
+        if g.json {
+            format::print_json(&json!({ "accepted": identity, "replaced": replaced }));
+        } else if !g.quiet {
+            for k in &replaced {
+                if k.identity != identity || k.location != location {
+                    println!(
+                        "forgot: {} id {} {} key {}",
+                        k.location,
+                        k.identity.id.short(),
+                        encryption_name(k.identity.encryption),
+                        k.identity.key
+                    );
+                }
+            }
+            println!(
+                "accepted: {location} id {} {} key {}",
+                identity.id.short(),
+                encryption_name(identity.encryption),
+                identity.key
+            );
+        }
+        return Ok(exit::OK);
+    }
+    let recorded: Vec<_> = known
+        .list()?
+        .into_iter()
+        .filter(|k| k.location == location || k.identity.id == identity.id)
+        .collect();
+    let changed = recorded.iter().any(|k| k.identity != identity);
+    if g.json {
+        format::print_json(&json!({
+            "location": location,
+            "identity": identity,
+            "known": recorded,
+            "changed": changed,
+        }));
+    } else {
+        println!("repository {location}");
+        println!("  id          {}", identity.id);
+        println!("  encryption  {}", encryption_name(identity.encryption));
+        println!("  master key  {}", identity.key);
+        if recorded.is_empty() {
+            println!("not known on this host yet: the next command records it");
+        }
+        for k in &recorded {
+            if k.identity == identity {
+                println!(
+                    "known on this host since {} (at {}): unchanged",
+                    k.first_seen.format("%Y-%m-%d %H:%M UTC"),
+                    k.location
+                );
+            } else {
+                println!(
+                    "CHANGED: this host knew {} as id {} {} key {}; if that change is yours, \
+                     run `repo trust --accept`",
+                    k.location,
+                    k.identity.id.short(),
+                    encryption_name(k.identity.encryption),
+                    k.identity.key
+                );
+            }
+        }
+    }
+    Ok(if changed {
+        exit::IDENTITY_CHANGED
+    } else {
+        exit::OK
+    })
+}
+
+fn encryption_name(e: Encryption) -> &'static str {
+    match e {
+        Encryption::Aes256Gcm => "aes-256-gcm",
+        Encryption::None => "none",
+    }
 }

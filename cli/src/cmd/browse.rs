@@ -285,7 +285,7 @@ pub fn stats(s: &Settings, g: &Global, spec: Option<&str>, f: &Filter) -> Result
             "compression_ratio": ratio(t.raw_bytes, t.stored_bytes),
         }));
     } else {
-        println!("repository {}", repo.path().display());
+        println!("repository {}", repo.location());
         println!("  snapshots      {}", snaps.len());
         println!("  logical size   {} (sum over snapshots)", bytes(logical));
         println!(

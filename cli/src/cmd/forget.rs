@@ -1,31 +1,18 @@
-//! `repo forget`: applies a keep policy to each group of snapshots (by host and source)
-//! and removes the manifests of those it does not keep. Data is not touched: the blobs
-//! of forgotten snapshots stay until a prune, so a forget is cheap and, until then,
-//! reversible by nobody but also harmful to nothing running.
+//! `repo forget`: removes the manifests of the snapshots a keep policy does not keep
+//! (by host and source), or of the snapshots named; the engine plans
+//! (`cairn_engine::forget`), this prints. Data stays until a prune, which frees it at
+//! once.
 
-use std::collections::BTreeMap;
-
-use anyhow::{bail, Result};
+use anyhow::Result;
+use cairn_engine::forget::{self, ForgetPlan};
 use cairn_engine::lock::LockKind;
-use cairn_engine::retention::{self, Candidate, KeepPolicy};
-use cairn_engine::snapshot::Snapshot;
+use cairn_engine::retention::KeepPolicy;
 use serde_json::json;
 
 use crate::args::{ForgetArgs, Global};
 use crate::exit;
 use crate::format;
 use crate::open::Settings;
-
-fn group_key(s: &Snapshot, by: &[&str]) -> String {
-    by.iter()
-        .map(|k| match *k {
-            "host" => s.manifest.host.clone(),
-            "source" => s.manifest.source_label(),
-            _ => String::new(),
-        })
-        .collect::<Vec<_>>()
-        .join(" / ")
-}
 
 pub fn run(s: &Settings, g: &Global, a: &ForgetArgs) -> Result<u8> {
     let policy = KeepPolicy {
@@ -38,90 +25,78 @@ pub fn run(s: &Settings, g: &Global, a: &ForgetArgs) -> Result<u8> {
         within: a.keep_within,
         tags: a.keep_tag.clone(),
     };
-    if policy.is_empty() {
-        bail!("no keep rule given: that would remove every snapshot (give --keep-last, --keep-daily, ...)");
-    }
-    let by: Vec<&str> = a
-        .group_by
-        .split(',')
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-        .collect();
-    if let Some(bad) = by.iter().find(|k| !matches!(**k, "host" | "source")) {
-        bail!("--group-by {bad:?}: use host, source or both");
+    let group_by = forget::parse_group_by(&a.group_by)?;
+    if !a.snapshots.is_empty() && !policy.is_empty() {
+        anyhow::bail!("give either snapshots to forget or keep rules, not both");
     }
     let repo = s.open_locked(LockKind::Shared, "forget")?;
-    let filter = super::engine_filter(&a.filter);
-    let mut groups: BTreeMap<String, Vec<Snapshot>> = BTreeMap::new();
-    for snap in repo.snapshots()? {
-        if filter.matches(&snap.manifest) {
-            groups.entry(group_key(&snap, &by)).or_default().push(snap);
-        }
+    let all = repo.snapshots()?;
+    let plan = if a.snapshots.is_empty() {
+        forget::plan_policy(&all, &policy, &group_by, &super::engine_filter(&a.filter))?
+    } else {
+        forget::plan_named(&all, &a.snapshots)?
+    };
+    if !g.json && !g.quiet {
+        print_plan(&plan);
     }
-    let mut out = Vec::new();
-    let mut removed = 0usize;
-    for (key, snaps) in &groups {
-        let cands: Vec<Candidate> = snaps
-            .iter()
-            .map(|s| Candidate {
-                time: s.manifest.time,
-                tags: s.manifest.tags.clone(),
-            })
-            .collect();
-        let decisions = retention::apply(&policy, &cands);
-        if !g.json && !g.quiet {
-            println!("group {key}:");
-        }
-        for (snap, reasons) in snaps.iter().zip(&decisions) {
-            let keep = !reasons.is_empty();
-            let why: Vec<String> = reasons.iter().map(ToString::to_string).collect();
-            if !g.json && !g.quiet {
-                println!(
-                    "  {} {}  {:<6} {}",
-                    snap.id.short(),
-                    snap.manifest.time.format("%Y-%m-%d %H:%M:%S UTC"),
-                    if keep { "keep" } else { "remove" },
-                    why.join(", ")
-                );
-            }
-            out.push(json!({
-                "id": snap.id.to_hex(), "group": key, "time": snap.manifest.time,
-                "keep": keep, "reasons": why,
-            }));
-            if !keep {
-                if !a.dry_run {
-                    repo.remove_snapshot(&snap.id)?;
-                }
-                removed += 1;
-            }
-        }
-    }
-    if g.json && a.prune {
-        let opts = super::maint::prune_options(s, &a.prune_args, a.dry_run);
-        let report = cairn_engine::prune::prune(&repo, &opts)?;
-        format::print_json(&json!({ "dry_run": a.dry_run, "snapshots": out, "prune": report }));
-        return Ok(exit::OK);
-    }
-    if g.json {
-        format::print_json(&json!({ "dry_run": a.dry_run, "snapshots": out }));
-    } else if !g.quiet {
-        println!(
-            "{} {removed} of {} snapshots{}",
-            if a.dry_run { "would remove" } else { "removed" },
-            out.len(),
-            if a.dry_run {
-                " (dry run)"
-            } else {
-                "; their data stays until a prune"
-            }
-        );
-    }
-    if a.prune {
+    let removed = if a.dry_run {
+        plan.removed().count()
+    } else {
+        forget::apply(&repo, &plan)?
+    };
+    let prune = if a.prune {
         if !g.json && !g.quiet {
             println!("pruning:");
         }
         let opts = super::maint::prune_options(s, &a.prune_args, a.dry_run);
-        return super::maint::prune_open(&repo, g, &opts);
+        Some(cairn_engine::prune::prune(&repo, &opts)?)
+    } else {
+        None
+    };
+    if g.json {
+        let mut out = json!({ "dry_run": a.dry_run, "snapshots": plan.decisions });
+        if let Some(r) = &prune {
+            out["prune"] = json!(r);
+        }
+        format::print_json(&out);
+    } else if !g.quiet {
+        println!(
+            "{} {removed} of {} snapshots{}",
+            if a.dry_run { "would remove" } else { "removed" },
+            plan.decisions.len(),
+            if a.dry_run {
+                " (dry run)"
+            } else if a.prune {
+                ""
+            } else {
+                "; their data stays until a prune"
+            }
+        );
+        if let Some(r) = &prune {
+            super::maint::print_prune(r);
+        }
+    }
+    if let Some(r) = &prune {
+        for w in &r.warnings {
+            tracing::warn!("{w}");
+        }
     }
     Ok(exit::OK)
+}
+
+fn print_plan(plan: &ForgetPlan) {
+    let mut group: Option<&str> = None;
+    for d in &plan.decisions {
+        if group != Some(d.group.as_str()) {
+            println!("group {}:", d.group);
+            group = Some(&d.group);
+        }
+        println!(
+            "  {} {}  {:<6} {}",
+            d.id.short(),
+            d.time.format("%Y-%m-%d %H:%M:%S UTC"),
+            if d.keep { "keep" } else { "remove" },
+            d.reasons.join(", ")
+        );
+    }
 }

@@ -41,7 +41,7 @@ pub fn prune_open(repo: &Repository, g: &Global, opts: &PruneOptions) -> Result<
     Ok(exit::OK)
 }
 
-fn print_prune(r: &PruneReport) {
+pub fn print_prune(r: &PruneReport) {
     println!(
         "{} snapshots use {} of {} blobs; {} of {} in {} packs unused",
         r.snapshots,
@@ -68,13 +68,19 @@ fn print_prune(r: &PruneReport) {
     );
     if r.packs_young > 0 {
         println!(
-            "left {} packs with unused data alone: written within the grace period",
-            r.packs_young
+            "left {} packs with unused data alone: a backup that has not committed may need them{}",
+            r.packs_young,
+            if r.protected_by.is_empty() {
+                " (or they are within --grace)".to_owned()
+            } else {
+                format!(" ({})", r.protected_by.join("; "))
+            }
         );
     }
     if r.packs_kept_in_use > 0 {
         println!(
-            "kept {} packs that {} snapshots committed during the prune use",
+            "kept {} packs holding data that snapshots need and that has no copy elsewhere \
+             ({} snapshots were committed during the prune)",
             r.packs_kept_in_use, r.snapshots_during
         );
     }
@@ -149,7 +155,7 @@ pub fn repair(s: &Settings, g: &Global, no_read_data: bool) -> Result<u8> {
         for d in &r.snapshots_damaged {
             println!(
                 "snapshot {} marked damaged: {} blobs lost, {} paths not restorable whole:",
-                &d.snapshot[..8],
+                d.snapshot.short(),
                 d.lost_blobs,
                 d.paths_total
             );
@@ -171,7 +177,7 @@ pub fn repair(s: &Settings, g: &Global, no_read_data: bool) -> Result<u8> {
 }
 
 pub fn locks(s: &Settings, g: &Global) -> Result<u8> {
-    let backend = cairn_engine::backend::LocalBackend::new(&s.repo);
+    let backend = cairn_engine::store::LocalBackend::new(&s.repo);
     cairn_engine::Repository::peek_config(&s.repo)?;
     let all = lock::list(&backend)?;
     if g.json {
@@ -187,12 +193,8 @@ pub fn locks(s: &Settings, g: &Global) -> Result<u8> {
     } else {
         for e in &all {
             match &e.stale {
-                Some(why) => println!(
-                    "{}  {}  STALE: {why}",
-                    &e.name[..8.min(e.name.len())],
-                    e.describe()
-                ),
-                None => println!("{}  {}", &e.name[..8.min(e.name.len())], e.describe()),
+                Some(why) => println!("{}  {}  STALE: {why}", short_name(&e.name), e.describe()),
+                None => println!("{}  {}", short_name(&e.name), e.describe()),
             }
         }
         if all.is_empty() && !g.quiet {
@@ -203,7 +205,7 @@ pub fn locks(s: &Settings, g: &Global) -> Result<u8> {
 }
 
 pub fn unlock(s: &Settings, g: &Global, all: bool) -> Result<u8> {
-    let backend = cairn_engine::backend::LocalBackend::new(&s.repo);
+    let backend = cairn_engine::store::LocalBackend::new(&s.repo);
     cairn_engine::Repository::peek_config(&s.repo)?;
     let removed = lock::unlock(&backend, all)?;
     if g.json {
@@ -226,4 +228,20 @@ pub fn unlock(s: &Settings, g: &Global, all: bool) -> Result<u8> {
         println!("{} locks removed, {left} left", removed.len());
     }
     Ok(exit::OK)
+}
+
+/// The first 8 characters of a lock file's name (any name: a lock file can be anything).
+fn short_name(name: &str) -> String {
+    name.chars().take(8).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn lock_names_of_any_characters_are_shortened_without_panicking() {
+        assert_eq!(super::short_name("0123456789abcdef"), "01234567");
+        assert_eq!(super::short_name("ab"), "ab");
+        assert_eq!(super::short_name("ééééééééé"), "éééééééé");
+        assert_eq!(super::short_name(""), "");
+    }
 }

@@ -111,6 +111,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Key(k) => admin::key(&settings, g, k),
         Command::Index(i) => admin::index(&settings, g, i),
         Command::Upgrade => admin::upgrade(&settings, g),
+        Command::Trust { accept, list } => admin::trust(&settings, g, accept, list),
     }
 }
 

@@ -76,6 +76,13 @@ fn components(raw: &[u8]) -> Result<Vec<Vec<u8>>> {
             p => out.push(p.to_vec()),
         }
     }
+    if out.len() > crate::tree::MAX_DEPTH {
+        return Err(Error::InvalidInput(format!(
+            "archive entry {:.80?}… is nested more than {} directories deep",
+            shown(),
+            crate::tree::MAX_DEPTH
+        )));
+    }
     Ok(out)
 }
 
@@ -353,5 +360,13 @@ mod tests {
         assert!(components(b"a/../../etc").is_err());
         assert!(components(b"/etc/passwd").is_err());
         assert!(components(b"..").is_err());
+        // Deep enough to overflow the stack of the recursive tree writer: refused.
+        let deep = b"a/".repeat(crate::tree::MAX_DEPTH + 1);
+        let err = components(&deep).unwrap_err();
+        assert!(err.to_string().contains("nested more than"), "{err}");
+        assert_eq!(
+            components(&b"a/".repeat(crate::tree::MAX_DEPTH)).unwrap().len(),
+            crate::tree::MAX_DEPTH
+        );
     }
 }

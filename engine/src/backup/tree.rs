@@ -345,6 +345,12 @@ impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
     }
 
     fn dir(&self, path: &Path, parent: Option<&Tree>) -> Result<BlobId, EntryError> {
+        if path.components().count() > crate::tree::MAX_DEPTH {
+            return Err(EntryError::Lost(io::Error::other(format!(
+                "directories nested more than {} deep are not backed up",
+                crate::tree::MAX_DEPTH
+            ))));
+        }
         let rd = fs::read_dir(path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => EntryError::Vanished,
             _ => EntryError::Lost(e),

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rayon::prelude::*;
 
 use super::writeback::Writeback;
-use crate::backend::FileKind;
+use crate::store::FileKind;
 use crate::blob::{self, Verify};
 use crate::error::Result;
 use crate::id::{BlobId, PackId};

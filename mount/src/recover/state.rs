@@ -77,17 +77,7 @@ impl SessionRecord {
 /// The state directory (see the module docs).
 #[must_use]
 pub fn state_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("CAIRN_STATE_DIR") {
-        return PathBuf::from(d);
-    }
-    if nix::unistd::geteuid().is_root() {
-        return PathBuf::from("/var/lib/cairn");
-    }
-    if let Some(d) = std::env::var_os("XDG_STATE_HOME") {
-        return PathBuf::from(d).join("cairn");
-    }
-    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-    home.join(".local/state/cairn")
+    cairn_engine::host::state_dir()
 }
 
 pub struct Store {
