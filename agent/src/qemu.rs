@@ -242,3 +242,108 @@ impl Drop for QemuNbd {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nbd::NbdClient;
+
+    fn have(program: &str) -> bool {
+        let found = Command::new(program)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        assert!(
+            found || std::env::var_os("CI").is_none(),
+            "{program} is missing, and CI must run this test"
+        );
+        found
+    }
+
+    fn qemu_io(image: &Path, command: &str) -> std::process::Output {
+        Command::new("qemu-io")
+            .args(["-c", command])
+            .arg(image)
+            .output()
+            .unwrap()
+    }
+
+    /// The image is released when the server is dropped: a writer that opens it right
+    /// then (a VM started after its backup) gets its lock, every time, on the image and
+    /// on its backing file, while the server was busy reading when it was stopped.
+    #[test]
+    fn a_stopped_server_has_released_the_image_and_its_backing_file() {
+        if !(have("qemu-img") && have("qemu-nbd") && have("qemu-io")) {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let base = d.path().join("base.qcow2");
+        let img = d.path().join("vm.qcow2");
+        run(
+            "qemu-img",
+            &[
+                "create".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                base.as_os_str(),
+                "64M".as_ref(),
+            ],
+        )
+        .unwrap();
+        assert!(qemu_io(&base, "write -P 0x61 0 32M").status.success());
+        run(
+            "qemu-img",
+            &[
+                "create".as_ref(),
+                "-q".as_ref(),
+                "-f".as_ref(),
+                "qcow2".as_ref(),
+                "-F".as_ref(),
+                "qcow2".as_ref(),
+                "-b".as_ref(),
+                base.as_os_str(),
+                img.as_os_str(),
+            ],
+        )
+        .unwrap();
+        for round in 0..25 {
+            let server = QemuNbd::start(&img, "qcow2", None).unwrap();
+            let mut client =
+                NbdClient::connect_unix(server.socket(), "", &[], Duration::from_secs(30)).unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            for i in 0..(4 + round % 8) {
+                client.read(i << 20, &mut buf).unwrap();
+            }
+            assert!(buf.iter().all(|&b| b == 0x61));
+            // Stopped while the client is still connected (an error path), or after it
+            // left (the normal one).
+            if round % 2 == 0 {
+                drop(client);
+            }
+            drop(server);
+            for image in [&img, &base] {
+                let out = qemu_io(image, "write -P 0x62 40M 64k");
+                assert!(
+                    out.status.success(),
+                    "round {round}: {} still locked: {}",
+                    image.display(),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_server_that_cannot_start_says_why() {
+        if !have("qemu-nbd") {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let missing = d.path().join("nothing.qcow2");
+        let err = QemuNbd::start(&missing, "qcow2", None).err().unwrap();
+        assert!(err.to_string().contains("nothing.qcow2"), "{err}");
+    }
+}

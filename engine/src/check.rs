@@ -13,13 +13,13 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::store::FileKind;
 use crate::blob::BlobKind;
 use crate::error::Result;
 use crate::id::{BlobId, Id, PackId, SnapshotId};
 use crate::pack;
 use crate::progress::Progress;
 use crate::repository::{Repository, TrailerResult};
+use crate::store::FileKind;
 use crate::tree::NodeKind;
 use crate::walk;
 
@@ -243,34 +243,6 @@ fn in_subset(p: &PackId, subset: Option<(u32, u32)>) -> bool {
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn subsets_partition_the_packs_evenly_for_any_count() {
-        let packs: Vec<PackId> = (0..20_000u32)
-            .map(|i| PackId(Id::hash_of(&i.to_le_bytes())))
-            .collect();
-        for m in [1u32, 3, 10, 256, 1000] {
-            let mut sizes = vec![0u32; m as usize];
-            for p in &packs {
-                let hits: Vec<u32> = (1..=m).filter(|n| in_subset(p, Some((*n, m)))).collect();
-                assert_eq!(hits.len(), 1, "pack in {} subsets of {m}", hits.len());
-                sizes[hits[0] as usize - 1] += 1;
-            }
-            // Every subset is used and none is more than twice the mean (the old rule,
-            // the first byte only, left subsets 257..M empty).
-            let mean = packs.len() as u32 / m;
-            assert!(
-                sizes.iter().all(|&s| s > 0 && s < 2 * mean + 10),
-                "m={m}: {:?}",
-                &sizes[..sizes.len().min(20)]
-            );
-        }
-    }
-}
-
 /// Reads one pack whole and verifies it; returns bytes read, problems and damaged blobs.
 fn read_pack(
     repo: &Repository,
@@ -314,4 +286,32 @@ fn read_pack(
         }
     }
     (bytes.len() as u64, problems, bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subsets_partition_the_packs_evenly_for_any_count() {
+        let packs: Vec<PackId> = (0..20_000u32)
+            .map(|i| PackId(Id::hash_of(&i.to_le_bytes())))
+            .collect();
+        for m in [1u32, 3, 10, 256, 1000] {
+            let mut sizes = vec![0u32; m as usize];
+            for p in &packs {
+                let hits: Vec<u32> = (1..=m).filter(|n| in_subset(p, Some((*n, m)))).collect();
+                assert_eq!(hits.len(), 1, "pack in {} subsets of {m}", hits.len());
+                sizes[hits[0] as usize - 1] += 1;
+            }
+            // Every subset is used and none is more than twice the mean (the old rule,
+            // the first byte only, left subsets 257..M empty).
+            let mean = packs.len() as u32 / m;
+            assert!(
+                sizes.iter().all(|&s| s > 0 && s < 2 * mean + 10),
+                "m={m}: {:?}",
+                &sizes[..sizes.len().min(20)]
+            );
+        }
+    }
 }

@@ -12,10 +12,10 @@ use std::path::{Path, PathBuf};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::store::FileKind;
 use crate::error::{Error, IoContext, Result};
 use crate::id::{BlobId, SnapshotId};
 use crate::repository::Repository;
+use crate::store::FileKind;
 
 const AAD: &[u8] = b"cairn.damage.v1";
 /// At most this many paths are recorded per mark.

@@ -22,10 +22,10 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::store::{Backend, FileKind};
 use crate::error::{Error, IoContext, Result};
 use crate::id::Id;
 use crate::repository::{current_host, current_user};
+use crate::store::{Backend, FileKind};
 
 /// How often a holder rewrites its lock file.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(300);
@@ -162,10 +162,15 @@ pub fn list(backend: &dyn Backend) -> Result<Vec<LockEntry>> {
 /// not; an operation this program does not know is assumed to.
 #[must_use]
 pub fn may_add_data(operation: &str) -> bool {
-    !matches!(operation, "mount" | "restore" | "check" | "forget" | "verify")
+    !matches!(
+        operation,
+        "mount" | "restore" | "check" | "forget" | "verify"
+    )
 }
 
-/// Room for the clocks of the lock's writer and of the storage to disagree.
+/// Room for the clocks of a lock's writer on another host and of the storage to
+/// disagree. A lock of this host needs none: its times and the files' times come from
+/// one clock.
 pub const CLOCK_MARGIN: Duration = Duration::from_secs(60);
 
 /// A span of time in which a writer that has not committed (running, or interrupted:
@@ -189,11 +194,12 @@ impl Window {
 }
 
 /// The [`Window`]s of every lock in `entries` but the one named `own`: from each
-/// writer's start (less [`CLOCK_MARGIN`]) to now for a live one, to its last refresh
-/// plus [`REFRESH_EVERY`] (and the margin) for a stale one.
+/// writer's start to now for a live one, to its last refresh plus [`REFRESH_EVERY`] for a
+/// stale one; widened by [`CLOCK_MARGIN`] on both sides for another host's.
 #[must_use]
 pub fn uncommitted_windows(entries: &[LockEntry], own: Option<&str>) -> Vec<Window> {
     let to_system = |t: DateTime<Utc>| std::time::SystemTime::from(t);
+    let here = current_host();
     entries
         .iter()
         .filter(|e| Some(e.name.as_str()) != own)
@@ -202,12 +208,18 @@ pub fn uncommitted_windows(entries: &[LockEntry], own: Option<&str>) -> Vec<Wind
             if !may_add_data(&info.operation) {
                 return None;
             }
+            let margin = if info.host == here {
+                Duration::ZERO
+            } else {
+                CLOCK_MARGIN
+            };
             let from = to_system(info.created)
-                .checked_sub(CLOCK_MARGIN)
+                .checked_sub(margin)
                 .unwrap_or(std::time::UNIX_EPOCH);
-            let until = e.stale.as_ref().map(|_| {
-                to_system(info.refreshed) + REFRESH_EVERY + CLOCK_MARGIN
-            });
+            let until = e
+                .stale
+                .as_ref()
+                .map(|_| to_system(info.refreshed) + REFRESH_EVERY + margin);
             Some(Window {
                 from,
                 until,

@@ -245,7 +245,10 @@ pub fn check_header(pack: &PackId, header: &[u8]) -> Result<()> {
 /// Parses a whole pack held in memory (used by tests and by `check`).
 pub fn parse_pack(crypto: &Crypto, pack: &PackId, bytes: &[u8]) -> Result<Vec<PackEntry>> {
     if bytes.len() < HEADER_LEN + FOOTER_LEN {
-        return Err(Error::corrupt(format!("pack {pack}"), "shorter than a pack"));
+        return Err(Error::corrupt(
+            format!("pack {pack}"),
+            "shorter than a pack",
+        ));
     }
     check_header(pack, &bytes[..HEADER_LEN])?;
     let (start, len) = trailer_span(pack, &bytes[bytes.len() - FOOTER_LEN..], bytes.len() as u64)?;

@@ -232,7 +232,16 @@ pub fn prune(repo: &Repository, opts: &PruneOptions) -> Result<PruneReport> {
 
     repo.upgrade_lock(opts.lock_wait)?;
     mark_late_snapshots(repo, &mut marks, &before, &mut report)?;
-    sweep(repo, &plan, &marks, &repacked.unreadable, &mut report)?;
+    // A backup interrupted since the plan left a stale lock: its packs stay too.
+    let windows = uncommitted_windows(repo)?;
+    sweep(
+        repo,
+        &plan,
+        &marks,
+        &repacked.unreadable,
+        &windows,
+        &mut report,
+    )?;
     let (files, _) = repo
         .backend()
         .remove_incomplete(opts.grace)
@@ -379,7 +388,12 @@ struct Repacked {
 /// Step 3: copies the used blobs of the packs to rewrite. Never fails: what could not be
 /// copied is reported, and the sweep keeps every pack whose used blobs have no durable
 /// copy.
-fn repack(repo: &Repository, plan: &[Planned], marks: &Marks, report: &mut PruneReport) -> Repacked {
+fn repack(
+    repo: &Repository,
+    plan: &[Planned],
+    marks: &Marks,
+    report: &mut PruneReport,
+) -> Repacked {
     let saver = BlobSaver::new(repo);
     let failed: Mutex<Vec<(PackId, Error)>> = Mutex::new(Vec::new());
     plan.par_iter()
@@ -447,6 +461,7 @@ fn sweep(
     plan: &[Planned],
     marks: &Marks,
     unreadable: &HashSet<PackId>,
+    windows: &[Window],
     report: &mut PruneReport,
 ) -> Result<()> {
     let mut doomed: HashSet<PackId> = plan
@@ -455,8 +470,16 @@ fn sweep(
         .filter(|p| !unreadable.contains(p))
         .collect();
     for p in plan {
+        let protected = || {
+            repo.backend()
+                .modified(FileKind::Pack, &p.pack.to_hex())
+                .is_ok_and(|m| windows.iter().any(|w| w.contains(m)))
+        };
         let keep = if unreadable.contains(&p.pack) {
             report.packs_unreadable += 1;
+            true
+        } else if protected() {
+            report.packs_young += 1;
             true
         } else if let Some(blob) = uncovered_blob(repo, &p.pack, marks, &doomed)? {
             tracing::debug!("pack {} kept: blob {blob} has no copy elsewhere", p.pack);

@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::store::FileKind;
 use crate::damage;
 use crate::error::{IoContext, Result};
 use crate::id::{BlobId, Id, PackId, SnapshotId};
@@ -30,6 +29,7 @@ use crate::lock::LockKind;
 use crate::prune::{snapshot_ids, Marks};
 use crate::repository::Repository;
 use crate::saver::BlobSaver;
+use crate::store::FileKind;
 
 #[derive(Debug, Clone, Copy)]
 pub struct RepairOptions {

@@ -8,8 +8,6 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use zeroize::Zeroizing;
 
-use crate::store::{Backend, FileKind, LocalBackend};
-use crate::trust::{Identity, KnownRepositories};
 use crate::blob;
 use crate::config::Config;
 use crate::crypto::{Crypto, Encryption, MasterKey};
@@ -20,7 +18,9 @@ use crate::keyfile::{KdfParams, KeyFile};
 use crate::lock::{Lock, LockKind};
 use crate::pack::{self, FOOTER_LEN};
 use crate::snapshot::{Manifest, Snapshot};
+use crate::store::{Backend, FileKind, LocalBackend};
 use crate::tree::Tree;
+use crate::trust::{Identity, KnownRepositories};
 
 /// A pack's size and entries, or why they could not be read.
 pub type TrailerResult = Result<(u64, Vec<pack::PackEntry>)>;
@@ -185,7 +185,12 @@ impl Repository {
             .ctx(|| "writing config".into())?;
         if let Some(known) = &opts.known {
             // A new repository here replaces whatever this host knew at this place.
-            known.accept(&location, &identity_of(&config, &crypto))?;
+            if let Err(e) = known.accept(&location, &identity_of(&config, &crypto)) {
+                tracing::warn!(
+                    "the new repository's identity is not recorded on this host ({e}); \
+                     its first open records it"
+                );
+            }
         }
         Ok(Self {
             location,

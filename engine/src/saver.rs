@@ -27,12 +27,12 @@ use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::store::{FileKind, NewFile};
 use crate::blob::{self, BlobKind};
 use crate::error::{IoContext, Result};
 use crate::id::BlobId;
 use crate::pack::{FinishedPack, PackEntry, PackWriter};
 use crate::repository::Repository;
+use crate::store::{FileKind, NewFile};
 use crate::tree::Tree;
 
 /// What a run added to the repository.
@@ -140,7 +140,10 @@ impl<'r> BlobSaver<'r> {
             entries.len()
         );
         crate::Error::io(
-            format!("{what} ({} blobs saved into it lost with it)", entries.len()),
+            format!(
+                "{what} ({} blobs saved into it lost with it)",
+                entries.len()
+            ),
             e,
         )
     }

@@ -48,10 +48,7 @@ impl std::fmt::Display for KeyFingerprint {
     /// The first 16 bytes in hex, in groups of four: enough to compare by eye.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let hex = hex::encode(&self.0[..16]);
-        let groups: Vec<&str> = (0..hex.len())
-            .step_by(8)
-            .map(|i| &hex[i..i + 8])
-            .collect();
+        let groups: Vec<&str> = (0..hex.len()).step_by(8).map(|i| &hex[i..i + 8]).collect();
         f.write_str(&groups.join("-"))
     }
 }
@@ -106,6 +103,35 @@ struct Record {
     repositories: Vec<Known>,
 }
 
+/// Whether `identity` at `location` is known and unchanged, new, or changed (an error).
+fn compare(record: &Record, location: &str, identity: &Identity) -> Result<Seen> {
+    let here = record.repositories.iter().find(|k| k.location == location);
+    let elsewhere = record
+        .repositories
+        .iter()
+        .find(|k| k.location != location && k.identity.id == identity.id);
+    for (known, how) in [(here, "at this location"), (elsewhere, "under this id")] {
+        let Some(known) = known else { continue };
+        let diff = known.identity.differences(identity);
+        if !diff.is_empty() {
+            return Err(Error::IdentityChanged {
+                location: location.to_owned(),
+                detail: format!(
+                    "the repository this host knew {how} ({}, first opened {}) has changed: {}",
+                    known.location,
+                    known.first_seen.format("%Y-%m-%d %H:%M UTC"),
+                    diff.join("; ")
+                ),
+            });
+        }
+    }
+    Ok(if here.is_some() {
+        Seen::Known
+    } else {
+        Seen::New
+    })
+}
+
 /// What [`KnownRepositories::check`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Seen {
@@ -142,51 +168,60 @@ impl KnownRepositories {
     /// Compares `identity`, found at `location`, with what this host knows: records it
     /// if it is new, fails with [`Error::IdentityChanged`] if it differs from what was
     /// recorded for this location or for this repository id elsewhere.
+    ///
+    /// A host state this process cannot read or write (another user's, a read-only
+    /// disk) checks what it can and records nothing, with a warning: the check protects
+    /// only hosts that remember.
     pub fn check(&self, location: &str, identity: &Identity) -> Result<Seen> {
-        self.update(|record| {
-            let here = record.repositories.iter().find(|k| k.location == location);
-            let elsewhere = record
-                .repositories
-                .iter()
-                .find(|k| k.location != location && k.identity.id == identity.id);
-            for (known, how) in [(here, "at this location"), (elsewhere, "under this id")] {
-                let Some(known) = known else { continue };
-                let diff = known.identity.differences(identity);
-                if !diff.is_empty() {
-                    return Err(Error::IdentityChanged {
-                        location: location.to_owned(),
-                        detail: format!(
-                            "the repository this host knew {how} ({}, first opened {}) has changed: {}",
-                            known.location,
-                            known.first_seen.format("%Y-%m-%d %H:%M UTC"),
-                            diff.join("; ")
-                        ),
-                    });
-                }
+        let record = match self.read() {
+            Ok(r) => r,
+            Err(e) if e.kind() == crate::ErrorKind::Io => {
+                self.warn_unrecorded(&e);
+                return Ok(Seen::New);
             }
-            if here.is_some() {
-                return Ok((Seen::Known, false));
+            Err(e) => return Err(e),
+        };
+        // The common case, without a lock or a write: known and unchanged.
+        if compare(&record, location, identity)? == Seen::Known {
+            return Ok(Seen::Known);
+        }
+        let recorded = self.update(|record| {
+            let seen = compare(record, location, identity)?;
+            if seen == Seen::New {
+                record.repositories.push(Known {
+                    location: location.to_owned(),
+                    identity: *identity,
+                    first_seen: Utc::now(),
+                });
             }
-            record.repositories.push(Known {
-                location: location.to_owned(),
-                identity: *identity,
-                first_seen: Utc::now(),
-            });
-            Ok((Seen::New, true))
-        })
+            Ok((seen, seen == Seen::New))
+        });
+        match recorded {
+            Err(e) if e.kind() == crate::ErrorKind::Io => {
+                self.warn_unrecorded(&e);
+                Ok(Seen::New)
+            }
+            other => other,
+        }
+    }
+
+    fn warn_unrecorded(&self, e: &Error) {
+        tracing::warn!(
+            "cannot use this host's record of known repositories ({e}): the repository's \
+             identity is not recorded, and a key swapped later would not be noticed here"
+        );
     }
 
     /// Records `identity` for `location`, replacing what was known there and under its
     /// id (a person decided the change is legitimate). Returns what was replaced.
     pub fn accept(&self, location: &str, identity: &Identity) -> Result<Vec<Known>> {
         self.update(|record| {
-            let (gone, kept): (Vec<Known>, Vec<Known>) =
-                std::mem::take(&mut record.repositories)
-                    .into_iter()
-                    .partition(|k| {
-                        k.location == location
-                            || (k.identity.id == identity.id && k.identity != *identity)
-                    });
+            let (gone, kept): (Vec<Known>, Vec<Known>) = std::mem::take(&mut record.repositories)
+                .into_iter()
+                .partition(|k| {
+                    k.location == location
+                        || (k.identity.id == identity.id && k.identity != *identity)
+                });
             record.repositories = kept;
             record.repositories.push(Known {
                 location: location.to_owned(),
@@ -309,7 +344,10 @@ mod tests {
         let planted = MasterKey::generate();
         for (bad, says) in [
             (identity(&planted, Encryption::Aes256Gcm, 1), "master key"),
-            (identity(&planted, Encryption::None, 1), "encryption was aes-256-gcm, now none"),
+            (
+                identity(&planted, Encryption::None, 1),
+                "encryption was aes-256-gcm, now none",
+            ),
             (identity(&key, Encryption::Aes256Gcm, 2), "its id was"),
         ] {
             let err = known.check("/srv/r", &bad).unwrap_err();

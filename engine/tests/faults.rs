@@ -198,11 +198,16 @@ fn run_matrix(case: &Case) -> Tally {
     let clean = case.base.fork();
     clean.record();
     let result = (case.op)(case, &clean);
-    assert!(result.is_ok(), "{}: the clean run failed: {result:?}", case.name);
+    assert!(
+        result.is_ok(),
+        "{}: the clean run failed: {result:?}",
+        case.name
+    );
     let log = clean.recorded();
     verify(case, &case.base.fork(), &Ok(None))
         .unwrap_or_else(|e| panic!("{}: the base: {e}", case.name));
-    verify(case, &clean.fork(), &result).unwrap_or_else(|e| panic!("{}: clean run: {e}", case.name));
+    verify(case, &clean.fork(), &result)
+        .unwrap_or_else(|e| panic!("{}: clean run: {e}", case.name));
 
     let mut runs: Vec<Fault> = Vec::new();
     let mut seen: HashMap<Op, u64> = HashMap::new();
@@ -324,7 +329,7 @@ fn cases(encryption: Encryption) -> Vec<Case> {
     });
 
     let (base, source, known, order) =
-        with_snapshots(small_config(encryption), &[a.clone()], &b);
+        with_snapshots(small_config(encryption), std::slice::from_ref(&a), &b);
     out.push(Case {
         name: "incremental backup",
         base,
@@ -397,14 +402,19 @@ fn damage_one_blob(fs: &SimFs, src: &std::path::Path) -> (Vec<String>, Vec<Strin
     let (pack, entry) = {
         let snaps = repo.snapshots().unwrap();
         let mut found = None;
-        cairn_engine::walk::walk(&repo, &snaps[0].manifest.root, std::path::Path::new("/"), &mut |_, n| {
-            if found.is_none() {
-                if let Some(b) = n.content_blobs().next() {
-                    found = Some(b);
+        cairn_engine::walk::walk(
+            &repo,
+            &snaps[0].manifest.root,
+            std::path::Path::new("/"),
+            &mut |_, n| {
+                if found.is_none() {
+                    if let Some(b) = n.content_blobs().next() {
+                        found = Some(b);
+                    }
                 }
-            }
-            Ok(true)
-        })
+                Ok(true)
+            },
+        )
         .unwrap();
         let blob = found.unwrap();
         let loc = repo.locate(&blob).unwrap();
@@ -423,12 +433,7 @@ fn damage_one_blob(fs: &SimFs, src: &std::path::Path) -> (Vec<String>, Vec<Strin
         .join("data")
         .join(&hex[..2])
         .join(&hex);
-    let mut bytes = fs
-        .files_under(&path)
-        .into_iter()
-        .next()
-        .unwrap()
-        .1;
+    let mut bytes = fs.files_under(&path).into_iter().next().unwrap().1;
     bytes[entry.offset as usize + entry.length as usize / 2] ^= 0x40;
     fs.tamper(&path, bytes).unwrap();
     let report = check(
@@ -442,13 +447,22 @@ fn damage_one_blob(fs: &SimFs, src: &std::path::Path) -> (Vec<String>, Vec<Strin
     .unwrap();
     let mut lost = Vec::new();
     for a in &report.affected {
-        let rel = a.path.strip_prefix(src).unwrap().to_str().unwrap().to_owned();
+        let rel = a
+            .path
+            .strip_prefix(src)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
         if !lost.contains(&rel) {
             lost.push(rel);
         }
     }
     assert!(!lost.is_empty(), "the damage hit no file: {report:?}");
-    (vec![format!("pack {pack}"), format!("blob {}", entry.id)], lost)
+    (
+        vec![format!("pack {pack}"), format!("blob {}", entry.id)],
+        lost,
+    )
 }
 
 #[test]
@@ -507,7 +521,10 @@ fn a_prune_that_fills_the_disk_fails_and_loses_nothing() {
             fs.set_capacity(Some(before + step));
             let result = (case.op)(&case, &fs);
             if let Err(e) = &result {
-                assert!(e.contains("disk") && e.contains("full"), "capacity +{step}: {e}");
+                assert!(
+                    e.contains("disk") && e.contains("full"),
+                    "capacity +{step}: {e}"
+                );
                 full += 1;
             }
             fs.set_capacity(None);
@@ -556,7 +573,10 @@ fn a_saver_that_lost_a_pack_refuses_everything_after_and_names_what_it_lost() {
     // Fail-stop: nothing more is saved, not even what dedup would answer from memory,
     // and the flush that a commit needs fails.
     let again = saver.save(BlobKind::Data, &first).unwrap_err();
-    assert!(again.to_string().contains("nothing more is saved"), "{again}");
+    assert!(
+        again.to_string().contains("nothing more is saved"),
+        "{again}"
+    );
     assert!(saver.flush().is_err());
     assert!(!repo.index().contains(&first_id).unwrap());
 }

@@ -8,10 +8,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::support::*;
 
-fn stderr(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 #[test]
 fn a_wrong_password_is_refused_with_its_exit_code_and_is_never_echoed() {
     let env = Env::new();

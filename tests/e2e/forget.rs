@@ -79,3 +79,57 @@ fn forget_keeps_what_the_rules_name_and_nothing_else() {
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(count(), 4);
 }
+
+#[test]
+fn named_snapshots_are_forgotten_with_a_dry_run_first() {
+    let env = Env::new();
+    let a = env.path("a");
+    fs::create_dir_all(&a).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        fs::write(a.join("f"), format!("version {i}")).unwrap();
+        ids.push(env.backup(&[&a])["id"].as_str().unwrap().to_owned());
+    }
+    let count = || env.json(&["snapshots"]).as_array().unwrap().len();
+    // As restic and borg users type it: ids (prefixes), a dry run first.
+    let dry = env.json(&["forget", &ids[0][..8], &ids[1], "--dry-run"]);
+    assert_eq!(count(), 3, "a dry run removed something");
+    let planned: Vec<&str> = dry["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(planned, [ids[0].as_str(), ids[1].as_str()]);
+    assert!(dry["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["keep"] == false && s["reasons"][0] == "named"));
+    let out = env.ok(&["forget", &ids[0][..8], &ids[1], "--prune"]);
+    assert!(out.contains("removed 2 of 2 snapshots"), "{out}");
+    let left: Vec<String> = env
+        .json(&["snapshots"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(left, [ids[2].clone()]);
+    env.ok(&["check", "--read-data"]);
+    // `latest` works too; an unknown id, or an ambiguous prefix, removes nothing.
+    let out = env.run(&["forget", "latest", "ffffffff"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no snapshot with id ffffffff"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(count(), 1);
+    // Names and keep rules do not mix.
+    let out = env.run(&["forget", "latest", "--keep-last", "1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not both"), "{}", stderr(&out));
+    env.ok(&["forget", "latest"]);
+    assert_eq!(count(), 0);
+}

@@ -520,3 +520,33 @@ fn init_chunk_sizes_apply_to_files_and_images_and_bad_ones_are_refused() {
         assert!(!env.repo.exists(), "{bad:?} left a repository behind");
     }
 }
+
+/// `repo backup --image` returns only once its qemu-nbd has let go of the image and its
+/// backing file: a VM (here qemu-io) that opens the image for writing right after the
+/// backup gets its lock, every time.
+#[test]
+fn an_image_is_released_when_its_backup_returns() {
+    if !have_qemu("releasing images") {
+        return;
+    }
+    let env = Env::new();
+    let base = env.path("base.qcow2");
+    new_qcow2(&base, "64M", &["write -P 0x61 0 16M"]);
+    let img = env.path("vm.qcow2");
+    run(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&base)
+        .arg(&img));
+    for round in 0..10u32 {
+        // A change each round, so that every backup reads the image through qemu-nbd.
+        qemu_io(
+            &img,
+            &[&format!("write -P {} {}M 1M", round + 1, 20 + round)],
+        );
+        let snap = env.json(&["backup", "--image", img.to_str().unwrap()]);
+        assert!(snap["snapshot"]["summary"]["bytes_read"].as_u64().unwrap() > 0);
+        // Both writes need the image's write lock (and the backing file's, for the base).
+        qemu_io(&img, &["write -P 0x70 40M 64k"]);
+        qemu_io(&base, &["write -P 0x71 50M 64k"]);
+    }
+}

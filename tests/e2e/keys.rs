@@ -250,3 +250,177 @@ fn an_unencrypted_repository_needs_no_password() {
         .status
         .success());
 }
+
+/// What someone who can write the repository's storage, and knows no password, can do
+/// to it: plant a key file that opens without a password (holding a master key of
+/// their own) and re-MAC `config` with that key, optionally turning encryption off.
+struct Planted {
+    mac_key: [u8; 32],
+}
+
+impl Planted {
+    fn into(env: &Env, encryption_off: bool) -> Self {
+        let mut key = [0u8; 96];
+        for (i, b) in key.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(37) ^ 0x5a;
+        }
+        let mut mac_key = [0u8; 32];
+        mac_key.copy_from_slice(&key[64..]);
+        let keyfile = serde_json::json!({
+            "version": 1,
+            "created": "2026-01-01T00:00:00Z",
+            "host": "storage",
+            "user": "mallory",
+            "kdf": { "algorithm": "none", "salt": "" },
+            "data": hex(&key),
+        });
+        fs::write(
+            env.repo.join("keys").join("0".repeat(64)),
+            serde_json::to_vec(&keyfile).unwrap(),
+        )
+        .unwrap();
+        // config: magic (8) | body length u32 LE | JSON body | keyed BLAKE3 MAC (32).
+        let config = fs::read(env.repo.join("config")).unwrap();
+        let len = u32::from_le_bytes(config[8..12].try_into().unwrap()) as usize;
+        let mut body: serde_json::Value = serde_json::from_slice(&config[12..12 + len]).unwrap();
+        if encryption_off {
+            body["encryption"] = "none".into();
+        }
+        let body = serde_json::to_vec_pretty(&body).unwrap();
+        let mut out = config[..8].to_vec();
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+        let mac = blake3::keyed_hash(&mac_key, &out);
+        out.extend_from_slice(mac.as_bytes());
+        fs::write(env.repo.join("config"), out).unwrap();
+        Self { mac_key }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Every file of the repository with its content, to show that a refused command wrote
+/// nothing.
+fn repo_files(env: &Env) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut v: Vec<_> = walk_files(&env.repo)
+        .into_iter()
+        .filter(|p| !p.to_string_lossy().contains("index.sqlite"))
+        .map(|p| {
+            let c = fs::read(&p).unwrap();
+            (p, c)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_planted_key_that_opens_without_a_password_is_refused_even_on_a_new_host() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("secret"), b"attack at dawn").unwrap();
+    env.backup(&[&src]);
+    let planted = Planted::into(&env, false);
+    let before = repo_files(&env);
+    // This host, and a host that never saw the repository: both refuse, as damage.
+    for state in [None, Some(env.path("other-host-state"))] {
+        let mut c = env.cmd();
+        if let Some(s) = &state {
+            c.env("CAIRN_STATE_DIR", s);
+        }
+        let out = c.args(["backup", src.to_str().unwrap()]).output().unwrap();
+        assert_eq!(out.status.code(), Some(14), "{state:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("planted") && err.contains("keys/0000"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        repo_files(&env),
+        before,
+        "a refused command wrote to the repository"
+    );
+    let _ = planted.mac_key;
+    // Removing the planted key is not enough: the config's MAC is the attacker's.
+    fs::remove_file(env.repo.join("keys").join("0".repeat(64))).unwrap();
+    let out = env.run(&["snapshots"]);
+    assert_eq!(out.status.code(), Some(14), "{}", stderr(&out));
+    assert!(stderr(&out).contains("MAC mismatch"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_repository_whose_encryption_was_turned_off_is_refused_where_it_is_known() {
+    let env = Env::new();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    fs::write(src.join("secret"), b"attack at dawn").unwrap();
+    env.backup(&[&src]);
+    let known = env.ok(&["trust"]);
+    assert!(known.contains("unchanged"), "{known}");
+    Planted::into(&env, true);
+    let before = repo_files(&env);
+    // The key file now matches the config (both say: no encryption), so the repository
+    // opens with the planted key; this host knew it encrypted, under another key.
+    for args in [
+        &["backup", src.to_str().unwrap()][..],
+        &["snapshots"][..],
+        &["restore", "latest", "--target", "/nonexistent"][..],
+    ] {
+        let out = env.run(args);
+        assert_eq!(out.status.code(), Some(15), "{args:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("encryption was aes-256-gcm, now none") && err.contains("master key was"),
+            "{err}"
+        );
+        assert!(err.contains("repo trust --accept"), "{err}");
+    }
+    assert_eq!(
+        repo_files(&env),
+        before,
+        "a refused command wrote to the repository"
+    );
+    // `repo trust` shows the change and exits 15; accepting it is a deliberate act.
+    let out = env.run(&["trust"]);
+    assert_eq!(out.status.code(), Some(15));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("CHANGED"));
+    env.ok(&["trust", "--accept"]);
+    env.ok(&["snapshots"]);
+    let listed = env.json(&["trust", "--list"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["encryption"], "none");
+}
+
+#[test]
+fn a_repository_recreated_by_init_is_accepted_and_a_moved_one_is_still_known() {
+    let env = Env::new();
+    let first = env.json(&["trust", "--list"]);
+    assert_eq!(
+        first.as_array().unwrap().len(),
+        1,
+        "init records it: {first}"
+    );
+    // Re-created on purpose by this host: init replaces what was known here.
+    fs::remove_dir_all(&env.repo).unwrap();
+    env.ok(&["init"]);
+    env.ok(&["snapshots"]);
+    // Moved: the same repository (same id and key) elsewhere is fine.
+    let moved = env.path("moved");
+    fs::rename(&env.repo, &moved).unwrap();
+    env.cmd()
+        .args(["--repo", moved.to_str().unwrap(), "snapshots"])
+        .output()
+        .map(|o| assert!(o.status.success(), "{}", stderr(&o)))
+        .unwrap();
+    // A different repository at the old place, made behind this host's back (another
+    // host's init, a restore from elsewhere), is refused until accepted.
+    let other = Env::new();
+    fs::rename(&other.repo, &env.repo).unwrap();
+    let out = env.run(&["snapshots"]);
+    assert_eq!(out.status.code(), Some(15), "{}", stderr(&out));
+    assert!(stderr(&out).contains("its id was"), "{}", stderr(&out));
+}

@@ -387,7 +387,11 @@ fn prune_beside_two_running_backups_loses_nothing() {
     let sa = a.finish();
     let sb = b.finish();
     let out = prune.wait_with_output().unwrap();
-    assert!(out.status.success());
+    assert!(
+        out.status.success(),
+        "prune failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["snapshots_during"], 2, "{report}");
     assert!(
@@ -525,7 +529,7 @@ fn a_flipped_byte_is_named_salvaged_around_recorded_and_healed() {
 }
 
 #[test]
-fn prune_frees_forgotten_data_respects_the_grace_period_and_chains_after_forget() {
+fn forget_prune_right_after_the_backups_frees_the_forgotten_data_at_once() {
     let env = small_pack_env();
     let len = 2 * MIB;
     let mut src = Source::new(env.path("src"), 4, len);
@@ -537,15 +541,34 @@ fn prune_frees_forgotten_data_respects_the_grace_period_and_chains_after_forget(
     }
     let data_bytes = || dir_bytes(&env.repo.join("data"));
     let before = data_bytes();
-    // Everything was written just now: the default grace period keeps it.
+    // Written seconds ago, but no backup is running: nothing needs the forgotten data
+    // (a one-hour grace period used to keep it all, and free nothing).
     let r = env.json(&["forget", "--keep-last", "1", "--prune"]);
     assert_eq!(r["snapshots"].as_array().unwrap().len(), 3);
     let p = &r["prune"];
-    assert_eq!(p["bytes_freed"], 0, "{p}");
-    assert!(p["packs_young"].as_u64().unwrap() > 0);
-    assert_eq!(data_bytes(), before);
+    assert!(p["bytes_freed"].as_u64().unwrap() >= 2 * len as u64, "{p}");
+    assert_eq!(p["packs_young"], 0, "{p}");
+    assert!(data_bytes() < before - 2 * len as u64);
+    env.ok(&["check", "--read-data"]);
+    assert_restores(&env, &last, &src.dir, &src.seeds, len);
+}
+
+#[test]
+fn prune_dry_runs_gives_up_without_its_sweep_and_chains_after_forget() {
+    let env = small_pack_env();
+    let len = 2 * MIB;
+    let mut src = Source::new(env.path("src"), 4, len);
+    let mut rng = Rng(7);
+    let mut last = String::new();
+    for _ in 0..3 {
+        src.change(&mut rng, 2);
+        last = env.backup(&[&src.dir])["id"].as_str().unwrap().to_owned();
+    }
+    env.ok(&["forget", "--keep-last", "1"]);
+    let data_bytes = || dir_bytes(&env.repo.join("data"));
+    let before = data_bytes();
     // A dry run reports and changes nothing.
-    let dry = env.json(&["prune", "--grace", "0", "--dry-run"]);
+    let dry = env.json(&["prune", "--dry-run"]);
     assert!(dry["packs_deleted"].as_u64().unwrap() > 0, "{dry}");
     assert_eq!(data_bytes(), before);
     // A prune that cannot sweep (a backup holds its lock) gives up after its repack,
@@ -554,35 +577,83 @@ fn prune_frees_forgotten_data_respects_the_grace_period_and_chains_after_forget(
     wait_for("the backup's lock", Duration::from_secs(30), || {
         live_locks(&env, "backup") == 1
     });
-    let out = env.run(&[
-        "prune",
-        "--grace",
-        "0",
-        "--max-unused",
-        "0%",
-        "--lock-wait",
-        "1s",
-    ]);
+    let out = env.run(&["prune", "--max-unused", "0%", "--lock-wait", "1s"]);
     assert_eq!(out.status.code(), Some(11));
     assert!(data_bytes() > before, "the repack wrote nothing");
     holder.feed(b"held");
     holder.finish();
     env.ok(&["forget", "--keep-last", "1"]);
     // The next prune frees the garbage and those copies in one pass.
-    let r = env.json(&["prune", "--grace", "0", "--max-unused", "0%"]);
+    let r = env.json(&["prune", "--max-unused", "0%"]);
     let freed = r["bytes_freed"].as_u64().unwrap();
     assert!(freed as usize >= 3 * len, "{r}");
     assert_eq!(r["bytes_unused_left"], 0, "{r}");
     let after = data_bytes();
     assert!(after < before - 3 * len as u64, "{before} -> {after}");
     // What is left is exactly what the kept snapshot needs: a second prune finds nothing.
-    let again = env.json(&["prune", "--grace", "0", "--max-unused", "0%"]);
+    let again = env.json(&["prune", "--max-unused", "0%"]);
     assert_eq!(again["bytes_unused"], 0, "{again}");
     // And no blob is left stored twice.
     let stats = env.json(&["stats"]);
     assert_eq!(stats["blob_copies"], stats["blobs"], "{stats}");
     env.ok(&["check", "--read-data"]);
     assert_restores(&env, &last, &src.dir, &src.seeds, len);
+}
+
+#[test]
+fn an_interrupted_backups_packs_survive_prunes_until_its_lock_is_removed() {
+    let env = small_pack_env();
+    let data = random_bytes(99, 16 * MIB);
+    // A backup killed halfway: its packs are written, its snapshot is not, its lock
+    // stays behind (stale: the process is gone). (A stream is read 8 MiB at a time.)
+    let mut killed = PipedBackup::start(&env, "big");
+    killed.feed(&data[..12 * MIB]);
+    wait_for(
+        "two packs of the killed backup",
+        Duration::from_secs(30),
+        || env.packs().len() >= 2,
+    );
+    killed.child.kill().unwrap();
+    killed.child.wait().unwrap();
+    let packs = env.packs();
+    assert!(packs.len() >= 2);
+    // A prune now must keep them: they are what the next try reuses.
+    let r = env.json(&["prune", "--max-unused", "0%"]);
+    assert_eq!(r["packs_deleted"], 0, "{r}");
+    assert!(r["packs_young"].as_u64().unwrap() >= 2, "{r}");
+    let by = r["protected_by"].to_string();
+    assert!(by.contains("backup"), "{r}");
+    assert!(packs.iter().all(|p| p.exists()));
+    // The next backup of the same data stores only what the killed one had not.
+    let mut again = PipedBackup::start(&env, "big");
+    again.feed(&data);
+    let snap = again.finish();
+    let stored = snap["summary"]["bytes_new"].as_u64().unwrap();
+    assert!(stored <= 14 * MIB as u64, "stored {stored} again");
+    env.ok(&["check", "--read-data"]);
+    // Another interrupted backup, then `repo unlock`: its packs are garbage to the next
+    // prune.
+    let mut killed = PipedBackup::start(&env, "other");
+    killed.feed(&random_bytes(100, 12 * MIB));
+    let n = env.packs().len();
+    wait_for(
+        "a pack of the second killed backup",
+        Duration::from_secs(30),
+        || env.packs().len() > n,
+    );
+    killed.child.kill().unwrap();
+    killed.child.wait().unwrap();
+    env.ok(&["unlock"]);
+    let r = env.json(&["prune", "--max-unused", "0%"]);
+    assert!(r["packs_deleted"].as_u64().unwrap() >= 1, "{r}");
+    assert_eq!(r["packs_young"], 0, "{r}");
+    env.ok(&["check", "--read-data"]);
+    let out = env
+        .cmd()
+        .args(["cat", snap["id"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.stdout == data);
 }
 
 #[test]

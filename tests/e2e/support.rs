@@ -118,6 +118,11 @@ pub fn succeeded(what: &str, out: Output) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// A finished command's standard error, as text.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
 pub fn scratch_root() -> PathBuf {
     let p = std::env::var_os("CAIRN_TEST_SCRATCH").map_or_else(std::env::temp_dir, PathBuf::from);
     fs::create_dir_all(&p).unwrap();

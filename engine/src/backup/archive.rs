@@ -365,7 +365,9 @@ mod tests {
         let err = components(&deep).unwrap_err();
         assert!(err.to_string().contains("nested more than"), "{err}");
         assert_eq!(
-            components(&b"a/".repeat(crate::tree::MAX_DEPTH)).unwrap().len(),
+            components(&b"a/".repeat(crate::tree::MAX_DEPTH))
+                .unwrap()
+                .len(),
             crate::tree::MAX_DEPTH
         );
     }

@@ -28,13 +28,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rayon::prelude::*;
 
 use super::writeback::Writeback;
-use crate::store::FileKind;
 use crate::blob::{self, Verify};
 use crate::error::Result;
 use crate::id::{BlobId, PackId};
 use crate::index::BlobLocation;
 use crate::progress::Progress;
 use crate::repository::Repository;
+use crate::store::FileKind;
 use crate::tree::Node;
 
 /// Distinct blobs planned and fetched together.

@@ -330,8 +330,7 @@ impl Backend for LocalBackend {
         // Durable before the caller goes on (a prune deletes the index row first, then
         // the file: either order of loss after a crash is safe, but a removal that
         // silently comes back is confusing).
-        self.fs
-            .sync_dir(path.parent().unwrap_or(&self.root))
+        self.fs.sync_dir(path.parent().unwrap_or(&self.root))
     }
 
     fn quarantine(&self, kind: FileKind, name: &str) -> io::Result<()> {
@@ -373,9 +372,7 @@ impl Backend for LocalBackend {
                 if !e.name.starts_with(TMP_PREFIX) || !e.meta.is_file {
                     continue;
                 }
-                let old = now
-                    .duration_since(e.meta.modified)
-                    .is_ok_and(|d| d >= age);
+                let old = now.duration_since(e.meta.modified).is_ok_and(|d| d >= age);
                 if old {
                     self.fs.remove_file(&dir.join(&e.name))?;
                     removed = true;
@@ -526,10 +523,7 @@ mod durability {
         f.flush().unwrap();
         std::mem::forget(f); // a killed writer: no drop, the temporary file stays
         assert!(b.list(FileKind::Pack).unwrap().is_empty());
-        assert_eq!(
-            b.remove_incomplete(std::time::Duration::ZERO).unwrap().0,
-            1
-        );
+        assert_eq!(b.remove_incomplete(std::time::Duration::ZERO).unwrap().0, 1);
         let after = backend(&fs.power_loss());
         assert_eq!(
             after

@@ -138,4 +138,3 @@ impl<B: Backend + ?Sized> NewFile for BufferedFile<'_, B> {
         self.backend.write(self.kind, name, &self.data)
     }
 }
-

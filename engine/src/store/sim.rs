@@ -155,11 +155,9 @@ fn parts(path: &Path) -> io::Result<Vec<String>> {
         match c {
             Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
             Component::ParentDir => return Err(errno(libc::EINVAL)),
-            Component::Normal(n) => out.push(
-                n.to_str()
-                    .ok_or_else(|| errno(libc::EINVAL))?
-                    .to_owned(),
-            ),
+            Component::Normal(n) => {
+                out.push(n.to_str().ok_or_else(|| errno(libc::EINVAL))?.to_owned())
+            }
         }
     }
     Ok(out)

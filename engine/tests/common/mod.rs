@@ -177,7 +177,12 @@ pub fn restores_to(
     let base = target.path().join(src.strip_prefix("/").unwrap());
     let mut got = Files::new();
     for entry in walk(&base) {
-        let rel = entry.strip_prefix(&base).unwrap().to_str().unwrap().to_owned();
+        let rel = entry
+            .strip_prefix(&base)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
         got.insert(rel, std::fs::read(&entry).unwrap());
     }
     for (rel, data) in want {
@@ -223,5 +228,9 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 /// The ids of the snapshots in the repository.
 pub fn snapshot_ids(repo: &Repository) -> Vec<SnapshotId> {
-    repo.snapshots().unwrap().into_iter().map(|s| s.id).collect()
+    repo.snapshots()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect()
 }
