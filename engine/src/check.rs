@@ -315,3 +315,74 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod on_repositories {
+    use super::*;
+    use crate::crypto::Encryption;
+    use crate::test_util::{bytes, sim_open, sim_repo, small_config, snapshot_of};
+
+    fn run(repo: &Repository, read_data: bool) -> CheckReport {
+        check(
+            repo,
+            &CheckOptions {
+                read_data,
+                subset: None,
+            },
+            &Progress::default(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_whole_repository_checks_and_damage_is_named_with_the_files_that_need_it() {
+        let (fs, repo) = sim_repo(small_config(Encryption::Aes256Gcm));
+        let snap = snapshot_of(&repo, &[("a", bytes(1, 5000)), ("b", bytes(2, 5000))]);
+        let r = run(&repo, true);
+        assert!(r.ok(), "{r:?}");
+        assert_eq!((r.snapshots, r.trees, r.blobs_referenced), (1, 1, 3));
+        assert_eq!(r.packs_read, 1);
+
+        // A byte flipped inside blob b: only reading the data finds it.
+        let root = repo.load_snapshot(&snap).unwrap().manifest.root;
+        let b = repo.load_tree(&root).unwrap().nodes[1].content[0]
+            .blob
+            .unwrap();
+        let loc = repo.locate(&b).unwrap();
+        let hex = loc.pack.to_hex();
+        let path = std::path::Path::new("/repo/data")
+            .join(&hex[..2])
+            .join(&hex);
+        let mut content = fs.files_under(&path).remove(0).1;
+        content[loc.offset as usize + 30] ^= 4;
+        fs.tamper(&path, content).unwrap();
+        drop(repo);
+        let repo = sim_open(&fs).unwrap();
+        assert!(run(&repo, false).ok());
+        let r = run(&repo, true);
+        assert!(!r.ok());
+        assert!(r
+            .problems
+            .iter()
+            .any(|p| p.object == format!("blob {b} in pack {}", loc.pack)));
+        assert_eq!(r.affected.len(), 1, "{:?}", r.affected);
+        assert_eq!(r.affected[0].path, PathBuf::from("/b"));
+        assert_eq!(r.affected[0].snapshot, snap);
+
+        // The pack gone: every blob of it is missing, found without reading data.
+        fs.tamper(&path, Vec::new()).unwrap();
+        drop(repo);
+        let repo = sim_open(&fs).unwrap();
+        let r = run(&repo, false);
+        assert!(
+            r.problems.iter().any(|p| p.object.starts_with("pack ")),
+            "{r:?}"
+        );
+        assert_eq!(
+            r.affected.len(),
+            1,
+            "the root tree is lost: {:?}",
+            r.affected
+        );
+    }
+}

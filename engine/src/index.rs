@@ -490,3 +490,103 @@ impl Index {
         .map_err(db_err)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: u8, offset: u64, length: u32) -> PackEntry {
+        PackEntry {
+            id: BlobId(Id::from_bytes([id; 32])),
+            kind: BlobKind::Data,
+            offset,
+            length,
+            raw_length: length,
+        }
+    }
+
+    fn pack(n: u8) -> PackId {
+        PackId(Id::from_bytes([n; 32]))
+    }
+
+    #[test]
+    fn packs_and_their_blobs_are_found_counted_scanned_and_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let idx = Index::open(&d.path().join("index.sqlite")).unwrap();
+        idx.add_pack(&pack(1), 100, &[entry(1, 12, 10), entry(2, 22, 20)])
+            .unwrap();
+        // Blob 2 stored twice (a repack copied it): both locations are known.
+        idx.add_pack(&pack(2), 50, &[entry(2, 12, 20)]).unwrap();
+        let b2 = BlobId(Id::from_bytes([2; 32]));
+        assert!(idx.contains(&b2).unwrap());
+        let mut packs = idx.packs_of(&b2).unwrap();
+        packs.sort();
+        assert_eq!(packs, [pack(1), pack(2)]);
+        assert_eq!(idx.rows_of(&b2).unwrap().len(), 2);
+        let loc = idx
+            .lookup(&BlobId(Id::from_bytes([1; 32])))
+            .unwrap()
+            .unwrap();
+        assert_eq!((loc.pack, loc.offset, loc.length), (pack(1), 12, 10));
+        let t = idx.totals().unwrap();
+        assert_eq!(
+            (t.packs, t.pack_bytes, t.blobs, t.locations),
+            (2, 150, 2, 3)
+        );
+        assert_eq!(idx.max_row().unwrap(), 3);
+        // Streaming by pack, rows up to a bound only.
+        let mut seen = Vec::new();
+        idx.scan_by_pack(2, &mut |p, rows| {
+            seen.push((p, rows.len()));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(seen, [(pack(1), 2)]);
+        assert_eq!(idx.pack_rows(&pack(1)).unwrap().len(), 2);
+        assert_eq!(idx.pack_size(&pack(2)).unwrap(), Some(50));
+        assert_eq!(idx.pack_sizes().unwrap().len(), 2);
+        assert_eq!(idx.packs_starting_with(2).unwrap(), [pack(2)]);
+        // Adding a pack again changes nothing.
+        idx.add_pack(&pack(2), 50, &[entry(2, 12, 20)]).unwrap();
+        assert_eq!(idx.totals().unwrap().locations, 3);
+        // The other copy stays when one pack goes.
+        idx.remove_pack(&pack(1)).unwrap();
+        assert_eq!(idx.packs_of(&b2).unwrap(), [pack(2)]);
+        assert!(!idx.contains(&BlobId(Id::from_bytes([1; 32]))).unwrap());
+        // Shard stamps, and a clear that forgets everything.
+        idx.set_shard_stamp("ab", Some(7)).unwrap();
+        assert_eq!(idx.shard_stamps().unwrap().get("ab"), Some(&7));
+        idx.set_shard_stamp("ab", None).unwrap();
+        assert!(idx.shard_stamps().unwrap().is_empty());
+        idx.clear().unwrap();
+        assert_eq!(idx.totals().unwrap(), IndexTotals::default());
+    }
+
+    #[test]
+    fn an_index_of_another_schema_or_garbage_is_replaced_not_trusted() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("index.sqlite");
+        {
+            let idx = Index::open(&path).unwrap();
+            idx.add_pack(&pack(1), 100, &[entry(1, 12, 10)]).unwrap();
+            idx.conn()
+                .execute("UPDATE meta SET value = 1 WHERE key = 'schema'", [])
+                .unwrap();
+        }
+        // An old schema: dropped, to be rebuilt from the packs.
+        let idx = Index::open(&path).unwrap();
+        assert_eq!(idx.totals().unwrap().packs, 0);
+        drop(idx);
+        // Not a database at all: a temporary index in memory instead of an error.
+        std::fs::write(
+            &path,
+            b"this is not sqlite, but it is long enough to look like a file",
+        )
+        .unwrap();
+        let _ = std::fs::remove_file(d.path().join("index.sqlite-wal"));
+        let _ = std::fs::remove_file(d.path().join("index.sqlite-shm"));
+        let idx = Index::open(&path).unwrap();
+        idx.add_pack(&pack(3), 10, &[entry(3, 12, 1)]).unwrap();
+        assert_eq!(idx.totals().unwrap().packs, 1);
+    }
+}

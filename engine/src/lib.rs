@@ -55,16 +55,4 @@ pub use repository::Repository;
 
 /// What the crate's unit tests share.
 #[cfg(test)]
-pub(crate) mod test_util {
-    /// A repository in `dir/repo` made with `config`, its key derived cheaply.
-    #[allow(clippy::unwrap_used)]
-    pub fn repo_in(dir: &std::path::Path, config: crate::config::Config) -> crate::Repository {
-        crate::Repository::init_with(
-            &dir.join("repo"),
-            b"pw",
-            config,
-            crate::keyfile::KdfParams::TEST_ONLY_WEAK,
-        )
-        .unwrap()
-    }
-}
+pub(crate) mod test_util;

@@ -609,6 +609,57 @@ mod tests {
     }
 
     #[test]
+    fn writers_that_have_not_committed_protect_the_time_they_ran() {
+        let now = Utc::now();
+        let entry = |name: &str, op: &str, host: &str, created, refreshed, stale: bool| LockEntry {
+            name: name.into(),
+            info: Ok(LockInfo {
+                version: 1,
+                kind: LockKind::Shared,
+                operation: op.into(),
+                host: host.into(),
+                user: "u".into(),
+                pid: 1,
+                pid_start: None,
+                created,
+                refreshed,
+            }),
+            stale: stale.then(|| "gone".to_owned()),
+        };
+        let min = chrono::Duration::minutes;
+        let here = current_host();
+        let entries = vec![
+            entry("own", "prune", &here, now - min(1), now, false),
+            entry("live", "backup", &here, now - min(10), now, false),
+            entry("dead", "backup", &here, now - min(60), now - min(50), true),
+            entry(
+                "far",
+                "backup",
+                "elsewhere",
+                now - min(120),
+                now - min(118),
+                true,
+            ),
+            entry("reader", "mount", &here, now - min(500), now, false),
+        ];
+        let w = uncommitted_windows(&entries, Some("own"));
+        assert_eq!(w.len(), 3, "{w:?}");
+        let at = |d: chrono::Duration| std::time::SystemTime::from(now - d);
+        let covered = |t| w.iter().filter(|w| w.contains(t)).count();
+        // The live backup: from its start on.
+        assert_eq!(covered(at(min(5))), 1);
+        assert_eq!(covered(at(min(11))), 0);
+        // The dead one: while it ran, up to its last refresh and one refresh period.
+        assert_eq!(covered(at(min(55))), 1);
+        assert_eq!(covered(at(min(46))), 1);
+        assert_eq!(covered(at(min(44))), 0);
+        // Another host's: the same, widened by the clock margin.
+        assert_eq!(covered(at(min(120) + chrono::Duration::seconds(30))), 1);
+        // Readers protect nothing.
+        assert_eq!(covered(at(min(400))), 0);
+    }
+
+    #[test]
     fn a_holder_whose_lock_was_removed_knows() {
         let (_d, b) = backend();
         let l = Lock::acquire(b.clone(), LockKind::Shared, "backup", Duration::ZERO).unwrap();

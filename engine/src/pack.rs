@@ -287,6 +287,46 @@ mod tests {
     use crate::crypto::{Encryption, MasterKey};
     use proptest::prelude::*;
 
+    /// An unencrypted pack's trailer is not authenticated: whatever its numbers say, the
+    /// parse is an error, never an overflow.
+    #[test]
+    fn a_crafted_trailer_with_a_huge_offset_is_out_of_bounds() {
+        let c = Crypto::new(MasterKey::generate(), Encryption::None);
+        for (offset, length) in [
+            (u64::MAX - 3, 10u32),
+            (u64::MAX, u32::MAX),
+            (12, u32::MAX),
+            (1 << 63, 1),
+        ] {
+            let mut plain = 1u32.to_le_bytes().to_vec();
+            plain.push(0);
+            plain.extend_from_slice(&[7u8; 32]);
+            plain.extend_from_slice(&offset.to_le_bytes());
+            plain.extend_from_slice(&length.to_le_bytes());
+            plain.extend_from_slice(&10u32.to_le_bytes());
+            let err = parse_trailer(&c, &PackId::default(), &plain, 1000).unwrap_err();
+            assert!(err.to_string().contains("out of bounds"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_pack_of_another_version_is_refused_by_name() {
+        let c = Crypto::new(MasterKey::generate(), Encryption::None);
+        let FinishedPack { id, mut out, .. } =
+            PackWriter::new(Vec::new()).unwrap().finish(&c).unwrap();
+        parse_pack(&c, &id, &out).unwrap();
+        out[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let err = parse_pack(&c, &id, &out).unwrap_err();
+        assert!(err.to_string().contains("newer than this program"), "{err}");
+        out[8..12].copy_from_slice(&0u32.to_le_bytes());
+        assert!(parse_pack(&c, &id, &out).is_err());
+        out[0] = b'X';
+        assert!(parse_pack(&c, &id, &out)
+            .unwrap_err()
+            .to_string()
+            .contains("not a pack"));
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]
         #[test]

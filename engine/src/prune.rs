@@ -592,3 +592,221 @@ fn copy_used(repo: &Repository, saver: &BlobSaver<'_>, pack: &PackId, marks: &Ma
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Encryption;
+    use crate::store::sim::SimFs;
+    use crate::test_util::{bytes, files_of, sim_open, sim_repo, small_config, snapshot_of};
+
+    fn opts() -> PruneOptions {
+        PruneOptions {
+            max_unused: 0.0,
+            lock_wait: Duration::ZERO,
+            ..PruneOptions::default()
+        }
+    }
+
+    /// Three snapshots over shared and own data in 1 MiB packs; returns them oldest
+    /// first with their files.
+    fn three(repo: &Repository) -> Vec<(SnapshotId, Vec<(&'static str, Vec<u8>)>)> {
+        let shared = bytes(1, 700 << 10);
+        let mut out = Vec::new();
+        for (i, name) in ["one", "two", "three"].into_iter().enumerate() {
+            let files = vec![
+                ("shared", shared.clone()),
+                (name, bytes(10 + i as u64, 900 << 10)),
+            ];
+            out.push((snapshot_of(repo, &files), files));
+        }
+        out
+    }
+
+    fn assert_whole(repo: &Repository, id: &SnapshotId, files: &[(&str, Vec<u8>)]) {
+        let got = files_of(repo, id).unwrap();
+        for (name, data) in files {
+            assert!(got[*name] == *data, "{name} of {id} differs");
+        }
+    }
+
+    #[test]
+    fn forgotten_data_goes_at_once_and_what_is_kept_restores() {
+        let (fs, repo) = sim_repo(small_config(Encryption::Aes256Gcm));
+        let snaps = three(&repo);
+        repo.remove_snapshot(&snaps[0].0).unwrap();
+        let before = fs.used_bytes();
+        let r = prune(&repo, &opts()).unwrap();
+        assert_eq!(r.snapshots, 2);
+        assert_eq!(r.packs_young, 0, "{r:?}");
+        assert!(r.bytes_freed >= 900 << 10, "{r:?}");
+        assert!(fs.used_bytes() < before - (800 << 10));
+        drop(repo);
+        let repo = sim_open(&fs).unwrap();
+        for (id, files) in &snaps[1..] {
+            assert_whole(&repo, id, files);
+        }
+        // Nothing left to do.
+        let again = prune(&repo, &opts()).unwrap();
+        assert_eq!(
+            (again.packs_deleted, again.packs_repacked),
+            (0, 0),
+            "{again:?}"
+        );
+        assert_eq!(again.bytes_unused, 0, "{again:?}");
+    }
+
+    #[test]
+    fn a_dry_run_plans_and_changes_nothing() {
+        let (fs, repo) = sim_repo(small_config(Encryption::None));
+        let snaps = three(&repo);
+        repo.remove_snapshot(&snaps[1].0).unwrap();
+        let files = fs.files_under(std::path::Path::new("/repo/data"));
+        let r = prune(
+            &repo,
+            &PruneOptions {
+                dry_run: true,
+                ..opts()
+            },
+        )
+        .unwrap();
+        assert!(r.packs_deleted + r.packs_repacked > 0, "{r:?}");
+        assert_eq!(fs.files_under(std::path::Path::new("/repo/data")), files);
+    }
+
+    #[test]
+    fn a_pack_whose_needed_blob_has_no_copy_that_stays_is_kept() {
+        let (_fs, repo) = sim_repo(small_config(Encryption::Aes256Gcm));
+        let files = vec![("a", bytes(1, 1000)), ("b", bytes(2, 1000))];
+        let snap = snapshot_of(&repo, &files);
+        let root = repo.load_snapshot(&snap).unwrap().manifest.root;
+        let pack = repo.locate(&root).unwrap().pack;
+        let mut marks = Marks::new(repo.index().max_row().unwrap());
+        marks.mark_tree(&repo, &root, &snap, false).unwrap();
+        // Doomed with no other copy anywhere: uncovered.
+        let doomed: HashSet<PackId> = [pack].into_iter().collect();
+        assert!(uncovered_blob(&repo, &pack, &marks, &doomed)
+            .unwrap()
+            .is_some());
+        // A copy in another pack that stays covers it.
+        let saver = BlobSaver::new(&repo);
+        let bytes = repo.backend().read(FileKind::Pack, &pack.to_hex()).unwrap();
+        for (_, e) in repo.index().pack_rows(&pack).unwrap() {
+            saver
+                .add_stored(
+                    &e,
+                    crate::pack::verified_blob(repo.crypto(), &bytes, &e).unwrap(),
+                )
+                .unwrap();
+        }
+        saver.flush().unwrap();
+        assert!(uncovered_blob(&repo, &pack, &marks, &doomed)
+            .unwrap()
+            .is_none());
+        // Unless that copy is doomed too.
+        let both: HashSet<PackId> = repo.index().packs().unwrap().into_iter().collect();
+        assert_eq!(both.len(), 2);
+        assert!(uncovered_blob(&repo, &pack, &marks, &both)
+            .unwrap()
+            .is_some());
+    }
+
+    #[test]
+    fn a_read_error_while_marking_fails_the_prune_and_deletes_nothing() {
+        use crate::store::sim::{Effect, Fault, Op};
+        let (fs, repo) = sim_repo(small_config(Encryption::Aes256Gcm));
+        let snaps = three(&repo);
+        repo.remove_snapshot(&snaps[0].0).unwrap();
+        drop(repo);
+        let repo = sim_open(&fs).unwrap();
+        let packs = repo.backend().list(FileKind::Pack).unwrap();
+        fs.reset_faults();
+        fs.inject(Fault {
+            op: Some(Op::Read),
+            nth: 2,
+            effect: Effect::Fail {
+                errno: libc::EIO,
+                sticky: false,
+            },
+        });
+        assert!(prune(&repo, &opts()).is_err());
+        assert_eq!(repo.backend().list(FileKind::Pack).unwrap(), packs);
+    }
+
+    #[test]
+    fn packs_of_an_interrupted_backup_stay_while_its_stale_lock_does() {
+        let (fs, repo) = sim_repo(small_config(Encryption::Aes256Gcm));
+        let snaps = three(&repo);
+        // A backup of another host that died after writing a pack: its lock, not
+        // refreshed for an hour (stale), says when it ran.
+        let now = chrono::Utc::now();
+        let info = crate::lock::LockInfo {
+            version: 1,
+            kind: LockKind::Shared,
+            operation: "backup".into(),
+            host: "elsewhere".into(),
+            user: "u".into(),
+            pid: 1,
+            pid_start: None,
+            created: now - chrono::Duration::minutes(61),
+            refreshed: now - chrono::Duration::minutes(60),
+        };
+        let orphan = {
+            let saver = BlobSaver::new(&repo);
+            let (id, _) = saver
+                .save(crate::blob::BlobKind::Data, &bytes(99, 200_000))
+                .unwrap();
+            saver.flush().unwrap();
+            repo.locate(&id).unwrap().pack
+        };
+        let lock = serde_json::to_vec(&info).unwrap();
+        repo.backend().write(FileKind::Lock, "dead", &lock).unwrap();
+        // Written now: outside the dead backup's window, so it goes...
+        let r = prune(&repo, &opts()).unwrap();
+        assert!(r.packs_deleted >= 1, "{r:?}");
+        assert!(!repo.index().packs().unwrap().contains(&orphan));
+        // ...but one written within the window of a backup of this host whose process
+        // is gone stays.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let info = crate::lock::LockInfo {
+            host: crate::repository::current_host(),
+            pid: dead,
+            created: now - chrono::Duration::minutes(1),
+            refreshed: now - chrono::Duration::minutes(1),
+            ..info
+        };
+        repo.backend()
+            .write(FileKind::Lock, "dead", &serde_json::to_vec(&info).unwrap())
+            .unwrap();
+        let saver = BlobSaver::new(&repo);
+        saver
+            .save(crate::blob::BlobKind::Data, &bytes(98, 200_000))
+            .unwrap();
+        saver.flush().unwrap();
+        let r = prune(&repo, &opts()).unwrap();
+        assert_eq!(r.packs_deleted, 0, "{r:?}");
+        assert_eq!(r.packs_young, 1, "{r:?}");
+        assert!(r.protected_by[0].contains("backup"), "{r:?}");
+        let _ = (fs, snaps);
+    }
+
+    #[test]
+    fn a_prune_on_a_full_disk_fails_saying_so_and_keeps_every_snapshot_whole() {
+        let (fs, repo) = sim_repo(small_config(Encryption::Aes256Gcm));
+        let snaps = three(&repo);
+        repo.remove_snapshot(&snaps[0].0).unwrap();
+        fs.set_capacity(Some(fs.used_bytes() + (300 << 10)));
+        let err = prune(&repo, &opts()).unwrap_err();
+        assert!(err.to_string().contains("disk is full"), "{err}");
+        assert_eq!(err.kind(), crate::ErrorKind::Io);
+        fs.set_capacity(None);
+        drop(repo);
+        let repo = sim_open(&fs).unwrap();
+        for (id, files) in &snaps[1..] {
+            assert_whole(&repo, id, files);
+        }
+        let _: SimFs = fs;
+    }
+}

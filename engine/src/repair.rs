@@ -232,3 +232,112 @@ pub fn repair(repo: &Repository, opts: &RepairOptions) -> Result<RepairReport> {
     report.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::Encryption;
+    use crate::store::sim::{Effect, Fault, Op};
+    use crate::test_util::{bytes, files_of, sim_open, sim_repo, small_config, snapshot_of};
+    use std::path::Path;
+
+    fn opts() -> RepairOptions {
+        RepairOptions {
+            read_data: true,
+            lock_wait: Duration::ZERO,
+        }
+    }
+
+    fn pack_path(p: &PackId) -> PathBuf {
+        let hex = p.to_hex();
+        Path::new("/repo/data").join(&hex[..2]).join(&hex)
+    }
+
+    #[test]
+    fn a_damaged_pack_is_salvaged_quarantined_recorded_and_healed_later() {
+        let (fs, repo) = sim_repo(small_config(Encryption::Aes256Gcm));
+        let files = vec![("a", bytes(1, 1000)), ("b", bytes(2, 2000))];
+        let snap = snapshot_of(&repo, &files);
+        let a_blob = repo
+            .load_tree(&repo.load_snapshot(&snap).unwrap().manifest.root)
+            .unwrap()
+            .nodes[0]
+            .content[0]
+            .blob
+            .unwrap();
+        let loc = repo.locate(&a_blob).unwrap();
+        let path = pack_path(&loc.pack);
+        let mut content = fs.files_under(&path).remove(0).1;
+        content[loc.offset as usize + 40] ^= 1;
+        fs.tamper(&path, content).unwrap();
+        drop(repo);
+        let repo = sim_open(&fs).unwrap();
+        let r = repair(&repo, &opts()).unwrap();
+        assert_eq!(r.packs_damaged, vec![loc.pack]);
+        assert_eq!(r.blobs_damaged, vec![a_blob]);
+        assert!(r.blobs_salvaged >= 2, "{r:?}"); // b and the tree
+        assert_eq!(r.snapshots_damaged.len(), 1);
+        assert_eq!(r.snapshots_damaged[0].paths, vec![PathBuf::from("/a")]);
+        assert!(fs
+            .files_under(Path::new("/repo/quarantine"))
+            .iter()
+            .any(|(p, _)| p.ends_with(loc.pack.to_hex())));
+        // What was intact still reads; the lost file does not, and says so.
+        assert!(repo.read_blob(&a_blob).is_err());
+        drop(repo);
+        let repo = sim_open(&fs).unwrap();
+        assert!(files_of(&repo, &snap).is_err());
+        // The same content backed up again heals the snapshot.
+        snapshot_of(&repo, &files[..1]);
+        let r = repair(&repo, &opts()).unwrap();
+        assert_eq!(r.snapshots_healed, 1, "{r:?}");
+        drop(repo);
+        let repo = sim_open(&fs).unwrap();
+        assert!(files_of(&repo, &snap).unwrap()["a"] == files[0].1);
+    }
+
+    #[test]
+    fn a_read_error_stops_the_repair_and_quarantines_nothing() {
+        let (fs, repo) = sim_repo(small_config(Encryption::None));
+        snapshot_of(&repo, &[("a", bytes(1, 300_000)), ("b", bytes(2, 900_000))]);
+        drop(repo);
+        let repo = sim_open(&fs).unwrap();
+        let packs = repo.backend().list(FileKind::Pack).unwrap();
+        // Every read from now on fails, as a disk going away would.
+        fs.reset_faults();
+        fs.inject(Fault {
+            op: Some(Op::Read),
+            nth: 0,
+            effect: Effect::Fail {
+                errno: libc::EIO,
+                sticky: true,
+            },
+        });
+        let err = repair(&repo, &opts()).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Io, "{err}");
+        fs.reset_faults();
+        assert_eq!(repo.backend().list(FileKind::Pack).unwrap(), packs);
+        assert!(fs.files_under(Path::new("/repo/quarantine")).is_empty());
+    }
+
+    #[test]
+    fn a_pack_whose_trailer_is_garbage_is_quarantined_and_incomplete_files_go() {
+        let (fs, repo) = sim_repo(small_config(Encryption::Aes256Gcm));
+        let snap = snapshot_of(&repo, &[("a", bytes(1, 1000))]);
+        let pack = repo.index().packs().unwrap()[0];
+        let path = pack_path(&pack);
+        let mut content = fs.files_under(&path).remove(0).1;
+        let n = content.len();
+        content[n - 20] ^= 0xff; // inside the sealed trailer
+        fs.tamper(&path, content).unwrap();
+        let tmp = repo.backend().create(FileKind::Pack).unwrap();
+        std::mem::forget(tmp); // a writer killed mid-pack
+        drop(repo);
+        let repo = sim_open(&fs).unwrap();
+        let r = repair(&repo, &opts()).unwrap();
+        assert_eq!(r.packs_unreadable, vec![pack]);
+        assert_eq!(r.incomplete_files_removed, 1);
+        assert_eq!(r.snapshots_damaged.len(), 1);
+        assert_eq!(r.snapshots_damaged[0].snapshot, snap);
+    }
+}

@@ -813,3 +813,150 @@ fn unlock(
     }
     Err(Error::WrongPassword)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sim::SimFs;
+    use crate::test_util::{bytes, sim_backend, sim_open, sim_repo, small_config, snapshot_of};
+
+    fn open_pw(fs: &SimFs, pw: &'static [u8], opts: &OpenOptions) -> Result<Repository> {
+        Repository::open_with(sim_backend(fs), opts, &|| Ok(Zeroizing::new(pw.to_vec())))
+    }
+
+    #[test]
+    fn opening_says_what_is_wrong() {
+        let empty = SimFs::new();
+        assert_eq!(
+            sim_open(&empty).err().unwrap().kind(),
+            crate::ErrorKind::NotARepository
+        );
+        let (fs, repo) = sim_repo(small_config(Encryption::Aes256Gcm));
+        drop(repo);
+        let err = open_pw(&fs, b"nope", &OpenOptions::default())
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), crate::ErrorKind::WrongPassword);
+        // A newer format is refused before any password is asked.
+        let config = fs.files_under(Path::new("/repo/config")).remove(0).1;
+        let len = u32::from_le_bytes(config[8..12].try_into().unwrap()) as usize;
+        let body = String::from_utf8(config[12..12 + len].to_vec())
+            .unwrap()
+            .replace("\"version\": 2", "\"version\": 9");
+        let mut newer = config[..8].to_vec();
+        newer.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        newer.extend_from_slice(body.as_bytes());
+        newer.extend_from_slice(&config[12 + len..]);
+        let future = fs.fork();
+        future.tamper(Path::new("/repo/config"), newer).unwrap();
+        let asked = std::sync::atomic::AtomicBool::new(false);
+        let err = Repository::open_with(sim_backend(&future), &OpenOptions::default(), &|| {
+            asked.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok(Zeroizing::new(b"pw".to_vec()))
+        })
+        .err()
+        .unwrap();
+        assert_eq!(err.kind(), crate::ErrorKind::UnsupportedVersion, "{err}");
+        assert!(!asked.into_inner());
+        // No key file at all.
+        let keyless = fs.fork();
+        for (p, _) in keyless.files_under(Path::new("/repo/keys")) {
+            crate::store::fs::Fs::remove_file(&keyless, &p).unwrap();
+        }
+        assert_eq!(
+            sim_open(&keyless).err().unwrap().kind(),
+            crate::ErrorKind::Corrupt
+        );
+    }
+
+    #[test]
+    fn a_key_file_that_needs_no_password_in_an_encrypted_repository_is_refused() {
+        let (fs, repo) = sim_repo(small_config(Encryption::Aes256Gcm));
+        let planted = KeyFile::create(
+            &MasterKey::generate(),
+            Encryption::None,
+            b"",
+            KdfParams::TEST_ONLY_WEAK,
+            "storage",
+            "mallory",
+        )
+        .unwrap();
+        repo.backend()
+            .write(FileKind::Key, &"0".repeat(64), &planted.to_json())
+            .unwrap();
+        drop(repo);
+        let err = sim_open(&fs).err().unwrap();
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+        assert!(err.to_string().contains("planted"), "{err}");
+    }
+
+    #[test]
+    fn a_known_repository_must_keep_its_identity() {
+        let d = tempfile::tempdir().unwrap();
+        let opts = OpenOptions {
+            index: None,
+            known: Some(KnownRepositories::at(d.path().join("known.json"))),
+        };
+        let (fs, repo) = sim_repo(small_config(Encryption::Aes256Gcm));
+        let identity = repo.identity();
+        drop(repo);
+        open_pw(&fs, b"pw", &opts).unwrap();
+        // Another repository in its place (same location): refused.
+        let (other, repo) = sim_repo(small_config(Encryption::Aes256Gcm));
+        drop(repo);
+        let err = open_pw(&other, b"pw", &opts).err().unwrap();
+        assert_eq!(err.kind(), crate::ErrorKind::IdentityChanged, "{err}");
+        // Accepted on purpose, it opens; the first one is now the stranger.
+        let known = opts.known.as_ref().unwrap();
+        let theirs = open_pw(&other, b"pw", &OpenOptions::default())
+            .unwrap()
+            .identity();
+        known.accept("/repo", &theirs).unwrap();
+        open_pw(&other, b"pw", &opts).unwrap();
+        assert!(open_pw(&fs, b"pw", &opts).is_err());
+        assert_ne!(identity, theirs);
+    }
+
+    #[test]
+    fn packs_written_by_another_process_are_found_and_a_miss_relists_once() {
+        let (fs, repo) = sim_repo(small_config(Encryption::Aes256Gcm));
+        // "Another process": a second open of the same storage writes a snapshot.
+        let other = sim_open(&fs).unwrap();
+        let data = bytes(5, 10_000);
+        let snap = snapshot_of(&other, &[("f", data.clone())]);
+        let root = other.load_snapshot(&snap).unwrap().manifest.root;
+        // Our index has never heard of its pack: the read lists the packs and finds it.
+        assert!(!repo.index().contains(&root).unwrap());
+        let tree = repo.load_tree(&root).unwrap();
+        let blob = tree.nodes[0].content[0].blob.unwrap();
+        assert_eq!(repo.read_blob(&blob).unwrap(), data);
+        // A blob that is nowhere is reported missing, after one listing only.
+        let nowhere = BlobId(Id::from_bytes([9; 32]));
+        let err = repo.read_blob(&nowhere).unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+        assert!(err.to_string().contains("missing"), "{err}");
+        // sync_index picks up what appeared.
+        let (added, removed) = sim_open(&fs).unwrap().sync_index().unwrap();
+        assert_eq!((added, removed), (0, 0));
+    }
+
+    #[test]
+    fn the_format_upgrade_needs_the_lock_and_keeps_every_parameter() {
+        let mut config = small_config(Encryption::Aes256Gcm);
+        config.version = 1;
+        let (fs, mut repo) = sim_repo(config.clone());
+        assert!(repo.upgrade_format().is_err());
+        repo.lock(LockKind::Exclusive, "upgrade", std::time::Duration::ZERO)
+            .unwrap();
+        assert_eq!(repo.upgrade_format().unwrap(), (1, 2));
+        assert_eq!(repo.upgrade_format().unwrap(), (2, 2));
+        drop(repo);
+        let after = sim_open(&fs).unwrap();
+        let c = after.config();
+        assert_eq!(c.version, 2);
+        assert_eq!(
+            (c.id, c.pack_size, c.chunker),
+            (config.id, config.pack_size, config.chunker)
+        );
+    }
+}

@@ -114,7 +114,7 @@ fn kill9(mut child: Child) -> bool {
 
 /// Runs `repo ARGS` and stops it the hard way: for even rounds a SIGKILL after a random
 /// delay below `window` x 1.2; for odd ones the process SIGKILLs itself at storage crash
-/// point `1 + round / 2 % 25` (before a write, rename or delete: see
+/// point `1 + round / 2 * 3` (before a file is created, synced, renamed or removed: see
 /// `CAIRN_TESTONLY_CRASH_AT`), which reaches every step of a short run. Returns a label.
 ///
 /// `window` starts as the duration of one whole run and follows the runs actually seen:
@@ -141,7 +141,7 @@ fn run_and_kill(
             format!("finished before the kill at {delay} us")
         }
     } else {
-        let point = 1 + (round / 2) % 25;
+        let point = 1 + (round / 2) * 3;
         let mut child = spawn_quiet(env, args, Some(point));
         child.wait().unwrap();
         format!("killed itself at storage crash point {point}")

@@ -249,14 +249,23 @@ impl State {
         }
     }
 
+    /// Bytes of the files a listing reaches (what `df` would count: a removed file's
+    /// space is free at once, whether or not its directory was synced).
     fn used_bytes(&self) -> u64 {
-        self.nodes
-            .values()
-            .map(|n| match n {
-                Node::File { data, .. } => data.len() as u64,
-                Node::Dir { .. } => 0,
-            })
-            .sum()
+        let mut total = 0;
+        let mut seen = std::collections::HashSet::new();
+        let mut stack = vec![ROOT];
+        while let Some(id) = stack.pop() {
+            if !seen.insert(id) {
+                continue;
+            }
+            match self.nodes.get(&id) {
+                Some(Node::File { data, .. }) => total += data.len() as u64,
+                Some(Node::Dir { entries, .. }) => stack.extend(entries.values().copied()),
+                None => {}
+            }
+        }
+        total
     }
 
     fn meta(&self, id: u64) -> io::Result<Meta> {

@@ -1,0 +1,126 @@
+//! What the crate's unit tests share: scratch repositories (on disk, or on the
+//! in-memory [`SimFs`]) and snapshots made straight from bytes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use crate::blob::BlobKind;
+use crate::config::Config;
+use crate::crypto::Encryption;
+use crate::id::SnapshotId;
+use crate::keyfile::KdfParams;
+use crate::repository::OpenOptions;
+use crate::saver::BlobSaver;
+use crate::snapshot::{Manifest, SnapshotKind, Summary};
+use crate::store::sim::SimFs;
+use crate::store::{Backend, LocalBackend};
+use crate::tree::{Extent, Node, NodeKind, Tree};
+use crate::Repository;
+
+/// A repository in `dir/repo` made with `config`, its key derived cheaply.
+pub fn repo_in(dir: &std::path::Path, config: Config) -> Repository {
+    Repository::init_with(&dir.join("repo"), b"pw", config, KdfParams::TEST_ONLY_WEAK).unwrap()
+}
+
+pub fn sim_backend(fs: &SimFs) -> Arc<dyn Backend> {
+    Arc::new(LocalBackend::with_fs("/repo", Arc::new(fs.clone())))
+}
+
+/// 1 MiB packs (the smallest), no compression.
+pub fn small_config(encryption: Encryption) -> Config {
+    let mut c = Config::new(encryption);
+    c.pack_size = 1 << 20;
+    c.compression_level = 0;
+    c
+}
+
+/// A new repository on a new in-memory filesystem (index in memory).
+pub fn sim_repo(config: Config) -> (SimFs, Repository) {
+    let fs = SimFs::new();
+    let repo = Repository::init_on(
+        sim_backend(&fs),
+        &OpenOptions::default(),
+        b"pw",
+        config,
+        KdfParams::TEST_ONLY_WEAK,
+    )
+    .unwrap();
+    (fs, repo)
+}
+
+/// Opens the repository on `fs` as a new process would (index rebuilt from the packs).
+pub fn sim_open(fs: &SimFs) -> crate::Result<Repository> {
+    Repository::open_with(sim_backend(fs), &OpenOptions::default(), &|| {
+        Ok(zeroize::Zeroizing::new(b"pw".to_vec()))
+    })
+}
+
+/// Deterministic bytes, different for each `seed`.
+pub fn bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len + 8);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// A snapshot of one directory holding `files` (name, content), each file one blob,
+/// saved and committed as a backup would.
+pub fn snapshot_of(repo: &Repository, files: &[(&str, Vec<u8>)]) -> SnapshotId {
+    let saver = BlobSaver::new(repo);
+    let mut nodes = Vec::new();
+    for (name, data) in files {
+        let (id, _) = saver.save(BlobKind::Data, data).unwrap();
+        nodes.push(Node {
+            mode: 0o644,
+            size: data.len() as u64,
+            content: vec![Extent {
+                blob: Some(id),
+                len: data.len() as u64,
+            }],
+            ..Node::new(name.as_bytes().to_vec(), NodeKind::File)
+        });
+    }
+    let mut tree = Tree { nodes };
+    tree.sort();
+    let (root, _) = saver.save_tree(tree).unwrap();
+    saver.flush().unwrap();
+    let manifest = Manifest {
+        time: chrono::Utc::now(),
+        host: "test".into(),
+        user: "test".into(),
+        kind: SnapshotKind::Tree,
+        paths: vec!["/data".into()],
+        name: None,
+        tags: Vec::new(),
+        parent: None,
+        root,
+        summary: Summary::default(),
+        meta: BTreeMap::new(),
+    };
+    repo.save_snapshot(&manifest).unwrap()
+}
+
+/// The content of every file of a snapshot made by [`snapshot_of`], by name.
+pub fn files_of(repo: &Repository, id: &SnapshotId) -> crate::Result<BTreeMap<String, Vec<u8>>> {
+    let snap = repo.load_snapshot(id)?;
+    let tree = repo.load_tree(&snap.manifest.root)?;
+    let mut out = BTreeMap::new();
+    for n in &tree.nodes {
+        let mut data = Vec::new();
+        for e in &n.content {
+            if let Some(b) = e.blob {
+                data.extend(repo.read_blob(&b)?);
+            }
+        }
+        out.insert(String::from_utf8_lossy(&n.name).into_owned(), data);
+    }
+    Ok(out)
+}
