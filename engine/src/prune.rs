@@ -608,9 +608,11 @@ mod tests {
         }
     }
 
+    type Files = Vec<(&'static str, Vec<u8>)>;
+
     /// Three snapshots over shared and own data in 1 MiB packs; returns them oldest
     /// first with their files.
-    fn three(repo: &Repository) -> Vec<(SnapshotId, Vec<(&'static str, Vec<u8>)>)> {
+    fn three(repo: &Repository) -> Vec<(SnapshotId, Files)> {
         let shared = bytes(1, 700 << 10);
         let mut out = Vec::new();
         for (i, name) in ["one", "two", "three"].into_iter().enumerate() {
