@@ -68,6 +68,12 @@ fn parse(vars: &[(String, String)], release: bool) -> Result<Switches> {
     })
 }
 
+/// The switches of this process, read once (see [`switches`] for the errors).
+pub fn get() -> Switches {
+    static S: std::sync::OnceLock<Switches> = std::sync::OnceLock::new();
+    *S.get_or_init(|| switches().unwrap_or_default())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,10 +109,4 @@ mod tests {
         assert_eq!(s.extents_inline, Some(64));
         assert!(parse(&vars(&[("CAIRN_TESTONLY_CRASH_AT", "soon")]), false).is_err());
     }
-}
-
-/// The switches of this process, read once (see [`switches`] for the errors).
-pub fn get() -> Switches {
-    static S: std::sync::OnceLock<Switches> = std::sync::OnceLock::new();
-    *S.get_or_init(|| switches().unwrap_or_default())
 }
