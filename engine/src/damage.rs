@@ -57,6 +57,17 @@ pub fn clear(repo: &Repository, snap: &SnapshotId) -> Result<()> {
         .ctx(|| format!("removing damage/{snap}"))
 }
 
+/// Opens and parses the mark of `snap` (the bytes of `damage/<snap>`).
+pub fn decode(
+    crypto: &crate::crypto::Crypto,
+    snap: &SnapshotId,
+    sealed: &[u8],
+) -> Result<DamageMark> {
+    let what = || format!("damage/{snap}");
+    let plain = crypto.open(sealed, &aad(snap), &what)?;
+    serde_json::from_slice::<DamageMark>(&plain).map_err(|e| Error::corrupt(what(), e.to_string()))
+}
+
 /// Every mark, by snapshot (marks that do not decode are reported and skipped).
 pub fn all(repo: &Repository) -> Result<HashMap<SnapshotId, DamageMark>> {
     let mut out = HashMap::new();
@@ -72,14 +83,7 @@ pub fn all(repo: &Repository) -> Result<HashMap<SnapshotId, DamageMark>> {
             .backend()
             .read(FileKind::Damage, &name)
             .ctx(|| format!("reading damage/{name}"))?;
-        let decoded = repo
-            .crypto()
-            .open(&sealed, &aad(&id), &|| format!("damage/{name}"))
-            .and_then(|plain| {
-                serde_json::from_slice::<DamageMark>(&plain)
-                    .map_err(|e| Error::corrupt(format!("damage/{name}"), e.to_string()))
-            });
-        match decoded {
+        match decode(repo.crypto(), &id, &sealed) {
             Ok(m) => {
                 out.insert(id, m);
             }

@@ -478,16 +478,29 @@ impl Index {
 
     /// Records (`Some`) or forgets (`None`) the stamp a shard had when it was reconciled.
     pub fn set_shard_stamp(&self, shard: &str, stamp: Option<i64>) -> Result<()> {
-        let c = self.conn();
-        match stamp {
-            Some(v) => c.execute(
-                "INSERT OR REPLACE INTO shard_stamps(shard, stamp) VALUES(?1, ?2)",
-                params![shard, v],
-            ),
-            None => c.execute("DELETE FROM shard_stamps WHERE shard = ?1", [shard]),
+        self.set_shard_stamps(&[(shard, stamp)])
+    }
+
+    /// [`Self::set_shard_stamp`] for many shards, in one transaction.
+    pub fn set_shard_stamps(&self, stamps: &[(&str, Option<i64>)]) -> Result<()> {
+        let mut c = self.conn();
+        let tx = c.transaction().map_err(db_err)?;
+        {
+            let mut set = tx
+                .prepare_cached("INSERT OR REPLACE INTO shard_stamps(shard, stamp) VALUES(?1, ?2)")
+                .map_err(db_err)?;
+            let mut unset = tx
+                .prepare_cached("DELETE FROM shard_stamps WHERE shard = ?1")
+                .map_err(db_err)?;
+            for (shard, stamp) in stamps {
+                match stamp {
+                    Some(v) => set.execute(params![shard, v]),
+                    None => unset.execute([shard]),
+                }
+                .map_err(db_err)?;
+            }
         }
-        .map(drop)
-        .map_err(db_err)
+        tx.commit().map_err(db_err)
     }
 }
 

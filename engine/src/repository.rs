@@ -689,9 +689,9 @@ impl Repository {
             }
         }
         let counts = self.reconcile(stored, indexed)?;
-        for (shard, stamp) in stamps {
-            self.index.set_shard_stamp(shard, stamp)?;
-        }
+        let stamps: Vec<(&str, Option<i64>)> =
+            stamps.into_iter().map(|(s, v)| (s.as_str(), v)).collect();
+        self.index.set_shard_stamps(&stamps)?;
         Ok(counts)
     }
 

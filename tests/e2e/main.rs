@@ -17,5 +17,6 @@ mod images;
 mod keys;
 mod maintenance;
 mod mount;
+mod mutations;
 mod roundtrip;
 mod support;
