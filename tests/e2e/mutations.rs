@@ -69,8 +69,11 @@ fn bounded(what: &str, cmd: &mut Command) -> Output {
     out
 }
 
-/// The files of a source tree, relative path -> content.
-fn tree_of(dir: &Path) -> Vec<(String, Vec<u8>)> {
+/// The files of a source tree: (relative path, content), sorted.
+type Files = Vec<(String, Vec<u8>)>;
+
+/// The files of a source tree.
+fn tree_of(dir: &Path) -> Files {
     let mut v: Vec<_> = walk_files(dir)
         .into_iter()
         .map(|p| {
@@ -240,12 +243,7 @@ fn every_command_reads_a_mutated_repository_safely(encryption: &str, seed: u64) 
 
 /// Mounts the (mutated) repository and reads every file: a read that succeeds whole
 /// gives the right bytes; one that fails says EIO.
-fn read_through_the_mount(
-    env: &Env,
-    snaps: &[(String, Vec<(String, Vec<u8>)>)],
-    src: &Path,
-    what: &str,
-) {
+fn read_through_the_mount(env: &Env, snaps: &[(String, Files)], src: &Path, what: &str) {
     let dir = env.path("mnt");
     fs::create_dir_all(&dir).unwrap();
     let log = env.path("mount.log");
