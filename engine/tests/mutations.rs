@@ -24,7 +24,6 @@ use cairn_engine::id::SnapshotId;
 use cairn_engine::progress::Progress;
 use cairn_engine::restore::{restore, RestoreOptions};
 use cairn_engine::store::sim::SimFs;
-use cairn_engine::store::Backend;
 use cairn_engine::tree::NodeKind;
 use cairn_engine::walk;
 use common::{open, random_files, sim_repo, small_config, Files, Rng, Source};
