@@ -277,6 +277,42 @@ impl NbdSource {
         })
     }
 
+    /// Exports an image file of `format` through a private, read-only qemu-nbd and opens
+    /// it; with `bitmap`, also the image's persistent dirty bitmap of that name (the
+    /// blocks written since it was created).
+    pub fn of_image(path: &Path, format: &str, bitmap: Option<&str>) -> Result<Self, String> {
+        let mut server = QemuNbd::start(path, format, bitmap).map_err(|e| e.to_string())?;
+        let uri = NbdUri {
+            endpoint: Endpoint::Unix(server.socket().to_owned()),
+            export: String::new(),
+        };
+        let bitmap_ctx = bitmap.map(|b| format!("qemu:dirty-bitmap:{b}"));
+        let mut contexts = vec![ALLOCATION];
+        if let Some(b) = &bitmap_ctx {
+            contexts.push(b);
+        }
+        let client = match &uri.endpoint {
+            Endpoint::Unix(p) => NbdClient::connect_unix(p, "", &contexts, TIMEOUT),
+            Endpoint::Tcp(a) => NbdClient::connect_tcp(a, "", &contexts, TIMEOUT),
+        };
+        let client = client.map_err(|e| format!("{e} ({})", server.diagnose()))?;
+        let allocation = client.context_id(ALLOCATION);
+        let bitmap = match &bitmap_ctx {
+            Some(name) => Some(
+                client
+                    .context_id(name)
+                    .ok_or_else(|| format!("qemu-nbd does not export {name}"))?,
+            ),
+            None => None,
+        };
+        Ok(Self {
+            client,
+            allocation,
+            bitmap,
+            _server: Some(server),
+        })
+    }
+
     /// Exports an image file through a private, read-only qemu-nbd and opens it.
     fn open_image(path: &Path, info: &qemu::ImageInfo) -> Result<Self, String> {
         let mut server = QemuNbd::start(path, &info.format, None).map_err(|e| e.to_string())?;

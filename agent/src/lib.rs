@@ -7,11 +7,14 @@
 //!   [`cairn_engine::backup::BlockSource`].
 //! - [`postgres`], [`mariadb`]: database servers (physical copies and dumps), with what a
 //!   database snapshot records about them in [`database`].
+//! - [`libvirt`]: virtual machines by name: backup with changed-block tracking, the
+//!   hypervisor operations, the XML of a recovered copy.
 //! - [`process`]: running those programs (argument vectors, stderr into errors, a failed
 //!   program fails the read of its output).
 
 pub mod database;
 pub mod image;
+pub mod libvirt;
 pub mod mariadb;
 pub mod nbd;
 pub mod postgres;

@@ -85,6 +85,122 @@ pub fn image_chain(path: &Path) -> Result<Vec<(PathBuf, ImageInfo)>> {
     Ok(chain.into_iter().map(|e| (e.filename, e.info)).collect())
 }
 
+/// A persistent dirty bitmap of a qcow2 image, as `qemu-img info` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bitmap {
+    pub name: String,
+    /// Marked in use: QEMU had the image open and did not close it cleanly (it was
+    /// killed or crashed), so the bitmap may miss writes and must not be trusted.
+    pub in_use: bool,
+    /// Recording writes.
+    pub enabled: bool,
+}
+
+/// The persistent bitmaps of a qcow2 image (none for other formats). `force_share`
+/// reads an image a running VM has open (its bitmaps then all say "in use").
+pub fn bitmaps(path: &Path, force_share: bool) -> Result<Vec<Bitmap>> {
+    let mut args: Vec<&std::ffi::OsStr> = vec!["info".as_ref(), "--output=json".as_ref()];
+    if force_share {
+        args.push("-U".as_ref());
+    }
+    args.push("--".as_ref());
+    args.push(path.as_os_str());
+    let out = run("qemu-img", &args)?;
+    let info: ImageInfo = serde_json::from_slice(&out)
+        .map_err(|e| QemuError::Other(format!("qemu-img info: unreadable output: {e}")))?;
+    let list = info
+        .format_specific
+        .as_ref()
+        .and_then(|f| f.get("data"))
+        .and_then(|d| d.get("bitmaps"))
+        .and_then(serde_json::Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    Ok(list
+        .iter()
+        .filter_map(|b| {
+            let flags: Vec<&str> = b
+                .get("flags")
+                .and_then(serde_json::Value::as_array)
+                .map(|f| f.iter().filter_map(serde_json::Value::as_str).collect())
+                .unwrap_or_default();
+            Some(Bitmap {
+                name: b.get("name")?.as_str()?.to_owned(),
+                in_use: flags.contains(&"in-use"),
+                enabled: flags.contains(&"auto"),
+            })
+        })
+        .collect())
+}
+
+/// Adds an enabled persistent bitmap `name` to a qcow2 image nobody has open.
+pub fn bitmap_add(path: &Path, name: &str) -> Result<()> {
+    run(
+        "qemu-img",
+        &[
+            "bitmap".as_ref(),
+            "--add".as_ref(),
+            "--enable".as_ref(),
+            "--".as_ref(),
+            path.as_os_str(),
+            name.as_ref(),
+        ],
+    )
+    .map(drop)
+}
+
+/// Removes the persistent bitmap `name` from a qcow2 image nobody has open.
+pub fn bitmap_remove(path: &Path, name: &str) -> Result<()> {
+    run(
+        "qemu-img",
+        &[
+            "bitmap".as_ref(),
+            "--remove".as_ref(),
+            "--".as_ref(),
+            path.as_os_str(),
+            name.as_ref(),
+        ],
+    )
+    .map(drop)
+}
+
+/// Creates an empty image of `format` and `size` bytes.
+pub fn create_image(path: &Path, format: &str, size: u64) -> Result<()> {
+    run(
+        "qemu-img",
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            format.as_ref(),
+            "--".as_ref(),
+            path.as_os_str(),
+            size.to_string().as_ref(),
+        ],
+    )
+    .map(drop)
+}
+
+/// Creates a qcow2 image over the backing file `backing` (of format `backing_format`).
+pub fn create_overlay(path: &Path, backing: &Path, backing_format: &str) -> Result<()> {
+    run(
+        "qemu-img",
+        &[
+            "create".as_ref(),
+            "-q".as_ref(),
+            "-f".as_ref(),
+            "qcow2".as_ref(),
+            "-F".as_ref(),
+            backing_format.as_ref(),
+            "-b".as_ref(),
+            backing.as_os_str(),
+            "--".as_ref(),
+            path.as_os_str(),
+        ],
+    )
+    .map(drop)
+}
+
 /// Formats accepted by `repo backup --image`.
 pub const FORMATS: [&str; 3] = ["raw", "qcow2", "vmdk"];
 

@@ -127,8 +127,22 @@ pub enum Command {
     Restore {
         snapshot: String,
         /// Directory to restore into; backed-up paths are recreated below it
-        #[arg(long, short)]
-        target: PathBuf,
+        #[arg(long, short, required_unless_present = "vm")]
+        target: Option<PathBuf>,
+        /// A VM snapshot restored as a domain: its disks (qcow2) in --to, defined as
+        /// --name (default: the original's name, which must be free), not started
+        #[arg(long, conflicts_with_all = ["target", "include", "format"])]
+        vm: bool,
+
+        /// With --vm: the directory for the disks (default /var/lib/libvirt/images)
+        #[arg(long, value_name = "DIR", requires = "vm")]
+        to: Option<PathBuf>,
+        /// With --vm: none (default), isolated, or a libvirt network for its cards
+        #[arg(long, default_value = "none", requires = "vm")]
+        network: String,
+        /// With --vm: the libvirt URI
+        #[arg(long, value_name = "URI", requires = "vm")]
+        connect: Option<String>,
         /// Restore only this path of the snapshot, with everything below it (repeatable)
         #[arg(long, short)]
         include: Vec<PathBuf>,
@@ -138,8 +152,21 @@ pub enum Command {
         /// Return without waiting for the restored data to reach the disk
         #[arg(long)]
         no_sync: bool,
-        #[command(flatten)]
-        filter: Filter,
+        /// Only snapshots of this host, for `latest` (repeatable)
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
+        /// Only snapshots with this tag, for `latest` (repeatable: all must match)
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+        /// Only snapshots that include this path, for `latest` (repeatable)
+        #[arg(long = "path", value_name = "PATH")]
+        paths: Vec<String>,
+        /// Only snapshots of this source (a stream's, image's or VM's name), for `latest`
+        #[arg(long, value_name = "NAME")]
+        source: Option<String>,
+        /// The same as --source; with --vm, the new domain's name instead
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
     },
     /// Show repository (or snapshot) statistics
     Stats {
@@ -183,6 +210,11 @@ pub enum Command {
         /// `never` keeps every file in the page cache)
         #[arg(long, value_name = "SIZE", value_parser = parse_size_or_never)]
         direct_io_from: Option<SizeOrNever>,
+        /// Show every file as owned by this user (a name or UID[:GID]) instead of its
+        /// recorded owner, modes kept: for a service running as its own user that reads
+        /// disk images a root backup recorded (a VM recovery's QEMU)
+        #[arg(long, value_name = "USER")]
+        owner: Option<String>,
     },
     /// Unmount a `repo mount` (lazily: open files do not keep it mounted)
     Umount { mountpoint: PathBuf },
@@ -216,6 +248,10 @@ pub enum Command {
     /// Move the repository to the newest format (programs of the older format can no
     /// longer open it afterwards)
     Upgrade,
+    /// Virtual machines through libvirt: list, start, stop, reboot, their libvirt
+    /// snapshots, cleanup of backup jobs left by killed runs
+    #[command(subcommand)]
+    Vm(VmCommand),
     /// Show the repository's identity (id, encryption, master key fingerprint) and
     /// whether this host knows it; every command refuses a repository whose identity
     /// changed (exit code 15) until it is accepted here
@@ -233,8 +269,24 @@ pub enum Command {
 #[derive(Args, Debug)]
 pub struct BackupArgs {
     /// Files and directories to back up
-    #[arg(required_unless_present_any = ["stdin", "image", "nbd", "postgres", "mariadb"], conflicts_with_all = ["stdin", "image", "nbd", "postgres", "mariadb"])]
+    #[arg(required_unless_present_any = ["stdin", "image", "nbd", "postgres", "mariadb", "vm"], conflicts_with_all = ["stdin", "image", "nbd", "postgres", "mariadb", "vm"])]
     pub paths: Vec<PathBuf>,
+    /// Back up a libvirt domain by name (repeatable), or `all`: its disks, XML and
+    /// firmware variables in one snapshot per domain, running (pull-mode backup, guest
+    /// filesystems frozen when its agent answers) or stopped, incremental through
+    /// checkpoints that survive power-off
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["stdin", "image", "nbd", "postgres", "mariadb", "name"])]
+    pub vm: Vec<String>,
+    /// With --vm: the libvirt URI (default qemu:///system)
+    #[arg(long, value_name = "URI", requires = "vm")]
+    pub connect: Option<String>,
+    /// With --vm: fail unless the guest agent freezes the filesystems (no
+    /// crash-consistent backup)
+    #[arg(long, requires = "vm")]
+    pub quiesce: bool,
+    /// With --vm: read every disk whole, whatever changed-block tracking says
+    #[arg(long, requires = "vm")]
+    pub full: bool,
     /// Back up a PostgreSQL server: its data directory (pg_basebackup, WAL included), or
     /// with --logical one pg_dump per database. CONN: a libpq connection string or URI;
     /// without it the PG* environment, else the local cluster (peer authentication)
@@ -379,6 +431,43 @@ pub enum RecoverCommand {
         #[command(flatten)]
         filter: Filter,
     },
+    /// Boot a VM snapshot as a new domain on qcow2 overlays of the mount (writes land in
+    /// the overlays, never in the repository): no network by default, new name, UUID and
+    /// MAC addresses
+    Vm {
+        /// Snapshot id prefix or `latest` (with --name-of, the VM's latest)
+        snapshot: String,
+        /// The copy's name (default: <original>-recovered-<session>)
+        #[arg(long)]
+        name: Option<String>,
+        /// For `latest`: the latest snapshot of this VM
+        #[arg(long, value_name = "VM")]
+        source: Option<String>,
+        /// For `latest`: only snapshots of this host
+        #[arg(long = "host", value_name = "HOST")]
+        hosts: Vec<String>,
+        /// none (default), isolated (a libvirt network with no forwarding and no
+        /// address: guests on it reach each other only), or a libvirt network's name
+        #[arg(long, default_value = "none")]
+        network: String,
+        /// Define the domain, do not start it
+        #[arg(long)]
+        no_start: bool,
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
+    },
+    /// Copy a running recovered VM's disks to real storage (block copy, then pivot) while
+    /// it runs, so that the session can end and the VM keeps running on its own disks
+    Promote {
+        /// Session id
+        id: String,
+        /// Directory for the disks (one qcow2 each)
+        #[arg(long, value_name = "DIR")]
+        to: PathBuf,
+        /// How long the copy may take
+        #[arg(long, value_name = "DURATION", default_value = "2h", value_parser = parse_wait)]
+        timeout: std::time::Duration,
+    },
     /// List the recovery sessions of this host
     List,
     /// Stop recovery sessions: server, overlay, mount and scratch files
@@ -398,6 +487,69 @@ pub enum RecoverCommand {
 pub enum RuntimeArg {
     Docker,
     Process,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VmCommand {
+    /// Every domain with its state, disks, last snapshot and whether changed-block
+    /// tracking is ready for an incremental
+    List {
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
+    },
+    Start {
+        name: String,
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
+    },
+    /// Shut down (the guest agent, else ACPI), waiting up to --wait; --force pulls the plug
+    Stop {
+        name: String,
+        #[arg(long)]
+        force: bool,
+        #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_wait)]
+        wait: std::time::Duration,
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
+    },
+    Reboot {
+        name: String,
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
+    },
+    /// libvirt's own snapshots of a domain
+    Snapshots {
+        name: String,
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
+    },
+    /// Delete one of libvirt's snapshots of a domain
+    SnapshotDelete {
+        name: String,
+        snapshot: String,
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
+    },
+    /// A new domain from a VM snapshot: its disks restored to DIR, defined as NAME (new
+    /// UUID and MAC addresses, no network unless --network), not started
+    Clone {
+        snapshot: String,
+        #[arg(long)]
+        name: String,
+        /// Where the disks go (default: /var/lib/libvirt/images)
+        #[arg(long, value_name = "DIR")]
+        to: Option<PathBuf>,
+        /// none (default), or the libvirt network to attach the copy's cards to
+        #[arg(long, default_value = "none")]
+        network: String,
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
+    },
+    /// End the backup jobs killed `repo backup --vm` runs left on domains
+    Cleanup {
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -527,4 +679,16 @@ pub fn parse_percent(s: &str) -> Result<f64, String> {
         return Err(format!("{s:?}: must be between 0% and 100%"));
     }
     Ok(v / 100.0)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every command's arguments are consistent (unique names, valid relations): clap
+    /// checks a command only when it is used, so a broken one would panic in front of a
+    /// user.
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -4,8 +4,6 @@
 //! - [`layout`]: how snapshots are named (`snapshots/`, `hosts/`).
 //! - [`cache`]: the LRU cache of decoded blobs shared by all reads.
 //! - [`fuse`]: the thin fuser adapter.
-//! - [`recover`]: instant recovery sessions: a database started on an overlay of the
-//!   mount, in a container (bollard) or as a host process.
 //!
 //! [`mount`] starts serving a repository at a mountpoint; [`unmount`] detaches one
 //! (lazily: a reader holding a file open does not keep the mount in the mount table).
@@ -14,7 +12,6 @@ pub mod cache;
 pub mod fuse;
 pub mod layout;
 pub mod prefetch;
-pub mod recover;
 pub mod view;
 
 use std::io;

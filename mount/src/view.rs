@@ -162,6 +162,10 @@ pub struct ViewOptions {
     pub refresh: Duration,
     /// Bytes fetched ahead of a sequential reader.
     pub readahead_bytes: u64,
+    /// Every snapshot entry shown as owned by this (uid, gid) instead of its recorded
+    /// owner: a VM recovery session's QEMU, which runs as its own user, reads the disk
+    /// images that a root backup recorded as root's. Modes are kept.
+    pub owner: Option<(u32, u32)>,
 }
 
 impl Default for ViewOptions {
@@ -170,6 +174,7 @@ impl Default for ViewOptions {
             cache_bytes: 128 << 20,
             refresh: Duration::from_secs(1),
             readahead_bytes: 8 << 20,
+            owner: None,
         }
     }
 }
@@ -543,7 +548,14 @@ impl View {
                     ..synthetic(NodeKind::Dir, 0o755, 0)
                 }
             }
-            Kind::Node { node, .. } => node_attr(ino, node),
+            Kind::Node { node, .. } => {
+                let mut a = node_attr(ino, node);
+                if let Some((uid, gid)) = self.opts.owner {
+                    a.uid = uid;
+                    a.gid = gid;
+                }
+                a
+            }
         })
     }
 

@@ -19,6 +19,9 @@ use crate::progress::Display;
 
 pub fn run(s: &Settings, g: &Global, a: &BackupArgs) -> Result<u8> {
     let repo = s.open_locked(LockKind::Shared, "backup")?;
+    if !a.vm.is_empty() {
+        return super::vm::backup(&repo, g, a);
+    }
     let progress = Arc::new(Progress::default());
     let display = Display::start(progress.clone(), "backup", !g.quiet && !g.json);
     if a.postgres.is_some() || a.mariadb.is_some() {

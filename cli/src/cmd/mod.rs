@@ -9,6 +9,7 @@ mod maint;
 mod mount;
 mod recover;
 mod restore;
+mod vm;
 
 use anyhow::Result;
 
@@ -64,8 +65,41 @@ pub fn run(cli: Cli) -> Result<u8> {
             include,
             format,
             no_sync,
-            filter,
+            vm,
+            to,
+            network,
+            connect,
+            hosts,
+            tags,
+            paths,
+            source,
+            name,
         } => {
+            if vm {
+                let filter = Filter {
+                    hosts,
+                    tags,
+                    paths,
+                    name: source,
+                };
+                return vm::clone(
+                    &settings,
+                    g,
+                    &snapshot,
+                    &filter,
+                    name,
+                    to,
+                    &network,
+                    connect.as_deref(),
+                );
+            }
+            let filter = Filter {
+                hosts,
+                tags,
+                paths,
+                name: source.or(name),
+            };
+            let target = target.unwrap_or_default();
             let req = restore::Request {
                 spec: &snapshot,
                 target: &target,
@@ -86,6 +120,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             cache_size,
             threads,
             direct_io_from,
+            owner,
         } => {
             let allow_other = allow_other || (!private && nix::unistd::geteuid().is_root());
             let req = mount::Request {
@@ -94,6 +129,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 cache_size,
                 threads,
                 direct_io_from: direct_io_from.map(|d| d.0),
+                owner: owner.as_deref().map(mount::parse_owner).transpose()?,
             };
             mount::mount(&settings, g, &mountpoint, &req)
         }
@@ -112,6 +148,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Index(i) => admin::index(&settings, g, i),
         Command::Upgrade => admin::upgrade(&settings, g),
         Command::Trust { accept, list } => admin::trust(&settings, g, accept, list),
+        Command::Vm(v) => vm::run(&settings, g, v),
     }
 }
 

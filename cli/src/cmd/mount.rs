@@ -35,6 +35,8 @@ pub struct Request {
     /// Files of at least this size are read with direct I/O (`Some(None)`: none);
     /// `None`: the default.
     pub direct_io_from: Option<Option<u64>>,
+    /// Every file shown as owned by this (uid, gid).
+    pub owner: Option<(u32, u32)>,
 }
 
 pub fn mount(s: &Settings, g: &Global, mountpoint: &Path, req: &Request) -> Result<u8> {
@@ -63,6 +65,7 @@ pub fn mount(s: &Settings, g: &Global, mountpoint: &Path, req: &Request) -> Resu
         allow_other: req.allow_other,
         view: ViewOptions {
             cache_bytes: usize::try_from(req.cache_size).unwrap_or(usize::MAX),
+            owner: req.owner,
             ..ViewOptions::default()
         },
         threads: req.threads.map_or(defaults.threads, usize::from),
@@ -180,4 +183,41 @@ pub fn umount(mountpoint: &Path) -> Result<u8> {
     cairn_mount::unmount(&mp).with_context(|| format!("unmounting {}", mp.display()))?;
     // The serving process notices and exits.
     Ok(exit::OK)
+}
+
+/// `--owner`: a user name, or UID[:GID] (the user's group when GID is left out).
+pub fn parse_owner(s: &str) -> Result<(u32, u32)> {
+    let (user, group) = match s.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (s, None),
+    };
+    let (uid, primary) = match user.parse::<u32>() {
+        Ok(n) => (
+            n,
+            nix::unistd::User::from_uid(n.into())
+                .ok()
+                .flatten()
+                .map_or(n, |u| u.gid.as_raw()),
+        ),
+        Err(_) => {
+            let u = nix::unistd::User::from_name(user)
+                .ok()
+                .flatten()
+                .with_context(|| format!("--owner: no user {user:?}"))?;
+            (u.uid.as_raw(), u.gid.as_raw())
+        }
+    };
+    let gid = match group {
+        None => primary,
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => nix::unistd::Group::from_name(g)
+                .ok()
+                .flatten()
+                .with_context(|| format!("--owner: no group {g:?}"))?
+                .gid
+                .as_raw(),
+        },
+    };
+    Ok((uid, gid))
 }

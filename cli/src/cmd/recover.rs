@@ -1,11 +1,11 @@
-//! `repo recover`: instant recovery sessions (see `cairn_mount::recover`).
+//! `repo recover`: instant recovery sessions (see `cairn_recover`).
 
 use std::ffi::OsString;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use cairn_mount::recover::{self, Request, Runtime, SessionRecord, Store};
+use cairn_recover::{self as recover, Request, Runtime, SessionRecord, Store};
 use serde_json::json;
 
 use crate::args::{Global, RecoverCommand, RuntimeArg};
@@ -35,7 +35,10 @@ fn session_json(r: &SessionRecord) -> serde_json::Value {
         "password": r.password,
         "database": r.database,
         "connection": r.connection_string(),
-        "data_dir": r.merged(),
+        "data_dir": if r.is_vm() { None } else { Some(r.merged()) },
+        "domain": r.domain,
+        "disks": r.disks,
+        "dir": r.dir,
         "created": r.created,
     })
 }
@@ -113,6 +116,41 @@ pub fn run(s: &Settings, g: &Global, cmd: RecoverCommand) -> Result<u8> {
             }
             Ok(exit::OK)
         }
+        RecoverCommand::Vm {
+            snapshot,
+            name,
+            source,
+            hosts,
+            network,
+            no_start,
+            connect,
+        } => {
+            let filter = crate::args::Filter {
+                hosts,
+                name: source,
+                ..Default::default()
+            };
+            vm(s, g, &snapshot, name, &network, no_start, connect, &filter)
+        }
+        RecoverCommand::Promote { id, to, timeout } => {
+            let store = store()?;
+            let p = recover::vm::promote(&store, &id, &to, timeout)?;
+            if g.json {
+                format::print_json(&json!(p));
+            } else if !g.quiet {
+                println!(
+                    "{} now runs on its own disks ({}) after {:.1}s; session {id} ended",
+                    p.domain,
+                    p.disks
+                        .iter()
+                        .map(|(t, f)| format!("{t}: {}", f.display()))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    p.seconds
+                );
+            }
+            Ok(exit::OK)
+        }
         RecoverCommand::List => {
             let store = store()?;
             let list = store.list()?;
@@ -129,10 +167,13 @@ pub fn run(s: &Settings, g: &Global, cmd: RecoverCommand) -> Result<u8> {
                         r.id,
                         format!("{:?}", r.state).to_lowercase(),
                         r.engine,
-                        &r.snapshot[..8],
+                        r.snapshot.get(..8).unwrap_or(&r.snapshot),
                         r.runtime,
                         r.port.map(|p| p.to_string()).unwrap_or_default(),
-                        r.connection_string().unwrap_or_default()
+                        match &r.domain {
+                            Some(d) => format!("domain {d} (virsh console {d})"),
+                            None => r.connection_string().unwrap_or_default(),
+                        }
                     );
                 }
                 println!("{} sessions", list.len());
@@ -187,4 +228,88 @@ pub fn run(s: &Settings, g: &Global, cmd: RecoverCommand) -> Result<u8> {
             Ok(exit::OK)
         }
     }
+}
+
+/// The network a recovered or cloned VM gets, from `--network`.
+pub fn network_arg(
+    net: &str,
+    hv: &cairn_agent::libvirt::Hypervisor,
+) -> Result<cairn_agent::libvirt::xml::Network> {
+    use cairn_agent::libvirt::xml::Network;
+    Ok(match net {
+        "none" => Network::None,
+        "isolated" => Network::Named(hv.isolated_network()?),
+        other => Network::Named(other.to_owned()),
+    })
+}
+
+/// `repo recover vm`.
+#[allow(clippy::too_many_arguments)]
+fn vm(
+    s: &Settings,
+    g: &Global,
+    snapshot: &str,
+    name: Option<String>,
+    network: &str,
+    no_start: bool,
+    connect: Option<String>,
+    filter: &crate::args::Filter,
+) -> Result<u8> {
+    let repo = s.open()?;
+    let snap = super::find_snapshot(&repo, snapshot, filter)?;
+    drop(repo);
+    let hv = cairn_agent::libvirt::Hypervisor::connect(connect.as_deref())?;
+    let network = network_arg(network, &hv)?;
+    let store = store()?;
+    let repo_path = std::fs::canonicalize(&s.repo).unwrap_or_else(|_| s.repo.clone());
+    let spawn = |mnt: &Path, owner: (u32, u32)| -> Result<u32, String> {
+        let mut args: Vec<OsString> = vec!["--repo".into(), repo_path.clone().into()];
+        args.extend([
+            "mount".into(),
+            mnt.as_os_str().to_owned(),
+            "--owner".into(),
+            format!("{}:{}", owner.0, owner.1).into(),
+        ]);
+        if nix::unistd::geteuid().is_root() {
+            args.push("--allow-other".into());
+        }
+        super::mount::spawn_mount_daemon(s, mnt, &args)
+            .map(|(pid, _)| pid)
+            .map_err(|e| format!("mounting the repository: {e:#}"))
+    };
+    let started = Instant::now();
+    let req = recover::vm::VmRequest {
+        snapshot: &snap,
+        repository: repo_path.clone(),
+        name,
+        network,
+        start: !no_start,
+        uri: connect,
+        spawn_mount: &spawn,
+    };
+    let rec = recover::vm::start(&store, &req)?;
+    let secs = started.elapsed().as_secs_f64();
+    let domain = rec.domain.clone().unwrap_or_default();
+    if g.json {
+        let mut v = session_json(&rec);
+        v["seconds_to_start"] = json!(secs);
+        format::print_json(&v);
+    } else {
+        println!(
+            "session {} {} in {secs:.1}s: domain {domain}, snapshot {} on overlays in {}",
+            rec.id,
+            if no_start { "defined" } else { "started" },
+            rec.snapshot.get(..8).unwrap_or(&rec.snapshot),
+            rec.dir.display()
+        );
+        println!(
+            "console: virsh console {domain} (log: {})",
+            rec.dir.join("console.log").display()
+        );
+        println!(
+            "stop it with: repo recover stop {}; keep it with: repo recover promote {} --to DIR",
+            rec.id, rec.id
+        );
+    }
+    Ok(exit::OK)
 }

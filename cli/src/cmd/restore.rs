@@ -31,8 +31,15 @@ pub fn run(s: &Settings, g: &Global, req: &Request<'_>, f: &Filter) -> Result<u8
     let repo = s.open_for_reading("restore")?;
     let snap = super::find_snapshot(&repo, req.spec, f)?;
     let (target, include) = (req.target, req.include);
-    if snap.manifest.kind == SnapshotKind::Image && !target.is_dir() {
+    let disk_set = snap.manifest.meta.contains_key("disks");
+    if snap.manifest.kind == SnapshotKind::Image && !target.is_dir() && !disk_set {
         return image(&repo, g, &snap, req);
+    }
+    if disk_set && target.exists() && !target.is_dir() {
+        bail!(
+            "snapshot {} holds a VM's disks: restore it to a directory, or as a domain with `--vm`",
+            snap.id.short()
+        );
     }
     if req.format.is_some() {
         bail!("--format applies to an image snapshot restored to a file");

@@ -82,7 +82,7 @@ pub struct ImageBackupOptions {
 
 /// What one chunk is, once looked at.
 #[derive(Clone, Copy)]
-enum Chunk {
+pub(crate) enum Chunk {
     Hole,
     Blob(BlobId),
 }
@@ -162,24 +162,32 @@ fn overlaps(regions: &[BlockRegion], a: u64, b: u64) -> impl Iterator<Item = &Bl
         .filter(move |r| r.offset < b && r.offset + r.length > a)
 }
 
-/// The parent's chunk map, when the parent is an image of the same size and chunking.
-fn parent_chunks(
+/// The parent's chunk map of its image file `file` (the first file when `None`), when
+/// that image has the same size and was cut in chunks of `chunk` bytes (the parent's
+/// `chunk_key` entry in its meta says so).
+pub(crate) fn parent_chunks(
     repo: &Repository,
     parent: &Snapshot,
+    file: Option<&[u8]>,
+    chunk_key: &str,
     size: u64,
     chunk: u64,
 ) -> Result<Option<Vec<Chunk>>> {
     if parent
         .manifest
         .meta
-        .get("chunk_size")
+        .get(chunk_key)
         .and_then(|c| c.parse().ok())
         != Some(chunk)
     {
         return Ok(None);
     }
     let tree = repo.load_tree(&parent.manifest.root)?;
-    let Some(node) = tree.nodes.first().filter(|n| n.size == size) else {
+    let node = match file {
+        None => tree.nodes.first(),
+        Some(name) => tree.nodes.iter().find(|n| n.name == name),
+    };
+    let Some(node) = node.filter(|n| n.size == size) else {
         return Ok(None);
     };
     let mut out = Vec::new();
@@ -219,42 +227,13 @@ pub fn backup_image(
     }
     let host = opts.host.clone().unwrap_or_else(current_host);
     let size = source.size();
-    let src_err = |e: io::Error| Error::io(format!("reading image {:?}", opts.name), e);
 
     let parent = super::latest_named(repo, SnapshotKind::Image, &host, &opts.name)?;
     let parent_chunk = parent
         .as_ref()
         .and_then(|p| p.manifest.meta.get("chunk_size"))
-        .and_then(|c| c.parse::<u64>().ok())
-        .filter(|&c| crate::config::valid_image_chunk(c));
-    // The image map is one blob: large images get larger chunks, so that it fits.
-    let least = size
-        .div_ceil(MAX_IMAGE_CHUNKS)
-        .next_power_of_two()
-        .max(64 << 10);
-    let chunk = match opts.chunk_size {
-        Some(c) if c < least => {
-            return Err(Error::InvalidInput(format!(
-                "image {:?}: chunks of {c} bytes are too small for {size} bytes (at most {} \
-                 chunks; at least {least} bytes each)",
-                opts.name, MAX_IMAGE_CHUNKS
-            )))
-        }
-        Some(c) => c,
-        None => parent_chunk
-            .unwrap_or(u64::from(repo.config().image_chunk_size))
-            .max(least),
-    };
-    if !crate::config::valid_image_chunk(chunk) {
-        return Err(Error::InvalidInput(if chunk > 16 << 20 {
-            format!(
-                "image {:?} is too large: {size} bytes would need chunks over 16 MiB",
-                opts.name
-            )
-        } else {
-            "image chunk size must be a power of two from 64 KiB to 16 MiB".into()
-        }));
-    }
+        .and_then(|c| c.parse::<u64>().ok());
+    let chunk = choose_chunk(repo, &opts.name, size, opts.chunk_size, parent_chunk)?;
     if let (Some(p), Some(fp), false) = (&parent, &opts.fingerprint, opts.force) {
         let same_size = p
             .manifest
@@ -267,7 +246,7 @@ pub fn backup_image(
         }
     }
     let parent_map = match (&parent, opts.use_changed_blocks) {
-        (Some(p), true) => parent_chunks(repo, p, size, chunk)?,
+        (Some(p), true) => parent_chunks(repo, p, None, "chunk_size", size, chunk)?,
         _ => None,
     };
     if opts.use_changed_blocks && parent_map.is_none() {
@@ -276,13 +255,114 @@ pub fn backup_image(
             opts.name
         );
     }
+    let saver = BlobSaver::new(repo);
+    let (content, bytes_read) = read_image(
+        &saver,
+        &opts.name,
+        source,
+        chunk,
+        parent_map.as_deref(),
+        progress,
+    )?;
+    let now = Utc::now();
+    let (root, stored) =
+        super::save_single_file_tree(&saver, file_name.into_bytes(), size, content, now)?;
+    Progress::add(&progress.bytes_stored, stored);
+    saver.flush()?;
+    let stats = saver.stats();
+    let mut meta = opts.meta.clone();
+    if let Some(fp) = &opts.fingerprint {
+        meta.insert("fingerprint".into(), fp.clone());
+    }
+    meta.insert("virtual_size".into(), size.to_string());
+    meta.insert("chunk_size".into(), chunk.to_string());
+    if parent_map.is_some() {
+        meta.insert("changed_block_tracking".into(), "yes".into());
+    }
+    let summary = Summary {
+        files: 1,
+        total_bytes: size,
+        bytes_read,
+        blobs_new: stats.blobs_new,
+        bytes_new: stats.bytes_new,
+        bytes_stored: stats.bytes_stored,
+        duration_ms: super::elapsed_ms(started),
+        ..Summary::default()
+    };
+    let manifest = Manifest {
+        time: now,
+        parent: parent.map(|p| p.id),
+        summary,
+        meta,
+        ..Manifest::named(
+            SnapshotKind::Image,
+            &opts.name,
+            host,
+            opts.tags.clone(),
+            root,
+        )
+    };
+    super::commit(repo, manifest, Vec::new())
+}
+
+/// The chunk size of an image of `size` bytes: the one asked for, else the parent's
+/// (so that unchanged chunks deduplicate and changed-block tracking applies), else the
+/// repository's; never so small that the image has more than [`MAX_IMAGE_CHUNKS`].
+pub(crate) fn choose_chunk(
+    repo: &Repository,
+    name: &str,
+    size: u64,
+    requested: Option<u64>,
+    parent: Option<u64>,
+) -> Result<u64> {
+    let parent = parent.filter(|&c| crate::config::valid_image_chunk(c));
+    // The image map is one blob: large images get larger chunks, so that it fits.
+    let least = size
+        .div_ceil(MAX_IMAGE_CHUNKS)
+        .next_power_of_two()
+        .max(64 << 10);
+    let chunk = match requested {
+        Some(c) if c < least => {
+            return Err(Error::InvalidInput(format!(
+                "image {name:?}: chunks of {c} bytes are too small for {size} bytes (at most {} \
+                 chunks; at least {least} bytes each)",
+                MAX_IMAGE_CHUNKS
+            )))
+        }
+        Some(c) => c,
+        None => parent
+            .unwrap_or(u64::from(repo.config().image_chunk_size))
+            .max(least),
+    };
+    if !crate::config::valid_image_chunk(chunk) {
+        return Err(Error::InvalidInput(if chunk > 16 << 20 {
+            format!("image {name:?} is too large: {size} bytes would need chunks over 16 MiB")
+        } else {
+            "image chunk size must be a power of two from 64 KiB to 16 MiB".into()
+        }));
+    }
+    Ok(chunk)
+}
+
+/// Reads a whole image from `source` in chunks of `chunk` bytes and saves them; returns
+/// its extents (one per chunk holding data, consecutive holes merged) and the bytes
+/// read. With `parent_map` and a source that tracks changed blocks, unchanged chunks are
+/// the parent's, not read.
+pub(crate) fn read_image(
+    saver: &BlobSaver<'_>,
+    name: &str,
+    source: &mut dyn BlockSource,
+    chunk: u64,
+    parent_map: Option<&[Chunk]>,
+    progress: &Progress,
+) -> Result<(Vec<Extent>, u64)> {
+    let size = source.size();
+    let src_err = |e: io::Error| Error::io(format!("reading image {name:?}"), e);
     Progress::add(&progress.total_bytes, size);
     Progress::add(&progress.total_files, 1);
     progress
         .total_known
         .store(true, std::sync::atomic::Ordering::Relaxed);
-
-    let saver = BlobSaver::new(repo);
     let window = WINDOW.max(chunk);
     let window_bytes = usize::try_from(window).unwrap_or(usize::MAX);
     let mut chunks: Vec<Chunk> =
@@ -318,7 +398,7 @@ pub fn backup_image(
             while a < end {
                 let b = (a + chunk).min(end);
                 let index = usize::try_from(a / chunk).unwrap_or(usize::MAX);
-                if let (Some(ch), Some(pm)) = (&changed, &parent_map) {
+                if let (Some(ch), Some(pm)) = (&changed, parent_map) {
                     if overlaps(ch, a, b).all(|r| !r.data) {
                         slots.push(Slot::Known(pm[index]));
                         Progress::add(&progress.bytes_done, b - a);
@@ -356,7 +436,7 @@ pub fn backup_image(
             Ok((slots, ranges))
         };
 
-    with_workers(&saver, |workers| -> Result<()> {
+    with_workers(saver, |workers| -> Result<()> {
         let budget = workers.budget();
         let mut start = 0u64;
         let mut current = if size > 0 {
@@ -421,46 +501,8 @@ pub fn backup_image(
             }),
         }
     }
-    let now = Utc::now();
-    let (root, stored) =
-        super::save_single_file_tree(&saver, file_name.into_bytes(), size, content, now)?;
-    Progress::add(&progress.bytes_stored, stored);
-    saver.flush()?;
     Progress::add(&progress.files_done, 1);
-    let stats = saver.stats();
-    let mut meta = opts.meta.clone();
-    if let Some(fp) = &opts.fingerprint {
-        meta.insert("fingerprint".into(), fp.clone());
-    }
-    meta.insert("virtual_size".into(), size.to_string());
-    meta.insert("chunk_size".into(), chunk.to_string());
-    if parent_map.is_some() {
-        meta.insert("changed_block_tracking".into(), "yes".into());
-    }
-    let summary = Summary {
-        files: 1,
-        total_bytes: size,
-        bytes_read,
-        blobs_new: stats.blobs_new,
-        bytes_new: stats.bytes_new,
-        bytes_stored: stats.bytes_stored,
-        duration_ms: super::elapsed_ms(started),
-        ..Summary::default()
-    };
-    let manifest = Manifest {
-        time: now,
-        parent: parent.map(|p| p.id),
-        summary,
-        meta,
-        ..Manifest::named(
-            SnapshotKind::Image,
-            &opts.name,
-            host,
-            opts.tags.clone(),
-            root,
-        )
-    };
-    super::commit(repo, manifest, Vec::new())
+    Ok((content, bytes_read))
 }
 
 /// A snapshot of an image whose fingerprint matches its parent's: the same root, and

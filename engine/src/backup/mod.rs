@@ -8,6 +8,7 @@
 
 pub mod archive;
 pub mod content;
+pub mod disks;
 pub mod image;
 pub mod pipeline;
 mod source;
@@ -128,6 +129,7 @@ pub(crate) fn commit(
 }
 
 pub use archive::{backup_tar, ArchiveBackupOptions};
+pub use disks::{backup_disk_set, disk_set_parent, DiskInput, DiskOutcome, DiskSetOptions};
 pub use image::{backup_image, image_parent, BlockRegion, BlockSource, ImageBackupOptions};
 pub use stream::{backup_stream, StreamBackupOptions};
 pub use tree::{backup_tree, BackupOutcome, TreeBackupOptions};

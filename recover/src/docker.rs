@@ -15,7 +15,7 @@ use bollard::query_parameters::{
 use bollard::Docker as Client;
 use futures_util::StreamExt;
 
-use super::RecoverError;
+use crate::RecoverError;
 
 pub const LABEL_SESSION: &str = "cairn.session";
 pub const LABEL_STATE: &str = "cairn.state";

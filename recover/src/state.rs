@@ -14,7 +14,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
-use super::RecoverError;
+use crate::RecoverError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -50,9 +50,24 @@ pub struct SessionRecord {
     pub password: Option<String>,
     pub database: Option<String>,
     pub created: String,
+    /// The libvirt domain of a VM session (`engine` = `vm`).
+    #[serde(default)]
+    pub domain: Option<String>,
+    /// The libvirt URI of a VM session.
+    #[serde(default)]
+    pub uri: Option<String>,
+    /// A VM session's disks (targets), each on `<dir>/<target>.qcow2`.
+    #[serde(default)]
+    pub disks: Vec<String>,
 }
 
 impl SessionRecord {
+    /// Whether this is a VM session.
+    #[must_use]
+    pub fn is_vm(&self) -> bool {
+        self.engine == "vm"
+    }
+
     #[must_use]
     pub fn mountpoint(&self) -> PathBuf {
         self.dir.join("mnt")

@@ -1,4 +1,5 @@
-//! Instant recovery: a database backup answering queries in seconds, without a restore.
+//! Instant recovery of a database: a backup answering queries in seconds, without a
+//! restore.
 //!
 //! A session stacks four things, each recorded (in [`state`]) before it is made:
 //! 1. the repository mounted read-only (a `repo mount` daemon) at `sessions/<id>/mnt`;
@@ -14,12 +15,8 @@
 //! that for every session whose creator died (killed, a reboot) and for anything labelled
 //! or placed as a session that has no record.
 
-pub mod docker;
-pub mod engines;
-pub mod state;
-
 use std::collections::HashMap;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -29,41 +26,13 @@ use cairn_agent::database::{DatabaseMeta, Engine, Method};
 use cairn_agent::process::pid_alive;
 use cairn_engine::snapshot::Snapshot;
 
-use self::docker::{ContainerSpec, Docker, LABEL_SESSION, LABEL_STATE};
-use self::engines::ServerView;
-pub use self::state::{state_dir, SessionRecord, SessionState, Store};
-use crate::is_mountpoint;
-
-#[derive(Debug, thiserror::Error)]
-pub enum RecoverError {
-    #[error("snapshot {0} is not a physical database backup (take one with `repo backup --postgres` or `--mariadb`)")]
-    NotADatabase(String),
-    #[error("{0}")]
-    Docker(String),
-    #[error("session state: {0}")]
-    State(String),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Setup(String),
-    #[error("the database did not come up: {reason}\n--- server output ---\n{log}")]
-    NotReady { reason: String, log: String },
-    #[error("no recovery session {0}")]
-    NoSession(String),
-}
-
-impl RecoverError {
-    pub(crate) fn io(path: &Path, e: std::io::Error) -> Self {
-        Self::Io {
-            what: path.display().to_string(),
-            source: e,
-        }
-    }
-}
+use crate::docker::{ContainerSpec, Docker, LABEL_SESSION, LABEL_STATE};
+use crate::engines::{self, ServerView};
+use crate::state::{SessionRecord, SessionState, Store};
+use crate::{
+    chown, mkdir, random_token, remove_session_dir, stop_process, unmount_if_mounted, RecoverError,
+};
+use cairn_mount::is_mountpoint;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Runtime {
@@ -95,15 +64,6 @@ pub struct Request<'a> {
     pub spawn_mount: &'a dyn Fn(&Path) -> Result<u32, String>,
 }
 
-fn random_token(bytes: usize) -> String {
-    const ALPHABET: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
-    let mut raw = vec![0u8; bytes];
-    let _ = getrandom::getrandom(&mut raw);
-    raw.iter()
-        .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
-        .collect()
-}
-
 fn free_port() -> Result<u16, RecoverError> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| RecoverError::Io {
         what: "finding a free port".into(),
@@ -115,16 +75,6 @@ fn free_port() -> Result<u16, RecoverError> {
             what: "finding a free port".into(),
             source: e,
         })
-}
-
-fn mkdir(p: &Path, mode: u32) -> Result<(), RecoverError> {
-    std::fs::create_dir_all(p).map_err(|e| RecoverError::io(p, e))?;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| RecoverError::io(p, e))
-}
-
-fn chown(p: &Path, uid: u32, gid: u32) -> Result<(), RecoverError> {
-    std::os::unix::fs::lchown(p, Some(uid), Some(gid)).map_err(|e| RecoverError::io(p, e))
 }
 
 fn overlay_mount(
@@ -174,55 +124,6 @@ fn overlay_mount(
     Ok(())
 }
 
-/// Unmounts `p` if something is mounted there (waiting a little for a busy mount,
-/// then detaching it lazily).
-fn unmount_if_mounted(p: &Path) -> Result<(), RecoverError> {
-    if !is_mountpoint(p) {
-        return Ok(());
-    }
-    let root = nix::unistd::geteuid().is_root();
-    for _ in 0..20 {
-        let ok = if root {
-            nix::mount::umount(p).is_ok()
-        } else {
-            Command::new("fusermount3")
-                .arg("-u")
-                .arg(p)
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if ok || !is_mountpoint(p) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    crate::unmount(p).map_err(|e| RecoverError::io(p, e))
-}
-
-/// Signals the process group of `pid` (the server runs in its own group) and waits for
-/// it to go, escalating to SIGKILL after `grace`.
-fn stop_process(pid: u32, first: nix::sys::signal::Signal, grace: Duration) {
-    use nix::sys::signal::{kill, killpg, Signal};
-    let Ok(raw) = i32::try_from(pid) else { return };
-    let p = nix::unistd::Pid::from_raw(raw);
-    if killpg(p, first).is_err() {
-        let _ = kill(p, first);
-    }
-    let start = Instant::now();
-    while pid_alive(pid) {
-        if start.elapsed() > grace {
-            let _ = killpg(p, Signal::SIGKILL);
-            let _ = kill(p, Signal::SIGKILL);
-            std::thread::sleep(Duration::from_millis(100));
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // Our own child: reap it.
-    let _ = nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG));
-}
-
 /// Starts a session; on any failure everything made so far is taken down again.
 pub fn start(store: &Store, req: &Request<'_>) -> Result<SessionRecord, RecoverError> {
     let snap = req.snapshot;
@@ -265,6 +166,9 @@ pub fn start(store: &Store, req: &Request<'_>) -> Result<SessionRecord, RecoverE
         password: None,
         database: None,
         created: chrono::Utc::now().to_rfc3339(),
+        domain: None,
+        uri: None,
+        disks: Vec::new(),
     };
     store.put(&rec)?;
     match set_up(store, req, &meta, &image, docker.as_ref(), &mut rec) {
@@ -304,7 +208,7 @@ fn set_up(
     store.put(rec)?;
     let lower = mnt
         .join("snapshots")
-        .join(crate::layout::snapshot_dir_name(req.snapshot));
+        .join(cairn_mount::layout::snapshot_dir_name(req.snapshot));
     let probe = engines::owner_probes(meta.engine)
         .iter()
         .find_map(|f| std::fs::metadata(lower.join(f)).ok())
@@ -559,7 +463,7 @@ fn wait_ready(
 
 /// Takes down everything `rec` names, in reverse order, then forgets it. Idempotent:
 /// what is already gone is skipped.
-fn take_down(
+pub(crate) fn take_down(
     store: &Store,
     rec: &SessionRecord,
     docker: Option<&Docker>,
@@ -589,7 +493,7 @@ fn take_down(
     unmount_if_mounted(&rec.merged())?;
     let mnt = rec.mountpoint();
     if is_mountpoint(&mnt) {
-        crate::unmount(&mnt).map_err(|e| RecoverError::io(&mnt, e))?;
+        cairn_mount::unmount(&mnt).map_err(|e| RecoverError::io(&mnt, e))?;
     }
     if let Some(pid) = rec.mount_pid {
         // The daemon exits once its filesystem is gone.
@@ -607,96 +511,4 @@ fn take_down(
     }
     remove_session_dir(&rec.dir)?;
     store.remove(&rec.id)
-}
-
-/// Removes a session directory, refusing while anything is still mounted in it.
-fn remove_session_dir(dir: &Path) -> Result<(), RecoverError> {
-    if !dir.exists() {
-        return Ok(());
-    }
-    for sub in ["merged", "mnt"] {
-        if is_mountpoint(&dir.join(sub)) {
-            return Err(RecoverError::Setup(format!(
-                "{} is still mounted; not removing the session's files",
-                dir.join(sub).display()
-            )));
-        }
-    }
-    std::fs::remove_dir_all(dir).map_err(|e| RecoverError::io(dir, e))
-}
-
-/// Stops one session.
-pub fn stop(store: &Store, id: &str) -> Result<SessionRecord, RecoverError> {
-    let rec = store
-        .get(id)?
-        .ok_or_else(|| RecoverError::NoSession(id.to_owned()))?;
-    take_down(store, &rec, None)?;
-    Ok(rec)
-}
-
-/// Whether a session still serves: its creator is still setting it up, or its server,
-/// overlay and mount are all there.
-#[must_use]
-pub fn is_live(rec: &SessionRecord, docker: Option<&Docker>) -> bool {
-    if rec.state == SessionState::Starting {
-        return pid_alive(rec.creator_pid) && rec.creator_pid != std::process::id();
-    }
-    let server = match (&rec.container, rec.server_pid) {
-        (Some(cid), _) => docker.and_then(|d| d.running(cid)).unwrap_or(false),
-        (None, Some(pid)) => pid_alive(pid),
-        (None, None) => false,
-    };
-    server && is_mountpoint(&rec.merged()) && is_mountpoint(&rec.mountpoint())
-}
-
-/// What [`cleanup`] did.
-#[derive(Debug, Default)]
-pub struct Cleanup {
-    pub sessions_removed: Vec<String>,
-    pub containers_removed: Vec<String>,
-    pub dirs_removed: Vec<PathBuf>,
-    pub still_running: Vec<String>,
-}
-
-/// Removes what dead sessions left behind: recorded sessions that no longer serve,
-/// labelled containers with no record, and session directories with no record.
-pub fn cleanup(store: &Store) -> Result<Cleanup, RecoverError> {
-    let mut report = Cleanup::default();
-    let docker = Docker::connect().ok();
-    let records = store.list()?;
-    for rec in &records {
-        if is_live(rec, docker.as_ref()) {
-            report.still_running.push(rec.id.clone());
-            continue;
-        }
-        take_down(store, rec, docker.as_ref())?;
-        report.sessions_removed.push(rec.id.clone());
-    }
-    let known: Vec<String> = store.list()?.into_iter().map(|r| r.id).collect();
-    if let Some(d) = &docker {
-        for (cid, sid) in d.session_containers(&store.dir().display().to_string())? {
-            if !known.contains(&sid) {
-                d.remove(&cid)?;
-                report.containers_removed.push(cid);
-            }
-        }
-    }
-    let sessions = store.sessions_dir();
-    if let Ok(entries) = std::fs::read_dir(&sessions) {
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if known.contains(&name) {
-                continue;
-            }
-            let dir = e.path();
-            unmount_if_mounted(&dir.join("merged"))?;
-            let mnt = dir.join("mnt");
-            if is_mountpoint(&mnt) {
-                crate::unmount(&mnt).map_err(|e| RecoverError::io(&mnt, e))?;
-            }
-            remove_session_dir(&dir)?;
-            report.dirs_removed.push(dir);
-        }
-    }
-    Ok(report)
 }
