@@ -3,20 +3,31 @@
 # its whole test suite). Idempotent; uses sudo when not root. The Rust toolchain itself
 # is expected to be there (rustup).
 set -euo pipefail
-packages=(build-essential pkg-config util-linux fuse3 qemu-utils)
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+# libvirt-dev: the `virt` crate links libvirt (VM backups through libvirt).
+packages=(build-essential pkg-config util-linux fuse3 qemu-utils libvirt-dev)
 if [ "${1:-}" = "--test" ]; then
   packages+=(attr file util-linux-extra fuse-overlayfs postgresql-15 postgresql-client-15 \
-    mariadb-server mariadb-backup mariadb-client docker.io)
+    mariadb-server mariadb-backup mariadb-client docker.io \
+    libvirt-daemon-system qemu-system-x86 busybox-static qemu-guest-agent cpio kmod e2fsprogs)
 fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
 if ((${#missing[@]})); then
-  sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
-  export DEBIAN_FRONTEND=noninteractive
   $sudo apt-get update -qq
-  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
+  extra=()
+  # Debian 12's qemu-system-x86 (7.2) needs qemu-utils 7.2; an image may ship a newer
+  # qemu-utils from backports, which blocks it: pin the matching one (a downgrade).
+  if [[ " ${missing[*]} " == *" qemu-system-x86 "* ]]; then
+    want=$(apt-cache madison qemu-system-x86 | awk -F'|' 'NR==1 {gsub(/ /, "", $2); print $2}')
+    if [ -n "$want" ] && apt-cache madison qemu-utils | awk -F'|' '{gsub(/ /, "", $2); print $2}' | grep -qx "$want"; then
+      extra+=("qemu-utils=$want" --allow-downgrades)
+    fi
+  fi
+  $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" "${extra[@]}"
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup first" >&2; exit 1; }

@@ -20,3 +20,4 @@ mod mount;
 mod mutations;
 mod roundtrip;
 mod support;
+mod vm;
