@@ -6,14 +6,16 @@
 //! before anything is made, and taken down, in reverse order, by [`stop`] or, after a
 //! crash or a reboot, by [`cleanup`].
 //!
-//! - [`db`]: PostgreSQL and MariaDB on an overlay of the mount, in a container
-//!   ([`docker`]) or as a host process; [`engines`] is what differs between them.
+//! - [`db`]: PostgreSQL and MariaDB on an overlay of the mount, run by a
+//!   [`runtime::ServerRuntime`]: in a container ([`docker`]) or as a host process;
+//!   [`engines`] is what differs between the two databases.
 //! - [`vm`]: a libvirt domain defined from the snapshot's XML, on qcow2 overlays of its
 //!   mounted disks; [`vm::promote`] moves it to real storage while it runs.
 
 pub mod db;
 pub mod docker;
 pub mod engines;
+pub mod runtime;
 pub mod state;
 pub mod vm;
 
@@ -25,7 +27,8 @@ use std::time::{Duration, Instant};
 use cairn_agent::process::pid_alive;
 use cairn_mount::is_mountpoint;
 
-pub use db::{start, Request, Runtime};
+pub use db::{start, Request};
+pub use runtime::{Runtime, ServerRuntime};
 pub use state::{state_dir, SessionRecord, SessionState, Store};
 
 use docker::Docker;
@@ -164,11 +167,13 @@ pub fn is_live(rec: &SessionRecord, docker: Option<&Docker>) -> bool {
     if rec.is_vm() {
         return vm::is_live(rec);
     }
-    let server = match (&rec.container, rec.server_pid) {
-        (Some(cid), _) => docker.and_then(|d| d.running(cid)).unwrap_or(false),
-        (None, Some(pid)) => pid_alive(pid),
-        (None, None) => false,
-    };
+    // A container whose engine cannot be reached counts as gone: taking it down then
+    // says why it cannot.
+    let server = (rec.container.is_none() || docker.is_some())
+        && runtime::for_record(rec, docker)
+            .ok()
+            .flatten()
+            .is_some_and(|mut r| r.alive(rec));
     server && is_mountpoint(&rec.merged()) && is_mountpoint(&rec.mountpoint())
 }
 
