@@ -285,11 +285,15 @@ impl QemuNbd {
         Ok(server)
     }
 
-    /// Waits until the socket accepts a connection; fails if qemu-nbd exits first.
+    /// Waits until the server greets a client; fails if qemu-nbd exits first.
+    ///
+    /// A connection alone proves nothing: qemu-nbd listens before it opens the image,
+    /// so a connect succeeds (the kernel queues it) even when the image then fails to
+    /// open. The greeting (`NBDMAGIC`) is sent only once the export exists.
     fn wait_until_listening(&mut self) -> Result<()> {
         let start = Instant::now();
         loop {
-            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+            if self.greets() {
                 return Ok(());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -307,6 +311,17 @@ impl QemuNbd {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Whether a fresh connection to the socket receives the NBD greeting.
+    fn greets(&self) -> bool {
+        use std::io::Read;
+        let Ok(mut c) = std::os::unix::net::UnixStream::connect(&self.socket) else {
+            return false;
+        };
+        let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut magic = [0u8; 8];
+        c.read_exact(&mut magic).is_ok() && &magic == b"NBDMAGIC"
     }
 
     fn read_stderr(&self) -> String {
