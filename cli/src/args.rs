@@ -42,6 +42,18 @@ pub struct Global {
     /// up: 0, 90s, 10m, 2h
     #[arg(long, global = true, value_name = "DURATION", default_value = "30m", value_parser = parse_wait)]
     pub lock_wait: std::time::Duration,
+    /// Progress: a bar on a terminal, nothing, or one JSON object per event on stderr
+    #[arg(long, global = true, value_enum, default_value_t = crate::progress::ProgressMode::Auto)]
+    pub progress: crate::progress::ProgressMode,
+    /// Log lines as text, or as JSON objects (with job, run and repository fields)
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Narrows which snapshot `latest` means, and which snapshots a listing shows.

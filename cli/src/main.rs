@@ -10,6 +10,7 @@ mod progress;
 mod testonly;
 
 use std::process::ExitCode;
+use std::sync::OnceLock;
 
 use clap::Parser;
 
@@ -26,6 +27,13 @@ pub mod exit {
     pub const UNSUPPORTED_VERSION: u8 = 13;
     pub const DAMAGED: u8 = 14;
     pub const IDENTITY_CHANGED: u8 = 15;
+}
+
+static PROGRESS: OnceLock<progress::ProgressMode> = OnceLock::new();
+
+/// `--progress`, for every command's display.
+pub(crate) fn progress_mode() -> progress::ProgressMode {
+    PROGRESS.get().copied().unwrap_or_default()
 }
 
 fn exit_code_of(e: &anyhow::Error) -> u8 {
@@ -53,16 +61,25 @@ fn main() -> ExitCode {
         (false, 1) => "info",
         (false, _) => "debug",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("REPO_LOG").unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new(format!("{level},fuser=error"))
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
-        .init();
+    let _ = PROGRESS.set(cli.global.progress);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REPO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},fuser=error")));
+    match cli.global.log_format {
+        args::LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .with_target(false)
+            .without_time()
+            .init(),
+        args::LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+    }
     if let Err(e) = testonly::switches() {
         eprintln!("error: {e:#}");
         return ExitCode::from(exit::ERROR);

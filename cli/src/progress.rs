@@ -1,97 +1,140 @@
-//! The progress display of backup and restore on a terminal: files, bytes read, bytes
-//! new, rate and ETA, redrawn a few times a second from the engine's counters.
+//! Progress of backup and restore on a terminal: files, bytes read, bytes new, rate and
+//! ETA, drawn from the engine's event stream ([`cairn_engine::progress::Ticker`]); or,
+//! with `--progress json`, each event as a JSON line on standard error.
 
-use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::io::{IsTerminal, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use cairn_engine::progress::Progress;
+use cairn_engine::progress::{Event, EventSink, Progress, Sample, Ticker};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::format::bytes;
 
+/// Where progress goes (`--progress`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
+pub enum ProgressMode {
+    /// A bar on a terminal, nothing otherwise
+    #[default]
+    Auto,
+    /// Nothing
+    None,
+    /// One JSON object per event on standard error
+    Json,
+}
+
 pub struct Display {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
+    ticker: Option<Ticker>,
+    bar: Option<Arc<Bar>>,
+}
+
+/// The bar: redrawn from each progress event.
+struct Bar {
+    bar: ProgressBar,
+    verb: &'static str,
+}
+
+impl EventSink for Bar {
+    fn event(&self, e: &Event) {
+        match e {
+            Event::Progress(s) => {
+                self.bar.set_message(line(s, self.verb));
+                self.bar.tick();
+            }
+            Event::Message { text, .. } => self.bar.println(text),
+        }
+    }
+}
+
+/// JSON lines on standard error.
+struct JsonLines(Mutex<std::io::Stderr>);
+
+impl EventSink for JsonLines {
+    fn event(&self, e: &Event) {
+        if let (Ok(mut err), Ok(text)) = (self.0.lock(), serde_json::to_string(e)) {
+            let _ = writeln!(err, "{text}");
+        }
+    }
 }
 
 impl Display {
-    /// Starts drawing `progress` on stderr when it is a terminal and `enabled`.
+    /// Starts showing `progress`: a bar on stderr when it is a terminal and `enabled`,
+    /// JSON lines when `mode` says so.
     pub fn start(progress: Arc<Progress>, verb: &'static str, enabled: bool) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        if !enabled || !std::io::stderr().is_terminal() {
-            return Self { stop, thread: None };
-        }
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(5));
-            bar.set_style(
-                ProgressStyle::with_template("{spinner} {msg}")
-                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
-            );
-            let started = Instant::now();
-            while !s.load(Ordering::Relaxed) {
-                bar.set_message(line(&progress, verb, started.elapsed()));
-                bar.tick();
-                std::thread::sleep(Duration::from_millis(200));
+        Self::with_mode(progress, verb, enabled, crate::progress_mode())
+    }
+
+    fn with_mode(
+        progress: Arc<Progress>,
+        verb: &'static str,
+        enabled: bool,
+        mode: ProgressMode,
+    ) -> Self {
+        match mode {
+            ProgressMode::Json => Self {
+                ticker: Some(Ticker::start(
+                    progress,
+                    Duration::from_secs(1),
+                    Arc::new(JsonLines(Mutex::new(std::io::stderr()))),
+                )),
+                bar: None,
+            },
+            ProgressMode::Auto if enabled && std::io::stderr().is_terminal() => {
+                let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(5));
+                pb.set_style(
+                    ProgressStyle::with_template("{spinner} {msg}")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                );
+                let bar = Arc::new(Bar { bar: pb, verb });
+                Self {
+                    ticker: Some(Ticker::start(
+                        progress,
+                        Duration::from_millis(200),
+                        bar.clone(),
+                    )),
+                    bar: Some(bar),
+                }
             }
-            bar.finish_and_clear();
-        });
-        Self {
-            stop,
-            thread: Some(thread),
+            _ => Self {
+                ticker: None,
+                bar: None,
+            },
         }
     }
 
     pub fn finish(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        if let Some(t) = self.ticker.take() {
+            t.finish();
+        }
+        if let Some(b) = self.bar.take() {
+            b.bar.finish_and_clear();
         }
     }
 }
 
-#[allow(
-    clippy::cast_precision_loss,
-    clippy::cast_possible_truncation,
-    clippy::cast_sign_loss
-)]
-fn line(p: &Progress, verb: &str, elapsed: Duration) -> String {
-    let g = Progress::get;
-    let done = g(&p.bytes_done);
-    let rate = done as f64 / elapsed.as_secs_f64().max(0.001);
-    let known = p.total_known.load(Ordering::Relaxed);
-    let (files, total) = if known {
-        (
-            format!("{}/{}", g(&p.files_done), g(&p.total_files)),
-            format!("/{}", bytes(g(&p.total_bytes))),
-        )
-    } else {
-        (g(&p.files_done).to_string(), String::new())
+fn line(s: &Sample, verb: &str) -> String {
+    let (files, total) = match (s.total_files, s.total_bytes) {
+        (Some(f), Some(b)) => (format!("{}/{f}", s.files_done), format!("/{}", bytes(b))),
+        _ => (s.files_done.to_string(), String::new()),
     };
-    let eta = if known && rate > 0.0 {
-        let left = g(&p.total_bytes).saturating_sub(done) as f64 / rate;
-        let s = left as u64;
-        format!("  ETA {}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
-    } else {
-        String::new()
-    };
-    let errors = match g(&p.errors) {
+    let eta = s
+        .eta_seconds
+        .map(|t| format!("  ETA {}:{:02}:{:02}", t / 3600, t / 60 % 60, t % 60))
+        .unwrap_or_default();
+    let errors = match s.errors {
         0 => String::new(),
         n => format!("  {n} errors"),
     };
-    let current = p.current.lock().map(|c| c.clone()).unwrap_or_default();
     let stored = if verb == "backup" {
-        format!("  new {}", bytes(g(&p.bytes_stored)))
+        format!("  new {}", bytes(s.bytes_stored))
     } else {
         String::new()
     };
     format!(
         "{verb}: files {files}  {}{total}{stored}  {}/s{eta}{errors}  {}",
-        bytes(done),
-        bytes(rate as u64),
-        tail(&current, 40)
+        bytes(s.bytes_done),
+        bytes(s.bytes_per_second),
+        tail(&s.current, 40)
     )
 }
 

@@ -30,6 +30,8 @@ pub enum ErrorKind {
     /// The repository is not the one this host knew at that location: its master key,
     /// encryption or id changed ([`crate::trust`]).
     IdentityChanged,
+    /// The operation was cancelled (by its caller, a user, the scheduler).
+    Cancelled,
 }
 
 /// The engine's error.
@@ -71,6 +73,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+
+    #[error("cancelled; nothing of this operation was committed")]
+    Cancelled,
 }
 
 impl Error {
@@ -86,6 +91,7 @@ impl Error {
             Self::Io { .. } => ErrorKind::Io,
             Self::Locked(_) => ErrorKind::Locked,
             Self::IdentityChanged { .. } => ErrorKind::IdentityChanged,
+            Self::Cancelled => ErrorKind::Cancelled,
         }
     }
 

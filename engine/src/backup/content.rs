@@ -54,6 +54,7 @@ pub fn save_content<R: Read>(
     let mut eof = fill(&mut reader, cur.vec(), first).map_err(ContentError::Source)?;
     let mut total = 0u64;
     while !cur.is_empty() {
+        progress.check_cancelled().map_err(ContentError::Repo)?;
         let ends = cut(&cur, params, eof);
         let consumed = ends.last().copied().unwrap_or(0);
         let starts = std::iter::once(0).chain(ends.iter().copied());

@@ -447,6 +447,7 @@ pub(crate) fn read_image(
             None
         };
         while let Some(w) = current.take() {
+            progress.check_cancelled()?;
             let next_start = start + window;
             let shared = Arc::new(w.buf);
             let pending = workers.save(&shared, &w.ranges, true);
