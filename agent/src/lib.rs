@@ -9,6 +9,8 @@
 //!   database snapshot records about them in [`database`].
 //! - [`libvirt`]: virtual machines by name: backup with changed-block tracking, the
 //!   hypervisor operations, the XML of a recovered copy.
+//! - [`source`]: one backup of any of those sources, the operation the CLI, the
+//!   scheduler and the API all run; and an image snapshot restored to a file.
 //! - [`process`]: running those programs (argument vectors, stderr into errors, a failed
 //!   program fails the read of its output).
 
@@ -20,3 +22,4 @@ pub mod nbd;
 pub mod postgres;
 pub mod process;
 pub mod qemu;
+pub mod source;

@@ -265,6 +265,26 @@ impl Repository {
         Ok(repo)
     }
 
+    /// A second handle on the same repository with the same key (no password, no key
+    /// derivation) and no lock of its own: for a process that runs several operations
+    /// at once, each taking its own lock. `opts.index` names the index to use (the same
+    /// file is fine: the index is a cache shared through SQLite).
+    pub fn another_handle(&self, opts: &OpenOptions) -> Result<Self> {
+        let repo = Self {
+            location: self.location.clone(),
+            backend: self.backend.clone(),
+            config: self.config.clone(),
+            crypto: self.crypto.clone(),
+            key_id: self.key_id,
+            index: open_index(opts)?,
+            lock: std::sync::Mutex::new(None),
+            relisted: Default::default(),
+            extents_inline: self.extents_inline,
+        };
+        repo.sync_index()?;
+        Ok(repo)
+    }
+
     /// How many extents a file lists inline in its tree before its list goes to
     /// extent-list blobs (format 2).
     #[must_use]

@@ -1,12 +1,11 @@
-//! `repo backup`: file trees, a stream from standard input, disk images; databases are
-//! in [`super::database`].
+//! `repo backup`: the arguments become a [`Source`] and [`Labels`], one library call
+//! ([`cairn_agent::source::backup`]) makes the snapshots, and this prints them.
 
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use cairn_engine::backup::{
-    self, BackupOutcome, ImageBackupOptions, StreamBackupOptions, TreeBackupOptions,
-};
+use cairn_agent::source::{self, Labels, Source, SourceBackup};
+use cairn_engine::backup::BackupOutcome;
 use cairn_engine::lock::LockKind;
 use cairn_engine::progress::Progress;
 use serde_json::json;
@@ -17,116 +16,108 @@ use crate::format::{self, bytes};
 use crate::open::Settings;
 use crate::progress::Display;
 
+/// The source the arguments name.
+pub fn source_of(a: &BackupArgs) -> Result<Source> {
+    Ok(if !a.vm.is_empty() {
+        Source::Vm {
+            names: a.vm.clone(),
+            connect: a.connect.clone(),
+            quiesce: a.quiesce,
+        }
+    } else if let Some(conn) = &a.postgres {
+        Source::Postgres {
+            connection: conn.clone(),
+            logical: a.logical,
+            name: a.name.clone(),
+        }
+    } else if let Some(conn) = &a.mariadb {
+        Source::Mariadb {
+            connection: Some(conn.clone()).filter(|c| !c.is_empty()),
+            logical: a.logical,
+            name: a.name.clone(),
+        }
+    } else if let Some(path) = &a.image {
+        Source::Image {
+            path: path.clone(),
+            name: a.name.clone(),
+        }
+    } else if let Some(uri) = &a.nbd {
+        Source::Nbd {
+            uri: uri.clone(),
+            name: a.name.clone().context("give --name for the NBD export")?,
+            bitmap: a.bitmap.clone(),
+        }
+    } else if a.stdin {
+        Source::Stdin {
+            name: a.name.clone().context("give --name for the stream")?,
+        }
+    } else {
+        Source::Paths {
+            paths: a.paths.clone(),
+            excludes: a.exclude.clone(),
+        }
+    })
+}
+
+/// What every snapshot carries.
+pub fn labels_of(a: &BackupArgs) -> Labels {
+    Labels {
+        host: a.host.clone(),
+        tags: a.tag.clone(),
+        force: a.force,
+        full: a.full,
+        parent: None,
+        threads: a.read_threads.map_or(0, usize::from),
+    }
+}
+
 pub fn run(s: &Settings, g: &Global, a: &BackupArgs) -> Result<u8> {
+    let source = source_of(a)?;
+    let mut labels = labels_of(a);
     let repo = s.open_locked(LockKind::Shared, "backup")?;
-    if !a.vm.is_empty() {
-        return super::vm::backup(&repo, g, a);
+    if let Some(p) = &a.parent {
+        labels.parent = Some(super::find_snapshot(&repo, p, &Default::default())?.id);
     }
     let progress = Arc::new(Progress::default());
     let display = Display::start(progress.clone(), "backup", !g.quiet && !g.json);
-    if a.postgres.is_some() || a.mariadb.is_some() {
-        let outcomes = super::database::backup(&repo, a, &progress);
-        display.finish();
-        let outcomes = outcomes?;
-        if g.json {
-            // One document: the first snapshot (the physical one) and all of them.
-            let all: Vec<_> = outcomes
-                .iter()
-                .map(|o| format::snapshot_json(&o.snapshot))
-                .collect();
-            format::print_json(&json!({
-                "snapshot": all.first(),
-                "snapshots": all,
-                "warnings": [],
-            }));
-            return Ok(exit::OK);
-        }
-        let mut code = exit::OK;
-        for o in outcomes {
-            code = code.max(report(g, o));
-        }
-        return Ok(code);
-    }
-    let outcome = if let Some(path) = &a.image {
-        let name = match &a.name {
-            Some(n) => n.clone(),
-            None => path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .context("give --name for this image")?
-                .to_owned(),
-        };
-        // An image unchanged since its last backup (same files, same stat data) is
-        // recognised from the parent's record without running qemu-img or qemu-nbd.
-        let parent = if a.force {
-            None
-        } else {
-            backup::image_parent(&repo, a.host.as_deref(), &name)?
-        };
-        let mut source = match parent
-            .and_then(|p| cairn_agent::image::ImageFile::unchanged_since(path, &p.manifest.meta))
-        {
-            Some(s) => s,
-            None => cairn_agent::image::ImageFile::inspect(path).map_err(anyhow::Error::msg)?,
-        };
-        let mut meta = source.meta();
-        meta.insert("source_path".to_owned(), path.display().to_string());
-        let opts = ImageBackupOptions {
-            name,
-            host: a.host.clone(),
-            tags: a.tag.clone(),
-            meta,
-            fingerprint: Some(source.fingerprint().to_owned()),
-            force: a.force,
-            ..Default::default()
-        };
-        backup::backup_image(&repo, &opts, &mut source, &progress)
-    } else if let Some(uri) = &a.nbd {
-        let uri = cairn_agent::image::NbdUri::parse(uri).map_err(anyhow::Error::msg)?;
-        let mut source = cairn_agent::image::NbdSource::open(&uri, a.bitmap.as_deref())
-            .with_context(|| format!("opening NBD {}", uri.describe()))?;
-        let mut meta = std::collections::BTreeMap::new();
-        meta.insert("source_format".to_owned(), "nbd".to_owned());
-        if let Some(b) = &a.bitmap {
-            meta.insert("dirty_bitmap".to_owned(), b.clone());
-        }
-        let opts = ImageBackupOptions {
-            name: a.name.clone().unwrap_or_default(),
-            host: a.host.clone(),
-            tags: a.tag.clone(),
-            use_changed_blocks: a.bitmap.is_some(),
-            meta,
-            ..Default::default()
-        };
-        backup::backup_image(&repo, &opts, &mut source, &progress)
-    } else if a.stdin {
-        let opts = StreamBackupOptions {
-            name: a.name.clone().unwrap_or_default(),
-            host: a.host.clone(),
-            tags: a.tag.clone(),
-            meta: Default::default(),
-        };
-        backup::backup_stream(&repo, &opts, std::io::stdin(), &progress)
-    } else {
-        let parent = match &a.parent {
-            Some(p) => Some(super::find_snapshot(&repo, p, &Default::default())?.id),
-            None => None,
-        };
-        let opts = TreeBackupOptions {
-            paths: a.paths.clone(),
-            excludes: a.exclude.clone(),
-            host: a.host.clone(),
-            tags: a.tag.clone(),
-            parent,
-            force: a.force,
-            threads: a.read_threads.map_or(0, usize::from),
-            ..Default::default()
-        };
-        backup::backup_tree(&repo, &opts, &progress)
-    };
+    let made = source::backup(&repo, &source, &labels, &progress);
     display.finish();
-    let outcome = outcome.context("backup failed; no snapshot was saved")?;
-    Ok(report(g, outcome))
+    let made = made?;
+    match source {
+        Source::Vm { .. } => super::vm::report_backup(g, &made),
+        Source::Paths { .. }
+        | Source::Image { .. }
+        | Source::Nbd { .. }
+        | Source::Stdin { .. }
+        | Source::Command { .. } => match made.outcomes.into_iter().next() {
+            Some(o) => Ok(report(g, o)),
+            None => anyhow::bail!("backup made no snapshot"),
+        },
+        Source::Postgres { .. } | Source::Mariadb { .. } => Ok(report_many(g, made)),
+    }
+}
+
+/// Several snapshots of one source (a physical backup, or one dump per database).
+fn report_many(g: &Global, made: SourceBackup) -> u8 {
+    if g.json {
+        // One document: the first snapshot (the physical one) and all of them.
+        let all: Vec<_> = made
+            .outcomes
+            .iter()
+            .map(|o| format::snapshot_json(&o.snapshot))
+            .collect();
+        format::print_json(&json!({
+            "snapshot": all.first(),
+            "snapshots": all,
+            "warnings": [],
+        }));
+        return exit::OK;
+    }
+    let mut code = exit::OK;
+    for o in made.outcomes {
+        code = code.max(report(g, o));
+    }
+    code
 }
 
 /// Prints what a backup saved; returns the exit code it deserves.

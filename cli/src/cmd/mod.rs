@@ -3,7 +3,6 @@
 mod admin;
 mod backup;
 mod browse;
-mod database;
 mod forget;
 mod maint;
 mod mount;

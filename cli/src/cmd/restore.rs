@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use cairn_engine::progress::Progress;
 use cairn_engine::restore::{self, RestoreOptions};
 use cairn_engine::snapshot::{Snapshot, SnapshotKind};
@@ -105,26 +105,10 @@ fn image(repo: &Repository, g: &Global, snap: &Snapshot, req: &Request<'_>) -> R
     let progress = Arc::new(Progress::default());
     let display = Display::start(progress.clone(), "restore", !g.quiet && !g.json);
     let started = std::time::Instant::now();
-    let raw = if format == "raw" {
-        target.to_owned()
-    } else {
-        target.with_extension("cairn-restore.raw")
-    };
-    // A raw file that is only a step towards another format need not reach the disk.
-    let no_sync = req.no_sync || format != "raw";
-    let result = restore::restore_single_file(repo, snap, &raw, no_sync, &progress);
+    let result =
+        cairn_agent::source::restore_image(repo, snap, target, format, req.no_sync, &progress);
     display.finish();
-    let problems = result.with_context(|| format!("restoring to {}", raw.display()))?;
-    if format != "raw" {
-        let converted = cairn_agent::qemu::convert_raw(&raw, target, format);
-        let _ = std::fs::remove_file(&raw);
-        converted.with_context(|| format!("converting to {format}"))?;
-        if !req.no_sync {
-            std::fs::File::open(target)
-                .and_then(|f| f.sync_all())
-                .with_context(|| format!("syncing {} to disk", target.display()))?;
-        }
-    }
+    let problems = result?;
     for p in &problems {
         eprintln!("warning: {}: {p}", target.display());
     }

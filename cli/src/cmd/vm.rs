@@ -6,76 +6,49 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use cairn_agent::libvirt::backup::{self, Quiesce, VmBackupOptions, VmBackupReport};
+use cairn_agent::libvirt::backup::{self, VmBackupReport};
 use cairn_agent::libvirt::restore::{restore_vm, RestoreVmOptions};
 use cairn_agent::libvirt::Hypervisor;
+use cairn_agent::source::SourceBackup;
 use cairn_engine::progress::Progress;
-use cairn_engine::Repository;
 use serde_json::json;
 
-use crate::args::{BackupArgs, Global, VmCommand};
+use crate::args::{Global, VmCommand};
 use crate::exit;
 use crate::format::{self, bytes};
 use crate::open::Settings;
 use crate::progress::Display;
 
-/// `repo backup --vm NAME... | --vm all`: one snapshot per domain. A domain that fails
-/// does not stop the others; the exit code says one did.
-pub fn backup(repo: &Repository, g: &Global, a: &BackupArgs) -> Result<u8> {
-    let hv = Hypervisor::connect(a.connect.as_deref())?;
-    let names: Vec<String> = if a.vm.iter().any(|n| n == "all") {
-        hv.vms()?.iter().map(|v| v.name().to_owned()).collect()
-    } else {
-        a.vm.clone()
-    };
-    if names.is_empty() {
-        bail!("no domain to back up on {}", hv.uri());
-    }
-    let opts = VmBackupOptions {
-        quiesce: if a.quiesce {
-            Quiesce::Required
-        } else {
-            Quiesce::Auto
-        },
-        full: a.full,
-        tags: a.tag.clone(),
-        host: a.host.clone(),
-    };
-    let mut snapshots = Vec::new();
-    let mut reports = Vec::new();
-    let mut failures = Vec::new();
-    for name in &names {
-        let progress = Arc::new(Progress::default());
-        let display = Display::start(progress.clone(), "backup", !g.quiet && !g.json);
-        let result = backup::backup_vm(repo, &hv, name, &opts, &progress);
-        display.finish();
-        match result {
-            Ok((outcome, report)) => {
-                if !g.json && !g.quiet {
-                    print_report(&outcome.snapshot, &report);
-                }
-                snapshots.push(format::snapshot_json(&outcome.snapshot));
-                reports.push(report);
-            }
-            Err(e) => {
-                eprintln!("error: {name}: {e}");
-                failures.push(json!({ "vm": name, "error": e.to_string() }));
-            }
-        }
-    }
+/// Prints what `repo backup --vm NAME... | --vm all` made: one snapshot per domain. A
+/// domain that failed did not stop the others; the exit code says one did.
+pub fn report_backup(g: &Global, made: &SourceBackup) -> Result<u8> {
     if g.json {
+        let snapshots: Vec<_> = made
+            .outcomes
+            .iter()
+            .map(|o| format::snapshot_json(&o.snapshot))
+            .collect();
         format::print_json(&json!({
             "snapshot": snapshots.first(),
             "snapshots": snapshots,
-            "vms": reports,
-            "failed": failures,
+            "vms": made.vms,
+            "failed": made.failures.iter().map(|f| json!({ "vm": f.what, "error": f.error })).collect::<Vec<_>>(),
         }));
+    } else {
+        for f in &made.failures {
+            eprintln!("error: {}: {}", f.what, f.error);
+        }
+        if !g.quiet {
+            for (o, r) in made.outcomes.iter().zip(&made.vms) {
+                print_report(&o.snapshot, r);
+            }
+        }
     }
-    if !failures.is_empty() {
+    if !made.failures.is_empty() {
         bail!(
             "{} of {} domains were not backed up (see above); no snapshot was made of them",
-            failures.len(),
-            names.len()
+            made.failures.len(),
+            made.failures.len() + made.outcomes.len()
         );
     }
     Ok(exit::OK)
