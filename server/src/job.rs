@@ -1,0 +1,272 @@
+//! Job definitions: the backup templates a schedule or a user runs. A job names its
+//! sources, the repository, tags, retention (forget with a keep policy, then prune),
+//! what to verify afterwards, and who hears about it.
+//!
+//! Every snapshot a job makes carries the tag `job:<name>`: its retention applies to
+//! those snapshots only (grouped by host and source), never to another job's.
+
+use serde::{Deserialize, Serialize};
+
+use cairn_agent::source::Source;
+use cairn_engine::retention::KeepPolicy;
+
+/// The repository a job uses when it names none.
+pub const DEFAULT_REPOSITORY: &str = "default";
+
+fn default_repository() -> String {
+    DEFAULT_REPOSITORY.to_owned()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// A job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobDefinition {
+    pub name: String,
+    /// A repository of the daemon's configuration.
+    #[serde(default = "default_repository")]
+    pub repository: String,
+    #[serde(rename = "source", alias = "sources")]
+    pub sources: Vec<Source>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// The host recorded in the snapshots (this host's name by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify: Option<Verify>,
+    /// Notification targets of the daemon's configuration.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<String>,
+}
+
+/// Keep rules applied after each successful run, to this job's snapshots.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    #[serde(default)]
+    pub keep_last: u32,
+    #[serde(default)]
+    pub keep_hourly: u32,
+    #[serde(default)]
+    pub keep_daily: u32,
+    #[serde(default)]
+    pub keep_weekly: u32,
+    #[serde(default)]
+    pub keep_monthly: u32,
+    #[serde(default)]
+    pub keep_yearly: u32,
+    /// `7d`, `2w`, `1y6m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_within: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keep_tags: Vec<String>,
+    /// Prune after forgetting (the default): the forgotten data is freed at once.
+    #[serde(default = "default_true")]
+    pub prune: bool,
+}
+
+impl Retention {
+    pub fn policy(&self) -> Result<KeepPolicy, String> {
+        let within = match &self.keep_within {
+            Some(w) => Some(cairn_engine::retention::parse_duration(w).map_err(|e| {
+                format!("retention.keep_within: {e} (for example: keep_within = \"30d\")")
+            })?),
+            None => None,
+        };
+        let p = KeepPolicy {
+            last: self.keep_last,
+            hourly: self.keep_hourly,
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+            monthly: self.keep_monthly,
+            yearly: self.keep_yearly,
+            within,
+            tags: self.keep_tags.clone(),
+        };
+        if p.is_empty() {
+            return Err(
+                "retention: no keep rule would remove every snapshot (for example: keep_daily = 7)"
+                    .into(),
+            );
+        }
+        Ok(p)
+    }
+}
+
+/// What to check after a successful run (the verification issue adds restore tests).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Verify {
+    /// `metadata` (the structure: trees, index, packs' trailers), `read-data` (every
+    /// pack read and authenticated) or `N/M` (subset N of M of the packs read).
+    #[serde(default = "default_check")]
+    pub check: String,
+}
+
+fn default_check() -> String {
+    "metadata".into()
+}
+
+impl Verify {
+    /// The engine's check options this asks for.
+    pub fn options(&self) -> Result<cairn_engine::check::CheckOptions, String> {
+        let c = self.check.as_str();
+        if c == "metadata" {
+            return Ok(cairn_engine::check::CheckOptions::default());
+        }
+        if c == "read-data" {
+            return Ok(cairn_engine::check::CheckOptions {
+                read_data: true,
+                subset: None,
+            });
+        }
+        let bad = || {
+            format!("verify.check: {c:?} is not metadata, read-data or N/M (for example: check = \"1/10\")")
+        };
+        let (n, m) = c.split_once('/').ok_or_else(bad)?;
+        let (n, m) = (
+            n.parse::<u32>().map_err(|_| bad())?,
+            m.parse::<u32>().map_err(|_| bad())?,
+        );
+        if n == 0 || m == 0 || n > m {
+            return Err(bad());
+        }
+        Ok(cairn_engine::check::CheckOptions {
+            read_data: true,
+            subset: Some((n, m)),
+        })
+    }
+}
+
+/// The tag every snapshot of job `name` carries.
+#[must_use]
+pub fn job_tag(name: &str) -> String {
+    format!("job:{name}")
+}
+
+impl JobDefinition {
+    /// What is wrong with the definition, naming the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty()
+            || self.name.len() > 64
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return Err(format!(
+                "name: {:?} must be 1-64 letters, digits, '-', '_' or '.' (for example: name = \"nightly-etc\")",
+                self.name
+            ));
+        }
+        if self.sources.is_empty() {
+            return Err("source: a job needs at least one (for example: [[job.source]] type = \"paths\" paths = [\"/etc\"])".into());
+        }
+        for (i, s) in self.sources.iter().enumerate() {
+            if matches!(s, Source::Stdin { .. }) {
+                return Err(format!(
+                    "source {}: stdin is for the command line; a job reads a program's output instead (for example: type = \"command\" name = \"dump\" argv = [\"pg_dumpall\"])",
+                    i + 1
+                ));
+            }
+            s.validate().map_err(|e| format!("source {}: {e}", i + 1))?;
+        }
+        if let Some(r) = &self.retention {
+            r.policy()?;
+        }
+        if let Some(v) = &self.verify {
+            v.options()?;
+        }
+        Ok(())
+    }
+
+    /// Reads one job from TOML (the `repo job add --file` format: the fields of a
+    /// `[[job]]` table at the top level).
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let job: Self = toml::from_str(text).map_err(|e| e.to_string())?;
+        job.validate()?;
+        Ok(job)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+
+    /// The tags of this job's snapshots: its own and `job:<name>`.
+    #[must_use]
+    pub fn snapshot_tags(&self) -> Vec<String> {
+        let mut t = self.tags.clone();
+        t.push(job_tag(&self.name));
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JOB: &str = r#"
+name = "nightly"
+tags = ["nightly"]
+notify = ["ops"]
+
+[[source]]
+type = "paths"
+paths = ["/etc", "/home"]
+excludes = ["*.tmp"]
+
+[[source]]
+type = "vm"
+names = ["mainserver", "onlyoffice"]
+
+[[source]]
+type = "postgres"
+connection = "host=/run/postgresql user=postgres"
+
+[retention]
+keep_daily = 7
+keep_weekly = 4
+keep_monthly = 12
+
+[verify]
+check = "1/10"
+"#;
+
+    #[test]
+    fn a_job_reads_from_toml_and_round_trips() {
+        let job = JobDefinition::from_toml(JOB).unwrap();
+        assert_eq!(job.repository, "default");
+        assert_eq!(job.sources.len(), 3);
+        assert!(job.retention.as_ref().unwrap().prune);
+        assert_eq!(
+            job.verify.as_ref().unwrap().options().unwrap().subset,
+            Some((1, 10))
+        );
+        let again = JobDefinition::from_toml(&job.to_toml()).unwrap();
+        assert_eq!(job, again);
+        assert!(job.snapshot_tags().contains(&"job:nightly".to_owned()));
+    }
+
+    #[test]
+    fn bad_jobs_name_the_field() {
+        for (text, needle) in [
+            ("name = \"a b\"\n[[source]]\ntype = \"paths\"\npaths = [\"/etc\"]", "name:"),
+            ("name = \"a\"\nsource = []", "source:"),
+            ("name = \"a\"\n[[source]]\ntype = \"paths\"\npaths = [\"etc\"]", "source 1: paths:"),
+            ("name = \"a\"\n[[source]]\ntype = \"paths\"\npaths = [\"/etc\"]\n[retention]\nprune = true", "no keep rule"),
+            ("name = \"a\"\n[[source]]\ntype = \"paths\"\npaths = [\"/etc\"]\n[verify]\ncheck = \"3/2\"", "verify.check"),
+            ("name = \"a\"\n[[source]]\ntype = \"paths\"\npaths = [\"/etc\"]\ncolour = \"red\"", "colour"),
+            ("name = \"a\"\n[[source]]\ntype = \"floppy\"", "floppy"),
+            ("name = \"a\"\n[[source]]\ntype = \"stdin\"\nname = \"x\"", "stdin is for the command line"),
+        ] {
+            let e = JobDefinition::from_toml(text).unwrap_err();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! # cairn-server: `repo serve`, the control plane
+//!
+//! The daemon a site runs: jobs (backup templates) on schedules, every run recorded with
+//! its figures and log, a REST API with tokens, Prometheus metrics and notifications. It
+//! is an ordinary user of the library operations (`cairn_agent::source`,
+//! `cairn_engine::forget`, `prune`, `check`); engine work runs on threads of its own,
+//! never on the async runtime's workers.
+//!
+//! - [`config`] reads `serve.toml`;
+//! - [`job`] holds job definitions, [`schedule`] schedule expressions and the clock,
+//!   [`scheduler`] decides what is due and what was missed;
+//! - [`state`] is the host state database (jobs, schedules, runs, tokens, audit);
+//! - [`repos`] opens the repositories jobs name; [`execute`] runs a job once;
+//!   [`runner`] queues runs, limits them and records them.
+
+pub mod config;
+pub mod execute;
+pub mod job;
+pub mod repos;
+pub mod runner;
+pub mod schedule;
+pub mod scheduler;
+pub mod state;

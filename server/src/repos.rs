@@ -1,0 +1,118 @@
+//! The repositories a daemon or a `repo job run` works on, by name.
+//!
+//! A job names its repository (`default` unless told). Names map to
+//! [`RepositoryConfig`]s from `serve.toml`; `default` may also be given by the command
+//! that started us (its `-r` and password). Each repository is opened once, which costs
+//! one key derivation; every run then gets a handle of its own
+//! (`Repository::another_handle`: the same key, its own index connection and lock).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use cairn_engine::repository::{self, OpenOptions};
+use cairn_engine::trust::KnownRepositories;
+use cairn_engine::Repository;
+
+use crate::config::RepositoryConfig;
+
+/// The name a job uses when it names none.
+pub const DEFAULT: &str = "default";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("no repository {name:?} is configured (known: {known})")]
+    Unknown { name: String, known: String },
+    #[error("repository {name:?}: its password: {message}")]
+    Password { name: String, message: String },
+    #[error("repository {name:?} ({path}): {source}")]
+    Open {
+        name: String,
+        path: String,
+        #[source]
+        source: cairn_engine::Error,
+    },
+}
+
+/// Named repositories, opened on first use.
+pub struct Repositories {
+    configs: BTreeMap<String, RepositoryConfig>,
+    open: Mutex<BTreeMap<String, Arc<Repository>>>,
+    known: KnownRepositories,
+}
+
+impl Repositories {
+    /// `configs` by name; identities are checked against (and recorded in) `known`.
+    #[must_use]
+    pub fn new(configs: BTreeMap<String, RepositoryConfig>, known: KnownRepositories) -> Self {
+        Self {
+            configs,
+            open: Mutex::new(BTreeMap::new()),
+            known,
+        }
+    }
+
+    #[must_use]
+    pub fn names(&self) -> Vec<String> {
+        self.configs.keys().cloned().collect()
+    }
+
+    #[must_use]
+    pub fn config(&self, name: &str) -> Option<&RepositoryConfig> {
+        self.configs.get(name)
+    }
+
+    /// A handle of its own on repository `name` (opened once, the first time).
+    pub fn handle(&self, name: &str) -> Result<Repository, RepoError> {
+        let base = self.base(name)?;
+        let config = &self.configs[name];
+        base.another_handle(&self.options(config))
+            .map_err(|source| RepoError::Open {
+                name: name.to_owned(),
+                path: config.path.display().to_string(),
+                source,
+            })
+    }
+
+    fn options(&self, config: &RepositoryConfig) -> OpenOptions {
+        let (_, mut opts) = repository::local(&config.path);
+        opts.known = Some(self.known.clone());
+        opts
+    }
+
+    fn base(&self, name: &str) -> Result<Arc<Repository>, RepoError> {
+        let config = self.configs.get(name).ok_or_else(|| RepoError::Unknown {
+            name: name.to_owned(),
+            known: if self.configs.is_empty() {
+                "none".into()
+            } else {
+                self.names().join(", ")
+            },
+        })?;
+        let mut open = self
+            .open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(r) = open.get(name) {
+            return Ok(r.clone());
+        }
+        let password = config
+            .read_password()
+            .map_err(|message| RepoError::Password {
+                name: name.to_owned(),
+                message,
+            })?;
+        let (backend, _) = repository::local(&config.path);
+        let opts = self.options(config);
+        let repo =
+            Repository::open_with(backend, &opts, &|| Ok(password.clone())).map_err(|source| {
+                RepoError::Open {
+                    name: name.to_owned(),
+                    path: config.path.display().to_string(),
+                    source,
+                }
+            })?;
+        let repo = Arc::new(repo);
+        open.insert(name.to_owned(), repo.clone());
+        Ok(repo)
+    }
+}

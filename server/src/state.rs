@@ -1,0 +1,1032 @@
+//! The daemon's host state: `serve.sqlite` in the state directory, beside the recovery
+//! sessions. Jobs, schedules (and the last slot each one handled), runs with their logs,
+//! missed runs, API tokens (hashed) and the audit log.
+//!
+//! Never the only copy of a repository fact: snapshots live in the repository, and a run
+//! records their ids only. One connection behind a mutex; every call is short.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use crate::job::JobDefinition;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{path}: {source}")]
+    Db {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+pub type Result<T> = std::result::Result<T, StateError>;
+
+/// A run's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(transparent)]
+pub struct RunId(pub i64);
+
+impl std::fmt::Display for RunId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A schedule's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(transparent)]
+pub struct ScheduleId(pub i64);
+
+impl std::fmt::Display for ScheduleId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Where a job or schedule was defined: the configuration file's are read-only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    Config,
+    Api,
+}
+
+impl Origin {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Api => "api",
+        }
+    }
+    fn parse(s: &str) -> Self {
+        if s == "config" {
+            Self::Config
+        } else {
+            Self::Api
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "queued" => Self::Queued,
+            "running" => Self::Running,
+            "succeeded" => Self::Succeeded,
+            "failed" => Self::Failed,
+            "cancelled" => Self::Cancelled,
+            _ => return None,
+        })
+    }
+
+    #[must_use]
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// What started a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunTrigger {
+    Schedule,
+    /// A run missed while the daemon was down, made up at start.
+    Missed,
+    Api,
+    Cli,
+}
+
+impl RunTrigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Schedule => "schedule",
+            Self::Missed => "missed",
+            Self::Api => "api",
+            Self::Cli => "cli",
+        }
+    }
+    fn parse(s: &str) -> Self {
+        match s {
+            "schedule" => Self::Schedule,
+            "missed" => Self::Missed,
+            "cli" => Self::Cli,
+            _ => Self::Api,
+        }
+    }
+}
+
+/// The figures of a finished run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunStats {
+    pub files: u64,
+    pub total_bytes: u64,
+    pub bytes_read: u64,
+    pub bytes_new: u64,
+    pub bytes_stored: u64,
+    pub duration_ms: u64,
+    /// Snapshot ids made (hex).
+    pub snapshots: Vec<String>,
+    /// Snapshots removed by the retention policy.
+    pub forgotten: u64,
+    /// Whether the verification asked for found the repository sound.
+    pub verified: Option<bool>,
+}
+
+impl RunStats {
+    /// Bytes of the sources per byte added (1.0 when nothing was read).
+    #[must_use]
+    #[allow(clippy::cast_precision_loss)]
+    pub fn dedup_ratio(&self) -> f64 {
+        if self.bytes_new == 0 {
+            return if self.total_bytes == 0 {
+                1.0
+            } else {
+                self.total_bytes as f64
+            };
+        }
+        self.total_bytes as f64 / self.bytes_new as f64
+    }
+
+    /// New bytes per byte stored (after compression).
+    #[must_use]
+    #[allow(clippy::cast_precision_loss)]
+    pub fn compression_ratio(&self) -> f64 {
+        if self.bytes_stored == 0 {
+            return 1.0;
+        }
+        self.bytes_new as f64 / self.bytes_stored as f64
+    }
+
+    /// Bytes read per second.
+    #[must_use]
+    #[allow(clippy::cast_precision_loss)]
+    pub fn rate(&self) -> f64 {
+        if self.duration_ms == 0 {
+            return 0.0;
+        }
+        self.bytes_read as f64 * 1000.0 / self.duration_ms as f64
+    }
+}
+
+/// One run as recorded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Run {
+    pub id: RunId,
+    pub job: String,
+    pub trigger: RunTrigger,
+    pub status: RunStatus,
+    pub queued_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+    pub stats: RunStats,
+    /// The process executing it (the daemon, or a `repo job run`).
+    pub pid: Option<u32>,
+}
+
+/// One line of a run's log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogLine {
+    pub seq: i64,
+    pub at: DateTime<Utc>,
+    pub level: String,
+    pub message: String,
+}
+
+/// A job as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredJob {
+    pub definition: JobDefinition,
+    pub origin: Origin,
+    pub updated: DateTime<Utc>,
+}
+
+/// A schedule as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScheduleRow {
+    pub id: ScheduleId,
+    pub job: String,
+    pub when: String,
+    pub timezone: Option<String>,
+    pub jitter_secs: u64,
+    pub missed: String,
+    pub enabled: bool,
+    pub origin: Origin,
+    /// The last slot handled (run, or recorded as missed).
+    pub last_slot: Option<DateTime<Utc>>,
+}
+
+/// A run that should have happened and did not.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Missed {
+    pub schedule: ScheduleId,
+    pub job: String,
+    pub slot: DateTime<Utc>,
+    pub reason: String,
+    pub recorded: DateTime<Utc>,
+}
+
+/// An API token as stored (its hash only).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRow {
+    pub name: String,
+    pub read_only: bool,
+    pub created: DateTime<Utc>,
+    pub last_used: Option<DateTime<Utc>>,
+}
+
+/// One entry of the audit log: who changed what, when.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at: DateTime<Utc>,
+    pub token: String,
+    pub method: String,
+    pub path: String,
+    pub action: String,
+    pub status: u16,
+}
+
+/// Which runs a listing shows.
+#[derive(Debug, Clone, Default)]
+pub struct RunQuery {
+    pub job: Option<String>,
+    pub status: Option<RunStatus>,
+    pub limit: usize,
+    /// Runs with an id below this (for paging, newest first).
+    pub before: Option<RunId>,
+}
+
+pub struct State {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    name TEXT PRIMARY KEY,
+    definition TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    updated INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS schedules (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    timezone TEXT,
+    jitter_secs INTEGER NOT NULL DEFAULT 0,
+    missed TEXT NOT NULL DEFAULT 'run-once',
+    enabled INTEGER NOT NULL DEFAULT 1,
+    origin TEXT NOT NULL,
+    last_slot INTEGER
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    status TEXT NOT NULL,
+    queued_at INTEGER NOT NULL,
+    started_at INTEGER,
+    ended_at INTEGER,
+    error TEXT,
+    stats TEXT NOT NULL DEFAULT '{}',
+    pid INTEGER
+);
+CREATE INDEX IF NOT EXISTS runs_by_job ON runs (job, id);
+CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status);
+CREATE TABLE IF NOT EXISTS run_log (
+    run INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    at INTEGER NOT NULL,
+    level TEXT NOT NULL,
+    message TEXT NOT NULL,
+    PRIMARY KEY (run, seq)
+);
+CREATE TABLE IF NOT EXISTS missed (
+    schedule INTEGER NOT NULL,
+    job TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    recorded INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    name TEXT PRIMARY KEY,
+    hash TEXT NOT NULL UNIQUE,
+    read_only INTEGER NOT NULL,
+    created INTEGER NOT NULL,
+    last_used INTEGER
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    token TEXT NOT NULL,
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    action TEXT NOT NULL,
+    status INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+";
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn from_ms(v: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(v).unwrap_or_default()
+}
+
+fn opt_ms(v: Option<i64>) -> Option<DateTime<Utc>> {
+    v.map(from_ms)
+}
+
+impl State {
+    /// Opens (creating) `serve.sqlite` in `dir`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let path = dir.join("serve.sqlite");
+        let err = |source| StateError::Db {
+            path: path.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StateError::Corrupt(format!("{}: {e}", dir.display())))?;
+        let conn = Connection::open(&path).map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            path,
+        })
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&conn).map_err(|source| StateError::Db {
+            path: self.path.display().to_string(),
+            source,
+        })
+    }
+
+    // --- jobs -------------------------------------------------------------------------
+
+    pub fn put_job(&self, job: &JobDefinition, origin: Origin, now: DateTime<Utc>) -> Result<()> {
+        let text = serde_json::to_string(job).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO jobs (name, definition, origin, updated) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (name) DO UPDATE SET definition = ?2, origin = ?3, updated = ?4",
+                params![job.name, text, origin.as_str(), ms(now)],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn job_of(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String, i64)> {
+        Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+    }
+
+    fn decode_job((def, origin, updated): (String, String, i64)) -> Result<StoredJob> {
+        let definition: JobDefinition = serde_json::from_str(&def)
+            .map_err(|e| StateError::Corrupt(format!("a stored job does not read: {e}")))?;
+        Ok(StoredJob {
+            definition,
+            origin: Origin::parse(&origin),
+            updated: from_ms(updated),
+        })
+    }
+
+    pub fn job(&self, name: &str) -> Result<Option<StoredJob>> {
+        let raw = self.with(|c| {
+            c.query_row(
+                "SELECT definition, origin, updated FROM jobs WHERE name = ?1",
+                [name],
+                Self::job_of,
+            )
+            .optional()
+        })?;
+        raw.map(Self::decode_job).transpose()
+    }
+
+    pub fn jobs(&self) -> Result<Vec<StoredJob>> {
+        let raw = self.with(|c| {
+            let mut st = c.prepare("SELECT definition, origin, updated FROM jobs ORDER BY name")?;
+            let rows = st.query_map([], Self::job_of)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        raw.into_iter().map(Self::decode_job).collect()
+    }
+
+    /// Removes a job and its schedules; whether it existed.
+    pub fn remove_job(&self, name: &str) -> Result<bool> {
+        self.with(|c| {
+            c.execute("DELETE FROM schedules WHERE job = ?1", [name])?;
+            Ok(c.execute("DELETE FROM jobs WHERE name = ?1", [name])? > 0)
+        })
+    }
+
+    /// Removes the configuration's jobs and schedules that are no longer in it.
+    pub fn forget_config_items(&self, jobs: &[String], schedules: &[ScheduleId]) -> Result<()> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT name FROM jobs WHERE origin = 'config'")?;
+            let names: Vec<String> = st
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for n in names.iter().filter(|n| !jobs.contains(n)) {
+                c.execute("DELETE FROM jobs WHERE name = ?1", [n])?;
+            }
+            let mut st = c.prepare("SELECT id FROM schedules WHERE origin = 'config'")?;
+            let ids: Vec<i64> = st
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            for id in ids
+                .iter()
+                .filter(|id| !schedules.contains(&ScheduleId(**id)))
+            {
+                c.execute("DELETE FROM schedules WHERE id = ?1", [id])?;
+            }
+            Ok(())
+        })
+    }
+
+    // --- schedules --------------------------------------------------------------------
+
+    /// Adds a schedule, or (for the configuration's) finds the same one already there.
+    pub fn add_schedule(&self, s: &ScheduleRow) -> Result<ScheduleId> {
+        self.with(|c| {
+            if s.origin == Origin::Config {
+                let existing: Option<i64> = c
+                    .query_row(
+                        "SELECT id FROM schedules WHERE origin = 'config' AND job = ?1 AND spec = ?2
+                         AND IFNULL(timezone, '') = IFNULL(?3, '') AND jitter_secs = ?4 AND missed = ?5",
+                        params![s.job, s.when, s.timezone, s.jitter_secs, s.missed],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                if let Some(id) = existing {
+                    return Ok(ScheduleId(id));
+                }
+            }
+            c.execute(
+                "INSERT INTO schedules (job, spec, timezone, jitter_secs, missed, enabled, origin, last_slot)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    s.job,
+                    s.when,
+                    s.timezone,
+                    s.jitter_secs,
+                    s.missed,
+                    s.enabled,
+                    s.origin.as_str(),
+                    s.last_slot.map(ms)
+                ],
+            )?;
+            Ok(ScheduleId(c.last_insert_rowid()))
+        })
+    }
+
+    pub fn schedules(&self) -> Result<Vec<ScheduleRow>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, job, spec, timezone, jitter_secs, missed, enabled, origin, last_slot
+                 FROM schedules ORDER BY id",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(ScheduleRow {
+                    id: ScheduleId(r.get(0)?),
+                    job: r.get(1)?,
+                    when: r.get(2)?,
+                    timezone: r.get(3)?,
+                    jitter_secs: r.get(4)?,
+                    missed: r.get(5)?,
+                    enabled: r.get(6)?,
+                    origin: Origin::parse(&r.get::<_, String>(7)?),
+                    last_slot: opt_ms(r.get(8)?),
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn schedule(&self, id: ScheduleId) -> Result<Option<ScheduleRow>> {
+        Ok(self.schedules()?.into_iter().find(|s| s.id == id))
+    }
+
+    pub fn remove_schedule(&self, id: ScheduleId) -> Result<bool> {
+        self.with(|c| Ok(c.execute("DELETE FROM schedules WHERE id = ?1", [id.0])? > 0))
+    }
+
+    pub fn set_schedule_enabled(&self, id: ScheduleId, enabled: bool) -> Result<bool> {
+        self.with(|c| {
+            Ok(c.execute(
+                "UPDATE schedules SET enabled = ?2 WHERE id = ?1",
+                params![id.0, enabled],
+            )? > 0)
+        })
+    }
+
+    pub fn set_last_slot(&self, id: ScheduleId, slot: DateTime<Utc>) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE schedules SET last_slot = ?2 WHERE id = ?1",
+                params![id.0, ms(slot)],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn record_missed(&self, m: &Missed) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO missed (schedule, job, slot, reason, recorded) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![m.schedule.0, m.job, ms(m.slot), m.reason, ms(m.recorded)],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn missed(&self, limit: usize) -> Result<Vec<Missed>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT schedule, job, slot, reason, recorded FROM missed ORDER BY recorded DESC, rowid DESC LIMIT ?1",
+            )?;
+            let rows = st.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                Ok(Missed {
+                    schedule: ScheduleId(r.get(0)?),
+                    job: r.get(1)?,
+                    slot: from_ms(r.get(2)?),
+                    reason: r.get(3)?,
+                    recorded: from_ms(r.get(4)?),
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn missed_count(&self) -> Result<u64> {
+        self.with(|c| c.query_row("SELECT COUNT(*) FROM missed", [], |r| r.get::<_, i64>(0)))
+            .map(|n| u64::try_from(n).unwrap_or(0))
+    }
+
+    // --- runs -------------------------------------------------------------------------
+
+    pub fn create_run(&self, job: &str, trigger: RunTrigger, now: DateTime<Utc>) -> Result<RunId> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO runs (job, trigger, status, queued_at) VALUES (?1, ?2, 'queued', ?3)",
+                params![job, trigger.as_str(), ms(now)],
+            )?;
+            Ok(RunId(c.last_insert_rowid()))
+        })
+    }
+
+    pub fn start_run(&self, id: RunId, pid: u32, now: DateTime<Utc>) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE runs SET status = 'running', started_at = ?2, pid = ?3 WHERE id = ?1",
+                params![id.0, ms(now), pid],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn finish_run(
+        &self,
+        id: RunId,
+        status: RunStatus,
+        error: Option<&str>,
+        stats: &RunStats,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let stats = serde_json::to_string(stats).map_err(|e| StateError::Corrupt(e.to_string()))?;
+        self.with(|c| {
+            c.execute(
+                "UPDATE runs SET status = ?2, error = ?3, stats = ?4, ended_at = ?5 WHERE id = ?1",
+                params![id.0, status.as_str(), error, stats, ms(now)],
+            )
+            .map(|_| ())
+        })
+    }
+
+    fn run_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<Run> {
+        let stats: String = r.get(8)?;
+        Ok(Run {
+            id: RunId(r.get(0)?),
+            job: r.get(1)?,
+            trigger: RunTrigger::parse(&r.get::<_, String>(2)?),
+            status: RunStatus::parse(&r.get::<_, String>(3)?).unwrap_or(RunStatus::Failed),
+            queued_at: from_ms(r.get(4)?),
+            started_at: opt_ms(r.get(5)?),
+            ended_at: opt_ms(r.get(6)?),
+            error: r.get(7)?,
+            stats: serde_json::from_str(&stats).unwrap_or_default(),
+            pid: r.get(9)?,
+        })
+    }
+
+    const RUN_COLUMNS: &'static str =
+        "id, job, trigger, status, queued_at, started_at, ended_at, error, stats, pid";
+
+    pub fn run(&self, id: RunId) -> Result<Option<Run>> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {} FROM runs WHERE id = ?1", Self::RUN_COLUMNS),
+                [id.0],
+                Self::run_of,
+            )
+            .optional()
+        })
+    }
+
+    /// Runs, newest first.
+    pub fn runs(&self, q: &RunQuery) -> Result<Vec<Run>> {
+        let limit = if q.limit == 0 {
+            100
+        } else {
+            q.limit.min(10_000)
+        };
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {} FROM runs
+                 WHERE (?1 IS NULL OR job = ?1) AND (?2 IS NULL OR status = ?2) AND (?3 IS NULL OR id < ?3)
+                 ORDER BY id DESC LIMIT ?4",
+                Self::RUN_COLUMNS
+            ))?;
+            let rows = st.query_map(
+                params![
+                    q.job,
+                    q.status.map(RunStatus::as_str),
+                    q.before.map(|b| b.0),
+                    i64::try_from(limit).unwrap_or(100)
+                ],
+                Self::run_of,
+            )?;
+            rows.collect()
+        })
+    }
+
+    /// The last run of `job` that ended with `status`.
+    pub fn last_run_with(&self, job: &str, status: RunStatus) -> Result<Option<Run>> {
+        Ok(self
+            .runs(&RunQuery {
+                job: Some(job.to_owned()),
+                status: Some(status),
+                limit: 1,
+                before: None,
+            })?
+            .into_iter()
+            .next())
+    }
+
+    /// Counts of runs by status.
+    pub fn run_counts(&self) -> Result<Vec<(RunStatus, u64)>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT status, COUNT(*) FROM runs GROUP BY status")?;
+            let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            let v: Vec<(String, i64)> = rows.collect::<rusqlite::Result<_>>()?;
+            Ok(v.into_iter()
+                .filter_map(|(s, n)| Some((RunStatus::parse(&s)?, u64::try_from(n).unwrap_or(0))))
+                .collect())
+        })
+    }
+
+    /// Marks runs left queued or running by a daemon that died as failed; returns them.
+    /// `alive` says whether a pid is still running (a `repo job run` of its own).
+    pub fn fail_interrupted(
+        &self,
+        now: DateTime<Utc>,
+        alive: &dyn Fn(u32) -> bool,
+    ) -> Result<Vec<RunId>> {
+        let open = self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, pid, status FROM runs WHERE status IN ('queued', 'running') ORDER BY id",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<u32>>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+        })?;
+        let me = std::process::id();
+        let mut failed = Vec::new();
+        for (id, pid, status) in open {
+            let still = match pid {
+                Some(p) if p != me => alive(p),
+                _ => false,
+            };
+            if still && status == "running" {
+                continue;
+            }
+            let reason = if status == "running" {
+                "interrupted: the process running it stopped (a crash, a kill, a reboot)"
+            } else {
+                "never started: the daemon stopped while it was queued"
+            };
+            self.with(|c| {
+                c.execute(
+                    "UPDATE runs SET status = 'failed', error = ?2, ended_at = ?3 WHERE id = ?1",
+                    params![id, reason, ms(now)],
+                )
+            })?;
+            failed.push(RunId(id));
+        }
+        Ok(failed)
+    }
+
+    /// Removes runs older than `keep_days` and all but the newest `keep_per_job` of each
+    /// job (finished runs only), with their logs; returns how many.
+    pub fn prune_history(
+        &self,
+        now: DateTime<Utc>,
+        keep_days: u32,
+        keep_per_job: u32,
+    ) -> Result<usize> {
+        let cutoff = ms(now - chrono::Duration::days(i64::from(keep_days)));
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let mut n = tx.execute(
+                "DELETE FROM runs WHERE status IN ('succeeded', 'failed', 'cancelled') AND queued_at < ?1",
+                [cutoff],
+            )?;
+            n += tx.execute(
+                "DELETE FROM runs WHERE status IN ('succeeded', 'failed', 'cancelled') AND id IN (
+                   SELECT id FROM (SELECT id, ROW_NUMBER() OVER (PARTITION BY job ORDER BY id DESC) AS k FROM runs
+                                 WHERE status IN ('succeeded', 'failed', 'cancelled'))
+                   WHERE k > ?1)",
+                [i64::from(keep_per_job)],
+            )?;
+            tx.execute("DELETE FROM run_log WHERE run NOT IN (SELECT id FROM runs)", [])?;
+            tx.execute("DELETE FROM missed WHERE recorded < ?1", [cutoff])?;
+            tx.commit()?;
+            Ok(n)
+        })
+    }
+
+    pub fn append_log(
+        &self,
+        run: RunId,
+        at: DateTime<Utc>,
+        level: &str,
+        message: &str,
+    ) -> Result<i64> {
+        self.with(|c| {
+            let seq: i64 = c.query_row(
+                "SELECT IFNULL(MAX(seq), 0) + 1 FROM run_log WHERE run = ?1",
+                [run.0],
+                |r| r.get(0),
+            )?;
+            c.execute(
+                "INSERT INTO run_log (run, seq, at, level, message) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![run.0, seq, ms(at), level, message],
+            )?;
+            Ok(seq)
+        })
+    }
+
+    pub fn log(&self, run: RunId, after: i64) -> Result<Vec<LogLine>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT seq, at, level, message FROM run_log WHERE run = ?1 AND seq > ?2 ORDER BY seq",
+            )?;
+            let rows = st.query_map(params![run.0, after], |r| {
+                Ok(LogLine {
+                    seq: r.get(0)?,
+                    at: from_ms(r.get(1)?),
+                    level: r.get(2)?,
+                    message: r.get(3)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    // --- tokens and audit -------------------------------------------------------------
+
+    pub fn add_token(
+        &self,
+        name: &str,
+        hash: &str,
+        read_only: bool,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT OR IGNORE INTO tokens (name, hash, read_only, created) VALUES (?1, ?2, ?3, ?4)",
+                params![name, hash, read_only, ms(now)],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    /// The token with this hash, marking it used.
+    pub fn use_token(&self, hash: &str, now: DateTime<Utc>) -> Result<Option<TokenRow>> {
+        self.with(|c| {
+            let row = c
+                .query_row(
+                    "SELECT name, read_only, created, last_used FROM tokens WHERE hash = ?1",
+                    [hash],
+                    |r| {
+                        Ok(TokenRow {
+                            name: r.get(0)?,
+                            read_only: r.get(1)?,
+                            created: from_ms(r.get(2)?),
+                            last_used: opt_ms(r.get(3)?),
+                        })
+                    },
+                )
+                .optional()?;
+            if row.is_some() {
+                c.execute(
+                    "UPDATE tokens SET last_used = ?2 WHERE hash = ?1",
+                    params![hash, ms(now)],
+                )?;
+            }
+            Ok(row)
+        })
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenRow>> {
+        self.with(|c| {
+            let mut st =
+                c.prepare("SELECT name, read_only, created, last_used FROM tokens ORDER BY name")?;
+            let rows = st.query_map([], |r| {
+                Ok(TokenRow {
+                    name: r.get(0)?,
+                    read_only: r.get(1)?,
+                    created: from_ms(r.get(2)?),
+                    last_used: opt_ms(r.get(3)?),
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn remove_token(&self, name: &str) -> Result<bool> {
+        self.with(|c| Ok(c.execute("DELETE FROM tokens WHERE name = ?1", [name])? > 0))
+    }
+
+    pub fn audit(&self, e: &AuditEntry) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO audit (at, token, method, path, action, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![ms(e.at), e.token, e.method, e.path, e.action, e.status],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn audit_log(&self, limit: usize) -> Result<Vec<AuditEntry>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT at, token, method, path, action, status FROM audit ORDER BY id DESC LIMIT ?1",
+            )?;
+            let rows = st.query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
+                Ok(AuditEntry {
+                    at: from_ms(r.get(0)?),
+                    token: r.get(1)?,
+                    method: r.get(2)?,
+                    path: r.get(3)?,
+                    action: r.get(4)?,
+                    status: r.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// A small persistent value (the last digest sent, say).
+    pub fn meta(&self, key: &str) -> Result<Option<String>> {
+        self.with(|c| {
+            c.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+                .optional()
+        })
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = ?2",
+                params![key, value],
+            )
+            .map(|_| ())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn runs_interrupted_by_a_dead_daemon_are_failed_never_left_running() {
+        let d = tempfile::tempdir().unwrap();
+        let s = State::open(d.path()).unwrap();
+        let a = s.create_run("a", RunTrigger::Schedule, now()).unwrap();
+        s.start_run(a, 999_999, now()).unwrap();
+        let b = s.create_run("b", RunTrigger::Api, now()).unwrap();
+        let c = s.create_run("c", RunTrigger::Cli, now()).unwrap();
+        s.start_run(c, 4242, now()).unwrap();
+        let failed = s.fail_interrupted(now(), &|pid| pid == 4242).unwrap();
+        assert_eq!(failed, vec![a, b]);
+        let ra = s.run(a).unwrap().unwrap();
+        assert_eq!(ra.status, RunStatus::Failed);
+        assert!(ra.error.unwrap().contains("interrupted"));
+        assert_eq!(s.run(c).unwrap().unwrap().status, RunStatus::Running);
+    }
+
+    #[test]
+    fn history_keeps_the_newest_runs_of_each_job() {
+        let d = tempfile::tempdir().unwrap();
+        let s = State::open(d.path()).unwrap();
+        let old = now() - chrono::Duration::days(100);
+        for i in 0..10 {
+            let t = if i < 2 { old } else { now() };
+            let id = s.create_run("a", RunTrigger::Schedule, t).unwrap();
+            s.append_log(id, t, "info", "x").unwrap();
+            s.finish_run(id, RunStatus::Succeeded, None, &RunStats::default(), t)
+                .unwrap();
+        }
+        let running = s.create_run("a", RunTrigger::Schedule, old).unwrap();
+        let removed = s.prune_history(now(), 90, 5).unwrap();
+        assert_eq!(removed, 5);
+        let left = s
+            .runs(&RunQuery {
+                job: Some("a".into()),
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(left.len(), 6, "five finished and the unfinished one");
+        assert!(left.iter().any(|r| r.id == running));
+    }
+
+    #[test]
+    fn configuration_schedules_are_found_again_not_duplicated() {
+        let d = tempfile::tempdir().unwrap();
+        let s = State::open(d.path()).unwrap();
+        let row = ScheduleRow {
+            id: ScheduleId(0),
+            job: "a".into(),
+            when: "daily 02:00".into(),
+            timezone: None,
+            jitter_secs: 0,
+            missed: "run-once".into(),
+            enabled: true,
+            origin: Origin::Config,
+            last_slot: None,
+        };
+        let first = s.add_schedule(&row).unwrap();
+        s.set_last_slot(first, now()).unwrap();
+        assert_eq!(s.add_schedule(&row).unwrap(), first);
+        assert_eq!(s.schedules().unwrap()[0].last_slot, Some(now()));
+        s.forget_config_items(&[], &[]).unwrap();
+        assert!(s.schedules().unwrap().is_empty());
+    }
+}
