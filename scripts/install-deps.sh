@@ -11,7 +11,8 @@ packages=(build-essential pkg-config util-linux fuse3 qemu-utils libvirt-dev)
 if [ "${1:-}" = "--test" ]; then
   packages+=(attr file util-linux-extra fuse-overlayfs postgresql-15 postgresql-client-15 \
     mariadb-server mariadb-backup mariadb-client docker.io \
-    libvirt-daemon-system qemu-system-x86 busybox-static qemu-guest-agent cpio kmod e2fsprogs)
+    libvirt-daemon-system qemu-system-x86 busybox-static qemu-guest-agent cpio kmod e2fsprogs \
+    prometheus)
 fi
 missing=()
 for p in "${packages[@]}"; do

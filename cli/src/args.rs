@@ -264,6 +264,16 @@ pub enum Command {
     /// snapshots, cleanup of backup jobs left by killed runs
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Jobs: backup templates (sources, repository, tags, retention, verification)
+    /// that schedules, `repo job run` and the API run; every run is recorded
+    Job(JobArgs),
+    /// When jobs run: `daily 02:00`, `weekly sunday:03:00`, `monthly 15 04:00`, a cron
+    /// expression, `mon..fri 22:30`; with a time zone, a random delay and a missed-run
+    /// policy
+    Schedule(ScheduleArgs),
+    /// The control plane: runs the schedules, serves the REST API (/api/v1) and
+    /// Prometheus metrics (/metrics) on 127.0.0.1:8087
+    Serve(ServeArgs),
     /// Show the repository's identity (id, encryption, master key fingerprint) and
     /// whether this host knows it; every command refuses a repository whose identity
     /// changed (exit code 15) until it is accepted here
@@ -350,6 +360,146 @@ pub struct BackupArgs {
     /// filesystems, where each read waits longer
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
     pub read_threads: Option<u16>,
+    /// Also save this backup as job NAME (its sources, tags and host), to schedule or
+    /// run later; this backup is the job's first run
+    #[arg(long, value_name = "NAME", conflicts_with = "stdin")]
+    pub save_as: Option<String>,
+    /// With --save-as: the serve configuration whose notification targets jobs name
+    #[arg(long, value_name = "FILE", requires = "save_as")]
+    pub config: Option<PathBuf>,
+}
+
+/// The serve configuration (`/etc/cairn/serve.toml` unless given; none is needed).
+#[derive(Args, Debug, Clone)]
+pub struct SiteArgs {
+    /// The serve configuration: repositories, limits, notification targets, jobs and
+    /// schedules [default: /etc/cairn/serve.toml if it exists]
+    #[arg(long, global = true, value_name = "FILE", env = "CAIRN_SERVE_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct JobArgs {
+    #[command(flatten)]
+    pub site: SiteArgs,
+    #[command(subcommand)]
+    pub command: JobCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobCommand {
+    /// Add a job from a TOML file (`-` for standard input): name, repository, [[source]]
+    /// tables, tags, host, [retention], [verify], notify
+    Add {
+        #[arg(long, short, value_name = "FILE")]
+        file: PathBuf,
+        /// Replace the job of the same name
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Every job with its last run
+    List,
+    /// A job's definition (TOML) and its last runs
+    Show { name: String },
+    /// Remove a job and its schedules (its snapshots stay)
+    Remove { name: String },
+    /// Run a job now, here, and record the run
+    Run {
+        name: String,
+        /// Say what the run would back up and forget; do nothing
+        #[arg(long, short = 'n')]
+        dry_run: bool,
+    },
+    /// Recorded runs, newest first
+    Runs {
+        /// Only this job's
+        job: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// A run's log
+    Log { run: i64 },
+}
+
+#[derive(Args, Debug)]
+pub struct ScheduleArgs {
+    #[command(flatten)]
+    pub site: SiteArgs,
+    #[command(subcommand)]
+    pub command: ScheduleCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ScheduleCommand {
+    /// Run JOB on a schedule: `daily 02:00`, `weekly sunday:03:00`, `monthly 15 04:00`,
+    /// `hourly`, `every 6h`, cron (`30 2 * * 1-5`), `mon..fri 22:30`
+    Add {
+        job: String,
+        when: String,
+        /// An IANA time zone: Europe/Paris (default UTC)
+        #[arg(long, value_name = "TZ")]
+        timezone: Option<String>,
+        /// Start each run after a random delay up to this long: 10m
+        #[arg(long, value_name = "DURATION")]
+        jitter: Option<String>,
+        /// Runs missed while the daemon was down: run-once (at start, once) or skip
+        #[arg(long, value_name = "POLICY")]
+        missed: Option<String>,
+    },
+    /// Every schedule with its next run
+    List,
+    Remove {
+        id: i64,
+    },
+    Enable {
+        id: i64,
+    },
+    Disable {
+        id: i64,
+    },
+    /// What would run now, and which runs were missed
+    Due,
+    /// The coming run times
+    Next {
+        /// Only this schedule's
+        id: Option<i64>,
+        #[arg(long, default_value_t = 5)]
+        count: usize,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub site: SiteArgs,
+    /// Address to listen on [default: the configuration's, else 127.0.0.1:8087]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+    #[command(subcommand)]
+    pub command: Option<ServeCommand>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServeCommand {
+    /// API tokens
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create a token; it is shown once and stored hashed
+    Create {
+        #[arg(long)]
+        name: String,
+        /// The token can read, never change anything
+        #[arg(long)]
+        read_only: bool,
+    },
+    List,
+    Revoke {
+        name: String,
+    },
 }
 
 #[derive(Args, Debug)]

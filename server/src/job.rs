@@ -169,12 +169,6 @@ impl JobDefinition {
             return Err("source: a job needs at least one (for example: [[job.source]] type = \"paths\" paths = [\"/etc\"])".into());
         }
         for (i, s) in self.sources.iter().enumerate() {
-            if matches!(s, Source::Stdin { .. }) {
-                return Err(format!(
-                    "source {}: stdin is for the command line; a job reads a program's output instead (for example: type = \"command\" name = \"dump\" argv = [\"pg_dumpall\"])",
-                    i + 1
-                ));
-            }
             s.validate().map_err(|e| format!("source {}: {e}", i + 1))?;
         }
         if let Some(r) = &self.retention {

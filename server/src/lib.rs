@@ -13,11 +13,16 @@
 //! - [`repos`] opens the repositories jobs name; [`execute`] runs a job once;
 //!   [`runner`] queues runs, limits them and records them.
 
+pub mod api;
+pub mod auth;
 pub mod config;
+pub mod daemon;
 pub mod execute;
 pub mod job;
+pub mod metrics;
 pub mod repos;
 pub mod runner;
 pub mod schedule;
 pub mod scheduler;
+pub mod site;
 pub mod state;

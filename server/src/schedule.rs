@@ -494,6 +494,15 @@ pub enum MissedPolicy {
     Skip,
 }
 
+impl std::fmt::Display for MissedPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::RunOnce => "run-once",
+            Self::Skip => "skip",
+        })
+    }
+}
+
 impl FromStr for MissedPolicy {
     type Err = SpecError;
     fn from_str(s: &str) -> Result<Self, SpecError> {

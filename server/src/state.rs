@@ -729,6 +729,20 @@ impl State {
         })
     }
 
+    /// How many of a job's recorded runs succeeded, and how many finished.
+    pub fn job_outcomes(&self, job: &str) -> Result<(u64, u64)> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FILTER (WHERE status = 'succeeded'),
+                        COUNT(*) FILTER (WHERE status IN ('succeeded', 'failed', 'cancelled'))
+                 FROM runs WHERE job = ?1",
+                [job],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            )
+        })
+        .map(|(a, b)| (u64::try_from(a).unwrap_or(0), u64::try_from(b).unwrap_or(0)))
+    }
+
     /// Marks runs left queued or running by a daemon that died as failed; returns them.
     /// `alive` says whether a pid is still running (a `repo job run` of its own).
     pub fn fail_interrupted(

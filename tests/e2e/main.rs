@@ -19,5 +19,6 @@ mod maintenance;
 mod mount;
 mod mutations;
 mod roundtrip;
+mod serve;
 mod support;
 mod vm;

@@ -74,6 +74,10 @@ pub fn labels_of(a: &BackupArgs) -> Labels {
 pub fn run(s: &Settings, g: &Global, a: &BackupArgs) -> Result<u8> {
     let source = source_of(a)?;
     let mut labels = labels_of(a);
+    if let Some(name) = &a.save_as {
+        save_as_job(s, g, a, name, &source)?;
+        labels.tags.push(cairn_server::job::job_tag(name));
+    }
     let repo = s.open_locked(LockKind::Shared, "backup")?;
     if let Some(p) = &a.parent {
         labels.parent = Some(super::find_snapshot(&repo, p, &Default::default())?.id);
@@ -95,6 +99,39 @@ pub fn run(s: &Settings, g: &Global, a: &BackupArgs) -> Result<u8> {
         },
         Source::Postgres { .. } | Source::Mariadb { .. } => Ok(report_many(g, made)),
     }
+}
+
+/// `--save-as NAME`: the backup's source, tags and host become job NAME (of the
+/// default repository), saved before the backup runs as its first run.
+fn save_as_job(
+    s: &Settings,
+    g: &Global,
+    a: &BackupArgs,
+    name: &str,
+    source: &Source,
+) -> Result<()> {
+    let job = cairn_server::job::JobDefinition {
+        name: name.to_owned(),
+        repository: cairn_server::repos::DEFAULT.to_owned(),
+        sources: vec![source.clone()],
+        tags: a.tag.clone(),
+        host: a.host.clone(),
+        retention: None,
+        verify: None,
+        notify: Vec::new(),
+    };
+    let site = super::jobs::open_site(
+        s,
+        &crate::args::SiteArgs {
+            config: a.config.clone(),
+        },
+        false,
+    )?;
+    site.add_job(&job, false)?;
+    if !g.quiet && !g.json {
+        eprintln!("job {name} saved (repo job show {name}); backing up as its first run");
+    }
+    Ok(())
 }
 
 /// Several snapshots of one source (a physical backup, or one dump per database).

@@ -4,10 +4,12 @@ mod admin;
 mod backup;
 mod browse;
 mod forget;
+mod jobs;
 mod maint;
 mod mount;
 mod recover;
 mod restore;
+mod serve;
 mod vm;
 
 use anyhow::Result;
@@ -148,6 +150,9 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Upgrade => admin::upgrade(&settings, g),
         Command::Trust { accept, list } => admin::trust(&settings, g, accept, list),
         Command::Vm(v) => vm::run(&settings, g, v),
+        Command::Job(j) => jobs::job(&settings, g, &j.site, &j.command),
+        Command::Schedule(c) => jobs::schedule(&settings, g, &c.site, &c.command),
+        Command::Serve(a) => serve::run(&settings, g, &a),
     }
 }
 

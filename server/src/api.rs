@@ -1,0 +1,855 @@
+//! The REST API under `/api/v1`, and `/metrics`.
+//!
+//! Ground rules: JSON in and out; every error is `{"error": {"code", "message"}}` with
+//! a fitting status (malformed bodies, paths and queries included); a bearer token on
+//! every `/api/v1` route but `health`; a read-only token cannot change anything; every
+//! change is written to the audit log (who, what, when, the status); request bodies are
+//! limited in size, and requests (but the event streams) in time. Handlers do their
+//! work (state database, repositories) on blocking threads.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::Stream;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+use crate::auth::{self, AuthError};
+use crate::config::Limits;
+use crate::daemon::Daemon;
+use crate::job::JobDefinition;
+use crate::metrics::Metrics;
+use crate::runner::{Observer, RunEvent, RunEventKind, Runner, SubmitError};
+use crate::site::{Site, SiteError};
+use crate::state::{AuditEntry, RunId, RunQuery, RunStatus, RunTrigger, ScheduleId};
+
+/// Run events for the event streams.
+pub struct Hub {
+    tx: broadcast::Sender<RunEvent>,
+}
+
+impl Hub {
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            tx: broadcast::channel(1024).0,
+        }
+    }
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Observer for Hub {
+    fn on(&self, e: &RunEvent) {
+        // No subscriber is fine.
+        let _ = self.tx.send(e.clone());
+    }
+}
+
+#[derive(Clone)]
+struct Ctx {
+    site: Arc<Site>,
+    runner: Runner,
+    metrics: Arc<Metrics>,
+    hub: Arc<Hub>,
+}
+
+/// An API error: a status, a stable code and a message for people.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<SiteError> for ApiError {
+    fn from(e: SiteError) -> Self {
+        let m = e.to_string();
+        match e {
+            SiteError::NoJob(_) | SiteError::NoSchedule(_) => Self::not_found(m),
+            SiteError::JobExists(_) => Self::new(StatusCode::CONFLICT, "exists", m),
+            SiteError::FromConfig { .. } => Self::new(StatusCode::CONFLICT, "from_config", m),
+            SiteError::Invalid(_) | SiteError::Schedule(_) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m)
+            }
+            SiteError::State(_) => Self::internal(m),
+        }
+    }
+}
+
+impl From<crate::state::StateError> for ApiError {
+    fn from(e: crate::state::StateError) -> Self {
+        Self::internal(e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        let status = e.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "too_large"
+        } else {
+            "bad_body"
+        };
+        Self::new(status, code, e.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(e: PathRejection) -> Self {
+        Self::bad_request(e.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        Self::bad_request(e.body_text())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Runs `f` on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> ApiResult<T> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(format!("a worker failed: {e}")))?
+}
+
+/// The application: every route, its limits and middleware.
+pub fn router(d: &Daemon, limits: &Limits) -> Router {
+    let ctx = Ctx {
+        site: d.site.clone(),
+        runner: d.runner.clone(),
+        metrics: d.metrics.clone(),
+        hub: d.hub.clone(),
+    };
+    let timeout = limits.request_timeout;
+    let max_body = limits.max_body_bytes;
+    let timed = Router::new()
+        .route("/jobs", get(list_jobs).post(add_job))
+        .route("/jobs/{name}", get(get_job).delete(remove_job))
+        .route("/jobs/{name}/run", post(run_job))
+        .route("/runs", get(list_runs))
+        .route("/runs/{id}", get(get_run))
+        .route("/runs/{id}/log", get(run_log))
+        .route("/runs/{id}/cancel", post(cancel_run))
+        .route("/schedules", get(list_schedules).post(add_schedule))
+        .route("/schedules/{id}", axum::routing::delete(remove_schedule))
+        .route("/schedules/{id}/enable", post(enable_schedule))
+        .route("/schedules/{id}/disable", post(disable_schedule))
+        .route("/missed", get(list_missed))
+        .route("/repositories", get(list_repositories))
+        .route("/repositories/{name}/snapshots", get(list_snapshots))
+        .route("/audit", get(audit_log))
+        .layer(middleware::from_fn(move |req, next| {
+            with_timeout(timeout, req, next)
+        }));
+    let streams = Router::new()
+        .route("/jobs/{name}/events", get(job_events))
+        .route("/runs/{id}/events", get(run_events));
+    let api = timed
+        .merge(streams)
+        .layer(middleware::from_fn(move |req, next| {
+            refuse_large(max_body, req, next)
+        }))
+        .layer(middleware::from_fn_with_state(ctx.clone(), authorize))
+        .route("/health", get(health));
+    Router::new()
+        .nest("/api/v1", api)
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(DefaultBodyLimit::max(limits.max_body_bytes))
+        .layer(middleware::from_fn_with_state(ctx.clone(), measure))
+        .with_state(ctx)
+}
+
+async fn with_timeout(timeout: Duration, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            format!("the request took longer than {}s", timeout.as_secs()),
+        )
+        .into_response(),
+    }
+}
+
+/// Refuses a body whose declared length is over the limit before reading any of it
+/// (a body without a length is cut at the limit as it is read).
+async fn refuse_large(max: usize, req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        let mut r = ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the body is over the limit of {max} bytes"),
+        )
+        .into_response();
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
+    }
+    next.run(req).await
+}
+
+/// Counts and times every request, by its route (never its raw path).
+async fn measure(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().to_string();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    ctx.metrics.http_in_flight.inc();
+    let resp = next.run(req).await;
+    ctx.metrics.http_in_flight.dec();
+    ctx.metrics.http(
+        &method,
+        &route,
+        resp.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    resp
+}
+
+/// Who is asking: checks the token, refuses a read-only one a change, audits changes.
+async fn authorize(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
+    let header = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let state = ctx.site.state.clone();
+    let who = blocking(move || {
+        auth::authenticate(&state, header.as_deref()).map_err(|e| match e {
+            AuthError::State(s) => ApiError::internal(s.to_string()),
+            other => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", other.to_string()),
+        })
+    })
+    .await;
+    let token = match who {
+        Ok(t) => t,
+        Err(e) => {
+            ctx.metrics.auth_failures.inc();
+            let mut r = e.into_response();
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return r;
+        }
+    };
+    let changes = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
+    if changes && token.read_only {
+        ctx.metrics.auth_failures.inc();
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "read_only",
+            format!("token {:?} is read-only", token.name),
+        )
+        .into_response();
+    }
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let resp = next.run(req).await;
+    if changes {
+        let entry = AuditEntry {
+            at: chrono::Utc::now(),
+            token: token.name,
+            method,
+            action: action_of(&path),
+            path,
+            status: resp.status().as_u16(),
+        };
+        let state = ctx.site.state.clone();
+        let metrics = ctx.metrics.clone();
+        let _ = blocking(move || {
+            state.audit(&entry)?;
+            metrics.audit_entries.inc();
+            Ok(())
+        })
+        .await
+        .map_err(|e| tracing::error!("writing the audit log: {}", e.message));
+    }
+    resp
+}
+
+/// A short name of what a change did: `jobs.run`, `schedules.delete`.
+fn action_of(path: &str) -> String {
+    let parts: Vec<&str> = path
+        .trim_start_matches("/api/v1/")
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .collect();
+    match parts.as_slice() {
+        [what] => format!("{what}.create"),
+        [what, _] => format!("{what}.delete"),
+        [what, _, verb, ..] => format!("{what}.{verb}"),
+        [] => "unknown".into(),
+    }
+}
+
+async fn health() -> Json<Value> {
+    Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+}
+
+async fn metrics(State(ctx): State<Ctx>) -> Response {
+    let text = ctx.metrics.encode();
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+// --- jobs --------------------------------------------------------------------------------
+
+async fn list_jobs(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
+    blocking(move || {
+        let jobs = ctx.site.state.jobs()?;
+        let mut out = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            let last = ctx
+                .site
+                .state
+                .runs(&RunQuery {
+                    job: Some(j.definition.name.clone()),
+                    limit: 1,
+                    ..RunQuery::default()
+                })?
+                .into_iter()
+                .next();
+            let active = ctx.runner.busy(&j.definition.name);
+            out.push(json!({
+                "name": j.definition.name,
+                "origin": j.origin,
+                "definition": j.definition,
+                "updated": j.updated,
+                "last_run": last,
+                "active_run": active,
+            }));
+        }
+        Ok(Json(json!({ "jobs": out })))
+    })
+    .await
+}
+
+async fn get_job(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(name) = path?;
+    blocking(move || {
+        let j = ctx
+            .site
+            .state
+            .job(&name)?
+            .ok_or_else(|| ApiError::not_found(format!("no job {name:?}")))?;
+        let runs = ctx.site.state.runs(&RunQuery {
+            job: Some(name.clone()),
+            limit: 10,
+            ..RunQuery::default()
+        })?;
+        let active = ctx.runner.busy(&name);
+        let live = active.and_then(|id| ctx.runner.live(id));
+        Ok(Json(json!({
+            "name": name,
+            "origin": j.origin,
+            "definition": j.definition,
+            "runs": runs,
+            "active_run": active,
+            "progress": live,
+        })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+struct AddJobQuery {
+    #[serde(default)]
+    replace: bool,
+}
+
+async fn add_job(
+    State(ctx): State<Ctx>,
+    query: Result<Query<AddJobQuery>, QueryRejection>,
+    body: Result<Json<JobDefinition>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Query(q) = query?;
+    let Json(job) = body?;
+    blocking(move || {
+        ctx.site.add_job(&job, q.replace)?;
+        Ok((StatusCode::CREATED, Json(json!({ "job": job }))))
+    })
+    .await
+}
+
+async fn remove_job(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<StatusCode> {
+    let Path(name) = path?;
+    blocking(move || {
+        ctx.site.remove_job(&name)?;
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+async fn run_job(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Path(name) = path?;
+    blocking(move || {
+        let job = ctx.site.job(&name)?;
+        match ctx.runner.submit(&job, RunTrigger::Api) {
+            Ok(id) => Ok((StatusCode::ACCEPTED, Json(json!({ "run": id })))),
+            Err(SubmitError::Busy { run, .. }) => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "busy",
+                format!("job {name:?} already has run {run} queued or running"),
+            )),
+            Err(SubmitError::QueueFull(n)) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "queue_full",
+                format!("the queue is full ({n} runs waiting)"),
+            )),
+            Err(e) => Err(ApiError::internal(e.to_string())),
+        }
+    })
+    .await
+}
+
+// --- runs --------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunsQuery {
+    job: Option<String>,
+    status: Option<String>,
+    limit: Option<usize>,
+    before: Option<i64>,
+}
+
+async fn list_runs(
+    State(ctx): State<Ctx>,
+    query: Result<Query<RunsQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(q) = query?;
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(RunStatus::parse(s).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "status {s:?}: one of queued, running, succeeded, failed, cancelled"
+            ))
+        })?),
+    };
+    let limit = q.limit.unwrap_or(100).min(1000);
+    blocking(move || {
+        let runs = ctx.site.state.runs(&RunQuery {
+            job: q.job,
+            status,
+            limit,
+            before: q.before.map(RunId),
+        })?;
+        Ok(Json(json!({ "runs": runs })))
+    })
+    .await
+}
+
+async fn get_run(
+    State(ctx): State<Ctx>,
+    path: Result<Path<i64>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(id) = path?;
+    blocking(move || {
+        let run = ctx
+            .site
+            .state
+            .run(RunId(id))?
+            .ok_or_else(|| ApiError::not_found(format!("no run {id}")))?;
+        let live = ctx.runner.live(RunId(id));
+        Ok(Json(json!({ "run": run, "progress": live })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogQuery {
+    after: Option<i64>,
+}
+
+async fn run_log(
+    State(ctx): State<Ctx>,
+    path: Result<Path<i64>, PathRejection>,
+    query: Result<Query<LogQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(id) = path?;
+    let Query(q) = query?;
+    blocking(move || {
+        if ctx.site.state.run(RunId(id))?.is_none() {
+            return Err(ApiError::not_found(format!("no run {id}")));
+        }
+        let lines = ctx.site.state.log(RunId(id), q.after.unwrap_or(0))?;
+        Ok(Json(json!({ "log": lines })))
+    })
+    .await
+}
+
+async fn cancel_run(
+    State(ctx): State<Ctx>,
+    path: Result<Path<i64>, PathRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Path(id) = path?;
+    blocking(move || {
+        let run = ctx
+            .site
+            .state
+            .run(RunId(id))?
+            .ok_or_else(|| ApiError::not_found(format!("no run {id}")))?;
+        if run.status.is_finished() || !ctx.runner.cancel(RunId(id)) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "finished",
+                format!("run {id} is not queued or running here"),
+            ));
+        }
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "run": id, "cancelling": true })),
+        ))
+    })
+    .await
+}
+
+fn sse_of(event: &RunEvent) -> SseEvent {
+    let name = match &event.kind {
+        RunEventKind::Queued { .. } => "queued",
+        RunEventKind::Started => "started",
+        RunEventKind::Progress(_) => "progress",
+        RunEventKind::Message { .. } => "message",
+        RunEventKind::Finished { .. } => "finished",
+    };
+    SseEvent::default()
+        .event(name)
+        .json_data(event)
+        .unwrap_or_else(|_| SseEvent::default().event(name))
+}
+
+/// Events of the runs `keep` selects; the stream ends after `last` says so.
+fn event_stream(
+    rx: broadcast::Receiver<RunEvent>,
+    keep: impl Fn(&RunEvent) -> bool + Send + 'static,
+    last: impl Fn(&RunEvent) -> bool + Send + 'static,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let keep = Arc::new(keep);
+    let last = Arc::new(last);
+    futures_util::stream::unfold((rx, false), move |(mut rx, done)| {
+        let (keep, last) = (keep.clone(), last.clone());
+        async move {
+            if done {
+                return None;
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(e) if keep(&e) => {
+                        let end = last(&e);
+                        return Some((Ok(sse_of(&e)), (rx, end)));
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        let lagged = SseEvent::default()
+                            .event("lagged")
+                            .data(format!("{n} events were dropped"));
+                        return Some((Ok(lagged), (rx, false)));
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        }
+    })
+}
+
+async fn run_events(
+    State(ctx): State<Ctx>,
+    path: Result<Path<i64>, PathRejection>,
+) -> ApiResult<Response> {
+    let Path(id) = path?;
+    let rx = ctx.hub.tx.subscribe();
+    let state = ctx.site.state.clone();
+    let run = blocking(move || {
+        state
+            .run(RunId(id))?
+            .ok_or_else(|| ApiError::not_found(format!("no run {id}")))
+    })
+    .await?;
+    if run.status.is_finished() {
+        // Nothing more will happen: one event with how it ended.
+        let e = RunEvent {
+            run: run.id,
+            job: run.job.clone(),
+            kind: RunEventKind::Finished {
+                status: run.status,
+                error: run.error.clone(),
+                stats: run.stats.clone(),
+            },
+        };
+        let s = futures_util::stream::once(async move { Ok::<_, Infallible>(sse_of(&e)) });
+        return Ok(Sse::new(s).into_response());
+    }
+    let run_id = RunId(id);
+    let s = event_stream(
+        rx,
+        move |e| e.run == run_id,
+        |e| matches!(e.kind, RunEventKind::Finished { .. }),
+    );
+    Ok(Sse::new(s)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+async fn job_events(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Response> {
+    let Path(name) = path?;
+    let rx = ctx.hub.tx.subscribe();
+    let site = ctx.site.clone();
+    let n = name.clone();
+    blocking(move || site.job(&n).map_err(ApiError::from)).await?;
+    let s = event_stream(rx, move |e| e.job == name, |_| false);
+    Ok(Sse::new(s)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response())
+}
+
+// --- schedules ---------------------------------------------------------------------------
+
+async fn list_schedules(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
+    blocking(move || {
+        let all = ctx.site.schedules(chrono::Utc::now(), 3)?;
+        Ok(Json(json!({ "schedules": all })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewSchedule {
+    job: String,
+    when: String,
+    timezone: Option<String>,
+    jitter: Option<String>,
+    missed: Option<String>,
+}
+
+async fn add_schedule(
+    State(ctx): State<Ctx>,
+    body: Result<Json<NewSchedule>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Json(s) = body?;
+    blocking(move || {
+        let row = ctx.site.add_schedule(
+            &s.job,
+            &s.when,
+            s.timezone.as_deref(),
+            s.jitter.as_deref(),
+            s.missed.as_deref(),
+        )?;
+        Ok((StatusCode::CREATED, Json(json!({ "schedule": row }))))
+    })
+    .await
+}
+
+async fn remove_schedule(
+    State(ctx): State<Ctx>,
+    path: Result<Path<i64>, PathRejection>,
+) -> ApiResult<StatusCode> {
+    let Path(id) = path?;
+    blocking(move || {
+        ctx.site.remove_schedule(ScheduleId(id))?;
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+async fn set_enabled(ctx: Ctx, id: i64, enabled: bool) -> ApiResult<Json<Value>> {
+    blocking(move || {
+        ctx.site.enable_schedule(ScheduleId(id), enabled)?;
+        Ok(Json(json!({ "schedule": id, "enabled": enabled })))
+    })
+    .await
+}
+
+async fn enable_schedule(
+    State(ctx): State<Ctx>,
+    path: Result<Path<i64>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(id) = path?;
+    set_enabled(ctx, id, true).await
+}
+
+async fn disable_schedule(
+    State(ctx): State<Ctx>,
+    path: Result<Path<i64>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(id) = path?;
+    set_enabled(ctx, id, false).await
+}
+
+async fn list_missed(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
+    blocking(move || Ok(Json(json!({ "missed": ctx.site.state.missed(200)? })))).await
+}
+
+// --- repositories ------------------------------------------------------------------------
+
+async fn list_repositories(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
+    blocking(move || {
+        let mut out = Vec::new();
+        for name in ctx.site.repos.names() {
+            let path = ctx
+                .site
+                .repos
+                .config(&name)
+                .map(|c| c.path.display().to_string());
+            let figures = ctx
+                .site
+                .repos
+                .handle(&name)
+                .map_err(|e| e.to_string())
+                .and_then(|r| {
+                    let t = r.index().totals().map_err(|e| e.to_string())?;
+                    let snaps = r.snapshots().map_err(|e| e.to_string())?;
+                    let logical: u64 = snaps.iter().map(|s| s.manifest.summary.total_bytes).sum();
+                    #[allow(clippy::cast_precision_loss)]
+                    let dedup = if t.raw_bytes > 0 {
+                        logical as f64 / t.raw_bytes as f64
+                    } else {
+                        0.0
+                    };
+                    Ok(json!({
+                        "size_bytes": t.pack_bytes,
+                        "packs": t.packs,
+                        "snapshots": snaps.len(),
+                        "logical_bytes": logical,
+                        "dedup_ratio": dedup,
+                    }))
+                });
+            out.push(match figures {
+                Ok(f) => json!({ "name": name, "path": path, "status": "ok", "figures": f }),
+                Err(e) => json!({ "name": name, "path": path, "status": "error", "error": e }),
+            });
+        }
+        Ok(Json(json!({ "repositories": out })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotsQuery {
+    host: Option<String>,
+    tag: Option<String>,
+    job: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_snapshots(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<SnapshotsQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(name) = path?;
+    let Query(q) = query?;
+    blocking(move || {
+        let repo = ctx.site.repos.handle(&name).map_err(|e| match e {
+            crate::repos::RepoError::Unknown { .. } => ApiError::not_found(e.to_string()),
+            other => ApiError::internal(other.to_string()),
+        })?;
+        let mut tags: Vec<String> = q.tag.into_iter().collect();
+        tags.extend(q.job.map(|j| crate::job::job_tag(&j)));
+        let filter = cairn_engine::snapshot::SnapshotFilter {
+            hosts: q.host.into_iter().collect(),
+            tags,
+            ..Default::default()
+        };
+        let all = repo
+            .snapshots()
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let limit = q.limit.unwrap_or(1000).min(100_000);
+        let picked: Vec<Value> = all
+            .iter()
+            .rev()
+            .filter(|s| filter.matches(&s.manifest))
+            .take(limit)
+            .map(|s| {
+                json!({
+                    "id": s.id.to_string(),
+                    "time": s.manifest.time,
+                    "host": s.manifest.host,
+                    "kind": s.manifest.kind,
+                    "source": s.manifest.source_label(),
+                    "tags": s.manifest.tags,
+                    "summary": s.manifest.summary,
+                })
+            })
+            .collect();
+        Ok(Json(json!({ "snapshots": picked })))
+    })
+    .await
+}
+
+async fn audit_log(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
+    blocking(move || Ok(Json(json!({ "audit": ctx.site.state.audit_log(500)? })))).await
+}

@@ -1,0 +1,351 @@
+//! `repo serve`: one tokio runtime owned here, at the top; the API on it; the runner's
+//! workers and the scheduler on threads of their own (engine work never runs on a tokio
+//! worker).
+//!
+//! At start, runs that a previous daemon left queued or running are marked failed
+//! (never left "running"), the history is trimmed, and the metrics are loaded from it.
+//! The scheduler looks at the clock when something is due, and at least every `tick`.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+use crate::api::{self, Hub};
+use crate::metrics::{JobLabel, Metrics};
+use crate::runner::{Observer, Runner, RunnerOptions, SubmitError};
+use crate::schedule::Clock;
+use crate::scheduler;
+use crate::site::Site;
+use crate::state::Missed;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A started daemon's parts (without its HTTP listener): what the API serves.
+pub struct Daemon {
+    pub site: Arc<Site>,
+    pub runner: Runner,
+    pub metrics: Arc<Metrics>,
+    pub hub: Arc<Hub>,
+    pub clock: Arc<dyn Clock>,
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    scheduler: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Recovers from a previous daemon's end, starts the runner and the scheduler.
+    pub fn start(site: Site, clock: Arc<dyn Clock>) -> Result<Self, DaemonError> {
+        let site = Arc::new(site);
+        let now = clock.now();
+        let failed = site.state.fail_interrupted(now, &pid_alive)?;
+        for id in &failed {
+            tracing::warn!(run = %id, "run left unfinished by a previous daemon: marked failed");
+        }
+        let trimmed = site.state.prune_history(
+            now,
+            site.config.history.keep_days,
+            site.config.history.keep_runs_per_job,
+        )?;
+        if trimmed > 0 {
+            tracing::info!("history: {trimmed} old runs removed");
+        }
+        let metrics = Arc::new(Metrics::new());
+        metrics.load(&site.state)?;
+        let hub = Arc::new(Hub::new());
+        let refresher = Arc::new(RepoRefresher {
+            site: site.clone(),
+            metrics: metrics.clone(),
+        });
+        let observers: Vec<Arc<dyn Observer>> =
+            vec![metrics.clone(), hub.clone(), refresher.clone()];
+        let runner = Runner::start(
+            site.state.clone(),
+            site.repos.clone(),
+            clock.clone(),
+            RunnerOptions {
+                concurrent_runs: site.config.limits.concurrent_runs,
+                queue: site.config.limits.queue,
+                ..RunnerOptions::default()
+            },
+            observers,
+        );
+        refresher.refresh_all();
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let scheduler = {
+            let (site, runner, metrics, clock, stop) = (
+                site.clone(),
+                runner.clone(),
+                metrics.clone(),
+                clock.clone(),
+                stop.clone(),
+            );
+            std::thread::Builder::new()
+                .name("scheduler".into())
+                .spawn(move || scheduler_loop(&site, &runner, &metrics, clock.as_ref(), &stop))?
+        };
+        Ok(Self {
+            site,
+            runner,
+            metrics,
+            hub,
+            clock,
+            stop,
+            scheduler: Some(scheduler),
+        })
+    }
+
+    /// Stops the scheduler, cancels what runs, waits for the workers.
+    pub fn stop(mut self) {
+        {
+            let (lock, cv) = &*self.stop;
+            *lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+            cv.notify_all();
+        }
+        if let Some(t) = self.scheduler.take() {
+            let _ = t.join();
+        }
+        self.runner.shutdown();
+    }
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub fn run(site: Site, listen: Option<SocketAddr>) -> Result<(), DaemonError> {
+    let addr = listen.unwrap_or(site.config.listen);
+    let limits = site.config.limits.clone();
+    let daemon = Daemon::start(site, Arc::new(crate::schedule::SystemClock))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("api")
+        .enable_all()
+        .build()?;
+    let app = api::router(&daemon, &limits);
+    let served = rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Listen { addr, source })?;
+        let local = listener.local_addr()?;
+        tracing::info!(%local, "repo serve: listening");
+        eprintln!("repo serve: listening on http://{local}");
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
+        Ok::<_, DaemonError>(())
+    });
+    tracing::info!("repo serve: stopping");
+    daemon.stop();
+    rt.shutdown_timeout(Duration::from_secs(5));
+    served
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+fn scheduler_loop(
+    site: &Site,
+    runner: &Runner,
+    metrics: &Metrics,
+    clock: &dyn Clock,
+    stop: &(Mutex<bool>, Condvar),
+) {
+    loop {
+        let now = clock.now();
+        let next = match tick(site, runner, metrics, now) {
+            Ok(next) => next,
+            Err(e) => {
+                tracing::error!("scheduler: {e}");
+                None
+            }
+        };
+        let mut wait = site.config.tick;
+        if let Some(n) = next {
+            let until = (n - clock.now()).to_std().unwrap_or(Duration::ZERO);
+            wait = wait.min(until + Duration::from_millis(50));
+        }
+        let (lock, cv) = stop;
+        let stopped = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *stopped {
+            return;
+        }
+        let (stopped, _) = cv
+            .wait_timeout(stopped, wait)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *stopped {
+            return;
+        }
+    }
+}
+
+/// One look at the clock: records missed slots, enqueues what is due, updates the
+/// schedule metrics; returns when the next thing is due.
+pub fn tick(
+    site: &Site,
+    runner: &Runner,
+    metrics: &Metrics,
+    now: DateTime<Utc>,
+) -> crate::state::Result<Option<DateTime<Utc>>> {
+    metrics.scheduler_ticks.inc();
+    let rows = site.state.schedules()?;
+    let late = scheduler::late_after(site.config.tick);
+    let mut parsed = Vec::new();
+    for row in rows {
+        let sched = match scheduler::schedule_of_row(&row) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(schedule = %row.id, job = %row.job, "schedule does not parse: {e}");
+                continue;
+            }
+        };
+        if !row.enabled {
+            parsed.push((row, sched));
+            continue;
+        }
+        let Some(job) = site.state.job(&row.job)?.map(|j| j.definition) else {
+            tracing::warn!(schedule = %row.id, job = %row.job, "schedule of a job that does not exist");
+            continue;
+        };
+        let d = scheduler::decide(&row, &sched, now, runner.busy(&job.name).is_some(), late);
+        for (slot, reason) in &d.missed {
+            tracing::warn!(schedule = %row.id, job = %job.name, %slot, "missed run: {reason}");
+            site.state.record_missed(&Missed {
+                schedule: row.id,
+                job: job.name.clone(),
+                slot: *slot,
+                reason: reason.clone(),
+                recorded: now,
+            })?;
+            metrics
+                .missed_runs
+                .get_or_create(&JobLabel {
+                    job_name: job.name.clone(),
+                })
+                .inc();
+        }
+        let mut row = row;
+        if let Some(slot) = d.last_slot {
+            // Stored before the run is queued: a crash in between never runs it twice.
+            site.state.set_last_slot(row.id, slot)?;
+            row.last_slot = Some(slot);
+        }
+        if let Some(trigger) = d.run {
+            match runner.submit(&job, trigger) {
+                Ok(_) | Err(SubmitError::Busy { .. }) => {}
+                Err(e) => {
+                    tracing::error!(job = %job.name, "could not queue the scheduled run: {e}")
+                }
+            }
+        }
+        parsed.push((row, sched));
+    }
+    let active = parsed.iter().filter(|(r, _)| r.enabled).count();
+    metrics
+        .schedules_active
+        .set(i64::try_from(active).unwrap_or(i64::MAX));
+    metrics
+        .schedules_disabled
+        .set(i64::try_from(parsed.len() - active).unwrap_or(i64::MAX));
+    metrics
+        .jobs
+        .set(i64::try_from(site.state.jobs()?.len()).unwrap_or(i64::MAX));
+    for (row, sched) in parsed.iter().filter(|(r, _)| r.enabled) {
+        if let Some(slot) = sched.next_slot(row.last_slot.unwrap_or(now)) {
+            let start = sched.start_of(slot, &scheduler::jitter_seed(row));
+            #[allow(clippy::cast_precision_loss)]
+            metrics
+                .schedule_next_run
+                .get_or_create(&JobLabel {
+                    job_name: row.job.clone(),
+                })
+                .set(start.timestamp_millis() as f64 / 1000.0);
+        }
+    }
+    Ok(scheduler::next_due(&parsed, now))
+}
+
+/// Refreshes a repository's metrics after each run of a job on it, on a thread of its
+/// own (the figures read the index and the snapshot list, never on a scrape).
+struct RepoRefresher {
+    site: Arc<Site>,
+    metrics: Arc<Metrics>,
+}
+
+impl RepoRefresher {
+    fn refresh(&self, name: String) {
+        let (site, metrics) = (self.site.clone(), self.metrics.clone());
+        std::thread::spawn(move || match site.repos.handle(&name) {
+            Ok(repo) => metrics.refresh_repository(&name, &repo),
+            Err(e) => {
+                tracing::warn!(repository = %name, "{e}");
+                metrics
+                    .repo_up
+                    .get_or_create(&crate::metrics::RepoLabel { repository: name })
+                    .set(0);
+            }
+        });
+    }
+
+    fn refresh_all(&self) {
+        for name in self.site.repos.names() {
+            self.refresh(name);
+        }
+    }
+}
+
+impl Observer for RepoRefresher {
+    fn on(&self, e: &crate::runner::RunEvent) {
+        if let crate::runner::RunEventKind::Finished { stats, .. } = &e.kind {
+            if let Ok(Some(job)) = self.site.state.job(&e.job) {
+                if let Some(v) = stats.verified {
+                    let label = crate::metrics::RepoLabel {
+                        repository: job.definition.repository.clone(),
+                    };
+                    #[allow(clippy::cast_precision_loss)]
+                    self.metrics
+                        .repo_last_check
+                        .get_or_create(&label)
+                        .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+                    self.metrics
+                        .repo_last_check_ok
+                        .get_or_create(&label)
+                        .set(i64::from(v));
+                }
+                self.refresh(job.definition.repository);
+            }
+        }
+    }
+}
