@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 
 use crate::api::{self, Hub};
 use crate::metrics::{JobLabel, Metrics};
+use crate::notify::Notifier;
 use crate::runner::{Observer, Runner, RunnerOptions, SubmitError};
 use crate::schedule::Clock;
 use crate::scheduler;
@@ -40,6 +41,7 @@ pub struct Daemon {
     pub runner: Runner,
     pub metrics: Arc<Metrics>,
     pub hub: Arc<Hub>,
+    pub notifier: Arc<Notifier>,
     pub clock: Arc<dyn Clock>,
     stop: Arc<(Mutex<bool>, Condvar)>,
     scheduler: Option<std::thread::JoinHandle<()>>,
@@ -69,8 +71,17 @@ impl Daemon {
             site: site.clone(),
             metrics: metrics.clone(),
         });
-        let observers: Vec<Arc<dyn Observer>> =
-            vec![metrics.clone(), hub.clone(), refresher.clone()];
+        let notifier = Notifier::start(
+            site.config.notifications.clone(),
+            site.state.clone(),
+            metrics.clone(),
+        );
+        let observers: Vec<Arc<dyn Observer>> = vec![
+            metrics.clone(),
+            hub.clone(),
+            refresher.clone(),
+            notifier.clone(),
+        ];
         let runner = Runner::start(
             site.state.clone(),
             site.repos.clone(),
@@ -85,22 +96,32 @@ impl Daemon {
         refresher.refresh_all();
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
         let scheduler = {
-            let (site, runner, metrics, clock, stop) = (
+            let (site, runner, metrics, notifier, clock, stop) = (
                 site.clone(),
                 runner.clone(),
                 metrics.clone(),
+                notifier.clone(),
                 clock.clone(),
                 stop.clone(),
             );
             std::thread::Builder::new()
                 .name("scheduler".into())
-                .spawn(move || scheduler_loop(&site, &runner, &metrics, clock.as_ref(), &stop))?
+                .spawn(move || {
+                    let parts = Parts {
+                        site: &site,
+                        runner: &runner,
+                        metrics: &metrics,
+                        notifier: &notifier,
+                    };
+                    scheduler_loop(&parts, clock.as_ref(), &stop);
+                })?
         };
         Ok(Self {
             site,
             runner,
             metrics,
             hub,
+            notifier,
             clock,
             stop,
             scheduler: Some(scheduler),
@@ -120,6 +141,7 @@ impl Daemon {
             let _ = t.join();
         }
         self.runner.shutdown();
+        self.notifier.stop();
     }
 }
 
@@ -174,16 +196,19 @@ fn pid_alive(pid: u32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
 }
 
-fn scheduler_loop(
-    site: &Site,
-    runner: &Runner,
-    metrics: &Metrics,
-    clock: &dyn Clock,
-    stop: &(Mutex<bool>, Condvar),
-) {
+/// What a tick works with.
+pub struct Parts<'a> {
+    pub site: &'a Site,
+    pub runner: &'a Runner,
+    pub metrics: &'a Metrics,
+    pub notifier: &'a Notifier,
+}
+
+fn scheduler_loop(parts: &Parts<'_>, clock: &dyn Clock, stop: &(Mutex<bool>, Condvar)) {
+    let site = parts.site;
     loop {
         let now = clock.now();
-        let next = match tick(site, runner, metrics, now) {
+        let next = match tick(parts, now) {
             Ok(next) => next,
             Err(e) => {
                 tracing::error!("scheduler: {e}");
@@ -213,13 +238,15 @@ fn scheduler_loop(
 
 /// One look at the clock: records missed slots, enqueues what is due, updates the
 /// schedule metrics; returns when the next thing is due.
-pub fn tick(
-    site: &Site,
-    runner: &Runner,
-    metrics: &Metrics,
-    now: DateTime<Utc>,
-) -> crate::state::Result<Option<DateTime<Utc>>> {
+pub fn tick(parts: &Parts<'_>, now: DateTime<Utc>) -> crate::state::Result<Option<DateTime<Utc>>> {
+    let Parts {
+        site,
+        runner,
+        metrics,
+        notifier,
+    } = *parts;
     metrics.scheduler_ticks.inc();
+    notifier.digests(now);
     let rows = site.state.schedules()?;
     let late = scheduler::late_after(site.config.tick);
     let mut parsed = Vec::new();
@@ -255,6 +282,7 @@ pub fn tick(
                     job_name: job.name.clone(),
                 })
                 .inc();
+            notifier.missed(&job.name, *slot, reason);
         }
         let mut row = row;
         if let Some(slot) = d.last_slot {

@@ -20,6 +20,7 @@ pub mod daemon;
 pub mod execute;
 pub mod job;
 pub mod metrics;
+pub mod notify;
 pub mod repos;
 pub mod runner;
 pub mod schedule;

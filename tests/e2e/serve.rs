@@ -502,7 +502,80 @@ fn the_daemon_runs_jobs_through_its_api_counts_them_and_refuses_bad_requests() {
         );
         assert!(!said.to_lowercase().contains("error"), "promtool: {said}");
     }
+    check_dashboard(&metrics, &env);
     d.stop();
+}
+
+/// The shipped Grafana dashboard: well formed, every panel's queries valid PromQL
+/// (promtool checks them as recording rules) over metrics the daemon exports.
+fn check_dashboard(metrics: &str, env: &Env) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dashboards/cairn.json");
+    let d: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(d["title"].is_string() && d["uid"].is_string() && d["schemaVersion"].is_u64());
+    let exported: std::collections::HashSet<String> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .flat_map(|n| {
+            ["", "_total", "_bucket", "_sum", "_count"].map(|suffix| format!("{n}{suffix}"))
+        })
+        .collect();
+    let mut exprs = Vec::new();
+    let mut ids = std::collections::HashSet::new();
+    for p in d["panels"].as_array().unwrap() {
+        assert!(
+            ids.insert(p["id"].as_u64().unwrap()),
+            "duplicate panel id: {p}"
+        );
+        assert!(p["type"].is_string() && p["title"].is_string(), "{p}");
+        for k in ["x", "y", "w", "h"] {
+            assert!(p["gridPos"][k].is_u64(), "{p}");
+        }
+        for t in p["targets"].as_array().unwrap() {
+            let e = t["expr"].as_str().unwrap().to_owned();
+            let mut rest = e.as_str();
+            while let Some(i) = rest.find("cairn_") {
+                let name: String = rest[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    exported.contains(&name),
+                    "the dashboard queries {name}, which is not exported"
+                );
+                rest = &rest[i + name.len()..];
+            }
+            exprs.push(e);
+        }
+    }
+    assert!(exprs.len() >= 20);
+    if require(
+        which("promtool"),
+        "the dashboard's PromQL",
+        "the prometheus package",
+    ) {
+        let rules = env.path("dashboard-rules.yml");
+        let mut text = String::from("groups:\n  - name: dashboard\n    rules:\n");
+        for (i, e) in exprs.iter().enumerate() {
+            text.push_str(&format!(
+                "      - record: dashboard:q{i}\n        expr: {}\n",
+                serde_json::to_string(e).unwrap()
+            ));
+        }
+        std::fs::write(&rules, text).unwrap();
+        let out = Command::new("promtool")
+            .arg("check")
+            .arg("rules")
+            .arg(&rules)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 fn which(program: &str) -> bool {
@@ -705,4 +778,207 @@ fn a_daemon_killed_mid_run_fails_the_run_on_restart_and_the_next_run_works() {
     let done = wait_run(&admin, &v["run"], &["succeeded", "failed"]);
     assert_eq!(done["run"]["status"], "succeeded", "{done}");
     assert_eq!(env.json(&["check"])["ok"], true);
+}
+
+/// A webhook receiver on 127.0.0.1: every request's headers and body.
+struct Receiver {
+    url: String,
+    got: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+}
+
+impl Receiver {
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let g = got.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut s) = stream else { continue };
+                let mut reader = BufReader::new(s.try_clone().unwrap());
+                let mut head = String::new();
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    head.push_str(&line);
+                }
+                let mut body = vec![0u8; len];
+                let _ = reader.read_exact(&mut body);
+                g.lock()
+                    .unwrap()
+                    .push((head, String::from_utf8_lossy(&body).to_string()));
+                let _ = std::io::Write::write_all(
+                    &mut s,
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        });
+        Self { url, got }
+    }
+}
+
+#[test]
+fn failures_and_successes_are_mailed_in_french_and_posted_signed_to_a_webhook() {
+    if !require(
+        Path::new("/usr/lib/python3/dist-packages/aiosmtpd").exists(),
+        "notifications by mail",
+        "python3-aiosmtpd",
+    ) {
+        return;
+    }
+    let env = Env::new();
+    let data = data_dir(&env);
+    let maildir = env.path("maildir");
+    let smtp_port = free_port();
+    let mut smtp = Command::new("/usr/bin/python3")
+        .args([
+            "-m",
+            "aiosmtpd",
+            "-n",
+            "-l",
+            &format!("127.0.0.1:{smtp_port}"),
+        ])
+        .args(["-c", "aiosmtpd.handlers.Mailbox", maildir.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", smtp_port)).is_err() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the SMTP server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let hook = Receiver::start();
+    let secret = env.path("hook.secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let config = serve_config(
+        &env,
+        &format!(
+            r#"
+[notifications.mail]
+type = "email"
+server = "smtp://127.0.0.1:{smtp_port}"
+from = "cairn@example.org"
+to = ["ops@example.org"]
+language = "fr"
+on = ["failure", "success"]
+
+[notifications.hook]
+type = "webhook"
+url = "{}"
+secret_file = "{}"
+on = ["failure"]
+"#,
+            hook.url,
+            secret.display()
+        ),
+    );
+    let rw = token(&env, &config, "admin", false);
+    let d = Daemon::start(&env, &config);
+    let admin = Api {
+        base: &d.url,
+        token: Some(&rw),
+    };
+    let good = json!({ "name": "good", "notify": ["mail", "hook"],
+                       "source": [{ "type": "paths", "paths": [data] }] });
+    let bad = json!({ "name": "bad", "notify": ["mail", "hook"],
+                      "source": [{ "type": "paths", "paths": [env.path("vanished")] }] });
+    let nowhere = json!({ "name": "x", "notify": ["pager"], "source": [{ "type": "paths", "paths": [data] }] });
+    assert_eq!(admin.post("/api/v1/jobs", &nowhere).0, 422);
+    for j in [&good, &bad] {
+        let (s, v) = admin.post("/api/v1/jobs", j);
+        assert_eq!(s, 201, "{v}");
+    }
+    let (_, g) = admin.post("/api/v1/jobs/good/run", &json!({}));
+    wait_run(&admin, &g["run"], &["succeeded"]);
+    let (_, b) = admin.post("/api/v1/jobs/bad/run", &json!({}));
+    wait_run(&admin, &b["run"], &["failed"]);
+
+    // Two mails (a success and a failure), in French.
+    let start = Instant::now();
+    let mails = loop {
+        let files: Vec<_> = std::fs::read_dir(maildir.join("new"))
+            .map(|r| r.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        if files.len() >= 2 {
+            break files;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "mails: {files:?}; {}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let read = |p: &Path| {
+        let out = Command::new("/usr/bin/python3")
+            .args([
+                "-c",
+                "import email,sys\nfrom email import policy\nm=email.message_from_file(open(sys.argv[1]),policy=policy.default)\nprint(m['subject'])\nprint(m.get_body(('plain',)).get_content())\nprint(m.get_body(('html',)).get_content())",
+            ])
+            .arg(p)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let texts: Vec<String> = mails.iter().map(|p| read(p)).collect();
+    let failed = texts
+        .iter()
+        .find(|t| t.contains("tâche bad a échoué"))
+        .unwrap_or_else(|| panic!("{texts:?}"));
+    assert!(
+        failed.contains("Erreur: ") && failed.contains("vanished"),
+        "{failed}"
+    );
+    assert!(failed.contains("<table>"), "no HTML part: {failed}");
+    assert!(
+        texts.iter().any(|t| t.contains("tâche good a réussi")),
+        "{texts:?}"
+    );
+
+    // One webhook call (failures only), signed.
+    let start = Instant::now();
+    while hook.got.lock().unwrap().is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no webhook call: {}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let got = hook.got.lock().unwrap().clone();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let (head, body) = &got[0];
+    let v: Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["event"], "run.failed");
+    assert_eq!(v["job"], "bad");
+    let sig = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("x-cairn-signature: ")
+                .or_else(|| l.strip_prefix("X-Cairn-Signature: "))
+        })
+        .unwrap_or_else(|| panic!("no signature: {head}"));
+    assert_eq!(sig.trim(), cairn_server::notify::signature("s3cret", body));
+    let metrics = ureq::get(&format!("{}/metrics", d.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics.contains("cairn_notifications_total{target=\"mail\",result=\"sent\"} 2"),
+        "{metrics}"
+    );
+    let _ = smtp.kill();
+    let _ = smtp.wait();
 }
