@@ -25,6 +25,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 use crate::auth::{self, AuthError};
+use crate::browse::{self, BrowseError};
 use crate::config::Limits;
 use crate::daemon::Daemon;
 use crate::job::JobDefinition;
@@ -117,6 +118,27 @@ impl From<SiteError> for ApiError {
     }
 }
 
+impl From<BrowseError> for ApiError {
+    fn from(e: BrowseError) -> Self {
+        let m = e.to_string();
+        match e {
+            BrowseError::BadPath(_) => Self::bad_request(m),
+            BrowseError::NotFound(_) => Self::not_found(m),
+            BrowseError::Conflict(_) => Self::new(StatusCode::CONFLICT, "conflict", m),
+            BrowseError::Engine(_) => Self::internal(m),
+        }
+    }
+}
+
+impl From<crate::repos::RepoError> for ApiError {
+    fn from(e: crate::repos::RepoError) -> Self {
+        match e {
+            crate::repos::RepoError::Unknown { .. } => Self::not_found(e.to_string()),
+            other => Self::internal(other.to_string()),
+        }
+    }
+}
+
 impl From<crate::state::StateError> for ApiError {
     fn from(e: crate::state::StateError) -> Self {
         Self::internal(e.to_string())
@@ -183,13 +205,24 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         .route("/missed", get(list_missed))
         .route("/repositories", get(list_repositories))
         .route("/repositories/{name}/snapshots", get(list_snapshots))
+        .route("/repositories/{name}/snapshots/{id}/ls", get(snapshot_ls))
+        .route("/repositories/{name}/forget", post(forget_snapshots))
         .route("/audit", get(audit_log))
         .layer(middleware::from_fn(move |req, next| {
             with_timeout(timeout, req, next)
         }));
+    // Without the request timeout: streams, downloads and restores take what they take.
     let streams = Router::new()
         .route("/jobs/{name}/events", get(job_events))
-        .route("/runs/{id}/events", get(run_events));
+        .route("/runs/{id}/events", get(run_events))
+        .route(
+            "/repositories/{name}/snapshots/{id}/file",
+            get(snapshot_file),
+        )
+        .route(
+            "/repositories/{name}/snapshots/{id}/restore",
+            post(snapshot_restore),
+        );
     let api = timed
         .merge(streams)
         .layer(middleware::from_fn(move |req, next| {
@@ -813,10 +846,7 @@ async fn list_snapshots(
     let Path(name) = path?;
     let Query(q) = query?;
     blocking(move || {
-        let repo = ctx.site.repos.handle(&name).map_err(|e| match e {
-            crate::repos::RepoError::Unknown { .. } => ApiError::not_found(e.to_string()),
-            other => ApiError::internal(other.to_string()),
-        })?;
+        let repo = ctx.site.repos.handle(&name)?;
         let mut tags: Vec<String> = q.tag.into_iter().collect();
         tags.extend(q.job.map(|j| crate::job::job_tag(&j)));
         let filter = cairn_engine::snapshot::SnapshotFilter {
@@ -846,6 +876,164 @@ async fn list_snapshots(
             })
             .collect();
         Ok(Json(json!({ "snapshots": picked })))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PathQuery {
+    path: Option<String>,
+}
+
+async fn snapshot_ls(
+    State(ctx): State<Ctx>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<PathQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path((name, id)) = path?;
+    let Query(q) = query?;
+    let inside = browse::snapshot_path(q.path.as_deref().unwrap_or("/"))?;
+    blocking(move || {
+        let repo = ctx.site.repos.handle(&name)?;
+        let snap = browse::find(&repo, &id)?;
+        let entries = browse::list(&repo, &snap, &inside)?;
+        Ok(Json(
+            json!({ "snapshot": snap.id.to_string(), "path": inside, "entries": entries }),
+        ))
+    })
+    .await
+}
+
+async fn snapshot_file(
+    State(ctx): State<Ctx>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<PathQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Path((name, id)) = path?;
+    let Query(q) = query?;
+    let raw = q
+        .path
+        .ok_or_else(|| ApiError::bad_request("path: name the file (?path=/etc/hosts)"))?;
+    let inside = browse::snapshot_path(&raw)?;
+    let site = ctx.site.clone();
+    let (repo, node) = blocking(move || {
+        let repo = site.repos.handle(&name)?;
+        let snap = browse::find(&repo, &id)?;
+        let node = browse::file(&repo, &snap, &inside)?;
+        Ok((repo, node))
+    })
+    .await?;
+    let size = node.size;
+    let file_name = String::from_utf8_lossy(&node.name).replace(['"', '\\', '\r', '\n'], "_");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        let sent = browse::read_file(&repo, &node, &mut |chunk| {
+            tx.blocking_send(Ok(chunk)).is_ok()
+        });
+        if let Err(e) = sent {
+            // The client sees a cut body (its length is short): never wrong bytes.
+            let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+        }
+    });
+    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_LENGTH, size.to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{file_name}\""),
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RestoreRequest {
+    target: String,
+    #[serde(default)]
+    include: Vec<String>,
+}
+
+async fn snapshot_restore(
+    State(ctx): State<Ctx>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    body: Result<Json<RestoreRequest>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path((name, id)) = path?;
+    let Json(r) = body?;
+    let target = browse::restore_target(&r.target)?;
+    let includes = r
+        .include
+        .iter()
+        .map(|p| browse::snapshot_path(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    blocking(move || {
+        let repo = ctx.site.repos.handle(&name)?;
+        repo.lock(
+            cairn_engine::lock::LockKind::Shared,
+            "restore (api)",
+            Duration::from_secs(60),
+        )
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "locked", e.to_string()))?;
+        let snap = browse::find(&repo, &id)?;
+        let outcome = browse::restore(&repo, &snap, &target, &includes)?;
+        Ok(Json(
+            json!({ "snapshot": snap.id.to_string(), "target": target, "restored": outcome }),
+        ))
+    })
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForgetRequest {
+    snapshots: Vec<String>,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+async fn forget_snapshots(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Json<ForgetRequest>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(name) = path?;
+    let Json(r) = body?;
+    if r.snapshots.is_empty() {
+        return Err(ApiError::bad_request(
+            "snapshots: name at least one (id prefixes or latest)",
+        ));
+    }
+    blocking(move || {
+        let repo = ctx.site.repos.handle(&name)?;
+        repo.lock(
+            cairn_engine::lock::LockKind::Shared,
+            "forget (api)",
+            Duration::from_secs(60),
+        )
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "locked", e.to_string()))?;
+        let all = repo
+            .snapshots()
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let plan = cairn_engine::forget::plan_named(&all, &r.snapshots).map_err(|e| match e {
+            cairn_engine::Error::NotFound(m) => ApiError::not_found(m),
+            cairn_engine::Error::InvalidInput(m) => ApiError::bad_request(m),
+            other => ApiError::internal(other.to_string()),
+        })?;
+        let removed = if r.dry_run {
+            plan.removed().count()
+        } else {
+            cairn_engine::forget::apply(&repo, &plan)
+                .map_err(|e| ApiError::internal(e.to_string()))?
+        };
+        Ok(Json(
+            json!({ "dry_run": r.dry_run, "removed": removed, "snapshots": plan.decisions }),
+        ))
     })
     .await
 }

@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod browse;
 pub mod config;
 pub mod daemon;
 pub mod execute;

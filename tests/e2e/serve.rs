@@ -455,6 +455,85 @@ fn the_daemon_runs_jobs_through_its_api_counts_them_and_refuses_bad_requests() {
         "{repos}"
     );
 
+    // Browse, download, restore and forget through the API.
+    let snap_id = snaps["snapshots"][0]["id"].as_str().unwrap().to_owned();
+    let base = format!("/api/v1/repositories/default/snapshots/{snap_id}");
+    let inside = data.to_str().unwrap();
+    let (s, ls) = viewer.get(&format!("{base}/ls?path={inside}"));
+    assert_eq!(s, 200, "{ls}");
+    let names: Vec<&str> = ls["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["f0", "f1", "f2", "f3"]);
+    let file = ureq::get(&format!("{}{base}/file?path={inside}/f2", d.url))
+        .set("Authorization", &format!("Bearer {ro}"))
+        .call()
+        .unwrap();
+    let mut got = Vec::new();
+    file.into_reader().read_to_end(&mut got).unwrap();
+    assert_eq!(
+        got,
+        std::fs::read(data.join("f2")).unwrap(),
+        "the download differs"
+    );
+    for bad in ["../../etc/passwd", "/etc/../../x"] {
+        let (s, v) = viewer.get(&format!("{base}/file?path={bad}"));
+        assert_eq!(s, 400, "{bad}: {v}");
+    }
+    assert_eq!(viewer.get(&format!("{base}/ls?path=/no/such")).0, 404);
+    assert_eq!(
+        viewer
+            .get("/api/v1/repositories/default/snapshots/ffffffffff/ls")
+            .0,
+        404
+    );
+    let target = env.path("api-restore");
+    let (s, v) = viewer.post(&format!("{base}/restore"), &json!({ "target": target }));
+    assert_eq!(s, 403, "{v}");
+    let (s, v) = admin.post(&format!("{base}/restore"), &json!({ "target": target }));
+    assert_eq!(s, 200, "{v}");
+    assert_same_tree(&data, &under(&target, &data));
+    let (s, v) = admin.post(&format!("{base}/restore"), &json!({ "target": target }));
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{v}"
+    );
+    let (s, _) = admin.post(
+        &format!("{base}/restore"),
+        &json!({ "target": "relative/dir" }),
+    );
+    assert_eq!(s, 400);
+    let (s, _) = admin.post(
+        &format!("{base}/restore"),
+        &json!({ "target": format!("{}/../x", env.path("a").display()) }),
+    );
+    assert_eq!(s, 400);
+    let (s, v) = admin.post(
+        "/api/v1/repositories/default/forget",
+        &json!({ "snapshots": [snap_id], "dry_run": true }),
+    );
+    assert_eq!((s, v["removed"].as_u64()), (200, Some(1)), "{v}");
+    assert_eq!(
+        admin
+            .post(
+                "/api/v1/repositories/default/forget",
+                &json!({ "snapshots": ["0000000000"] })
+            )
+            .0,
+        404
+    );
+    assert_eq!(
+        viewer.get("/api/v1/repositories/default/snapshots").1["snapshots"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
     // The audit log says who changed what.
     let (_, audit) = viewer.get("/api/v1/audit");
     let entries = audit["audit"].as_array().unwrap();
