@@ -33,6 +33,8 @@ pub enum DaemonError {
     },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// A started daemon's parts (without its HTTP listener): what the API serves.
@@ -156,16 +158,47 @@ pub fn run(site: Site, listen: Option<SocketAddr>) -> Result<(), DaemonError> {
         .enable_all()
         .build()?;
     let app = api::router(&daemon, &limits);
+    let tls = daemon.site.config.tls.clone();
     let served = rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
+        let listener = std::net::TcpListener::bind(addr)
             .map_err(|source| DaemonError::Listen { addr, source })?;
+        listener.set_nonblocking(true)?;
         let local = listener.local_addr()?;
-        tracing::info!(%local, "repo serve: listening");
-        eprintln!("repo serve: listening on http://{local}");
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        tracing::info!(%local, scheme, "repo serve: listening");
+        eprintln!("repo serve: listening on {scheme}://{local}");
+        match tls {
+            None => {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown_signal())
+                    .await?;
+            }
+            Some(t) => {
+                // ring, not aws-lc: nothing to build with cmake, one provider per process.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                let config =
+                    axum_server::tls_rustls::RustlsConfig::from_pem_file(&t.certificate, &t.key)
+                        .await
+                        .map_err(|e| {
+                            DaemonError::Tls(format!(
+                                "tls: certificate {} / key {}: {e}",
+                                t.certificate.display(),
+                                t.key.display()
+                            ))
+                        })?;
+                let handle = axum_server::Handle::new();
+                let h = handle.clone();
+                tokio::spawn(async move {
+                    shutdown_signal().await;
+                    h.graceful_shutdown(Some(Duration::from_secs(10)));
+                });
+                axum_server::from_tcp_rustls(listener, config)
+                    .handle(handle)
+                    .serve(app.into_make_service())
+                    .await?;
+            }
+        }
         Ok::<_, DaemonError>(())
     });
     tracing::info!("repo serve: stopping");

@@ -1061,3 +1061,82 @@ on = ["failure"]
     let _ = smtp.kill();
     let _ = smtp.wait();
 }
+
+#[test]
+fn the_daemon_serves_tls_with_a_certificate_and_names_a_bad_one() {
+    let env = Env::new();
+    let cert = env.path("cert.pem");
+    let key = env.path("key.pem");
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "openssl: {}", stderr(&out));
+    let config = serve_config(
+        &env,
+        &format!(
+            "[tls]\ncertificate = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    );
+    let d = Daemon::start(&env, &config);
+    assert!(d.url.starts_with("https://127.0.0.1:"), "{}", d.url);
+    let health = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--cacert"])
+        .arg(&cert)
+        .arg(format!("{}/api/v1/health", d.url))
+        .output()
+        .unwrap();
+    assert!(health.status.success(), "curl: {}", stderr(&health));
+    assert!(String::from_utf8_lossy(&health.stdout).contains("\"status\":\"ok\""));
+    // Plain HTTP to the TLS port gets no API answer.
+    let plain = d.url.replace("https://", "http://");
+    assert!(ureq::get(&format!("{plain}/api/v1/health"))
+        .timeout(Duration::from_secs(10))
+        .call()
+        .is_err());
+
+    // A certificate that is not there: the daemon says which and exits.
+    let bad = serve_config(
+        &env,
+        "[tls]\ncertificate = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n",
+    );
+    let out = env
+        .cmd()
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            bad.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("/nonexistent/cert.pem"),
+        "{}",
+        stderr(&out)
+    );
+}
