@@ -350,6 +350,7 @@ fn worker(inner: &Arc<Inner>) {
                         inner: inner.clone(),
                         run: w.id,
                         job: w.job.name.clone(),
+                        repository: w.job.repository.clone(),
                         last: last.clone(),
                     });
                     let progress = Arc::new(Progress::with_sink(sink.clone()));
@@ -381,6 +382,7 @@ struct RunSink {
     inner: Arc<Inner>,
     run: RunId,
     job: String,
+    repository: String,
     last: Arc<Mutex<Option<Sample>>>,
 }
 
@@ -400,9 +402,15 @@ impl EventSink for RunSink {
                     Level::Error => "error",
                 };
                 match level {
-                    Level::Info => tracing::info!(job = %self.job, run = %self.run, "{text}"),
-                    Level::Warn => tracing::warn!(job = %self.job, run = %self.run, "{text}"),
-                    Level::Error => tracing::error!(job = %self.job, run = %self.run, "{text}"),
+                    Level::Info => {
+                        tracing::info!(job = %self.job, run = %self.run, repository = %self.repository, "{text}")
+                    }
+                    Level::Warn => {
+                        tracing::warn!(job = %self.job, run = %self.run, repository = %self.repository, "{text}")
+                    }
+                    Level::Error => {
+                        tracing::error!(job = %self.job, run = %self.run, repository = %self.repository, "{text}")
+                    }
                 }
                 if let Err(e) =
                     self.inner

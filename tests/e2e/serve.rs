@@ -74,7 +74,23 @@ fn jobs_and_schedules_are_managed_and_run_from_the_command_line() {
     assert_eq!(r1["status"], "succeeded", "{r1}");
     assert_eq!(r1["stats"]["files"], 4);
     assert_eq!(r1["trigger"], "cli");
-    let r2 = env.json(&["job", "run", "etc"]);
+    // With JSON logs, every line a run logs carries its job, run and repository.
+    let out = env.run(&["--log-format", "json", "-v", "--json", "job", "run", "etc"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let r2: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let logged: Vec<Value> = stderr(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not a JSON log line: {l}")))
+        .collect();
+    assert!(
+        logged.iter().any(|l| l["job"] == "etc"
+            && l["repository"] == "default"
+            && l["run"] == r2["id"].to_string()
+            && l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("backing up"))),
+        "{logged:?}"
+    );
     assert_eq!(r2["stats"]["forgotten"], 1);
     let snaps = env.json(&["snapshots"]);
     let snaps = snaps.as_array().unwrap();
