@@ -85,7 +85,7 @@ fn jobs_and_schedules_are_managed_and_run_from_the_command_line() {
     assert!(
         logged.iter().any(|l| l["job"] == "etc"
             && l["repository"] == "default"
-            && l["run"] == r2["id"].to_string()
+            && l["run"].as_str().and_then(|r| r.parse::<i64>().ok()) == r2["id"].as_i64()
             && l["message"]
                 .as_str()
                 .is_some_and(|m| m.starts_with("backing up"))),
