@@ -208,6 +208,9 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         .route("/repositories/{name}/snapshots/{id}/ls", get(snapshot_ls))
         .route("/repositories/{name}/forget", post(forget_snapshots))
         .route("/audit", get(audit_log))
+        .route("/repositories/{name}/locks", get(repository_locks))
+        .route("/recovery", get(list_recovery))
+        .route("/recovery/{id}/stop", post(stop_recovery))
         .layer(middleware::from_fn(move |req, next| {
             with_timeout(timeout, req, next)
         }));
@@ -1034,6 +1037,66 @@ async fn forget_snapshots(
         Ok(Json(
             json!({ "dry_run": r.dry_run, "removed": removed, "snapshots": plan.decisions }),
         ))
+    })
+    .await
+}
+
+async fn repository_locks(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(name) = path?;
+    blocking(move || {
+        let repo = ctx.site.repos.handle(&name)?;
+        let locks = cairn_engine::lock::list(repo.backend())
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let out: Vec<Value> = locks
+            .iter()
+            .map(|l| json!({ "name": l.name, "lock": l.info.as_ref().ok(), "error": l.info.as_ref().err(), "stale": l.stale }))
+            .collect();
+        Ok(Json(json!({ "locks": out })))
+    })
+    .await
+}
+
+/// A recovery session as the API shows it: its connection password left out (the
+/// host's `repo recover list` shows it to whoever may read the host state).
+fn session_view(r: &cairn_recover::SessionRecord) -> Value {
+    let mut v = json!(r);
+    if let Some(o) = v.as_object_mut() {
+        o.remove("password");
+    }
+    v
+}
+
+async fn list_recovery(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
+    blocking(move || {
+        let store = cairn_recover::Store::open(&ctx.site.state_dir)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let sessions = store
+            .list()
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let out: Vec<Value> = sessions.iter().map(session_view).collect();
+        Ok(Json(json!({ "sessions": out })))
+    })
+    .await
+}
+
+async fn stop_recovery(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(id) = path?;
+    blocking(move || {
+        let store = cairn_recover::Store::open(&ctx.site.state_dir)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        match cairn_recover::stop(&store, &id) {
+            Ok(r) => Ok(Json(json!({ "stopped": session_view(&r) }))),
+            Err(cairn_recover::RecoverError::NoSession(_)) => {
+                Err(ApiError::not_found(format!("no recovery session {id:?}")))
+            }
+            Err(e) => Err(ApiError::internal(e.to_string())),
+        }
     })
     .await
 }

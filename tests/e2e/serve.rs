@@ -550,6 +550,17 @@ fn the_daemon_runs_jobs_through_its_api_counts_them_and_refuses_bad_requests() {
         1
     );
 
+    let (s, locks) = viewer.get("/api/v1/repositories/default/locks");
+    assert_eq!(s, 200, "{locks}");
+    assert!(locks["locks"].as_array().unwrap().is_empty(), "{locks}");
+    let (s, rec) = viewer.get("/api/v1/recovery");
+    assert_eq!(
+        (s, rec["sessions"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "{rec}"
+    );
+    assert_eq!(admin.post("/api/v1/recovery/nope/stop", &json!({})).0, 404);
+
     // The audit log says who changed what.
     let (_, audit) = viewer.get("/api/v1/audit");
     let entries = audit["audit"].as_array().unwrap();
