@@ -322,19 +322,22 @@ async fn authorize(State(ctx): State<Ctx>, req: Request, next: Next) -> Response
         }
     };
     let changes = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    if changes && token.read_only {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_owned();
+    let resp = if changes && token.read_only {
         ctx.metrics.auth_failures.inc();
-        return ApiError::new(
+        ApiError::new(
             StatusCode::FORBIDDEN,
             "read_only",
             format!("token {:?} is read-only", token.name),
         )
-        .into_response();
-    }
-    let method = req.method().to_string();
-    let path = req.uri().path().to_owned();
-    let resp = next.run(req).await;
+        .into_response()
+    } else {
+        next.run(req).await
+    };
     if changes {
+        // Written before the response goes out: a client that got an answer finds its
+        // change (or its refused attempt) in the log.
         let entry = AuditEntry {
             at: chrono::Utc::now(),
             token: token.name,

@@ -343,6 +343,7 @@ pub fn tick(parts: &Parts<'_>, now: DateTime<Utc>) -> crate::state::Result<Optio
     metrics
         .jobs
         .set(i64::try_from(site.state.jobs()?.len()).unwrap_or(i64::MAX));
+    count_recovery_sessions(site, metrics);
     for (row, sched) in parsed.iter().filter(|(r, _)| r.enabled) {
         if let Some(slot) = sched.next_slot(row.last_slot.unwrap_or(now)) {
             let start = sched.start_of(slot, &scheduler::jitter_seed(row));
@@ -356,6 +357,20 @@ pub fn tick(parts: &Parts<'_>, now: DateTime<Utc>) -> crate::state::Result<Optio
         }
     }
     Ok(scheduler::next_due(&parsed, now))
+}
+
+/// Recovery sessions by kind (`database`, `vm`), from the host state they are kept in.
+fn count_recovery_sessions(site: &Site, metrics: &Metrics) {
+    let Ok(sessions) = cairn_recover::Store::open(&site.state_dir).and_then(|s| s.list()) else {
+        return;
+    };
+    let vms = sessions.iter().filter(|s| s.is_vm()).count();
+    for (kind, n) in [("database", sessions.len() - vms), ("vm", vms)] {
+        metrics
+            .recovery_sessions
+            .get_or_create(&crate::metrics::KindLabel { kind: kind.into() })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
 }
 
 /// Refreshes a repository's metrics after each run of a job on it, on a thread of its

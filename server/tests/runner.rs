@@ -223,6 +223,7 @@ fn a_job_never_runs_twice_at_once_and_a_queued_run_can_be_cancelled() {
     assert_eq!(rb.status, RunStatus::Cancelled);
     assert!(rb.started_at.is_none());
     assert_eq!(finished(&f, a).status, RunStatus::Succeeded);
+    f.runner.wait_idle();
     assert!(!f.runner.cancel(a), "a finished run cannot be cancelled");
 }
 
