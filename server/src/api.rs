@@ -395,18 +395,10 @@ async fn metrics(State(ctx): State<Ctx>) -> Response {
 async fn list_jobs(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
     blocking(move || {
         let jobs = ctx.site.state.jobs()?;
+        let mut last_runs = ctx.site.state.last_runs()?;
         let mut out = Vec::with_capacity(jobs.len());
         for j in jobs {
-            let last = ctx
-                .site
-                .state
-                .runs(&RunQuery {
-                    job: Some(j.definition.name.clone()),
-                    limit: 1,
-                    ..RunQuery::default()
-                })?
-                .into_iter()
-                .next();
+            let last = last_runs.remove(&j.definition.name);
             let active = ctx.runner.busy(&j.definition.name);
             out.push(json!({
                 "name": j.definition.name,
@@ -807,24 +799,7 @@ async fn list_repositories(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
                 .repos
                 .handle(&name)
                 .map_err(|e| e.to_string())
-                .and_then(|r| {
-                    let t = r.index().totals().map_err(|e| e.to_string())?;
-                    let snaps = r.snapshots().map_err(|e| e.to_string())?;
-                    let logical: u64 = snaps.iter().map(|s| s.manifest.summary.total_bytes).sum();
-                    #[allow(clippy::cast_precision_loss)]
-                    let dedup = if t.raw_bytes > 0 {
-                        logical as f64 / t.raw_bytes as f64
-                    } else {
-                        0.0
-                    };
-                    Ok(json!({
-                        "size_bytes": t.pack_bytes,
-                        "packs": t.packs,
-                        "snapshots": snaps.len(),
-                        "logical_bytes": logical,
-                        "dedup_ratio": dedup,
-                    }))
-                });
+                .and_then(|r| crate::repos::Figures::of(&r).map_err(|e| e.to_string()));
             out.push(match figures {
                 Ok(f) => json!({ "name": name, "path": path, "status": "ok", "figures": f }),
                 Err(e) => json!({ "name": name, "path": path, "status": "error", "error": e }),

@@ -643,35 +643,26 @@ impl Metrics {
         let label = RepoLabel {
             repository: name.to_owned(),
         };
-        let figures = (|| -> cairn_engine::Result<_> {
-            let totals = repo.index().totals()?;
-            let snaps = repo.snapshots()?;
-            let locks = cairn_engine::lock::list(repo.backend())?.len();
-            Ok((totals, snaps, locks))
-        })();
-        match figures {
-            Ok((t, snaps, locks)) => {
-                let logical: u64 = snaps.iter().map(|s| s.manifest.summary.total_bytes).sum();
+        match crate::repos::Figures::of(repo) {
+            Ok(f) => {
                 self.repo_up.get_or_create(&label).set(1);
                 self.repo_size
                     .get_or_create(&label)
-                    .set(to_i64(t.pack_bytes));
-                self.repo_packs.get_or_create(&label).set(to_i64(t.packs));
+                    .set(to_i64(f.size_bytes));
+                self.repo_packs.get_or_create(&label).set(to_i64(f.packs));
                 self.repo_snapshots
                     .get_or_create(&label)
-                    .set(to_i64(snaps.len() as u64));
+                    .set(to_i64(f.snapshots));
                 self.repo_logical_bytes
                     .get_or_create(&label)
-                    .set(to_i64(logical));
+                    .set(to_i64(f.logical_bytes));
                 self.repo_dedup_ratio
                     .get_or_create(&label)
-                    .set(ratio(logical, t.raw_bytes));
+                    .set(f.dedup_ratio);
                 self.repo_compression_ratio
                     .get_or_create(&label)
-                    .set(ratio(t.raw_bytes, t.stored_bytes));
-                self.repo_locks
-                    .get_or_create(&label)
-                    .set(to_i64(locks as u64));
+                    .set(f.compression_ratio);
+                self.repo_locks.get_or_create(&label).set(to_i64(f.locks));
             }
             Err(e) => {
                 tracing::warn!(

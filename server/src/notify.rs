@@ -70,7 +70,6 @@ pub struct Notifier {
     state: Arc<State>,
     tx: Mutex<Option<mpsc::Sender<(String, Notice)>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    host: String,
 }
 
 impl Notifier {
@@ -82,9 +81,8 @@ impl Notifier {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel::<(String, Notice)>();
-        let host = cairn_engine::repository::current_host();
+        let h = cairn_engine::repository::current_host();
         let t = targets.clone();
-        let h = host.clone();
         let thread = std::thread::Builder::new()
             .name("notify".into())
             .spawn(move || {
@@ -110,7 +108,6 @@ impl Notifier {
             state,
             tx: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
-            host,
         })
     }
 
@@ -215,11 +212,6 @@ impl Notifier {
         if let Some(t) = self.thread.lock().ok().and_then(|mut t| t.take()) {
             let _ = t.join();
         }
-    }
-
-    #[must_use]
-    pub fn host(&self) -> &str {
-        &self.host
     }
 }
 

@@ -116,3 +116,49 @@ impl Repositories {
         Ok(repo)
     }
 }
+
+/// A repository's figures, as the API and the metrics show them.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Figures {
+    pub size_bytes: u64,
+    pub packs: u64,
+    pub snapshots: u64,
+    /// The sum of every snapshot's size.
+    pub logical_bytes: u64,
+    /// The unique data, before and after compression.
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    pub locks: u64,
+    pub dedup_ratio: f64,
+    pub compression_ratio: f64,
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn ratio(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        a as f64 / b as f64
+    }
+}
+
+impl Figures {
+    /// Reads the index totals, the snapshot list and the locks.
+    pub fn of(repo: &Repository) -> cairn_engine::Result<Self> {
+        let t = repo.index().totals()?;
+        let snaps = repo.snapshots()?;
+        let locks = cairn_engine::lock::list(repo.backend())?.len() as u64;
+        let logical: u64 = snaps.iter().map(|s| s.manifest.summary.total_bytes).sum();
+        Ok(Self {
+            size_bytes: t.pack_bytes,
+            packs: t.packs,
+            snapshots: snaps.len() as u64,
+            logical_bytes: logical,
+            raw_bytes: t.raw_bytes,
+            stored_bytes: t.stored_bytes,
+            locks,
+            dedup_ratio: ratio(logical, t.raw_bytes),
+            compression_ratio: ratio(t.raw_bytes, t.stored_bytes),
+        })
+    }
+}

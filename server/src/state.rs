@@ -717,6 +717,30 @@ impl State {
             .next())
     }
 
+    /// The newest run of every job that has one, by job, in one query.
+    pub fn last_runs(&self) -> Result<std::collections::HashMap<String, Run>> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {} FROM runs WHERE id IN (SELECT MAX(id) FROM runs GROUP BY job)",
+                Self::RUN_COLUMNS
+            ))?;
+            let rows = st.query_map([], Self::run_of)?;
+            rows.map(|r| r.map(|run| (run.job.clone(), run))).collect()
+        })
+    }
+
+    /// The newest run of `job`.
+    pub fn last_run(&self, job: &str) -> Result<Option<Run>> {
+        Ok(self
+            .runs(&RunQuery {
+                job: Some(job.to_owned()),
+                limit: 1,
+                ..RunQuery::default()
+            })?
+            .into_iter()
+            .next())
+    }
+
     /// Counts of runs by status.
     pub fn run_counts(&self) -> Result<Vec<(RunStatus, u64)>> {
         self.with(|c| {

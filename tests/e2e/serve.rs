@@ -192,6 +192,16 @@ fn chrono_tz_paris() -> chrono::FixedOffset {
     chrono::FixedOffset::east_opt(if summer { 7200 } else { 3600 }).unwrap()
 }
 
+/// A child killed and waited for when dropped, a failing test's included.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `repo serve` on a free 127.0.0.1 port, its stderr in a file.
 struct Daemon {
     child: Child,
@@ -749,17 +759,19 @@ fn a_real_prometheus_scrapes_the_daemon_and_answers_a_query() {
         ),
     )
     .unwrap();
-    let mut prom = Command::new("prometheus")
-        .arg(format!("--config.file={}", prom_config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            prom_dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut prom = Reaped(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", prom_config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                prom_dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let query = format!(
         "http://127.0.0.1:{prom_port}/api/v1/query?query=cairn_runs_total%7Bjob_name%3D%22scraped%22%2Cstatus%3D%22succeeded%22%7D"
     );
@@ -775,15 +787,14 @@ fn a_real_prometheus_scrapes_the_daemon_and_answers_a_query() {
             }
         }
         if start.elapsed() > Duration::from_secs(90) {
-            let _ = prom.kill();
+            let _ = prom.0.kill();
             let mut err = String::new();
-            let _ = prom.stderr.take().unwrap().read_to_string(&mut err);
+            let _ = prom.0.stderr.take().unwrap().read_to_string(&mut err);
             panic!("Prometheus never had the metric: {err}");
         }
         std::thread::sleep(Duration::from_millis(300));
     };
-    let _ = prom.kill();
-    let _ = prom.wait();
+    drop(prom);
     assert_eq!(answer["data"]["result"][0]["value"][1], "1", "{answer}");
 }
 
@@ -964,19 +975,21 @@ fn failures_and_successes_are_mailed_in_french_and_posted_signed_to_a_webhook() 
     let data = data_dir(&env);
     let maildir = env.path("maildir");
     let smtp_port = free_port();
-    let mut smtp = Command::new("/usr/bin/python3")
-        .args([
-            "-m",
-            "aiosmtpd",
-            "-n",
-            "-l",
-            &format!("127.0.0.1:{smtp_port}"),
-        ])
-        .args(["-c", "aiosmtpd.handlers.Mailbox", maildir.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let smtp = Reaped(
+        Command::new("/usr/bin/python3")
+            .args([
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{smtp_port}"),
+            ])
+            .args(["-c", "aiosmtpd.handlers.Mailbox", maildir.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let start = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", smtp_port)).is_err() {
         assert!(
@@ -1102,8 +1115,7 @@ on = ["failure"]
         &d.url,
         &["cairn_notifications_total{target=\"mail\",result=\"sent\"} 2"],
     );
-    let _ = smtp.kill();
-    let _ = smtp.wait();
+    drop(smtp);
 }
 
 #[test]

@@ -112,19 +112,11 @@ pub fn job(s: &Settings, g: &Global, site: &SiteArgs, c: &JobCommand) -> Result<
 
 fn list_jobs(site: &Site, g: &Global) -> Result<u8> {
     let jobs = site.state.jobs()?;
-    let mut rows = Vec::new();
-    for j in &jobs {
-        let last = site
-            .state
-            .runs(&RunQuery {
-                job: Some(j.definition.name.clone()),
-                limit: 1,
-                ..RunQuery::default()
-            })?
-            .into_iter()
-            .next();
-        rows.push((j, last));
-    }
+    let mut last_runs = site.state.last_runs()?;
+    let rows: Vec<_> = jobs
+        .iter()
+        .map(|j| (j, last_runs.remove(&j.definition.name)))
+        .collect();
     if g.json {
         format::print_json(&json!(rows
             .iter()
@@ -380,13 +372,9 @@ pub fn schedule(s: &Settings, g: &Global, site: &SiteArgs, c: &ScheduleCommand) 
         ScheduleCommand::Due => {
             let busy = |job: &str| {
                 site.state
-                    .runs(&RunQuery {
-                        job: Some(job.to_owned()),
-                        limit: 1,
-                        ..RunQuery::default()
-                    })
+                    .last_run(job)
                     .ok()
-                    .and_then(|r| r.into_iter().next())
+                    .flatten()
                     .is_some_and(|r| !r.status.is_finished())
             };
             let due = site.due(now, &busy)?;
