@@ -12,7 +12,7 @@ if [ "${1:-}" = "--test" ]; then
   packages+=(attr file util-linux-extra fuse-overlayfs postgresql-15 postgresql-client-15 \
     mariadb-server mariadb-backup mariadb-client docker.io \
     libvirt-daemon-system qemu-system-x86 busybox-static qemu-guest-agent cpio kmod e2fsprogs \
-    prometheus python3-aiosmtpd openssl curl)
+    prometheus python3-aiosmtpd openssl curl python3-venv)
 fi
 missing=()
 for p in "${packages[@]}"; do
@@ -30,5 +30,15 @@ if ((${#missing[@]})); then
     fi
   fi
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" "${extra[@]}"
+fi
+# schemathesis (PyPI) fuzzes the daemon's API from its OpenAPI document; in a venv of its
+# own, with Debian's python3, so that nothing of the system's Python changes.
+if [ "${1:-}" = "--test" ]; then
+  venv="${CAIRN_TEST_VENV:-/var/cache/cairn/venv}"
+  if [ ! -x "$venv/bin/schemathesis" ]; then
+    $sudo mkdir -p "$(dirname "$venv")"
+    $sudo /usr/bin/python3 -m venv "$venv"
+    $sudo "$venv/bin/pip" install -q "schemathesis==4.32.5"
+  fi
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup first" >&2; exit 1; }

@@ -19,7 +19,7 @@ use crate::args::Global;
 
 /// Set in the environment of a `repo mount --daemon` child that reads its password
 /// from standard input.
-pub const DAEMON_PASSWORD_STDIN: &str = "CAIRN_DAEMON_PASSWORD_STDIN";
+pub use cairn_recover::mounting::PASSWORD_STDIN_ENV as DAEMON_PASSWORD_STDIN;
 
 /// Settings from `$REPO_CONFIG` or `~/.config/cairn/config` (lines `key = value`).
 #[derive(Debug, Default)]

@@ -111,7 +111,7 @@ pub fn check(repo: &Repository, opts: &CheckOptions, progress: &Progress) -> Res
         let Ok(id) = n.parse::<SnapshotId>() else {
             continue;
         };
-        match repo.load_snapshot(&id) {
+        match repo.read_snapshot(&id) {
             Ok(s) => snapshots.push(s),
             Err(e) => report.problems.push(Problem {
                 object: format!("snapshot {id}"),

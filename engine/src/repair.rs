@@ -187,7 +187,7 @@ pub fn repair(repo: &Repository, opts: &RepairOptions) -> Result<RepairReport> {
     let mut marks = Marks::new(repo.index().max_row()?);
     let mut whole = std::collections::HashMap::new();
     for id in &ids {
-        let snap = match repo.load_snapshot(id) {
+        let snap = match repo.read_snapshot(id) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!("snapshot {id} unreadable: {e}");

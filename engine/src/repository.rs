@@ -41,6 +41,8 @@ pub struct Repository {
     lock: std::sync::Mutex<Option<Lock>>,
     /// Set once `locate` has relisted every pack after a miss.
     relisted: std::sync::atomic::AtomicBool,
+    /// The manifests read so far, shared by every handle ([`Self::another_handle`]).
+    manifests: Arc<ManifestCache>,
     /// How many extents a file lists inline in its tree ([`crate::tree::EXTENTS_INLINE`];
     /// lowered by tests of the extent-list blobs).
     extents_inline: usize,
@@ -201,6 +203,7 @@ impl Repository {
             index: open_index(opts)?,
             lock: std::sync::Mutex::new(None),
             relisted: Default::default(),
+            manifests: Arc::default(),
             extents_inline: crate::tree::EXTENTS_INLINE,
         })
     }
@@ -259,6 +262,7 @@ impl Repository {
             index: open_index(opts)?,
             lock: std::sync::Mutex::new(None),
             relisted: Default::default(),
+            manifests: Arc::default(),
             extents_inline: crate::tree::EXTENTS_INLINE,
         };
         repo.sync_index()?;
@@ -279,6 +283,7 @@ impl Repository {
             index: open_index(opts)?,
             lock: std::sync::Mutex::new(None),
             relisted: Default::default(),
+            manifests: self.manifests.clone(),
             extents_inline: self.extents_inline,
         };
         repo.sync_index()?;
@@ -528,15 +533,24 @@ impl Repository {
         Ok(out)
     }
 
+    /// A snapshot, from the manifests already read when it is one of them.
     pub fn load_snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {
+        if let Some(manifest) = self.manifests.get(id) {
+            return Ok(Snapshot { id: *id, manifest });
+        }
+        self.read_snapshot(id)
+    }
+
+    /// A snapshot read from storage and authenticated, whether or not it was read
+    /// before: what `check` and `repair` use, since they look for damage done since.
+    pub fn read_snapshot(&self, id: &SnapshotId) -> Result<Snapshot> {
         let bytes = self
             .backend
             .read(FileKind::Snapshot, &id.to_hex())
             .ctx(|| format!("reading snapshot {id}"))?;
-        Ok(Snapshot {
-            id: *id,
-            manifest: Manifest::decode(&self.crypto, id, &bytes)?,
-        })
+        let manifest = Manifest::decode(&self.crypto, id, &bytes)?;
+        self.manifests.put(*id, &manifest);
+        Ok(Snapshot { id: *id, manifest })
     }
 
     /// Writes a manifest durably: from now on the snapshot exists.
@@ -550,6 +564,7 @@ impl Repository {
 
     /// Forgets a snapshot: its manifest goes, its data stays (until a prune).
     pub fn remove_snapshot(&self, id: &SnapshotId) -> Result<()> {
+        self.manifests.forget(id);
         self.backend
             .remove(FileKind::Snapshot, &id.to_hex())
             .ctx(|| format!("removing snapshot {id}"))
@@ -845,6 +860,39 @@ mod tests {
     }
 
     #[test]
+    fn manifests_read_once_are_shared_by_handles_but_check_reads_them_again() {
+        let (_fs, repo) = sim_repo(small_config(Encryption::Aes256Gcm));
+        let id = snapshot_of(&repo, &[("a", bytes(1, 1000))]);
+        assert_eq!(repo.snapshots().unwrap().len(), 1);
+        // The manifest is damaged behind the repository's back.
+        let name = id.to_hex();
+        repo.backend().remove(FileKind::Snapshot, &name).unwrap();
+        repo.backend()
+            .write(FileKind::Snapshot, &name, b"CAIRNSNP garbage")
+            .unwrap();
+        // Readers keep the manifest they authenticated, in every handle...
+        let other = repo.another_handle(&OpenOptions::default()).unwrap();
+        assert_eq!(other.snapshots().unwrap()[0].id, id);
+        // ...and a check reads it from storage and reports it.
+        assert!(repo.read_snapshot(&id).is_err());
+        let report = crate::check::check(
+            &repo,
+            &crate::check::CheckOptions::default(),
+            &crate::progress::Progress::default(),
+        )
+        .unwrap();
+        assert!(!report.ok());
+        assert!(
+            report.problems[0].object.contains(&name),
+            "{:?}",
+            report.problems
+        );
+        // A removed snapshot is gone from the listing at once.
+        repo.remove_snapshot(&id).unwrap();
+        assert!(other.snapshots().unwrap().is_empty());
+    }
+
+    #[test]
     fn opening_says_what_is_wrong() {
         let empty = SimFs::new();
         assert_eq!(
@@ -978,5 +1026,41 @@ mod tests {
             (c.id, c.pack_size, c.chunker),
             (config.id, config.pack_size, config.chunker)
         );
+    }
+}
+
+/// Snapshot manifests already read and authenticated, by id. A snapshot's id is the
+/// hash of its manifest, so an id names one manifest forever: what was read once need
+/// not be read (nor decrypted) again. A listing still lists the directory, so a removed
+/// or a new snapshot is seen at once. Bounded: past [`ManifestCache::MAX`] entries,
+/// further manifests are read each time.
+#[derive(Debug, Default)]
+struct ManifestCache {
+    map: std::sync::Mutex<std::collections::HashMap<SnapshotId, Manifest>>,
+}
+
+impl ManifestCache {
+    /// About 1 KiB each: 100,000 manifests hold ~100 MiB at most.
+    const MAX: usize = 100_000;
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<SnapshotId, Manifest>> {
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, id: &SnapshotId) -> Option<Manifest> {
+        self.lock().get(id).cloned()
+    }
+
+    fn put(&self, id: SnapshotId, manifest: &Manifest) {
+        let mut map = self.lock();
+        if map.len() < Self::MAX {
+            map.insert(id, manifest.clone());
+        }
+    }
+
+    fn forget(&self, id: &SnapshotId) {
+        self.lock().remove(id);
     }
 }

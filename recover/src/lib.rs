@@ -15,6 +15,7 @@
 pub mod db;
 pub mod docker;
 pub mod engines;
+pub mod mounting;
 pub mod runtime;
 pub mod state;
 pub mod vm;

@@ -258,6 +258,10 @@ pub struct ServeConfig {
     /// How often the scheduler looks at the clock when nothing is due sooner.
     #[serde(with = "humantime_secs")]
     pub tick: Duration,
+    /// The hypervisor the API's VM operations and VM recoveries use
+    /// (`qemu:///system` when left out).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub libvirt_uri: Option<String>,
 }
 
 impl Default for ServeConfig {
@@ -273,6 +277,7 @@ impl Default for ServeConfig {
             jobs: Vec::new(),
             schedules: Vec::new(),
             tick: Duration::from_secs(30),
+            libvirt_uri: None,
         }
     }
 }

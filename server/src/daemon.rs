@@ -407,18 +407,7 @@ impl Observer for RepoRefresher {
         if let crate::runner::RunEventKind::Finished { stats, .. } = &e.kind {
             if let Ok(Some(job)) = self.site.state.job(&e.job) {
                 if let Some(v) = stats.verified {
-                    let label = crate::metrics::RepoLabel {
-                        repository: job.definition.repository.clone(),
-                    };
-                    #[allow(clippy::cast_precision_loss)]
-                    self.metrics
-                        .repo_last_check
-                        .get_or_create(&label)
-                        .set(Utc::now().timestamp_millis() as f64 / 1000.0);
-                    self.metrics
-                        .repo_last_check_ok
-                        .get_or_create(&label)
-                        .set(i64::from(v));
+                    self.metrics.checked(&job.definition.repository, v);
                 }
                 self.refresh(job.definition.repository);
             }

@@ -22,14 +22,17 @@ fn default_true() -> bool {
 }
 
 /// A job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobDefinition {
     pub name: String,
     /// A repository of the daemon's configuration.
     #[serde(default = "default_repository")]
     pub repository: String,
+    /// What it backs up, each an object with a `type`: `paths`, `vm`, `postgres`,
+    /// `mariadb`, `image`, `nbd`, `command` (docs/SERVE.md).
     #[serde(rename = "source", alias = "sources")]
+    #[schema(value_type = Vec<Object>)]
     pub sources: Vec<Source>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
@@ -46,7 +49,7 @@ pub struct JobDefinition {
 }
 
 /// Keep rules applied after each successful run, to this job's snapshots.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Retention {
     #[serde(default)]
@@ -100,7 +103,7 @@ impl Retention {
 }
 
 /// What to check after a successful run (the verification issue adds restore tests).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Verify {
     /// `metadata` (the structure: trees, index, packs' trailers), `read-data` (every

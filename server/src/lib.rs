@@ -11,7 +11,10 @@
 //!   [`scheduler`] decides what is due and what was missed;
 //! - [`state`] is the host state database (jobs, schedules, runs, tokens, audit);
 //! - [`repos`] opens the repositories jobs name; [`execute`] runs a job once;
-//!   [`runner`] queues runs, limits them and records them.
+//!   [`runner`] queues runs, limits them and records them;
+//! - [`operations`] are what the API runs beside jobs: recovery sessions, the
+//!   hypervisor's domains, check, prune and repair;
+//! - [`api`] serves all of it over HTTP, with its OpenAPI document.
 
 pub mod api;
 pub mod auth;
@@ -22,6 +25,7 @@ pub mod execute;
 pub mod job;
 pub mod metrics;
 pub mod notify;
+pub mod operations;
 pub mod repos;
 pub mod runner;
 pub mod schedule;

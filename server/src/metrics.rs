@@ -467,7 +467,7 @@ impl Metrics {
         reg!(
             r,
             "cairn_repository_last_check_timestamp_seconds",
-            "When the repository was last checked by a run (Unix time)",
+            "When the repository was last checked, by a job's verify step or through the API (Unix time)",
             m.repo_last_check
         );
         reg!(
@@ -619,6 +619,20 @@ impl Metrics {
             }
         }
         Ok(())
+    }
+
+    /// Records a check of `repository` (by a job's verify step or through the API).
+    pub fn checked(&self, repository: &str, ok: bool) {
+        let label = RepoLabel {
+            repository: repository.to_owned(),
+        };
+        #[allow(clippy::cast_precision_loss)]
+        self.repo_last_check
+            .get_or_create(&label)
+            .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+        self.repo_last_check_ok
+            .get_or_create(&label)
+            .set(i64::from(ok));
     }
 
     /// Records an HTTP request.

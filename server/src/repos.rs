@@ -79,15 +79,31 @@ impl Repositories {
         opts
     }
 
-    fn base(&self, name: &str) -> Result<Arc<Repository>, RepoError> {
-        let config = self.configs.get(name).ok_or_else(|| RepoError::Unknown {
+    /// Repository `name`'s password, read from where its configuration says (for what
+    /// must hand it on: a session's background mount).
+    pub fn password(&self, name: &str) -> Result<zeroize::Zeroizing<Vec<u8>>, RepoError> {
+        self.known_config(name)?
+            .read_password()
+            .map_err(|message| RepoError::Password {
+                name: name.to_owned(),
+                message,
+            })
+    }
+
+    /// Repository `name`'s configuration, or the error that names the known ones.
+    pub fn known_config(&self, name: &str) -> Result<&RepositoryConfig, RepoError> {
+        self.configs.get(name).ok_or_else(|| RepoError::Unknown {
             name: name.to_owned(),
             known: if self.configs.is_empty() {
                 "none".into()
             } else {
                 self.names().join(", ")
             },
-        })?;
+        })
+    }
+
+    fn base(&self, name: &str) -> Result<Arc<Repository>, RepoError> {
+        let config = self.known_config(name)?;
         let mut open = self
             .open
             .lock()
@@ -95,12 +111,7 @@ impl Repositories {
         if let Some(r) = open.get(name) {
             return Ok(r.clone());
         }
-        let password = config
-            .read_password()
-            .map_err(|message| RepoError::Password {
-                name: name.to_owned(),
-                message,
-            })?;
+        let password = self.password(name)?;
         let (backend, _) = repository::local(&config.path);
         let opts = self.options(config);
         let repo =

@@ -537,3 +537,61 @@ fn without_a_connection_string_the_pg_environment_names_the_server() {
         assert!(ls.lines().any(|l| l == want), "{want} missing from:\n{ls}");
     }
 }
+
+#[test]
+fn a_database_recovery_starts_lists_and_stops_through_the_api() {
+    use crate::serve::{serve_config, token, Api, Daemon};
+    if !pg_ready("PostgreSQL recovery through the API") || !require_docker(PG_IMAGE) {
+        return;
+    }
+    let env = Env::new();
+    let _stop = StopAll(&env);
+    let (_pg, snap, before) = pgbench_backup(&env);
+    let config = serve_config(&env, "");
+    let rw = token(&env, &config, "admin", false);
+    let ro = token(&env, &config, "viewer", true);
+    let d = Daemon::start(&env, &config);
+    let admin = Api {
+        base: &d.url,
+        token: Some(&rw),
+    };
+    let viewer = Api {
+        base: &d.url,
+        token: Some(&ro),
+    };
+    let id = snap["id"].as_str().unwrap();
+    let (s, v) = viewer.post(
+        "/api/v1/recovery/db",
+        &serde_json::json!({ "snapshot": id }),
+    );
+    assert_eq!(s, 403, "{v}");
+    let (s, v) = admin.post(
+        "/api/v1/recovery/db",
+        &serde_json::json!({ "snapshot": id }),
+    );
+    assert_eq!(s, 201, "{v}\n{}", d.log());
+    // The creator gets the connection string; the database answers with the backed-up
+    // rows.
+    let conn = v["connection"].as_str().unwrap();
+    assert_eq!(psql(conn, SUM_Q).unwrap(), before);
+    let session = v["session"]["id"].as_str().unwrap().to_owned();
+    assert!(v["session"].get("password").is_none(), "{v}");
+    // Listed by the API (without the password) and by the host's CLI.
+    let (s, l) = viewer.get("/api/v1/recovery");
+    assert_eq!(s, 200);
+    assert_eq!(l["sessions"][0]["id"], session.as_str(), "{l}");
+    assert!(l["sessions"][0].get("password").is_none(), "{l}");
+    assert_eq!(rjson(&env, &["recover", "list"])[0]["id"], session.as_str());
+    let (s, v) = admin.post(
+        &format!("/api/v1/recovery/{session}/stop"),
+        &serde_json::json!({}),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert!(psql(conn, "SELECT 1").is_err(), "the server still answers");
+    assert_nothing_left(&env);
+    let (s, _) = admin.post(
+        &format!("/api/v1/recovery/{session}/stop"),
+        &serde_json::json!({}),
+    );
+    assert_eq!(s, 404);
+}

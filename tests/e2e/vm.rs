@@ -13,7 +13,7 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::support::*;
 
@@ -883,4 +883,62 @@ fn bad_vm_input_is_refused_clearly_and_makes_no_snapshot() {
     assert!(stderr(&out).contains("not a VM"), "{}", stderr(&out));
     let out = env.run(&["vm", "start", "no-such-vm-here"]);
     assert!(stderr(&out).contains("no domain named"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_vm_is_listed_powered_off_started_and_recovered_through_the_api() {
+    use crate::serve::{serve_config, token, Api, Daemon};
+    if !have_libvirt("the API's VM operations") {
+        return;
+    }
+    let _turn = turn();
+    let env = vm_env();
+    let vm = TestVm::boot("api", 0);
+    let m = vm.write("marker", 1);
+    let config = serve_config(&env, "");
+    let rw = token(&env, &config, "admin", false);
+    let d = Daemon::start(&env, &config);
+    let admin = Api {
+        base: &d.url,
+        token: Some(&rw),
+    };
+    let (s, v) = admin.get("/api/v1/vms");
+    assert_eq!(s, 200, "{v}");
+    let listed = v["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == vm.name.as_str())
+        .unwrap_or_else(|| panic!("{} is not listed: {v}", vm.name))
+        .clone();
+    assert_eq!(listed["state"], "running", "{listed}");
+    assert_eq!(listed["disks"][0]["target"], "vda", "{listed}");
+    let (s, v) = admin.post(&format!("/api/v1/vms/{}/start", vm.name), &json!({}));
+    assert_eq!(s, 409, "{v}");
+    let (s, v) = admin.post(&format!("/api/v1/vms/{}/power_off", vm.name), &json!({}));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(vm.state(), "shut off");
+    let (s, v) = admin.post(&format!("/api/v1/vms/{}/start", vm.name), &json!({}));
+    assert_eq!(s, 200, "{v}");
+    wait_agent(&vm.name);
+    // A backup, then its recovery through the API: a new domain that boots with the
+    // backed-up file, stopped through the API with nothing left.
+    let (_, snap) = backup(&env, &vm.name, &[]);
+    let (s, v) = admin.post(
+        "/api/v1/recovery/vm",
+        &json!({ "snapshot": snap["id"], "network": "none" }),
+    );
+    assert_eq!(s, 201, "{v}\n{}", d.log());
+    let copy = v["domain"].as_str().unwrap().to_owned();
+    let session = v["session"]["id"].as_str().unwrap().to_owned();
+    wait_agent(&copy);
+    assert!(guest_exec(&copy, "sha256sum /data/marker").starts_with(&m));
+    let (s, v) = admin.post(&format!("/api/v1/recovery/{session}/stop"), &json!({}));
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        !virsh(&["dominfo", &copy]).status.success(),
+        "the recovered domain is still defined"
+    );
+    let r = env.json(&["recover", "cleanup"]);
+    assert!(r["sessions_removed"].as_array().unwrap().is_empty(), "{r}");
 }

@@ -171,6 +171,16 @@ impl Hypervisor {
         Ok(NAME.to_owned())
     }
 
+    /// The network a recovered or cloned domain gets, from what a user typed: `none` (no
+    /// card), `isolated` ([`Self::isolated_network`]) or a libvirt network's name.
+    pub fn network(&self, choice: &str) -> Result<xml::Network, VmError> {
+        Ok(match choice {
+            "none" => xml::Network::None,
+            "isolated" => xml::Network::Named(self.isolated_network()?),
+            other => xml::Network::Named(other.to_owned()),
+        })
+    }
+
     /// Defines a domain from XML (persistent).
     pub fn define(&self, xml: &str) -> Result<Vm, VmError> {
         let dom = self

@@ -7,12 +7,9 @@
 //! command again in a new process group, hands it the password over a pipe, and
 //! returns once the filesystem is mounted.
 
-use std::io::Write;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use cairn_engine::crypto::Encryption;
@@ -22,7 +19,7 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::args::Global;
 use crate::exit;
-use crate::open::{Settings, DAEMON_PASSWORD_STDIN};
+use crate::open::Settings;
 
 /// What `repo mount` was asked for.
 pub struct Request {
@@ -137,42 +134,14 @@ pub fn spawn_mount_daemon(
     } else {
         None
     };
-    let log = std::env::temp_dir().join(format!("cairn-mount-{}.log", std::process::id()));
-    let log_file = std::fs::File::create(&log).with_context(|| log.display().to_string())?;
-    let mut child = Command::new(std::env::current_exe().context("finding the repo binary")?)
-        .args(args)
-        .env(DAEMON_PASSWORD_STDIN, "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(log_file)
-        .process_group(0)
-        .spawn()
-        .context("starting the background mount")?;
-    let mut stdin = child
-        .stdin
-        .take()
-        .context("no pipe to the background mount")?;
-    if let Some(pw) = &password {
-        stdin.write_all(pw)?;
-    }
-    stdin.write_all(b"\n")?;
-    drop(stdin);
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(60) {
-        if cairn_mount::is_mounted(mountpoint) {
-            return Ok((child.id(), log));
-        }
-        if let Some(status) = child.try_wait()? {
-            let msg = std::fs::read_to_string(&log).unwrap_or_default();
-            bail!("the background mount exited ({status}): {}", msg.trim());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = child.kill();
-    bail!(
-        "the background mount did not come up within a minute; see {}",
-        log.display()
-    )
+    let exe = std::env::current_exe().context("finding the repo binary")?;
+    let m = cairn_recover::mounting::spawn(
+        &exe,
+        args,
+        password.as_deref().map(Vec::as_slice),
+        mountpoint,
+    )?;
+    Ok((m.pid, m.log))
 }
 
 pub fn umount(mountpoint: &Path) -> Result<u8> {

@@ -1,6 +1,5 @@
 //! `repo recover`: instant recovery sessions (see `cairn_recover`).
 
-use std::ffi::OsString;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -60,11 +59,7 @@ pub fn run(s: &Settings, g: &Global, cmd: RecoverCommand) -> Result<u8> {
             let store = store()?;
             let repo_path = std::fs::canonicalize(&s.repo).unwrap_or_else(|_| s.repo.clone());
             let spawn = |mnt: &Path| -> Result<u32, String> {
-                let mut args: Vec<OsString> = vec!["--repo".into(), repo_path.clone().into()];
-                args.extend(["mount".into(), mnt.as_os_str().to_owned()]);
-                if nix::unistd::geteuid().is_root() {
-                    args.push("--allow-other".into());
-                }
+                let args = recover::mounting::session_mount_args(&repo_path, mnt, None);
                 super::mount::spawn_mount_daemon(s, mnt, &args)
                     .map(|(pid, _)| pid)
                     .map_err(|e| format!("mounting the repository: {e:#}"))
@@ -230,19 +225,6 @@ pub fn run(s: &Settings, g: &Global, cmd: RecoverCommand) -> Result<u8> {
     }
 }
 
-/// The network a recovered or cloned VM gets, from `--network`.
-pub fn network_arg(
-    net: &str,
-    hv: &cairn_agent::libvirt::Hypervisor,
-) -> Result<cairn_agent::libvirt::xml::Network> {
-    use cairn_agent::libvirt::xml::Network;
-    Ok(match net {
-        "none" => Network::None,
-        "isolated" => Network::Named(hv.isolated_network()?),
-        other => Network::Named(other.to_owned()),
-    })
-}
-
 /// `repo recover vm`.
 #[allow(clippy::too_many_arguments)]
 fn vm(
@@ -259,20 +241,11 @@ fn vm(
     let snap = super::find_snapshot(&repo, snapshot, filter)?;
     drop(repo);
     let hv = cairn_agent::libvirt::Hypervisor::connect(connect.as_deref())?;
-    let network = network_arg(network, &hv)?;
+    let network = hv.network(network)?;
     let store = store()?;
     let repo_path = std::fs::canonicalize(&s.repo).unwrap_or_else(|_| s.repo.clone());
     let spawn = |mnt: &Path, owner: (u32, u32)| -> Result<u32, String> {
-        let mut args: Vec<OsString> = vec!["--repo".into(), repo_path.clone().into()];
-        args.extend([
-            "mount".into(),
-            mnt.as_os_str().to_owned(),
-            "--owner".into(),
-            format!("{}:{}", owner.0, owner.1).into(),
-        ]);
-        if nix::unistd::geteuid().is_root() {
-            args.push("--allow-other".into());
-        }
+        let args = recover::mounting::session_mount_args(&repo_path, mnt, Some(owner));
         super::mount::spawn_mount_daemon(s, mnt, &args)
             .map(|(pid, _)| pid)
             .map_err(|e| format!("mounting the repository: {e:#}"))

@@ -297,7 +297,7 @@ pub fn clone(
     let repo = s.open_for_reading("restore")?;
     let snap = super::find_snapshot(&repo, snapshot, filter)?;
     let hv = Hypervisor::connect(connect)?;
-    let network = super::recover::network_arg(network, &hv)?;
+    let network = hv.network(network)?;
     let opts = RestoreVmOptions {
         name,
         dir: to.unwrap_or_else(|| PathBuf::from("/var/lib/libvirt/images")),

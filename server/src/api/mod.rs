@@ -24,6 +24,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
+mod openapi;
+mod ops;
+
 use crate::auth::{self, AuthError};
 use crate::browse::{self, BrowseError};
 use crate::config::Limits;
@@ -98,7 +101,12 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        let body = openapi::ErrorBody {
+            error: openapi::ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+            },
+        };
         (self.status, Json(body)).into_response()
     }
 }
@@ -211,6 +219,7 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         .route("/repositories/{name}/locks", get(repository_locks))
         .route("/recovery", get(list_recovery))
         .route("/recovery/{id}/stop", post(stop_recovery))
+        .route("/vms", get(ops::list_vms))
         .layer(middleware::from_fn(move |req, next| {
             with_timeout(timeout, req, next)
         }));
@@ -225,14 +234,22 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         .route(
             "/repositories/{name}/snapshots/{id}/restore",
             post(snapshot_restore),
-        );
+        )
+        // Operations that answer when they are done.
+        .route("/recovery/db", post(ops::recover_database))
+        .route("/recovery/vm", post(ops::recover_vm))
+        .route("/vms/{name}/{action}", post(ops::vm_action))
+        .route("/repositories/{name}/check", post(ops::check))
+        .route("/repositories/{name}/prune", post(ops::prune))
+        .route("/repositories/{name}/repair", post(ops::repair));
     let api = timed
         .merge(streams)
         .layer(middleware::from_fn(move |req, next| {
             refuse_large(max_body, req, next)
         }))
         .layer(middleware::from_fn_with_state(ctx.clone(), authorize))
-        .route("/health", get(health));
+        .route("/health", get(health))
+        .route("/openapi.json", get(openapi_json));
     Router::new()
         .nest("/api/v1", api)
         .route("/metrics", get(metrics))
@@ -374,8 +391,35 @@ fn action_of(path: &str) -> String {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "daemon",
+    security(()),
+    responses(
+        (status = 200, description = "The daemon answers: its status and version", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn health() -> Json<Value> {
     Json(json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+}
+
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "daemon",
+    security(()),
+    responses(
+        (status = 200, description = "This document", body = Object),
+    ),
+)]
+async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        openapi::document(),
+    )
+        .into_response()
 }
 
 async fn metrics(State(ctx): State<Ctx>) -> Response {
@@ -392,6 +436,15 @@ async fn metrics(State(ctx): State<Ctx>) -> Response {
 
 // --- jobs --------------------------------------------------------------------------------
 
+#[utoipa::path(
+    get,
+    path = "/jobs",
+    tag = "jobs",
+    responses(
+        (status = 200, description = "Every job with its definition, origin (config or api), last run and active run", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn list_jobs(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
     blocking(move || {
         let jobs = ctx.site.state.jobs()?;
@@ -414,6 +467,18 @@ async fn list_jobs(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
     .await
 }
 
+#[utoipa::path(
+    get,
+    path = "/jobs/{name}",
+    tag = "jobs",
+    params(
+        ("name" = String, Path, description = "The job's name", example = "files"),
+    ),
+    responses(
+        (status = 200, description = "The job, its last ten runs, the active run and its live progress", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn get_job(
     State(ctx): State<Ctx>,
     path: Result<Path<String>, PathRejection>,
@@ -444,12 +509,26 @@ async fn get_job(
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct AddJobQuery {
     #[serde(default)]
     replace: bool,
 }
 
+#[utoipa::path(
+    post,
+    path = "/jobs",
+    tag = "jobs",
+    params(
+        AddJobQuery,
+    ),
+    request_body = JobDefinition,
+    responses(
+        (status = 201, description = "The job as stored", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn add_job(
     State(ctx): State<Ctx>,
     query: Result<Query<AddJobQuery>, QueryRejection>,
@@ -464,6 +543,18 @@ async fn add_job(
     .await
 }
 
+#[utoipa::path(
+    delete,
+    path = "/jobs/{name}",
+    tag = "jobs",
+    params(
+        ("name" = String, Path, description = "The job's name"),
+    ),
+    responses(
+        (status = 204, description = "Removed, with its schedules"),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn remove_job(
     State(ctx): State<Ctx>,
     path: Result<Path<String>, PathRejection>,
@@ -476,6 +567,18 @@ async fn remove_job(
     .await
 }
 
+#[utoipa::path(
+    post,
+    path = "/jobs/{name}/run",
+    tag = "jobs",
+    params(
+        ("name" = String, Path, description = "The job's name"),
+    ),
+    responses(
+        (status = 202, description = "Queued: the run's id", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn run_job(
     State(ctx): State<Ctx>,
     path: Result<Path<String>, PathRejection>,
@@ -503,7 +606,8 @@ async fn run_job(
 
 // --- runs --------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct RunsQuery {
     job: Option<String>,
@@ -512,6 +616,18 @@ struct RunsQuery {
     before: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/runs",
+    tag = "runs",
+    params(
+        RunsQuery,
+    ),
+    responses(
+        (status = 200, description = "Runs, newest first", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn list_runs(
     State(ctx): State<Ctx>,
     query: Result<Query<RunsQuery>, QueryRejection>,
@@ -538,6 +654,18 @@ async fn list_runs(
     .await
 }
 
+#[utoipa::path(
+    get,
+    path = "/runs/{id}",
+    tag = "runs",
+    params(
+        ("id" = i64, Path, description = "The run's id"),
+    ),
+    responses(
+        (status = 200, description = "The run and, while it runs, its live progress", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn get_run(
     State(ctx): State<Ctx>,
     path: Result<Path<i64>, PathRejection>,
@@ -555,12 +683,26 @@ async fn get_run(
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct LogQuery {
     after: Option<i64>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/runs/{id}/log",
+    tag = "runs",
+    params(
+        ("id" = i64, Path, description = "The run's id"),
+        LogQuery,
+    ),
+    responses(
+        (status = 200, description = "The run's log lines (structured)", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn run_log(
     State(ctx): State<Ctx>,
     path: Result<Path<i64>, PathRejection>,
@@ -578,6 +720,18 @@ async fn run_log(
     .await
 }
 
+#[utoipa::path(
+    post,
+    path = "/runs/{id}/cancel",
+    tag = "runs",
+    params(
+        ("id" = i64, Path, description = "The run's id"),
+    ),
+    responses(
+        (status = 202, description = "Being cancelled", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn cancel_run(
     State(ctx): State<Ctx>,
     path: Result<Path<i64>, PathRejection>,
@@ -642,7 +796,7 @@ fn event_stream(
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         let lagged = SseEvent::default()
                             .event("lagged")
-                            .data(format!("{n} events were dropped"));
+                            .data(json!({ "dropped": n }).to_string());
                         return Some((Ok(lagged), (rx, false)));
                     }
                     Err(broadcast::error::RecvError::Closed) => return None,
@@ -652,6 +806,18 @@ fn event_stream(
     })
 }
 
+#[utoipa::path(
+    get,
+    path = "/runs/{id}/events",
+    tag = "runs",
+    params(
+        ("id" = i64, Path, description = "The run's id"),
+    ),
+    responses(
+        (status = 200, description = "Server-sent events of the run until it finishes", body = Object, content_type = "text/event-stream"),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn run_events(
     State(ctx): State<Ctx>,
     path: Result<Path<i64>, PathRejection>,
@@ -690,6 +856,18 @@ async fn run_events(
         .into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/jobs/{name}/events",
+    tag = "jobs",
+    params(
+        ("name" = String, Path, description = "The job's name"),
+    ),
+    responses(
+        (status = 200, description = "Server-sent events of the job's runs: queued, started, progress, message, finished", body = Object, content_type = "text/event-stream"),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn job_events(
     State(ctx): State<Ctx>,
     path: Result<Path<String>, PathRejection>,
@@ -707,6 +885,15 @@ async fn job_events(
 
 // --- schedules ---------------------------------------------------------------------------
 
+#[utoipa::path(
+    get,
+    path = "/schedules",
+    tag = "schedules",
+    responses(
+        (status = 200, description = "Every schedule with its next three times", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn list_schedules(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
     blocking(move || {
         let all = ctx.site.schedules(chrono::Utc::now(), 3)?;
@@ -715,7 +902,7 @@ async fn list_schedules(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewSchedule {
     job: String,
@@ -725,6 +912,16 @@ struct NewSchedule {
     missed: Option<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/schedules",
+    tag = "schedules",
+    request_body = NewSchedule,
+    responses(
+        (status = 201, description = "The schedule as stored", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn add_schedule(
     State(ctx): State<Ctx>,
     body: Result<Json<NewSchedule>, JsonRejection>,
@@ -743,6 +940,18 @@ async fn add_schedule(
     .await
 }
 
+#[utoipa::path(
+    delete,
+    path = "/schedules/{id}",
+    tag = "schedules",
+    params(
+        ("id" = i64, Path, description = "The schedule's id"),
+    ),
+    responses(
+        (status = 204, description = "Removed"),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn remove_schedule(
     State(ctx): State<Ctx>,
     path: Result<Path<i64>, PathRejection>,
@@ -763,6 +972,18 @@ async fn set_enabled(ctx: Ctx, id: i64, enabled: bool) -> ApiResult<Json<Value>>
     .await
 }
 
+#[utoipa::path(
+    post,
+    path = "/schedules/{id}/enable",
+    tag = "schedules",
+    params(
+        ("id" = i64, Path, description = "The schedule's id"),
+    ),
+    responses(
+        (status = 200, description = "Enabled", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn enable_schedule(
     State(ctx): State<Ctx>,
     path: Result<Path<i64>, PathRejection>,
@@ -771,6 +992,18 @@ async fn enable_schedule(
     set_enabled(ctx, id, true).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/schedules/{id}/disable",
+    tag = "schedules",
+    params(
+        ("id" = i64, Path, description = "The schedule's id"),
+    ),
+    responses(
+        (status = 200, description = "Disabled", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn disable_schedule(
     State(ctx): State<Ctx>,
     path: Result<Path<i64>, PathRejection>,
@@ -779,12 +1012,30 @@ async fn disable_schedule(
     set_enabled(ctx, id, false).await
 }
 
+#[utoipa::path(
+    get,
+    path = "/missed",
+    tag = "schedules",
+    responses(
+        (status = 200, description = "Slots that passed while the daemon was down, and what was done about them", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn list_missed(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
     blocking(move || Ok(Json(json!({ "missed": ctx.site.state.missed(200)? })))).await
 }
 
 // --- repositories ------------------------------------------------------------------------
 
+#[utoipa::path(
+    get,
+    path = "/repositories",
+    tag = "repositories",
+    responses(
+        (status = 200, description = "Every configured repository with its figures (size, snapshots, dedup and compression ratios, locks) or its error", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn list_repositories(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
     blocking(move || {
         let mut out = Vec::new();
@@ -810,7 +1061,8 @@ async fn list_repositories(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct SnapshotsQuery {
     host: Option<String>,
@@ -819,6 +1071,19 @@ struct SnapshotsQuery {
     limit: Option<usize>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/repositories/{name}/snapshots",
+    tag = "repositories",
+    params(
+        ("name" = String, Path, description = "A repository of the configuration", example = "default"),
+        SnapshotsQuery,
+    ),
+    responses(
+        (status = 200, description = "Snapshots, newest first", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn list_snapshots(
     State(ctx): State<Ctx>,
     path: Result<Path<String>, PathRejection>,
@@ -861,12 +1126,27 @@ async fn list_snapshots(
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct PathQuery {
     path: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/repositories/{name}/snapshots/{id}/ls",
+    tag = "repositories",
+    params(
+        ("name" = String, Path, description = "A repository of the configuration", example = "default"),
+        ("id" = String, Path, description = "A snapshot id, a unique prefix of one, or latest", example = "latest"),
+        PathQuery,
+    ),
+    responses(
+        (status = 200, description = "A directory of the snapshot: names, types, sizes, modes, times", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn snapshot_ls(
     State(ctx): State<Ctx>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -886,6 +1166,20 @@ async fn snapshot_ls(
     .await
 }
 
+#[utoipa::path(
+    get,
+    path = "/repositories/{name}/snapshots/{id}/file",
+    tag = "repositories",
+    params(
+        ("name" = String, Path, description = "A repository of the configuration", example = "default"),
+        ("id" = String, Path, description = "A snapshot id, a unique prefix of one, or latest", example = "latest"),
+        PathQuery,
+    ),
+    responses(
+        (status = 200, description = "The file's bytes", body = String, content_type = "application/octet-stream"),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn snapshot_file(
     State(ctx): State<Ctx>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -932,7 +1226,7 @@ async fn snapshot_file(
         .into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct RestoreRequest {
     target: String,
@@ -940,6 +1234,20 @@ struct RestoreRequest {
     include: Vec<String>,
 }
 
+#[utoipa::path(
+    post,
+    path = "/repositories/{name}/snapshots/{id}/restore",
+    tag = "repositories",
+    params(
+        ("name" = String, Path, description = "A repository of the configuration"),
+        ("id" = String, Path, description = "A snapshot id, a unique prefix of one, or latest"),
+    ),
+    request_body = RestoreRequest,
+    responses(
+        (status = 200, description = "What was restored", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn snapshot_restore(
     State(ctx): State<Ctx>,
     path: Result<Path<(String, String)>, PathRejection>,
@@ -970,7 +1278,7 @@ async fn snapshot_restore(
     .await
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct ForgetRequest {
     snapshots: Vec<String>,
@@ -978,6 +1286,19 @@ struct ForgetRequest {
     dry_run: bool,
 }
 
+#[utoipa::path(
+    post,
+    path = "/repositories/{name}/forget",
+    tag = "repositories",
+    params(
+        ("name" = String, Path, description = "A repository of the configuration"),
+    ),
+    request_body = ForgetRequest,
+    responses(
+        (status = 200, description = "What was (or, dry, would be) removed", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn forget_snapshots(
     State(ctx): State<Ctx>,
     path: Result<Path<String>, PathRejection>,
@@ -1019,6 +1340,18 @@ async fn forget_snapshots(
     .await
 }
 
+#[utoipa::path(
+    get,
+    path = "/repositories/{name}/locks",
+    tag = "repositories",
+    params(
+        ("name" = String, Path, description = "A repository of the configuration", example = "default"),
+    ),
+    responses(
+        (status = 200, description = "The repository's locks, stale ones marked", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn repository_locks(
     State(ctx): State<Ctx>,
     path: Result<Path<String>, PathRejection>,
@@ -1047,6 +1380,15 @@ fn session_view(r: &cairn_recover::SessionRecord) -> Value {
     v
 }
 
+#[utoipa::path(
+    get,
+    path = "/recovery",
+    tag = "recovery",
+    responses(
+        (status = 200, description = "Recovery sessions on this host (passwords left out)", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn list_recovery(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
     blocking(move || {
         let store = cairn_recover::Store::open(&ctx.site.state_dir)
@@ -1060,6 +1402,18 @@ async fn list_recovery(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
     .await
 }
 
+#[utoipa::path(
+    post,
+    path = "/recovery/{id}/stop",
+    tag = "recovery",
+    params(
+        ("id" = String, Path, description = "The session's id"),
+    ),
+    responses(
+        (status = 200, description = "The session, taken down", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn stop_recovery(
     State(ctx): State<Ctx>,
     path: Result<Path<String>, PathRejection>,
@@ -1079,6 +1433,15 @@ async fn stop_recovery(
     .await
 }
 
+#[utoipa::path(
+    get,
+    path = "/audit",
+    tag = "daemon",
+    responses(
+        (status = 200, description = "The last 500 changes: who, what, when, the status", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
 async fn audit_log(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
     blocking(move || Ok(Json(json!({ "audit": ctx.site.state.audit_log(500)? })))).await
 }

@@ -13,20 +13,22 @@ use serde_json::{json, Value};
 
 use crate::support::*;
 
+mod operations;
+
 fn write_job(env: &Env, name: &str, body: &str) -> String {
     let p = env.path(&format!("{name}.toml"));
     std::fs::write(&p, format!("name = {name:?}\n{body}")).unwrap();
     p.display().to_string()
 }
 
-fn paths_body(data: &Path) -> String {
+pub(crate) fn paths_body(data: &Path) -> String {
     format!(
         "[[source]]\ntype = \"paths\"\npaths = [{:?}]\n",
         data.display().to_string()
     )
 }
 
-fn data_dir(env: &Env) -> std::path::PathBuf {
+pub(crate) fn data_dir(env: &Env) -> std::path::PathBuf {
     let data = env.path("data");
     std::fs::create_dir_all(&data).unwrap();
     for i in 0..4 {
@@ -203,14 +205,14 @@ impl Drop for Reaped {
 }
 
 /// `repo serve` on a free 127.0.0.1 port, its stderr in a file.
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     pub url: String,
     log: std::path::PathBuf,
 }
 
 impl Daemon {
-    fn start(env: &Env, config: &Path) -> Self {
+    pub(crate) fn start(env: &Env, config: &Path) -> Self {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = env.path(&format!("serve-{n}.log"));
@@ -252,7 +254,7 @@ impl Daemon {
         self.child.wait().unwrap();
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
         let start = Instant::now();
@@ -273,7 +275,7 @@ impl Daemon {
         }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
@@ -285,13 +287,13 @@ impl Drop for Daemon {
     }
 }
 
-struct Api<'a> {
-    base: &'a str,
-    token: Option<&'a str>,
+pub(crate) struct Api<'a> {
+    pub(crate) base: &'a str,
+    pub(crate) token: Option<&'a str>,
 }
 
 impl Api<'_> {
-    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    pub(crate) fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
         let mut req =
             ureq::request(method, &format!("{}{path}", self.base)).timeout(Duration::from_secs(30));
         if let Some(t) = self.token {
@@ -316,15 +318,15 @@ impl Api<'_> {
         };
         (status, v)
     }
-    fn get(&self, path: &str) -> (u16, Value) {
+    pub(crate) fn get(&self, path: &str) -> (u16, Value) {
         self.call("GET", path, None)
     }
-    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+    pub(crate) fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         self.call("POST", path, Some(body))
     }
 }
 
-fn token(env: &Env, config: &Path, name: &str, read_only: bool) -> String {
+pub(crate) fn token(env: &Env, config: &Path, name: &str, read_only: bool) -> String {
     let mut args = vec![
         "serve",
         "--config",
@@ -340,7 +342,7 @@ fn token(env: &Env, config: &Path, name: &str, read_only: bool) -> String {
     env.ok(&args).trim().to_owned()
 }
 
-fn wait_run(api: &Api<'_>, id: &Value, until: &[&str]) -> Value {
+pub(crate) fn wait_run(api: &Api<'_>, id: &Value, until: &[&str]) -> Value {
     let start = Instant::now();
     loop {
         let (status, v) = api.get(&format!("/api/v1/runs/{id}"));
@@ -356,7 +358,7 @@ fn wait_run(api: &Api<'_>, id: &Value, until: &[&str]) -> Value {
     }
 }
 
-fn serve_config(env: &Env, extra: &str) -> std::path::PathBuf {
+pub(crate) fn serve_config(env: &Env, extra: &str) -> std::path::PathBuf {
     let p = env.path("serve.toml");
     std::fs::write(&p, format!("tick = \"1s\"\n{extra}")).unwrap();
     p
@@ -716,7 +718,7 @@ fn metrics_with(url: &str, want: &[&str]) -> String {
     }
 }
 
-fn which(program: &str) -> bool {
+pub(crate) fn which(program: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {program}")])
         .stdout(Stdio::null())

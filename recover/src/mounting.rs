@@ -1,0 +1,120 @@
+//! Starting the repository's mount as a background process: what `repo mount --daemon`,
+//! `repo recover` and `repo serve`'s recovery sessions all do.
+//!
+//! The mount is the `repo` binary itself (`repo --repo PATH mount DIR ...`) in a process
+//! group of its own, so that it outlives the command (or the request) that started it.
+//! Its password goes over a pipe, never on a command line or in the environment.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::RecoverError;
+
+/// Set in the environment of a background mount that reads its password from standard
+/// input (one line).
+pub const PASSWORD_STDIN_ENV: &str = "CAIRN_DAEMON_PASSWORD_STDIN";
+
+/// How long a mount may take to come up.
+const MOUNT_WAIT: Duration = Duration::from_secs(60);
+
+/// A background mount that is up.
+#[derive(Debug, Clone)]
+pub struct MountDaemon {
+    pub pid: u32,
+    /// Its standard error.
+    pub log: PathBuf,
+}
+
+/// The arguments of `repo` for a session's mount of `repository` on `mountpoint`:
+/// files owned by `owner` (uid, gid) when given, readable by other users when we are
+/// root (the database or QEMU runs as another user).
+#[must_use]
+pub fn session_mount_args(
+    repository: &Path,
+    mountpoint: &Path,
+    owner: Option<(u32, u32)>,
+) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec!["--repo".into(), repository.as_os_str().to_owned()];
+    args.extend(["mount".into(), mountpoint.as_os_str().to_owned()]);
+    if let Some((uid, gid)) = owner {
+        args.extend(["--owner".into(), format!("{uid}:{gid}").into()]);
+    }
+    if nix::unistd::geteuid().is_root() {
+        args.push("--allow-other".into());
+    }
+    args
+}
+
+/// Starts `exe ARGS` (a foreground mount of `mountpoint`) in a new process group, hands
+/// it `password` (or an empty line for an unencrypted repository) over a pipe, and
+/// returns once the filesystem is mounted; a mount that exits or does not come up within
+/// a minute is an error that quotes its log.
+pub fn spawn(
+    exe: &Path,
+    args: &[OsString],
+    password: Option<&[u8]>,
+    mountpoint: &Path,
+) -> Result<MountDaemon, RecoverError> {
+    let log = std::env::temp_dir().join(format!(
+        "cairn-mount-{}-{}.log",
+        std::process::id(),
+        unique()
+    ));
+    let log_file = std::fs::File::create(&log).map_err(|e| RecoverError::io(&log, e))?;
+    let mut child = Command::new(exe)
+        .args(args)
+        .env(PASSWORD_STDIN_ENV, "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| RecoverError::io(exe, e))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let sent = password
+            .map_or(Ok(()), |pw| stdin.write_all(pw))
+            .and_then(|()| stdin.write_all(b"\n"));
+        if let Err(e) = sent {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(RecoverError::Setup(format!(
+                "handing the password to the background mount: {e}"
+            )));
+        }
+    }
+    let started = Instant::now();
+    while started.elapsed() < MOUNT_WAIT {
+        if cairn_mount::is_mounted(mountpoint) {
+            let pid = child.id();
+            // Reaped when it ends (after an unmount), so that a long-lived parent such as
+            // `repo serve` keeps no zombie that would look alive.
+            std::thread::spawn(move || child.wait());
+            return Ok(MountDaemon { pid, log });
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let msg = std::fs::read_to_string(&log).unwrap_or_default();
+            return Err(RecoverError::Setup(format!(
+                "the background mount exited ({status}): {}",
+                msg.trim()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(RecoverError::Setup(format!(
+        "the background mount did not come up within a minute; see {}",
+        log.display()
+    )))
+}
+
+/// Tells this process's mounts' logs apart.
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}

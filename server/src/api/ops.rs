@@ -1,0 +1,241 @@
+//! The API's operations beside jobs: starting recovery sessions, the hypervisor's
+//! domains, and check, prune and repair of a repository. Each handler is one call of
+//! [`crate::operations`] on a blocking thread. They answer when the operation is done
+//! (a recovery when its database accepts connections or its VM is started), so they run
+//! without the request timeout.
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::{blocking, session_view, ApiError, ApiResult, Ctx};
+use crate::operations::{
+    self, CheckRequest, DbRecovery, OperationError, PruneRequest, RepairRequest, VmAction,
+    VmRecovery,
+};
+
+impl From<OperationError> for ApiError {
+    fn from(e: OperationError) -> Self {
+        use cairn_agent::libvirt::VmError;
+        use cairn_recover::RecoverError;
+        match e {
+            OperationError::Repo(r) => r.into(),
+            OperationError::Snapshot(b) => b.into(),
+            OperationError::Invalid(m) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m),
+            OperationError::Locked(m) => Self::new(StatusCode::CONFLICT, "locked", m),
+            OperationError::Vm(v) => {
+                let m = v.to_string();
+                match v {
+                    VmError::NoSuchDomain(_) => Self::not_found(m),
+                    VmError::AlreadyRunning(_) | VmError::NotRunning(_) => {
+                        Self::new(StatusCode::CONFLICT, "vm_state", m)
+                    }
+                    VmError::Unreachable { .. } => {
+                        Self::new(StatusCode::SERVICE_UNAVAILABLE, "hypervisor", m)
+                    }
+                    _ => Self::new(StatusCode::BAD_GATEWAY, "hypervisor", m),
+                }
+            }
+            OperationError::Recover(r) => {
+                let m = r.to_string();
+                match r {
+                    RecoverError::NotADatabase(_) => {
+                        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m)
+                    }
+                    RecoverError::NoSession(_) => Self::not_found(m),
+                    RecoverError::Docker(_) => {
+                        Self::new(StatusCode::SERVICE_UNAVAILABLE, "docker", m)
+                    }
+                    _ => Self::new(StatusCode::BAD_GATEWAY, "recovery", m),
+                }
+            }
+            OperationError::Engine(e) => Self::internal(e.to_string()),
+        }
+    }
+}
+
+/// Start a database recovery session.
+#[utoipa::path(
+    post,
+    path = "/recovery/db",
+    tag = "recovery",
+    request_body = DbRecovery,
+    responses(
+        (status = 201, description = "The session, its database accepting connections, and its connection string: the only answer that holds the password (listings leave it out)", body = Object),
+        (status = "default", body = super::openapi::ErrorBody),
+    ),
+)]
+pub(super) async fn recover_database(
+    State(ctx): State<Ctx>,
+    body: Result<Json<DbRecovery>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Json(req) = body?;
+    blocking(move || {
+        let rec = operations::recover_database(&ctx.site, &req)?;
+        Ok((
+            StatusCode::CREATED,
+            Json(json!({ "session": session_view(&rec), "connection": rec.connection_string() })),
+        ))
+    })
+    .await
+}
+
+/// Start a VM recovery session.
+#[utoipa::path(
+    post,
+    path = "/recovery/vm",
+    tag = "recovery",
+    request_body = VmRecovery,
+    responses(
+        (status = 201, description = "The session, its domain defined and (unless told) started", body = Object),
+        (status = "default", body = super::openapi::ErrorBody),
+    ),
+)]
+pub(super) async fn recover_vm(
+    State(ctx): State<Ctx>,
+    body: Result<Json<VmRecovery>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Json(req) = body?;
+    blocking(move || {
+        let rec = operations::recover_vm(&ctx.site, &req)?;
+        Ok((
+            StatusCode::CREATED,
+            Json(json!({ "session": session_view(&rec), "domain": rec.domain })),
+        ))
+    })
+    .await
+}
+
+/// The hypervisor's domains.
+#[utoipa::path(
+    get,
+    path = "/vms",
+    tag = "vms",
+    responses(
+        (status = 200, description = "Every domain: name, UUID, state, disks", body = Object),
+        (status = "default", body = super::openapi::ErrorBody),
+    ),
+)]
+pub(super) async fn list_vms(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
+    blocking(move || Ok(Json(json!({ "vms": operations::list_vms(&ctx.site)? })))).await
+}
+
+/// Start, shut down, power off or reboot a domain.
+#[utoipa::path(
+    post,
+    path = "/vms/{name}/{action}",
+    tag = "vms",
+    params(
+        ("name" = String, Path, description = "The domain's name"),
+        ("action" = String, Path, description = "start, shutdown, power_off or reboot"),
+    ),
+    responses(
+        (status = 200, description = "The domain afterwards", body = Object),
+        (status = "default", body = super::openapi::ErrorBody),
+    ),
+)]
+pub(super) async fn vm_action(
+    State(ctx): State<Ctx>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path((name, action)) = path?;
+    let action: VmAction = serde_json::from_value(Value::String(action.clone())).map_err(|_| {
+        ApiError::not_found(format!(
+            "no VM action {action:?}: start, shutdown, power_off or reboot"
+        ))
+    })?;
+    blocking(move || {
+        let vm = operations::vm_action(&ctx.site, &name, action)?;
+        Ok(Json(json!({ "vm": vm, "done": action })))
+    })
+    .await
+}
+
+/// Check a repository's structure (and, asked, its data).
+#[utoipa::path(
+    post,
+    path = "/repositories/{name}/check",
+    tag = "repositories",
+    params(
+        ("name" = String, Path, description = "A repository of the configuration"),
+    ),
+    request_body = CheckRequest,
+    responses(
+        (status = 200, description = "The check's report: `ok`, the problems found", body = Object),
+        (status = "default", body = super::openapi::ErrorBody),
+    ),
+)]
+pub(super) async fn check(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Json<CheckRequest>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(name) = path?;
+    let Json(req) = body?;
+    blocking(move || {
+        let report = operations::check(&ctx.site, &name, &req)?;
+        ctx.metrics.checked(&name, report.ok());
+        Ok(Json(json!({ "ok": report.ok(), "report": report })))
+    })
+    .await
+}
+
+/// Free what no snapshot uses.
+#[utoipa::path(
+    post,
+    path = "/repositories/{name}/prune",
+    tag = "repositories",
+    params(
+        ("name" = String, Path, description = "A repository of the configuration"),
+    ),
+    request_body = PruneRequest,
+    responses(
+        (status = 200, description = "What was (or, dry, would be) deleted and rewritten", body = Object),
+        (status = "default", body = super::openapi::ErrorBody),
+    ),
+)]
+pub(super) async fn prune(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Json<PruneRequest>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(name) = path?;
+    let Json(req) = body?;
+    blocking(move || {
+        Ok(Json(
+            json!({ "report": operations::prune(&ctx.site, &name, &req)? }),
+        ))
+    })
+    .await
+}
+
+/// Rebuild the index from the packs and mark what is lost.
+#[utoipa::path(
+    post,
+    path = "/repositories/{name}/repair",
+    tag = "repositories",
+    params(
+        ("name" = String, Path, description = "A repository of the configuration"),
+    ),
+    request_body = RepairRequest,
+    responses(
+        (status = 200, description = "What was found and rebuilt", body = Object),
+        (status = "default", body = super::openapi::ErrorBody),
+    ),
+)]
+pub(super) async fn repair(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Json<RepairRequest>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(name) = path?;
+    let Json(req) = body?;
+    blocking(move || {
+        Ok(Json(
+            json!({ "report": operations::repair(&ctx.site, &name, &req)? }),
+        ))
+    })
+    .await
+}
