@@ -32,6 +32,8 @@ pub enum OperationError {
     Vm(#[from] VmError),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
     #[error("the repository is locked: {0}")]
     Locked(String),
     #[error("{0}")]
@@ -209,6 +211,82 @@ pub fn vm_action(site: &Site, name: &str, action: VmAction) -> Result<VmSummary,
         VmAction::Reboot => vm.reboot()?,
     }
     Ok(vm.summary()?)
+}
+
+/// The domain's libvirt snapshots (names, oldest first).
+pub fn vm_snapshots(site: &Site, name: &str) -> Result<Vec<String>, OperationError> {
+    let hv = Hypervisor::connect(site.config.libvirt_uri.as_deref())?;
+    Ok(hv.vm(name)?.snapshots()?)
+}
+
+/// Deletes one of the domain's libvirt snapshots.
+pub fn delete_vm_snapshot(site: &Site, name: &str, snapshot: &str) -> Result<(), OperationError> {
+    let hv = Hypervisor::connect(site.config.libvirt_uri.as_deref())?;
+    let vm = hv.vm(name)?;
+    if !vm.snapshots()?.iter().any(|s| s == snapshot) {
+        return Err(OperationError::NotFound(format!(
+            "domain {name} has no snapshot {snapshot:?}"
+        )));
+    }
+    Ok(vm.delete_snapshot(snapshot)?)
+}
+
+/// A full restore of a VM snapshot as a new domain: `repo vm clone`.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmClone {
+    #[serde(default = "default_repository")]
+    pub repository: String,
+    pub snapshot: String,
+    /// The new domain's name (it must be free).
+    pub name: String,
+    /// Where its disks go (`/var/lib/libvirt/images` by default); existing files are
+    /// never written over.
+    #[schema(value_type = Option<String>)]
+    pub to: Option<std::path::PathBuf>,
+    /// `none` (the default), `isolated`, or a libvirt network's name.
+    pub network: Option<String>,
+}
+
+/// Restores `req.snapshot` whole as domain `req.name` (defined, not started).
+pub fn clone_vm(
+    site: &Site,
+    req: &VmClone,
+) -> Result<cairn_agent::libvirt::restore::RestoredVm, OperationError> {
+    let dir = req
+        .to
+        .clone()
+        .unwrap_or_else(|| std::path::PathBuf::from("/var/lib/libvirt/images"));
+    if !dir.is_absolute() {
+        return Err(OperationError::Invalid(format!(
+            "to {:?}: an absolute directory",
+            dir.display()
+        )));
+    }
+    let repo = site.repos.handle(&req.repository)?;
+    let snap = browse::find(&repo, &req.snapshot)?;
+    if !cairn_agent::libvirt::backup::is_vm_snapshot(&snap) {
+        return Err(OperationError::Invalid(format!(
+            "snapshot {} is not a VM's (take one with `repo backup --vm NAME`)",
+            snap.id.short()
+        )));
+    }
+    repo.lock(LockKind::Shared, "clone (api)", LOCK_WAIT)
+        .map_err(|e| lock_err(&e))?;
+    let hv = Hypervisor::connect(site.config.libvirt_uri.as_deref())?;
+    let opts = cairn_agent::libvirt::restore::RestoreVmOptions {
+        name: Some(req.name.clone()),
+        dir,
+        format: "qcow2".into(),
+        network: hv.network(req.network.as_deref().unwrap_or("none"))?,
+    };
+    Ok(cairn_agent::libvirt::restore::restore_vm(
+        &repo,
+        &hv,
+        &snap,
+        &opts,
+        &cairn_engine::progress::Progress::default(),
+    )?)
 }
 
 /// A check of a repository.

@@ -939,6 +939,33 @@ fn a_vm_is_listed_powered_off_started_and_recovered_through_the_api() {
         !virsh(&["dominfo", &copy]).status.success(),
         "the recovered domain is still defined"
     );
+    // A full restore as a new domain (defined, not started), its disks where asked.
+    let clone = format!("{}-clone", vm.name);
+    let to = env.path("clone");
+    let (s, v) = admin.post(
+        "/api/v1/vms/clone",
+        &json!({ "snapshot": snap["id"], "name": clone, "to": to }),
+    );
+    assert_eq!(s, 201, "{v}");
+    assert_eq!(v["restored"]["domain"], clone.as_str(), "{v}");
+    let disk = PathBuf::from(v["restored"]["disks"][0][1].as_str().unwrap());
+    assert!(disk.starts_with(&to) && disk.exists(), "{v}");
+    assert_eq!(virsh_ok(&["domstate", &clone]).trim(), "shut off");
+    let (s, v) = admin.post(
+        "/api/v1/vms/clone",
+        &json!({ "snapshot": snap["id"], "name": clone, "to": to }),
+    );
+    assert_eq!(s, 502, "a second clone of the same name: {v}");
+    let _ = virsh(&["undefine", &clone]);
+    let (s, v) = admin.get(&format!("/api/v1/vms/{}/snapshots", vm.name));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["snapshots"], json!([]), "{v}");
+    let (s, v) = admin.call(
+        "DELETE",
+        &format!("/api/v1/vms/{}/snapshots/nope", vm.name),
+        None,
+    );
+    assert_eq!(s, 404, "{v}");
     let r = env.json(&["recover", "cleanup"]);
     assert!(r["sessions_removed"].as_array().unwrap().is_empty(), "{r}");
 }

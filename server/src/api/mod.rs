@@ -220,6 +220,11 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         .route("/recovery", get(list_recovery))
         .route("/recovery/{id}/stop", post(stop_recovery))
         .route("/vms", get(ops::list_vms))
+        .route("/vms/{name}/snapshots", get(ops::vm_snapshots))
+        .route(
+            "/vms/{name}/snapshots/{snapshot}",
+            axum::routing::delete(ops::delete_vm_snapshot),
+        )
         .layer(middleware::from_fn(move |req, next| {
             with_timeout(timeout, req, next)
         }));
@@ -239,6 +244,7 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         .route("/recovery/db", post(ops::recover_database))
         .route("/recovery/vm", post(ops::recover_vm))
         .route("/vms/{name}/{action}", post(ops::vm_action))
+        .route("/vms/clone", post(ops::clone_vm))
         .route("/repositories/{name}/check", post(ops::check))
         .route("/repositories/{name}/prune", post(ops::prune))
         .route("/repositories/{name}/repair", post(ops::repair));
@@ -358,8 +364,8 @@ async fn authorize(State(ctx): State<Ctx>, req: Request, next: Next) -> Response
         let entry = AuditEntry {
             at: chrono::Utc::now(),
             token: token.name,
+            action: action_of(&method, &path),
             method,
-            action: action_of(&path),
             path,
             status: resp.status().as_u16(),
         };
@@ -376,16 +382,20 @@ async fn authorize(State(ctx): State<Ctx>, req: Request, next: Next) -> Response
     resp
 }
 
-/// A short name of what a change did: `jobs.run`, `schedules.delete`.
-fn action_of(path: &str) -> String {
+/// A short name of what a change did: `jobs.run`, `schedules.delete`, `recovery.db`,
+/// `vms.snapshots.delete`.
+fn action_of(method: &str, path: &str) -> String {
     let parts: Vec<&str> = path
         .trim_start_matches("/api/v1/")
         .split('/')
         .filter(|p| !p.is_empty())
         .collect();
+    let delete = method == "DELETE";
     match parts.as_slice() {
         [what] => format!("{what}.create"),
-        [what, _] => format!("{what}.delete"),
+        [what, _] if delete => format!("{what}.delete"),
+        [what, verb] => format!("{what}.{verb}"),
+        [what, _, verb, ..] if delete => format!("{what}.{verb}.delete"),
         [what, _, verb, ..] => format!("{what}.{verb}"),
         [] => "unknown".into(),
     }
@@ -1444,4 +1454,33 @@ async fn stop_recovery(
 )]
 async fn audit_log(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
     blocking(move || Ok(Json(json!({ "audit": ctx.site.state.audit_log(500)? })))).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::action_of;
+
+    #[test]
+    fn actions_are_named_by_what_and_verb() {
+        for (method, path, want) in [
+            ("POST", "/api/v1/jobs", "jobs.create"),
+            ("DELETE", "/api/v1/jobs/nightly", "jobs.delete"),
+            ("POST", "/api/v1/jobs/nightly/run", "jobs.run"),
+            ("POST", "/api/v1/recovery/db", "recovery.db"),
+            ("POST", "/api/v1/vms/clone", "vms.clone"),
+            (
+                "POST",
+                "/api/v1/repositories/default/prune",
+                "repositories.prune",
+            ),
+            (
+                "DELETE",
+                "/api/v1/vms/web/snapshots/before-upgrade",
+                "vms.snapshots.delete",
+            ),
+            ("POST", "/api/v1/", "unknown"),
+        ] {
+            assert_eq!(action_of(method, path), want, "{method} {path}");
+        }
+    }
 }

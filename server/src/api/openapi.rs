@@ -13,7 +13,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::job::{JobDefinition, Retention, Verify};
-use crate::operations::{CheckRequest, DbRecovery, PruneRequest, RepairRequest, VmRecovery};
+use crate::operations::{
+    CheckRequest, DbRecovery, PruneRequest, RepairRequest, VmClone, VmRecovery,
+};
 
 /// Every error's body.
 #[derive(Debug, Serialize, ToSchema)]
@@ -71,6 +73,9 @@ pub struct ErrorDetail {
         super::ops::recover_vm,
         super::ops::list_vms,
         super::ops::vm_action,
+        super::ops::vm_snapshots,
+        super::ops::delete_vm_snapshot,
+        super::ops::clone_vm,
         super::ops::check,
         super::ops::prune,
         super::ops::repair,
@@ -86,6 +91,7 @@ pub struct ErrorDetail {
         CheckRequest,
         PruneRequest,
         RepairRequest,
+        VmClone,
         super::NewSchedule,
         super::RestoreRequest,
         super::ForgetRequest,

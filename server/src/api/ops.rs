@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use super::{blocking, session_view, ApiError, ApiResult, Ctx};
 use crate::operations::{
-    self, CheckRequest, DbRecovery, OperationError, PruneRequest, RepairRequest, VmAction,
+    self, CheckRequest, DbRecovery, OperationError, PruneRequest, RepairRequest, VmAction, VmClone,
     VmRecovery,
 };
 
@@ -24,6 +24,7 @@ impl From<OperationError> for ApiError {
             OperationError::Repo(r) => r.into(),
             OperationError::Snapshot(b) => b.into(),
             OperationError::Invalid(m) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m),
+            OperationError::NotFound(m) => Self::not_found(m),
             OperationError::Locked(m) => Self::new(StatusCode::CONFLICT, "locked", m),
             OperationError::Vm(v) => {
                 let m = v.to_string();
@@ -149,6 +150,80 @@ pub(super) async fn vm_action(
     blocking(move || {
         let vm = operations::vm_action(&ctx.site, &name, action)?;
         Ok(Json(json!({ "vm": vm, "done": action })))
+    })
+    .await
+}
+
+/// The domain's libvirt snapshots.
+#[utoipa::path(
+    get,
+    path = "/vms/{name}/snapshots",
+    tag = "vms",
+    params(
+        ("name" = String, Path, description = "The domain's name"),
+    ),
+    responses(
+        (status = 200, description = "Their names, oldest first", body = Object),
+        (status = "default", body = super::openapi::ErrorBody),
+    ),
+)]
+pub(super) async fn vm_snapshots(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(name) = path?;
+    blocking(move || {
+        let snapshots = operations::vm_snapshots(&ctx.site, &name)?;
+        Ok(Json(json!({ "vm": name, "snapshots": snapshots })))
+    })
+    .await
+}
+
+/// Delete one of the domain's libvirt snapshots.
+#[utoipa::path(
+    delete,
+    path = "/vms/{name}/snapshots/{snapshot}",
+    tag = "vms",
+    params(
+        ("name" = String, Path, description = "The domain's name"),
+        ("snapshot" = String, Path, description = "The libvirt snapshot's name"),
+    ),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = "default", body = super::openapi::ErrorBody),
+    ),
+)]
+pub(super) async fn delete_vm_snapshot(
+    State(ctx): State<Ctx>,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> ApiResult<StatusCode> {
+    let Path((name, snapshot)) = path?;
+    blocking(move || {
+        operations::delete_vm_snapshot(&ctx.site, &name, &snapshot)?;
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
+}
+
+/// Restore a VM snapshot whole as a new domain (defined, not started).
+#[utoipa::path(
+    post,
+    path = "/vms/clone",
+    tag = "vms",
+    request_body = VmClone,
+    responses(
+        (status = 201, description = "The new domain and where its disks are", body = Object),
+        (status = "default", body = super::openapi::ErrorBody),
+    ),
+)]
+pub(super) async fn clone_vm(
+    State(ctx): State<Ctx>,
+    body: Result<Json<VmClone>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Json(req) = body?;
+    blocking(move || {
+        let r = operations::clone_vm(&ctx.site, &req)?;
+        Ok((StatusCode::CREATED, Json(json!({ "restored": r }))))
     })
     .await
 }
