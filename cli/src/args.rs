@@ -792,21 +792,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 
 /// Parses `N/M` with 1 <= N <= M.
 pub fn parse_subset(s: &str) -> Result<(u32, u32), String> {
-    let (n, m) = s
-        .split_once('/')
-        .ok_or_else(|| format!("{s:?}: give N/M, e.g. 1/10"))?;
-    let (n, m): (u32, u32) = (
-        n.trim()
-            .parse()
-            .map_err(|_| format!("{s:?}: N is not a number"))?,
-        m.trim()
-            .parse()
-            .map_err(|_| format!("{s:?}: M is not a number"))?,
-    );
-    if n == 0 || m == 0 || n > m {
-        return Err(format!("{s:?}: need 1 <= N <= M"));
-    }
-    Ok((n, m))
+    cairn_engine::check::parse_subset(s)
 }
 
 /// Parses `90s`, `10m`, `2h`, `1d`, `0` (a bare number is seconds).

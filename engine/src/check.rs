@@ -31,6 +31,26 @@ pub struct CheckOptions {
     pub subset: Option<(u32, u32)>,
 }
 
+/// Parses a subset of the packs, `N/M` (1 <= N <= M): what `check --read-data-subset`,
+/// a job's `verify.check` and the API accept.
+pub fn parse_subset(s: &str) -> std::result::Result<(u32, u32), String> {
+    let (n, m) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?}: give N/M, e.g. 1/10"))?;
+    let (n, m): (u32, u32) = (
+        n.trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: N is not a number (N/M, e.g. 1/10)"))?,
+        m.trim()
+            .parse()
+            .map_err(|_| format!("{s:?}: M is not a number (N/M, e.g. 1/10)"))?,
+    );
+    if n == 0 || m == 0 || n > m {
+        return Err(format!("{s:?}: need 1 <= N <= M (N/M, e.g. 1/10)"));
+    }
+    Ok((n, m))
+}
+
 /// One problem found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Problem {

@@ -13,11 +13,11 @@ use cairn_engine::retention::KeepPolicy;
 /// The repository a job uses when it names none.
 pub const DEFAULT_REPOSITORY: &str = "default";
 
-fn default_repository() -> String {
+pub(crate) fn default_repository() -> String {
     DEFAULT_REPOSITORY.to_owned()
 }
 
-fn default_true() -> bool {
+pub(crate) fn default_true() -> bool {
     true
 }
 
@@ -132,14 +132,7 @@ impl Verify {
         let bad = || {
             format!("verify.check: {c:?} is not metadata, read-data or N/M (for example: check = \"1/10\")")
         };
-        let (n, m) = c.split_once('/').ok_or_else(bad)?;
-        let (n, m) = (
-            n.parse::<u32>().map_err(|_| bad())?,
-            m.parse::<u32>().map_err(|_| bad())?,
-        );
-        if n == 0 || m == 0 || n > m {
-            return Err(bad());
-        }
+        let (n, m) = cairn_engine::check::parse_subset(c).map_err(|_| bad())?;
         Ok(cairn_engine::check::CheckOptions {
             read_data: true,
             subset: Some((n, m)),

@@ -17,6 +17,7 @@ use cairn_recover::{mounting, RecoverError, Runtime, SessionRecord, Store};
 use serde::{Deserialize, Serialize};
 
 use crate::browse::{self, BrowseError};
+use crate::job::{default_repository, default_true};
 use crate::repos::RepoError;
 use crate::site::Site;
 
@@ -38,10 +39,6 @@ pub enum OperationError {
     Locked(String),
     #[error("{0}")]
     Engine(#[from] cairn_engine::Error),
-}
-
-fn default_true() -> bool {
-    true
 }
 
 /// A database recovery: `repo recover db` through the daemon.
@@ -80,10 +77,6 @@ pub struct VmRecovery {
     /// Start it (the default) or only define it.
     #[serde(default = "default_true")]
     pub start: bool,
-}
-
-fn default_repository() -> String {
-    crate::repos::DEFAULT.to_owned()
 }
 
 fn runtime_of(name: Option<&str>) -> Result<Runtime, OperationError> {
@@ -145,18 +138,28 @@ pub fn recover_database(site: &Site, req: &DbRecovery) -> Result<SessionRecord, 
     Ok(cairn_recover::start(&store(site)?, &request)?)
 }
 
-/// Starts a VM recovery session: the domain is defined (and started) on overlays of the
-/// snapshot's mounted disks.
-pub fn recover_vm(site: &Site, req: &VmRecovery) -> Result<SessionRecord, OperationError> {
-    let repo = site.repos.handle(&req.repository)?;
-    let snap = browse::find(&repo, &req.snapshot)?;
-    drop(repo);
+/// Snapshot `spec` of `repository`, which must be a VM's.
+fn vm_snapshot(
+    site: &Site,
+    repository: &str,
+    spec: &str,
+) -> Result<(cairn_engine::Repository, cairn_engine::snapshot::Snapshot), OperationError> {
+    let repo = site.repos.handle(repository)?;
+    let snap = browse::find(&repo, spec)?;
     if !cairn_agent::libvirt::backup::is_vm_snapshot(&snap) {
         return Err(OperationError::Invalid(format!(
             "snapshot {} is not a VM's (take one with `repo backup --vm NAME`)",
             snap.id.short()
         )));
     }
+    Ok((repo, snap))
+}
+
+/// Starts a VM recovery session: the domain is defined (and started) on overlays of the
+/// snapshot's mounted disks.
+pub fn recover_vm(site: &Site, req: &VmRecovery) -> Result<SessionRecord, OperationError> {
+    let (repo, snap) = vm_snapshot(site, &req.repository, &req.snapshot)?;
+    drop(repo);
     let uri = site.config.libvirt_uri.clone();
     let hv = Hypervisor::connect(uri.as_deref())?;
     let network = hv.network(req.network.as_deref().unwrap_or("isolated"))?;
@@ -263,14 +266,7 @@ pub fn clone_vm(
             dir.display()
         )));
     }
-    let repo = site.repos.handle(&req.repository)?;
-    let snap = browse::find(&repo, &req.snapshot)?;
-    if !cairn_agent::libvirt::backup::is_vm_snapshot(&snap) {
-        return Err(OperationError::Invalid(format!(
-            "snapshot {} is not a VM's (take one with `repo backup --vm NAME`)",
-            snap.id.short()
-        )));
-    }
+    let (repo, snap) = vm_snapshot(site, &req.repository, &req.snapshot)?;
     repo.lock(LockKind::Shared, "clone (api)", LOCK_WAIT)
         .map_err(|e| lock_err(&e))?;
     let hv = Hypervisor::connect(site.config.libvirt_uri.as_deref())?;
@@ -365,16 +361,7 @@ pub fn check(
 }
 
 fn parse_subset(s: &str) -> Result<(u32, u32), OperationError> {
-    let bad = || OperationError::Invalid(format!("subset {s:?}: n/m with 1 <= n <= m, e.g. 1/10"));
-    let (n, m) = s.split_once('/').ok_or_else(bad)?;
-    let (n, m): (u32, u32) = (
-        n.trim().parse().map_err(|_| bad())?,
-        m.trim().parse().map_err(|_| bad())?,
-    );
-    if n == 0 || n > m {
-        return Err(bad());
-    }
-    Ok((n, m))
+    cairn_engine::check::parse_subset(s).map_err(|e| OperationError::Invalid(format!("subset {e}")))
 }
 
 /// A prune of a repository.
