@@ -25,7 +25,7 @@ use fuser::{
     ReplyXattr, Request, TimeOrNow,
 };
 
-use crate::view::{Attr, FsError, ReadData, View};
+use crate::view::{Attr, DirEntry, FsError, ReadData, View};
 
 /// Kernel cache lifetime of snapshot contents (immutable).
 const CONTENT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -59,11 +59,11 @@ impl CairnFs {
     }
 }
 
-fn errno(e: &FsError) -> Errno {
+pub(crate) fn errno(e: &FsError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
-fn file_type(k: NodeKind) -> FileType {
+pub(crate) fn file_type(k: NodeKind) -> FileType {
     match k {
         NodeKind::File => FileType::RegularFile,
         NodeKind::Dir => FileType::Directory,
@@ -75,7 +75,7 @@ fn file_type(k: NodeKind) -> FileType {
     }
 }
 
-fn file_attr(a: &Attr) -> FileAttr {
+pub(crate) fn file_attr(a: &Attr) -> FileAttr {
     FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
@@ -209,31 +209,14 @@ impl Filesystem for CairnFs {
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
-        mut reply: ReplyDirectory,
+        reply: ReplyDirectory,
     ) {
-        let entries = match self.view.readdir(ino.0) {
-            Ok(e) => e,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        let parent = self.view.parent_of(ino.0);
-        let dots = [
-            (ino.0, FileType::Directory, OsStr::new(".")),
-            (parent, FileType::Directory, OsStr::new("..")),
-        ];
-        let all = dots.into_iter().chain(
-            entries
-                .iter()
-                .map(|e| (e.ino, file_type(e.kind), OsStr::from_bytes(&e.name))),
-        );
-        for (i, (child, kind, name)) in all
-            .enumerate()
-            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
-        {
-            if reply.add(INodeNo(child), i as u64 + 1, kind, name) {
-                break;
+        match self.view.readdir(ino.0) {
+            Ok(entries) => {
+                reply_listing(reply, ino.0, self.view.parent_of(ino.0), &entries, offset)
             }
+            Err(e) => reply.error(errno(&e)),
         }
-        reply.ok();
     }
 
     fn lseek(
@@ -321,14 +304,7 @@ impl Filesystem for CairnFs {
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         match self.view.listxattr(ino.0) {
-            Ok(names) => {
-                let mut buf = Vec::new();
-                for n in names {
-                    buf.extend_from_slice(&n);
-                    buf.push(0);
-                }
-                xattr_reply(reply, &buf, size);
-            }
+            Ok(names) => xattr_names_reply(reply, &names, size),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -458,7 +434,45 @@ impl Filesystem for CairnFs {
     }
 }
 
-fn xattr_reply(reply: ReplyXattr, data: &[u8], size: u32) {
+/// Replies to a `readdir` from `offset` with `.`, `..` and `entries`.
+pub(crate) fn reply_listing(
+    mut reply: ReplyDirectory,
+    ino: u64,
+    parent: u64,
+    entries: &[DirEntry],
+    offset: u64,
+) {
+    let dots = [
+        (ino, FileType::Directory, OsStr::new(".")),
+        (parent, FileType::Directory, OsStr::new("..")),
+    ];
+    let all = dots.into_iter().chain(
+        entries
+            .iter()
+            .map(|e| (e.ino, file_type(e.kind), OsStr::from_bytes(&e.name))),
+    );
+    for (i, (child, kind, name)) in all
+        .enumerate()
+        .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+    {
+        if reply.add(INodeNo(child), i as u64 + 1, kind, name) {
+            break;
+        }
+    }
+    reply.ok();
+}
+
+/// Replies to a `listxattr` with `names`, each NUL-terminated.
+pub(crate) fn xattr_names_reply(reply: ReplyXattr, names: &[Vec<u8>], size: u32) {
+    let mut buf = Vec::new();
+    for n in names {
+        buf.extend_from_slice(n);
+        buf.push(0);
+    }
+    xattr_reply(reply, &buf, size);
+}
+
+pub(crate) fn xattr_reply(reply: ReplyXattr, data: &[u8], size: u32) {
     let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
     if size == 0 {
         reply.size(len);

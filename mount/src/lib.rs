@@ -1,15 +1,20 @@
-//! # cairn-mount: snapshots as a read-only filesystem
+//! # cairn-mount: snapshots as a filesystem
 //!
-//! - [`view`]: the filesystem logic over a repository, plain Rust, testable without FUSE.
+//! - [`view`]: the read-only filesystem logic over a repository, plain Rust, testable
+//!   without FUSE.
 //! - [`layout`]: how snapshots are named (`snapshots/`, `hosts/`).
 //! - [`cache`]: the LRU cache of decoded blobs shared by all reads.
-//! - [`fuse`]: the thin fuser adapter.
+//! - [`fuse`]: the thin fuser adapter of the view.
+//! - [`layer`]: a writable layer over one directory of a snapshot (copy on write in
+//!   fixed chunks), with its own adapter: what recovery sessions run on.
 //!
-//! [`mount`] starts serving a repository at a mountpoint; [`unmount`] detaches one
-//! (lazily: a reader holding a file open does not keep the mount in the mount table).
+//! [`mount`] starts serving a repository at a mountpoint, [`mount_writable`] one
+//! snapshot directory with a writable layer; [`unmount`] detaches either (lazily: a
+//! reader holding a file open does not keep the mount in the mount table).
 
 pub mod cache;
 pub mod fuse;
+pub mod layer;
 pub mod layout;
 pub mod prefetch;
 pub mod view;
@@ -86,6 +91,67 @@ pub fn mount(
         mountpoint,
         &config,
     )
+}
+
+/// What [`mount_writable`] serves: a directory of one snapshot, and where its layer is.
+#[derive(Debug, Clone)]
+pub struct WritableTarget<'a> {
+    pub snapshot: &'a cairn_engine::snapshot::Snapshot,
+    /// The directory inside the snapshot (empty: its root).
+    pub path: &'a Path,
+    /// The layer's directory (made if new; an existing one is reopened).
+    pub layer_dir: &'a Path,
+    /// Copy-on-write chunk of a new layer, in bytes.
+    pub chunk: u64,
+}
+
+/// Mounts `target`'s snapshot directory at `mountpoint`, writable: every change lands in
+/// the layer, never in the repository. Returns the session and the layer (to sync it
+/// once the session ended).
+pub fn mount_writable(
+    repo: Arc<Repository>,
+    target: &WritableTarget<'_>,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> io::Result<(fuser::BackgroundSession, Arc<layer::Layer>)> {
+    let fsname = format!("cairn:{}", repo.location());
+    let view = Arc::new(View::new(repo, opts.view.clone()).map_err(io::Error::other)?);
+    let dir_name = layout::snapshot_dir_name(target.snapshot);
+    let mut path: Vec<&[u8]> = vec![b"snapshots", dir_name.as_bytes()];
+    for c in target.path.components() {
+        if let std::path::Component::Normal(c) = c {
+            path.push(std::os::unix::ffi::OsStrExt::as_bytes(c));
+        }
+    }
+    let layer = layer::Layer::open_dir(
+        view,
+        &target.snapshot.id.to_hex(),
+        &path,
+        target.layer_dir,
+        target.chunk,
+    )
+    .map_err(|e| io::Error::other(format!("{}: {e}", target.layer_dir.display())))?;
+    let layer = Arc::new(layer);
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(fsname),
+        MountOption::Subtype("cairn".into()),
+        MountOption::RW,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::DefaultPermissions,
+    ];
+    if opts.allow_other {
+        config.acl = SessionACL::All;
+    }
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+    let session = fuser::spawn_mount(
+        layer::fuse::LayerFs::new(layer.clone()),
+        mountpoint,
+        &config,
+    )?;
+    Ok((session, layer))
 }
 
 /// Detaches the mount at `mountpoint` (lazily, like `umount -l`): it leaves the mount

@@ -47,6 +47,16 @@ pub enum FsError {
     ReadOnly,
     #[error("no data or hole at or after the offset")]
     NoSuchOffset,
+    #[error("file exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("file name too long")]
+    NameTooLong,
+    #[error("operation not permitted")]
+    NotPermitted,
+    #[error("operation not supported")]
+    Unsupported,
     #[error("I/O error: {0}")]
     Io(String),
 }
@@ -63,6 +73,11 @@ impl FsError {
             Self::BadHandle => libc::EBADF,
             Self::ReadOnly => libc::EROFS,
             Self::NoSuchOffset => libc::ENXIO,
+            Self::Exists => libc::EEXIST,
+            Self::NotEmpty => libc::ENOTEMPTY,
+            Self::NameTooLong => libc::ENAMETOOLONG,
+            Self::NotPermitted => libc::EPERM,
+            Self::Unsupported => libc::EOPNOTSUPP,
             Self::Io(_) => libc::EIO,
         }
     }
