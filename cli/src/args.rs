@@ -227,6 +227,20 @@ pub enum Command {
         /// disk images a root backup recorded (a VM recovery's QEMU)
         #[arg(long, value_name = "USER")]
         owner: Option<String>,
+        /// Serve one snapshot's directory (--snapshot, --dir) writable instead: every
+        /// change lands in DIR, copied on write in chunks, never in the repository; an
+        /// existing layer of the same snapshot and directory is reopened
+        #[arg(long, value_name = "DIR", requires = "snapshot")]
+        writable_layer: Option<PathBuf>,
+        /// The snapshot a writable layer is over (an id prefix or `latest`)
+        #[arg(long, value_name = "SNAPSHOT", requires = "writable_layer")]
+        snapshot: Option<String>,
+        /// The directory of the snapshot a writable layer serves (default: its root)
+        #[arg(long = "dir", value_name = "PATH", requires = "writable_layer")]
+        layer_path: Option<PathBuf>,
+        /// Copy-on-write chunk of a new writable layer, e.g. 64K
+        #[arg(long, value_name = "SIZE", default_value = "64K", value_parser = parse_size, requires = "writable_layer")]
+        chunk_size: u64,
     },
     /// Unmount a `repo mount` (lazily: open files do not keep it mounted)
     Umount { mountpoint: PathBuf },
@@ -590,6 +604,11 @@ pub enum RecoverCommand {
         /// Seconds to wait for the server to answer (crash recovery replays WAL first)
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// Where writes land: block (the mount's writable layer, copied on write in
+        /// 64 KiB chunks) or overlay (overlayfs over the read-only mount: a whole file is
+        /// copied up on its first write; for comparison, or where the layer cannot run)
+        #[arg(long, value_enum, default_value_t = LayerArg::Block)]
+        layer: LayerArg,
         #[command(flatten)]
         filter: Filter,
     },
@@ -643,6 +662,12 @@ pub enum RecoverCommand {
     },
     /// Remove what crashed or killed sessions left behind (after a reboot, a kill -9)
     Cleanup,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub enum LayerArg {
+    Block,
+    Overlay,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]

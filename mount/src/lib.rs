@@ -26,6 +26,7 @@ use std::sync::Arc;
 use cairn_engine::Repository;
 use fuser::{Config, MountOption, SessionACL};
 
+pub use fuser::BackgroundSession;
 pub use view::{View, ViewOptions};
 
 /// [`MountOptions::direct_io_from`] by default: 2 GiB.

@@ -1,13 +1,17 @@
 //! Instant recovery of a database: a backup answering queries in seconds, without a
 //! restore.
 //!
-//! A session stacks four things, each recorded (in [`state`]) before it is made:
-//! 1. the repository mounted read-only (a `repo mount` daemon) at `sessions/<id>/mnt`;
-//! 2. an overlay at `merged/`, the snapshot's data directory as the lower layer and an
-//!    empty `upper/` whose owner and mode (the data directory's, 0700) the overlay's root
-//!    takes: nothing is copied or chowned, and every write lands in `upper/`;
-//! 3. the session's own files in `conf/` (access rules, credentials, the socket);
-//! 4. the server, started by a [`ServerRuntime`]: a Docker container of the recorded
+//! A session stacks three things, each recorded (in [`state`]) before it is made:
+//! 1. the data directory, writable, at `sessions/<id>/merged`. By default
+//!    ([`Layer::Block`]) a `repo mount --writable-layer` daemon serves the snapshot's
+//!    root there, every write copied on write in 64 KiB chunks into `layer/`: a first
+//!    query costs what it reads, not the size of the files it touches. With
+//!    [`Layer::Overlay`] the repository is mounted read-only at `mnt/` and an overlay
+//!    stacks an empty `upper/` on the snapshot (whole files copied up on first write).
+//!    Either way the data directory keeps its owner and mode, nothing is copied or
+//!    chowned, and the repository is never written;
+//! 2. the session's own files in `conf/` (access rules, credentials, the socket);
+//! 3. the server, started by a [`ServerRuntime`]: a Docker container of the recorded
 //!    version's image, or the host's own binaries.
 //!
 //! [`stop`] takes them down in reverse order and forgets the session; [`cleanup`] does
@@ -25,6 +29,7 @@ use cairn_engine::snapshot::Snapshot;
 
 use crate::docker::Docker;
 use crate::engines::{self, ServerView};
+use crate::mounting::{SessionMount, SpawnMount, WritableLayer};
 use crate::runtime::{self, Launch, Runtime, ServerRuntime};
 use crate::state::{SessionRecord, SessionState, Store};
 use crate::{
@@ -41,9 +46,41 @@ pub struct Request<'a> {
     pub runtime: Runtime,
     /// How long the server may take to answer (crash recovery replays WAL).
     pub timeout: Duration,
-    /// Starts a `repo mount` daemon of the repository at the given mountpoint; returns
-    /// its pid once mounted.
-    pub spawn_mount: &'a dyn Fn(&Path) -> Result<u32, String>,
+    /// What the server writes into.
+    pub layer: Layer,
+    /// Starts a `repo mount` daemon of the repository; returns its pid once mounted.
+    pub spawn_mount: SpawnMount<'a>,
+}
+
+/// Where a session's writes land (recorded in the session as `block` or `overlay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layer {
+    /// The mount's own writable layer: copy on write in chunks.
+    #[default]
+    Block,
+    /// overlayfs over the read-only mount: whole files copied up on first write.
+    Overlay,
+}
+
+impl Layer {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Block => "block",
+            Self::Overlay => "overlay",
+        }
+    }
+
+    /// `block` or `overlay`.
+    pub fn parse(s: &str) -> Result<Self, RecoverError> {
+        match s {
+            "block" => Ok(Self::Block),
+            "overlay" => Ok(Self::Overlay),
+            _ => Err(RecoverError::Setup(format!(
+                "unknown layer {s:?}: block or overlay"
+            ))),
+        }
+    }
 }
 
 fn free_port() -> Result<u16, RecoverError> {
@@ -141,6 +178,7 @@ pub fn start(store: &Store, req: &Request<'_>) -> Result<SessionRecord, RecoverE
         domain: None,
         uri: None,
         disks: Vec::new(),
+        layer: req.layer.as_str().into(),
     };
     store.put(&rec)?;
     let made = set_up(store, req, &meta, &image, runtime.as_mut(), &mut rec);
@@ -163,39 +201,14 @@ fn set_up(
 ) -> Result<(), RecoverError> {
     let dir = rec.dir.clone();
     mkdir(&dir, 0o711)?;
-    let (mnt, upper, work, merged, conf) = (
-        dir.join("mnt"),
-        dir.join("upper"),
-        dir.join("work"),
-        dir.join("merged"),
-        dir.join("conf"),
-    );
-    for p in [&mnt, &work, &merged] {
-        mkdir(p, 0o711)?;
-    }
-    // 1. the repository, read-only
-    let pid = (req.spawn_mount)(&mnt).map_err(RecoverError::Setup)?;
-    rec.mount_pid = Some(pid);
-    store.put(rec)?;
-    let lower = mnt
-        .join("snapshots")
-        .join(cairn_mount::layout::snapshot_dir_name(req.snapshot));
-    let probe = engines::owner_probes(meta.engine)
-        .iter()
-        .find_map(|f| std::fs::metadata(lower.join(f)).ok())
-        .ok_or_else(|| {
-            RecoverError::Setup(format!(
-                "{} does not look like a {} data directory",
-                lower.display(),
-                meta.engine.as_str()
-            ))
-        })?;
-    let (uid, gid) = (probe.uid(), probe.gid());
-    // 2. the overlay: its root takes the upper directory's owner and mode.
-    mkdir(&upper, 0o700)?;
-    chown(&upper, uid, gid)?;
-    overlay_mount(&lower, &upper, &work, &merged)?;
-    // 3. the session's files, readable by the server's user only.
+    let (merged, conf) = (dir.join("merged"), dir.join("conf"));
+    mkdir(&merged, 0o711)?;
+    // 1. the data directory, writable
+    let (uid, gid) = match req.layer {
+        Layer::Block => block_data_dir(store, req, meta, rec, &merged)?,
+        Layer::Overlay => overlay_data_dir(store, req, meta, rec, &merged)?,
+    };
+    // 2. the session's files, readable by the server's user only.
     let password = random_token(20);
     mkdir(&conf, 0o700)?;
     mkdir(&conf.join("run"), 0o700)?;
@@ -215,7 +228,7 @@ fn set_up(
     rec.user = Some(engines::session_user(meta));
     rec.password = Some(password.clone());
     rec.database = Some(engines::session_database(meta));
-    // 4. the server.
+    // 3. the server.
     let view = runtime.view(meta.engine, &merged, &conf, port);
     let launch = Launch {
         meta,
@@ -241,6 +254,85 @@ fn set_up(
     rec.state = SessionState::Running;
     store.put(rec)?;
     Ok(())
+}
+
+/// The snapshot's root at `merged`, writable through the mount's layer in `layer/`;
+/// returns the data directory's owner.
+fn block_data_dir(
+    store: &Store,
+    req: &Request<'_>,
+    meta: &DatabaseMeta,
+    rec: &mut SessionRecord,
+    merged: &Path,
+) -> Result<(u32, u32), RecoverError> {
+    let layer_dir = rec.layer_dir();
+    mkdir(&layer_dir, 0o700)?;
+    let snapshot = req.snapshot.id.to_hex();
+    let pid = (req.spawn_mount)(&SessionMount {
+        mountpoint: merged,
+        owner: None,
+        writable: Some(WritableLayer {
+            layer_dir: &layer_dir,
+            snapshot: &snapshot,
+        }),
+    })
+    .map_err(RecoverError::Setup)?;
+    rec.mount_pid = Some(pid);
+    store.put(rec)?;
+    // A snapshot's root is the mount's own directory (root's, 0755); the data
+    // directory's owner and mode (0700, which the servers insist on) go into the layer.
+    let (uid, gid) = data_dir_owner(meta, merged)?;
+    chown(merged, uid, gid)?;
+    mkdir(merged, 0o700)?;
+    Ok((uid, gid))
+}
+
+/// The repository read-only at `mnt/`, and an overlay of the snapshot's root with an
+/// empty `upper/` at `merged`; returns the data directory's owner.
+fn overlay_data_dir(
+    store: &Store,
+    req: &Request<'_>,
+    meta: &DatabaseMeta,
+    rec: &mut SessionRecord,
+    merged: &Path,
+) -> Result<(u32, u32), RecoverError> {
+    let dir = rec.dir.clone();
+    let (mnt, upper, work) = (dir.join("mnt"), dir.join("upper"), dir.join("work"));
+    for p in [&mnt, &work] {
+        mkdir(p, 0o711)?;
+    }
+    let pid = (req.spawn_mount)(&SessionMount {
+        mountpoint: &mnt,
+        owner: None,
+        writable: None,
+    })
+    .map_err(RecoverError::Setup)?;
+    rec.mount_pid = Some(pid);
+    store.put(rec)?;
+    let lower = mnt
+        .join("snapshots")
+        .join(cairn_mount::layout::snapshot_dir_name(req.snapshot));
+    let (uid, gid) = data_dir_owner(meta, &lower)?;
+    // Its root takes the upper directory's owner and mode.
+    mkdir(&upper, 0o700)?;
+    chown(&upper, uid, gid)?;
+    overlay_mount(&lower, &upper, &work, merged)?;
+    Ok((uid, gid))
+}
+
+/// The owner of the database's files in `dir`, which must look like its data directory.
+fn data_dir_owner(meta: &DatabaseMeta, dir: &Path) -> Result<(u32, u32), RecoverError> {
+    let probe = engines::owner_probes(meta.engine)
+        .iter()
+        .find_map(|f| std::fs::metadata(dir.join(f)).ok())
+        .ok_or_else(|| {
+            RecoverError::Setup(format!(
+                "{} does not look like a {} data directory",
+                dir.display(),
+                meta.engine.as_str()
+            ))
+        })?;
+    Ok((probe.uid(), probe.gid()))
 }
 
 /// Waits until the server answers queries as the session user and its port accepts

@@ -6,7 +6,7 @@
 //! before anything is made, and taken down, in reverse order, by [`stop`] or, after a
 //! crash or a reboot, by [`cleanup`].
 //!
-//! - [`db`]: PostgreSQL and MariaDB on an overlay of the mount, run by a
+//! - [`db`]: PostgreSQL and MariaDB on the mount's writable layer (or an overlay), run by a
 //!   [`runtime::ServerRuntime`]: in a container ([`docker`]) or as a host process;
 //!   [`engines`] is what differs between the two databases.
 //! - [`vm`]: a libvirt domain defined from the snapshot's XML, on qcow2 overlays of its
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use cairn_agent::process::pid_alive;
 use cairn_mount::is_mountpoint;
 
-pub use db::{start, Request};
+pub use db::{start, Layer, Request};
 pub use runtime::{Runtime, ServerRuntime};
 pub use state::{state_dir, SessionRecord, SessionState, Store};
 
@@ -175,7 +175,9 @@ pub fn is_live(rec: &SessionRecord, docker: Option<&Docker>) -> bool {
             .ok()
             .flatten()
             .is_some_and(|mut r| r.alive(rec));
-    server && is_mountpoint(&rec.merged()) && is_mountpoint(&rec.mountpoint())
+    server
+        && is_mountpoint(&rec.merged())
+        && (rec.uses_block_layer() || is_mountpoint(&rec.mountpoint()))
 }
 
 /// What [`cleanup`] did.

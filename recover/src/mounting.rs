@@ -29,19 +29,45 @@ pub struct MountDaemon {
     pub log: PathBuf,
 }
 
-/// The arguments of `repo` for a session's mount of `repository` on `mountpoint`:
-/// files owned by `owner` (uid, gid) when given, readable by other users when we are
-/// root (the database or QEMU runs as another user).
+/// A session's mount of the repository.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionMount<'a> {
+    pub mountpoint: &'a Path,
+    /// Every file shown as owned by this (uid, gid) (a VM session's QEMU).
+    pub owner: Option<(u32, u32)>,
+    /// One snapshot's root, writable through a layer (a database session's data
+    /// directory); `None`: every snapshot, read-only.
+    pub writable: Option<WritableLayer<'a>>,
+}
+
+/// A writable layer's directory and the snapshot (full id) it is over.
+#[derive(Debug, Clone, Copy)]
+pub struct WritableLayer<'a> {
+    pub layer_dir: &'a Path,
+    pub snapshot: &'a str,
+}
+
+/// Starts a session's mount; returns the daemon's pid once mounted.
+pub type SpawnMount<'a> = &'a dyn Fn(&SessionMount<'_>) -> Result<u32, String>;
+
+/// Memory for decoded blobs of a session's mount: sessions are many and short-lived
+/// (docs/RECOVERY.md has the measurement behind this figure).
+pub const SESSION_CACHE: &str = "64M";
+
+/// The arguments of `repo` for a session's mount of `repository`: readable by other
+/// users when we are root (the database or QEMU runs as another user), with a small
+/// cache.
 #[must_use]
-pub fn session_mount_args(
-    repository: &Path,
-    mountpoint: &Path,
-    owner: Option<(u32, u32)>,
-) -> Vec<OsString> {
+pub fn session_mount_args(repository: &Path, m: &SessionMount<'_>) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec!["--repo".into(), repository.as_os_str().to_owned()];
-    args.extend(["mount".into(), mountpoint.as_os_str().to_owned()]);
-    if let Some((uid, gid)) = owner {
+    args.extend(["mount".into(), m.mountpoint.as_os_str().to_owned()]);
+    args.extend(["--cache-size".into(), SESSION_CACHE.into()]);
+    if let Some((uid, gid)) = m.owner {
         args.extend(["--owner".into(), format!("{uid}:{gid}").into()]);
+    }
+    if let Some(w) = m.writable {
+        args.extend(["--writable-layer".into(), w.layer_dir.as_os_str().to_owned()]);
+        args.extend(["--snapshot".into(), w.snapshot.into()]);
     }
     if nix::unistd::geteuid().is_root() {
         args.push("--allow-other".into());

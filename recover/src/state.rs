@@ -59,6 +59,14 @@ pub struct SessionRecord {
     /// A VM session's disks (targets), each on `<dir>/<target>.qcow2`.
     #[serde(default)]
     pub disks: Vec<String>,
+    /// A database session's writable layer: `block` (the mount's, in `layer/`) or
+    /// `overlay` (overlayfs, `upper/`; what every session before the block layer used).
+    #[serde(default = "overlay")]
+    pub layer: String,
+}
+
+fn overlay() -> String {
+    "overlay".into()
 }
 
 impl SessionRecord {
@@ -76,6 +84,33 @@ impl SessionRecord {
     pub fn merged(&self) -> PathBuf {
         self.dir.join("merged")
     }
+    /// The block layer's directory.
+    #[must_use]
+    pub fn layer_dir(&self) -> PathBuf {
+        self.dir.join("layer")
+    }
+    /// Whether the data directory is the mount's writable layer (no overlay).
+    #[must_use]
+    pub fn uses_block_layer(&self) -> bool {
+        self.layer == "block"
+    }
+
+    /// Bytes written into the session's layer so far (for a VM, its qcow2 overlays).
+    #[must_use]
+    pub fn layer_bytes(&self) -> u64 {
+        if self.is_vm() {
+            return self
+                .disks
+                .iter()
+                .map(|d| allocated(&self.dir.join(format!("{d}.qcow2"))))
+                .sum();
+        }
+        if self.uses_block_layer() {
+            cairn_mount::layer::layer_bytes(&self.layer_dir())
+        } else {
+            allocated(&self.dir.join("upper"))
+        }
+    }
 
     /// How a client connects, once the session runs.
     #[must_use]
@@ -87,6 +122,21 @@ impl SessionRecord {
             _ => format!("mariadb://{user}:{pw}@127.0.0.1:{port}/{db}"),
         })
     }
+}
+
+/// Bytes allocated to `p` and, for a directory, everything under it.
+fn allocated(p: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::symlink_metadata(p) else {
+        return 0;
+    };
+    let own = m.blocks() * 512;
+    if !m.is_dir() {
+        return own;
+    }
+    own + std::fs::read_dir(p)
+        .map(|rd| rd.flatten().map(|e| allocated(&e.path())).sum::<u64>())
+        .unwrap_or(0)
 }
 
 /// The state directory (see the module docs).

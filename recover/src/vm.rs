@@ -31,12 +31,9 @@ use cairn_agent::qemu;
 use cairn_engine::snapshot::Snapshot;
 use cairn_mount::is_mountpoint;
 
+use crate::mounting::{SessionMount, SpawnMount};
 use crate::state::{SessionRecord, SessionState, Store};
 use crate::{mkdir, random_token, remove_session_dir, stop_process, RecoverError};
-
-/// Starts a `repo mount` daemon at a mountpoint, every file shown as owned by the given
-/// (uid, gid); returns its pid once mounted.
-pub type SpawnMount<'a> = &'a dyn Fn(&Path, (u32, u32)) -> Result<u32, String>;
 
 /// What to recover, and how.
 pub struct VmRequest<'a> {
@@ -112,6 +109,7 @@ pub fn start(store: &Store, req: &VmRequest<'_>) -> Result<SessionRecord, Recove
         domain: None,
         uri: Some(hv.uri().to_owned()),
         disks: Vec::new(),
+        layer: "qcow2".into(),
     };
     store.put(&rec)?;
     match set_up(store, req, &hv, &name, &mut rec) {
@@ -138,7 +136,12 @@ fn set_up(
     mkdir(&mnt, 0o711)?;
     let owner = qemu_user();
     // 1. the repository, read-only, its files QEMU's.
-    let pid = (req.spawn_mount)(&mnt, owner).map_err(RecoverError::Setup)?;
+    let pid = (req.spawn_mount)(&SessionMount {
+        mountpoint: &mnt,
+        owner: Some(owner),
+        writable: None,
+    })
+    .map_err(RecoverError::Setup)?;
     rec.mount_pid = Some(pid);
     store.put(rec)?;
     let snap_dir = mnt

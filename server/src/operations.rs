@@ -8,7 +8,6 @@
 //! daemon's state directory), so `repo recover list|stop` on the host sees the ones the
 //! daemon started, and the other way round.
 
-use std::path::Path;
 use std::time::Duration;
 
 use cairn_agent::libvirt::{Hypervisor, VmError, VmSummary};
@@ -61,6 +60,9 @@ pub struct DbRecovery {
     pub runtime: Option<String>,
     /// How long the server may take to accept connections, in seconds (default 120).
     pub timeout_seconds: Option<u64>,
+    /// Where writes land: `block` (the default: the mount's writable layer, copy on
+    /// write in 64 KiB chunks) or `overlay` (overlayfs, whole files copied up).
+    pub layer: Option<String>,
 }
 
 /// A VM recovery: `repo recover vm` through the daemon.
@@ -103,10 +105,10 @@ impl MountSource {
         Ok(Self { path, password })
     }
 
-    fn spawn(&self, mountpoint: &Path, owner: Option<(u32, u32)>) -> Result<u32, String> {
+    fn spawn(&self, m: &mounting::SessionMount<'_>) -> Result<u32, String> {
         let exe = std::env::current_exe().map_err(|e| format!("finding the repo binary: {e}"))?;
-        let args = mounting::session_mount_args(&self.path, mountpoint, owner);
-        mounting::spawn(&exe, &args, Some(&self.password), mountpoint)
+        let args = mounting::session_mount_args(&self.path, m);
+        mounting::spawn(&exe, &args, Some(&self.password), m.mountpoint)
             .map(|m| m.pid)
             .map_err(|e| format!("mounting the repository: {e}"))
     }
@@ -124,7 +126,9 @@ pub fn recover_database(site: &Site, req: &DbRecovery) -> Result<SessionRecord, 
     let snap = browse::find(&repo, &req.snapshot)?;
     drop(repo);
     let source = MountSource::of(site, &req.repository)?;
-    let spawn = |mnt: &Path| source.spawn(mnt, None);
+    let layer = cairn_recover::Layer::parse(req.layer.as_deref().unwrap_or("block"))
+        .map_err(|e| OperationError::Invalid(e.to_string()))?;
+    let spawn = |m: &mounting::SessionMount<'_>| source.spawn(m);
     let request = cairn_recover::Request {
         snapshot: &snap,
         repository: source.path.clone(),
@@ -133,6 +137,7 @@ pub fn recover_database(site: &Site, req: &DbRecovery) -> Result<SessionRecord, 
         writable: req.writable,
         runtime,
         timeout: Duration::from_secs(req.timeout_seconds.unwrap_or(120)),
+        layer,
         spawn_mount: &spawn,
     };
     Ok(cairn_recover::start(&store(site)?, &request)?)
@@ -165,7 +170,7 @@ pub fn recover_vm(site: &Site, req: &VmRecovery) -> Result<SessionRecord, Operat
     let network = hv.network(req.network.as_deref().unwrap_or("isolated"))?;
     drop(hv);
     let source = MountSource::of(site, &req.repository)?;
-    let spawn = |mnt: &Path, owner: (u32, u32)| source.spawn(mnt, Some(owner));
+    let spawn = |m: &mounting::SessionMount<'_>| source.spawn(m);
     let request = cairn_recover::vm::VmRequest {
         snapshot: &snap,
         repository: source.path.clone(),

@@ -122,8 +122,21 @@ pub fn run(cli: Cli) -> Result<u8> {
             threads,
             direct_io_from,
             owner,
+            writable_layer,
+            snapshot,
+            layer_path,
+            chunk_size,
         } => {
             let allow_other = allow_other || (!private && nix::unistd::geteuid().is_root());
+            let writable = match (writable_layer, snapshot) {
+                (Some(dir), Some(snapshot)) => Some(mount::Writable {
+                    dir,
+                    snapshot,
+                    path: layer_path.unwrap_or_default(),
+                    chunk: chunk_size,
+                }),
+                _ => None,
+            };
             let req = mount::Request {
                 daemon,
                 allow_other,
@@ -131,6 +144,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 threads,
                 direct_io_from: direct_io_from.map(|d| d.0),
                 owner: owner.as_deref().map(mount::parse_owner).transpose()?,
+                writable,
             };
             mount::mount(&settings, g, &mountpoint, &req)
         }

@@ -34,6 +34,16 @@ pub struct Request {
     pub direct_io_from: Option<Option<u64>>,
     /// Every file shown as owned by this (uid, gid).
     pub owner: Option<(u32, u32)>,
+    /// One snapshot directory, writable through a layer.
+    pub writable: Option<Writable>,
+}
+
+/// `--writable-layer DIR --snapshot S [--dir PATH] [--chunk-size N]`.
+pub struct Writable {
+    pub dir: std::path::PathBuf,
+    pub snapshot: String,
+    pub path: std::path::PathBuf,
+    pub chunk: u64,
 }
 
 pub fn mount(s: &Settings, g: &Global, mountpoint: &Path, req: &Request) -> Result<u8> {
@@ -68,7 +78,11 @@ pub fn mount(s: &Settings, g: &Global, mountpoint: &Path, req: &Request) -> Resu
         threads: req.threads.map_or(defaults.threads, usize::from),
         direct_io_from: req.direct_io_from.unwrap_or(defaults.direct_io_from),
     };
-    let session = cairn_mount::mount(repo, &mountpoint, &opts).with_context(|| {
+    let (session, layer) = match &req.writable {
+        None => (cairn_mount::mount(repo, &mountpoint, &opts), None),
+        Some(w) => mount_layer(repo, w, &mountpoint, &opts)?,
+    };
+    let session = session.with_context(|| {
         format!(
             "mounting at {} (is fuse3 installed and /dev/fuse usable?)",
             mountpoint.display()
@@ -100,10 +114,42 @@ pub fn mount(s: &Settings, g: &Global, mountpoint: &Path, req: &Request) -> Resu
         // ends the connection.
         Err(_) => tracing::info!("files still open at unmount; closing the connection"),
     }
+    if let Some(layer) = layer {
+        // What the kernel's last requests left (the session may end before `destroy`).
+        layer
+            .sync_all()
+            .with_context(|| format!("syncing the writable layer of {}", mountpoint.display()))?;
+    }
     if !g.quiet {
         eprintln!("unmounted {}", mountpoint.display());
     }
     Ok(exit::OK)
+}
+
+type Mounted = (
+    std::io::Result<cairn_mount::BackgroundSession>,
+    Option<Arc<cairn_mount::layer::Layer>>,
+);
+
+/// Mounts one snapshot directory with a writable layer.
+fn mount_layer(
+    repo: Arc<Repository>,
+    w: &Writable,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<Mounted> {
+    let snapshot = super::find_snapshot(&repo, &w.snapshot, &crate::args::Filter::default())?;
+    std::fs::create_dir_all(&w.dir).with_context(|| w.dir.display().to_string())?;
+    let target = cairn_mount::WritableTarget {
+        snapshot: &snapshot,
+        path: &w.path,
+        layer_dir: &w.dir,
+        chunk: w.chunk,
+    };
+    Ok(match cairn_mount::mount_writable(repo, &target, mountpoint, opts) {
+        Ok((session, layer)) => (Ok(session), Some(layer)),
+        Err(e) => (Err(e), None),
+    })
 }
 
 fn spawn_daemon(s: &Settings, mountpoint: &Path) -> Result<u8> {

@@ -4,10 +4,11 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use cairn_recover::mounting::SessionMount;
 use cairn_recover::{self as recover, Request, Runtime, SessionRecord, Store};
 use serde_json::json;
 
-use crate::args::{Global, RecoverCommand, RuntimeArg};
+use crate::args::{Global, LayerArg, RecoverCommand, RuntimeArg};
 use crate::exit;
 use crate::format;
 use crate::open::Settings;
@@ -39,7 +40,17 @@ fn session_json(r: &SessionRecord) -> serde_json::Value {
         "disks": r.disks,
         "dir": r.dir,
         "created": r.created,
+        "layer": r.layer,
+        "layer_bytes": r.layer_bytes(),
     })
+}
+
+/// Starts a session's mount of the repository at `repo_path` in the background.
+fn spawn_session_mount(s: &Settings, repo_path: &Path, m: &SessionMount<'_>) -> Result<u32, String> {
+    let args = recover::mounting::session_mount_args(repo_path, m);
+    super::mount::spawn_mount_daemon(s, m.mountpoint, &args)
+        .map(|(pid, _)| pid)
+        .map_err(|e| format!("mounting the repository: {e:#}"))
 }
 
 pub fn run(s: &Settings, g: &Global, cmd: RecoverCommand) -> Result<u8> {
@@ -51,6 +62,7 @@ pub fn run(s: &Settings, g: &Global, cmd: RecoverCommand) -> Result<u8> {
             writable,
             runtime,
             timeout,
+            layer,
             filter,
         } => {
             let repo = s.open()?;
@@ -58,12 +70,7 @@ pub fn run(s: &Settings, g: &Global, cmd: RecoverCommand) -> Result<u8> {
             drop(repo);
             let store = store()?;
             let repo_path = std::fs::canonicalize(&s.repo).unwrap_or_else(|_| s.repo.clone());
-            let spawn = |mnt: &Path| -> Result<u32, String> {
-                let args = recover::mounting::session_mount_args(&repo_path, mnt, None);
-                super::mount::spawn_mount_daemon(s, mnt, &args)
-                    .map(|(pid, _)| pid)
-                    .map_err(|e| format!("mounting the repository: {e:#}"))
-            };
+            let spawn = |m: &SessionMount<'_>| spawn_session_mount(s, &repo_path, m);
             let started = Instant::now();
             let req = Request {
                 snapshot: &snap,
@@ -76,6 +83,10 @@ pub fn run(s: &Settings, g: &Global, cmd: RecoverCommand) -> Result<u8> {
                     RuntimeArg::Process => Runtime::Process,
                 },
                 timeout: Duration::from_secs(timeout),
+                layer: match layer {
+                    LayerArg::Block => recover::Layer::Block,
+                    LayerArg::Overlay => recover::Layer::Overlay,
+                },
                 spawn_mount: &spawn,
             };
             let rec = recover::start(&store, &req)?;
@@ -107,6 +118,12 @@ pub fn run(s: &Settings, g: &Global, cmd: RecoverCommand) -> Result<u8> {
                     rec.password.as_deref().unwrap_or("")
                 );
                 println!("{}", rec.connection_string().unwrap_or_default());
+                println!(
+                    "writes land in its {} layer ({} so far): {}",
+                    rec.layer,
+                    format::bytes(rec.layer_bytes()),
+                    if rec.uses_block_layer() { rec.layer_dir() } else { rec.dir.join("upper") }.display()
+                );
                 println!("stop it with: repo recover stop {}", rec.id);
             }
             Ok(exit::OK)
@@ -153,18 +170,20 @@ pub fn run(s: &Settings, g: &Global, cmd: RecoverCommand) -> Result<u8> {
                 format::print_json(&json!(list.iter().map(session_json).collect::<Vec<_>>()));
             } else {
                 println!(
-                    "{:<10} {:<9} {:<11} {:<9} {:<8} {:>6}  connection",
-                    "id", "state", "engine", "snapshot", "runtime", "port"
+                    "{:<10} {:<9} {:<11} {:<9} {:<8} {:>6} {:>8} {:>10}  connection",
+                    "id", "state", "engine", "snapshot", "runtime", "port", "layer", "written"
                 );
                 for r in &list {
                     println!(
-                        "{:<10} {:<9} {:<11} {:<9} {:<8} {:>6}  {}",
+                        "{:<10} {:<9} {:<11} {:<9} {:<8} {:>6} {:>8} {:>10}  {}",
                         r.id,
                         format!("{:?}", r.state).to_lowercase(),
                         r.engine,
                         r.snapshot.get(..8).unwrap_or(&r.snapshot),
                         r.runtime,
                         r.port.map(|p| p.to_string()).unwrap_or_default(),
+                        r.layer,
+                        format::bytes(r.layer_bytes()),
                         match &r.domain {
                             Some(d) => format!("domain {d} (virsh console {d})"),
                             None => r.connection_string().unwrap_or_default(),
@@ -244,12 +263,7 @@ fn vm(
     let network = hv.network(network)?;
     let store = store()?;
     let repo_path = std::fs::canonicalize(&s.repo).unwrap_or_else(|_| s.repo.clone());
-    let spawn = |mnt: &Path, owner: (u32, u32)| -> Result<u32, String> {
-        let args = recover::mounting::session_mount_args(&repo_path, mnt, Some(owner));
-        super::mount::spawn_mount_daemon(s, mnt, &args)
-            .map(|(pid, _)| pid)
-            .map_err(|e| format!("mounting the repository: {e:#}"))
-    };
+    let spawn = |m: &SessionMount<'_>| spawn_session_mount(s, &repo_path, m);
     let started = Instant::now();
     let req = recover::vm::VmRequest {
         snapshot: &snap,

@@ -1386,6 +1386,7 @@ fn session_view(r: &cairn_recover::SessionRecord) -> Value {
     let mut v = json!(r);
     if let Some(o) = v.as_object_mut() {
         o.remove("password");
+        o.insert("layer_bytes".into(), json!(r.layer_bytes()));
     }
     v
 }
