@@ -66,7 +66,10 @@ pub fn session_mount_args(repository: &Path, m: &SessionMount<'_>) -> Vec<OsStri
         args.extend(["--owner".into(), format!("{uid}:{gid}").into()]);
     }
     if let Some(w) = m.writable {
-        args.extend(["--writable-layer".into(), w.layer_dir.as_os_str().to_owned()]);
+        args.extend([
+            "--writable-layer".into(),
+            w.layer_dir.as_os_str().to_owned(),
+        ]);
         args.extend(["--snapshot".into(), w.snapshot.into()]);
     }
     if nix::unistd::geteuid().is_root() {

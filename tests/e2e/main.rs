@@ -15,6 +15,7 @@ mod extent_lists;
 mod forget;
 mod images;
 mod keys;
+mod layer;
 mod maintenance;
 mod mount;
 mod mutations;

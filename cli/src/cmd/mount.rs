@@ -146,10 +146,12 @@ fn mount_layer(
         layer_dir: &w.dir,
         chunk: w.chunk,
     };
-    Ok(match cairn_mount::mount_writable(repo, &target, mountpoint, opts) {
-        Ok((session, layer)) => (Ok(session), Some(layer)),
-        Err(e) => (Err(e), None),
-    })
+    Ok(
+        match cairn_mount::mount_writable(repo, &target, mountpoint, opts) {
+            Ok((session, layer)) => (Ok(session), Some(layer)),
+            Err(e) => (Err(e), None),
+        },
+    )
 }
 
 fn spawn_daemon(s: &Settings, mountpoint: &Path) -> Result<u8> {

@@ -46,7 +46,11 @@ fn session_json(r: &SessionRecord) -> serde_json::Value {
 }
 
 /// Starts a session's mount of the repository at `repo_path` in the background.
-fn spawn_session_mount(s: &Settings, repo_path: &Path, m: &SessionMount<'_>) -> Result<u32, String> {
+fn spawn_session_mount(
+    s: &Settings,
+    repo_path: &Path,
+    m: &SessionMount<'_>,
+) -> Result<u32, String> {
     let args = recover::mounting::session_mount_args(repo_path, m);
     super::mount::spawn_mount_daemon(s, m.mountpoint, &args)
         .map(|(pid, _)| pid)
@@ -122,7 +126,12 @@ pub fn run(s: &Settings, g: &Global, cmd: RecoverCommand) -> Result<u8> {
                     "writes land in its {} layer ({} so far): {}",
                     rec.layer,
                     format::bytes(rec.layer_bytes()),
-                    if rec.uses_block_layer() { rec.layer_dir() } else { rec.dir.join("upper") }.display()
+                    if rec.uses_block_layer() {
+                        rec.layer_dir()
+                    } else {
+                        rec.dir.join("upper")
+                    }
+                    .display()
                 );
                 println!("stop it with: repo recover stop {}", rec.id);
             }
