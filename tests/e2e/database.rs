@@ -239,6 +239,126 @@ fn writes_in_a_writable_session_never_reach_the_repository() {
     assert_nothing_left(&env);
 }
 
+/// `layer_bytes` of session `id` in `repo recover list`.
+fn layer_bytes(env: &Env, id: &Value) -> u64 {
+    let list = rjson(env, &["recover", "list"]);
+    let s = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == *id)
+        .unwrap();
+    s["layer_bytes"].as_u64().unwrap()
+}
+
+/// Restarts a session's container and waits until `ready` succeeds again.
+fn restart_container(session: &Value, ready: impl Fn() -> bool) {
+    let c = session["container"].as_str().unwrap();
+    let out = Command::new("docker")
+        .args(["restart", c])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let start = Instant::now();
+    while !ready() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the server did not come back"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[test]
+fn a_block_layer_session_writes_only_what_changed_keeps_it_across_a_restart_and_passes_amcheck_after_pgbench(
+) {
+    if !pg_ready("PostgreSQL recovery") || !require_docker(PG_IMAGE) {
+        return;
+    }
+    let env = Env::new();
+    let _stop = StopAll(&env);
+    let (pg, snap, before) = pgbench_backup(&env);
+    drop(pg);
+    let id = snap["id"].as_str().unwrap();
+    let one_row = "UPDATE pgbench_accounts SET abalance = 12345 WHERE aid = 1; CHECKPOINT";
+    // overlayfs, for comparison: the first write to a relation copies all of it up.
+    let o = rjson(
+        &env,
+        &["recover", "db", id, "--writable", "--layer", "overlay"],
+    );
+    assert_eq!(o["layer"], "overlay");
+    psql(o["connection"].as_str().unwrap(), one_row).unwrap();
+    let overlay_bytes = layer_bytes(&env, &o["id"]);
+
+    let s = rjson(&env, &["recover", "db", id, "--writable"]);
+    assert_eq!(s["layer"], "block");
+    let conn = s["connection"].as_str().unwrap().to_owned();
+    assert_eq!(psql(&conn, SUM_Q).unwrap(), before);
+    psql(&conn, one_row).unwrap();
+    let block_bytes = layer_bytes(&env, &s["id"]);
+    let accounts: u64 = psql(&conn, "SELECT pg_relation_size('pgbench_accounts')")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        block_bytes < 10 << 20 && overlay_bytes > accounts,
+        "layer bytes after a 1-row UPDATE: block {block_bytes}, overlay {overlay_bytes} \
+         (the relation: {accounts})"
+    );
+    eprintln!("layer bytes after a 1-row UPDATE: block {block_bytes}, overlay {overlay_bytes}");
+    rok(&env, &["recover", "stop", o["id"].as_str().unwrap()]);
+
+    // An UPDATE and an INSERT persist across a restart of the server in the session.
+    psql(&conn, "INSERT INTO pgbench_branches VALUES (99, 0, 'new')").unwrap();
+    restart_container(&s, || psql(&conn, "SELECT 1").is_ok());
+    assert_eq!(
+        psql(&conn, "SELECT abalance FROM pgbench_accounts WHERE aid = 1").unwrap(),
+        "12345"
+    );
+    assert_eq!(
+        psql(&conn, "SELECT filler FROM pgbench_branches WHERE bid = 99").unwrap(),
+        "new"
+    );
+    // Two minutes of pgbench, then every B-tree index passes amcheck.
+    let out = Command::new(format!("{PG_BIN}/pgbench"))
+        .args(["-n", "-c", "2", "-T", "120", "-M", "prepared", &conn])
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && report.contains("number of failed transactions: 0"),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("{report}");
+    let checked = psql(
+        &conn,
+        "CREATE EXTENSION amcheck; SELECT count(bt_index_check(c.oid, true)) FROM pg_index i \
+         JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am a ON a.oid = c.relam \
+         WHERE a.amname = 'btree' AND c.relpersistence <> 't'",
+    )
+    .unwrap();
+    assert!(
+        checked.lines().last().unwrap().parse::<u32>().unwrap() > 3,
+        "{checked}"
+    );
+    rok(&env, &["recover", "stop", "--all"]);
+    assert_nothing_left(&env);
+    env.ok(&["check", "--read-data"]);
+    // A second session sees the backup as it was.
+    let s = rjson(&env, &["recover", "db", id]);
+    assert_eq!(
+        psql(s["connection"].as_str().unwrap(), SUM_Q).unwrap(),
+        before
+    );
+    rok(&env, &["recover", "stop", "--all"]);
+    assert_nothing_left(&env);
+}
+
 #[test]
 fn killing_repo_during_recovery_then_cleanup_leaves_nothing() {
     if !pg_ready("PostgreSQL recovery") || !require_docker(PG_IMAGE) {
@@ -429,6 +549,37 @@ fn mariadb_physical_backup_recovers_and_logical_dumps_hold_the_rows() {
     assert_eq!(mariadb_tcp(&s, q).unwrap(), before);
     let e = mariadb_tcp(&s, "INSERT INTO shop.items VALUES (99999, 'x')").unwrap_err();
     assert!(e.contains("read-only") || e.contains("denied"), "{e}");
+    rok(&env, &["recover", "stop", "--all"]);
+    assert_nothing_left(&env);
+
+    // Writable, on the block layer: an INSERT and an UPDATE persist across a restart of
+    // the server, and the table checks out.
+    let s = rjson(
+        &env,
+        &["recover", "db", snap["id"].as_str().unwrap(), "--writable"],
+    );
+    assert_eq!(s["layer"], "block");
+    mariadb_tcp(
+        &s,
+        "INSERT INTO shop.items VALUES (99999, 'x'); UPDATE shop.items SET name = 'y' WHERE id = 1",
+    )
+    .unwrap();
+    restart_container(&s, || mariadb_tcp(&s, "SELECT 1").is_ok());
+    assert_eq!(
+        mariadb_tcp(
+            &s,
+            "SELECT name FROM shop.items WHERE id IN (1, 99999) ORDER BY id"
+        )
+        .unwrap(),
+        "y\nx"
+    );
+    let check = mariadb_tcp(&s, "CHECK TABLE shop.items").unwrap();
+    assert!(check.ends_with("OK"), "{check}");
+    rok(&env, &["recover", "stop", "--all"]);
+    assert_nothing_left(&env);
+    // The repository still has the original.
+    let s = rjson(&env, &["recover", "db", snap["id"].as_str().unwrap()]);
+    assert_eq!(mariadb_tcp(&s, q).unwrap(), before);
     rok(&env, &["recover", "stop", "--all"]);
     assert_nothing_left(&env);
 }
