@@ -662,6 +662,14 @@ pub enum RecoverCommand {
     },
     /// Remove what crashed or killed sessions left behind (after a reboot, a kill -9)
     Cleanup,
+    /// Back up a writable database session as it is now: a new snapshot of the same
+    /// source (its parent: the session's snapshot), the server frozen meanwhile
+    Commit {
+        id: String,
+        /// Tag the new snapshot (repeatable; the original's tags are kept)
+        #[arg(long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+    },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]

@@ -36,7 +36,7 @@ pub const MAX_READ: u32 = 1 << 20;
 
 /// Replies to reads of holes. Never written: its pages stay the kernel's shared zero
 /// page, so a hole costs no allocation, no zeroing and no cache misses.
-static ZEROS: [u8; MAX_READ as usize] = [0; MAX_READ as usize];
+pub(crate) static ZEROS: [u8; MAX_READ as usize] = [0; MAX_READ as usize];
 
 thread_local! {
     /// Where a request thread assembles a read that spans extents; reused.

@@ -23,7 +23,7 @@ use cairn_engine::progress::Progress;
 use cairn_engine::tree::NodeKind;
 use cairn_engine::Repository;
 use cairn_mount::layer::{Creator, Layer, SetAttr};
-use cairn_mount::view::{FsError, View, ViewOptions, ROOT_INO};
+use cairn_mount::view::{FsError, ReadData, View, ViewOptions, ROOT_INO};
 use proptest::prelude::*;
 
 /// The chunk the test runs with: small, so that sequences cross many chunk edges.
@@ -104,6 +104,11 @@ enum Op {
         at: u64,
         len: u32,
     },
+    Seek {
+        file: usize,
+        at: u64,
+        data: bool,
+    },
     Create {
         dir: usize,
         name: u8,
@@ -151,6 +156,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (i(), 0u64..40_000).prop_map(|(file, size)| Op::Truncate { file, size }),
         1 => (i(), 0u64..40_000, 1u64..20_000).prop_map(|(file, at, len)| Op::Allocate { file, at, len }),
         3 => (i(), 0u64..45_000, 1u32..20_000).prop_map(|(file, at, len)| Op::Read { file, at, len }),
+        2 => (i(), 0u64..45_000, any::<bool>()).prop_map(|(file, at, data)| Op::Seek { file, at, data }),
         2 => (i(), 0u8..6).prop_map(|(dir, name)| Op::Create { dir, name }),
         1 => (i(), 0u8..6).prop_map(|(dir, name)| Op::Mkdir { dir, name }),
         1 => (i(), 0u8..6).prop_map(|(dir, name)| Op::Symlink { dir, name }),
@@ -287,7 +293,16 @@ fn step(h: &mut Harness, m: &mut Model, op: &Op) {
         }
         Op::Read { file, at, len } => {
             let Some(p) = pick(&files, file) else { return };
-            let got = h.with_file(&p, false, |l, fh| l.read(fh, at, len).unwrap());
+            let (got, direct) = h.with_file(&p, false, |l, fh| {
+                let mut buf = Vec::new();
+                let direct = match l.read_into(fh, at, len, &mut buf).unwrap() {
+                    ReadData::Zeros(n) => vec![0; n],
+                    ReadData::Blob(b, r) => b[r].to_vec(),
+                    ReadData::Assembled => buf,
+                };
+                (l.read(fh, at, len).unwrap(), direct)
+            });
+            assert!(got == direct, "read and read_into differ");
             let E::File(id) = m.tree[&p] else {
                 unreachable!()
             };
@@ -299,6 +314,38 @@ fn step(h: &mut Harness, m: &mut Model, op: &Op) {
                 "read {at}+{len} of {:?}",
                 String::from_utf8_lossy(&p)
             );
+        }
+        Op::Seek { file, at, data } => {
+            let Some(p) = pick(&files, file) else { return };
+            let got = h.with_file(&p, false, |l, fh| l.seek(fh, at, data));
+            let E::File(id) = m.tree[&p] else {
+                unreachable!()
+            };
+            let c = &m.files[&id];
+            let zero = |from: u64, to: u64| c[from as usize..to as usize].iter().all(|b| *b == 0);
+            match got {
+                Err(FsError::NoSuchOffset) => {
+                    // Past the end, or (SEEK_DATA) nothing but zeros from `at` on.
+                    assert!(
+                        at >= c.len() as u64 || (data && zero(at, c.len() as u64)),
+                        "seek {at} {data}"
+                    );
+                }
+                Ok(to) if data => {
+                    assert!(
+                        to >= at && to < c.len() as u64 && zero(at, to),
+                        "SEEK_DATA {at} -> {to}"
+                    );
+                }
+                Ok(to) => {
+                    assert!(to >= at && to <= c.len() as u64, "SEEK_HOLE {at} -> {to}");
+                    assert!(
+                        to == c.len() as u64 || c[to as usize] == 0,
+                        "SEEK_HOLE {at} -> {to}: data there"
+                    );
+                }
+                Err(e) => panic!("seek: {e}"),
+            }
         }
         Op::Create { dir, name } | Op::Mkdir { dir, name } | Op::Symlink { dir, name } => {
             let Some(d) = pick(&dirs, dir).or_else(|| Some(Vec::new())) else {

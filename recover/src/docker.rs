@@ -190,6 +190,24 @@ impl Docker {
         })
     }
 
+    /// Freezes (`paused`) or thaws every process of a container.
+    pub fn pause(&self, id: &str, paused: bool) -> Result<(), RecoverError> {
+        let r = if paused {
+            self.block(self.client.pause_container(id))
+        } else {
+            self.block(self.client.unpause_container(id))
+        };
+        r.map_err(|e| {
+            err(
+                &format!(
+                    "{} container {id}",
+                    if paused { "pausing" } else { "unpausing" }
+                ),
+                e,
+            )
+        })
+    }
+
     /// Removes the container (killing it first); a missing container is fine.
     pub fn remove(&self, id: &str) -> Result<(), RecoverError> {
         let opts = RemoveContainerOptions {

@@ -12,6 +12,7 @@
 //! - [`vm`]: a libvirt domain defined from the snapshot's XML, on qcow2 overlays of its
 //!   mounted disks; [`vm::promote`] moves it to real storage while it runs.
 
+pub mod commit;
 pub mod db;
 pub mod docker;
 pub mod engines;

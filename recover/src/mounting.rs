@@ -18,6 +18,13 @@ use crate::RecoverError;
 /// input (one line).
 pub const PASSWORD_STDIN_ENV: &str = "CAIRN_DAEMON_PASSWORD_STDIN";
 
+/// glibc malloc settings of a background mount: at most two arenas, and blobs (128 KiB
+/// and more) always in their own mappings, returned to the system when freed. With
+/// glibc's defaults (an arena per thread, a threshold that grows after the first free)
+/// freed blob buffers pile up: a session's daemon peaked at 152 MB with a 64 MiB cache,
+/// 96 MB with these (docs/RECOVERY.md).
+const MALLOC_TUNABLES: &str = "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=131072";
+
 /// How long a mount may take to come up.
 const MOUNT_WAIT: Duration = Duration::from_secs(60);
 
@@ -94,9 +101,14 @@ pub fn spawn(
         unique()
     ));
     let log_file = std::fs::File::create(&log).map_err(|e| RecoverError::io(&log, e))?;
+    let tunables = match std::env::var("GLIBC_TUNABLES") {
+        Ok(t) if !t.is_empty() => format!("{t}:{MALLOC_TUNABLES}"),
+        _ => MALLOC_TUNABLES.to_owned(),
+    };
     let mut child = Command::new(exe)
         .args(args)
         .env(PASSWORD_STDIN_ENV, "1")
+        .env("GLIBC_TUNABLES", tunables)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(log_file)

@@ -100,6 +100,10 @@ pub trait ServerRuntime {
 
     /// Stops the server if it still runs; what is already gone is skipped.
     fn stop(&self, rec: &SessionRecord) -> Result<(), RecoverError>;
+
+    /// Freezes every process of the server (`paused`), or lets them run again: while
+    /// frozen, nothing writes into the data directory.
+    fn pause(&self, rec: &SessionRecord, paused: bool) -> Result<(), RecoverError>;
 }
 
 /// The runtime a new session asked for.
@@ -268,6 +272,14 @@ impl ServerRuntime for DockerRuntime<'_> {
             None => Ok(()),
         }
     }
+
+    fn pause(&self, rec: &SessionRecord, paused: bool) -> Result<(), RecoverError> {
+        let cid = rec
+            .container
+            .as_deref()
+            .ok_or_else(|| RecoverError::Setup("the session has no container".into()))?;
+        self.docker().pause(cid, paused)
+    }
 }
 
 /// A server run from the host's own binaries.
@@ -397,5 +409,21 @@ impl ServerRuntime for ProcessRuntime {
             stop_process(pid, sig, Duration::from_secs(30));
         }
         Ok(())
+    }
+
+    fn pause(&self, rec: &SessionRecord, paused: bool) -> Result<(), RecoverError> {
+        use nix::sys::signal::{killpg, Signal};
+        let pid = rec
+            .server_pid
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| RecoverError::Setup("the session has no server process".into()))?;
+        // The server runs in a process group of its own: every backend stops with it.
+        let sig = if paused {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        killpg(nix::unistd::Pid::from_raw(pid), sig)
+            .map_err(|e| RecoverError::Setup(format!("signalling the server's processes: {e}")))
     }
 }

@@ -323,6 +323,38 @@ fn a_block_layer_session_writes_only_what_changed_keeps_it_across_a_restart_and_
         psql(&conn, "SELECT filler FROM pgbench_branches WHERE bid = 99").unwrap(),
         "new"
     );
+    // The session's state becomes a snapshot: files it never changed are not read.
+    let committed = rjson(
+        &env,
+        &[
+            "recover",
+            "commit",
+            s["id"].as_str().unwrap(),
+            "--tag",
+            "repaired",
+        ],
+    );
+    assert_eq!(committed["parent"], snap["id"]);
+    assert_eq!(committed["meta"]["db.engine"], "postgresql");
+    assert!(committed["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t == "repaired"));
+    let sum = &committed["summary"];
+    let (files, unchanged) = (
+        sum["files"].as_u64().unwrap(),
+        sum["files_unchanged"].as_u64().unwrap(),
+    );
+    assert!(
+        unchanged * 10 >= files * 9,
+        "the commit read {} of {files} files",
+        files - unchanged
+    );
+    assert!(sum["bytes_read"].as_u64().unwrap() < sum["total_bytes"].as_u64().unwrap());
+    eprintln!("commit: {sum}");
+    // The server runs again after the commit.
+    assert_eq!(psql(&conn, "SELECT 1").unwrap(), "1");
     // Two minutes of pgbench, then every B-tree index passes amcheck.
     let out = Command::new(format!("{PG_BIN}/pgbench"))
         .args(["-n", "-c", "2", "-T", "120", "-M", "prepared", &conn])
@@ -357,6 +389,28 @@ fn a_block_layer_session_writes_only_what_changed_keeps_it_across_a_restart_and_
     );
     rok(&env, &["recover", "stop", "--all"]);
     assert_nothing_left(&env);
+    // The committed snapshot restores to the modified state (crash recovery replays
+    // what the frozen server had not checkpointed).
+    let restored = env.path("restored");
+    env.ok(&[
+        "restore",
+        committed["id"].as_str().unwrap(),
+        "--target",
+        restored.to_str().unwrap(),
+    ]);
+    let (uid, gid) = postgres_user();
+    std::os::unix::fs::chown(&restored, Some(uid), Some(gid)).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&restored, fs::Permissions::from_mode(0o700)).unwrap();
+    let pg = Postgres::start(&env, &restored, "committed");
+    assert_eq!(
+        pg.sql("SELECT abalance FROM pgbench_accounts WHERE aid = 1"),
+        "12345"
+    );
+    assert_eq!(
+        pg.sql("SELECT filler FROM pgbench_branches WHERE bid = 99"),
+        "new"
+    );
 }
 
 #[test]

@@ -229,6 +229,24 @@ pub fn run(s: &Settings, g: &Global, cmd: RecoverCommand) -> Result<u8> {
             }
             Ok(exit::OK)
         }
+        RecoverCommand::Commit { id, tags } => {
+            let store = store()?;
+            let repo = s.open()?;
+            let started = Instant::now();
+            let snap = recover::commit::commit(&store, &repo, &id, &tags)?;
+            if g.json {
+                format::print_json(&format::snapshot_json(&snap));
+            } else {
+                println!(
+                    "session {id} committed as snapshot {} in {:.1}s ({} read, {} stored)",
+                    snap.id.short(),
+                    started.elapsed().as_secs_f64(),
+                    format::bytes(snap.manifest.summary.bytes_read),
+                    format::bytes(snap.manifest.summary.bytes_stored),
+                );
+            }
+            Ok(exit::OK)
+        }
         RecoverCommand::Cleanup => {
             let store = store()?;
             let r = recover::cleanup(&store)?;

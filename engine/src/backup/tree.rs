@@ -52,6 +52,10 @@ pub struct TreeBackupOptions {
     pub root_name: Option<String>,
     /// Source-specific facts recorded in the manifest.
     pub meta: BTreeMap<String, String>,
+    /// A file is unchanged from the parent's when size, mtime and ctime match, whatever
+    /// its inode number: for sources whose inode numbers are not stable (a writable
+    /// layer of the mount, which numbers inodes afresh at every mount).
+    pub ignore_inodes: bool,
 }
 
 /// The result of a backup.
@@ -140,6 +144,7 @@ struct Walker<'w, 'b, 'a> {
     warnings: Warnings,
     summary: Mutex<Summary>,
     force: bool,
+    ignore_inodes: bool,
     /// The repository has recorded loss (damage marks): check that an unchanged file's
     /// blobs still exist before reusing them.
     check_reuse: bool,
@@ -166,13 +171,13 @@ fn find<'t>(tree: Option<&'t Tree>, name: &[u8]) -> Option<&'t Node> {
         .map(|i| &t.nodes[i])
 }
 
-fn same_file(a: &Node, b: &Node) -> bool {
+fn same_file(a: &Node, b: &Node, ignore_inodes: bool) -> bool {
     a.kind == NodeKind::File
         && b.kind == NodeKind::File
         && a.size == b.size
         && a.mtime == b.mtime
         && a.ctime == b.ctime
-        && a.inode == b.inode
+        && (ignore_inodes || a.inode == b.inode)
 }
 
 impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
@@ -193,6 +198,7 @@ impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
             warnings: Warnings::default(),
             summary: Mutex::new(Summary::default()),
             force,
+            ignore_inodes: false,
             check_reuse: crate::damage::any(repo).unwrap_or(true),
         }
     }
@@ -386,7 +392,9 @@ impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
                     .filter_map(|e| e.blob)
                     .all(|b| self.repo.index().contains(&b).unwrap_or(false))
         };
-        if let Some(p) = parent.filter(|p| !self.force && same_file(p, node) && reusable(p)) {
+        if let Some(p) =
+            parent.filter(|p| !self.force && same_file(p, node, self.ignore_inodes) && reusable(p))
+        {
             node.content.clone_from(&p.content);
             Progress::add(&self.progress.bytes_done, node.size);
             self.summary_mut(|s| s.files_unchanged += 1);
@@ -600,7 +608,8 @@ pub fn backup_tree(
     let (root, summary, warnings) = std::thread::scope(|s| {
         s.spawn(|| scan(&paths, &excludes, progress, &stop));
         let walked = with_workers(&saver, |workers| {
-            let walker = Walker::new(repo, workers, progress, &excludes, opts.force);
+            let mut walker = Walker::new(repo, workers, progress, &excludes, opts.force);
+            walker.ignore_inodes = opts.ignore_inodes;
             let r = pool.install(|| -> Result<BlobId> {
                 let root = if opts.root_name.is_some() {
                     walker

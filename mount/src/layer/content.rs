@@ -150,6 +150,17 @@ impl Content {
         Ok(out)
     }
 
+    /// Whether `[offset, offset + len)` (within the file) is served by the snapshot
+    /// alone: then a read can hand out the snapshot's bytes without assembling them.
+    #[must_use]
+    pub fn all_lower(&self, chunk: u64, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len).min(self.size);
+        offset < end && {
+            let (stop, upper) = self.run(chunk, offset, end);
+            !upper && stop == end
+        }
+    }
+
     /// The longest run from `pos` (before `end`) served by one side; whether it is the
     /// upper file.
     fn run(&self, chunk: u64, pos: u64, end: u64) -> (u64, bool) {
@@ -203,6 +214,9 @@ impl Content {
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or(FsError::Invalid)?;
+        if data.is_empty() {
+            return Ok(());
+        }
         self.ensure_upper(open_upper)?;
         if offset < self.lower_limit {
             let last = (end.min(self.lower_limit) - 1) / chunk;

@@ -22,8 +22,15 @@ use fuser::{
 };
 
 use super::{Creator, Layer, SetAttr};
-use crate::fuse::{errno, file_attr, reply_listing, xattr_names_reply, xattr_reply, MAX_READ};
-use crate::view::FsError;
+use crate::fuse::{
+    errno, file_attr, reply_listing, xattr_names_reply, xattr_reply, MAX_READ, ZEROS,
+};
+use crate::view::{FsError, ReadData};
+
+thread_local! {
+    /// Where a request thread assembles a read that the snapshot alone does not serve.
+    static ASSEMBLY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 /// Kernel cache lifetime of entries and attributes (every change passes through us).
 const TTL: Duration = Duration::from_secs(1);
@@ -289,10 +296,16 @@ impl Filesystem for LayerFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.layer.read(fh.0, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno(&e)),
-        }
+        ASSEMBLY.with(|cell| {
+            let mut buf = cell.borrow_mut();
+            match self.layer.read_into(fh.0, offset, size, &mut buf) {
+                Ok(ReadData::Zeros(n)) if n <= ZEROS.len() => reply.data(&ZEROS[..n]),
+                Ok(ReadData::Zeros(n)) => reply.data(&vec![0; n]),
+                Ok(ReadData::Blob(blob, range)) => reply.data(&blob[range]),
+                Ok(ReadData::Assembled) => reply.data(&buf),
+                Err(e) => reply.error(errno(&e)),
+            }
+        });
     }
 
     fn write(

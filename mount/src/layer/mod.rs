@@ -31,7 +31,7 @@ use std::time::SystemTime;
 
 use cairn_engine::tree::NodeKind;
 
-use crate::view::{Attr, DirEntry, FsError, FsResult, View, ROOT_INO};
+use crate::view::{Attr, DirEntry, FsError, FsResult, ReadData, View, ROOT_INO};
 use content::Content;
 use store::{Identity, NodeRow, Store};
 
@@ -246,18 +246,23 @@ fn check_name(name: &[u8]) -> FsResult<()> {
     Ok(())
 }
 
-/// Bytes written into the layer directory `dir` (the upper files' allocated blocks).
+/// Bytes written into the layer directory `dir`: the upper files' allocated blocks and
+/// the store.
 #[must_use]
 pub fn layer_bytes(dir: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::read_dir(dir.join("data"))
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.blocks() * 512)
-                .sum()
-        })
-        .unwrap_or(0)
+    let blocks = |d: &Path| -> u64 {
+        std::fs::read_dir(d)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(std::fs::Metadata::is_file)
+                    .map(|m| m.blocks() * 512)
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    blocks(dir) + blocks(&dir.join("data"))
 }
 
 impl Layer {
@@ -1134,6 +1139,30 @@ impl Layer {
         let (_, f) = self.handle(fh)?;
         let c = read_lock(&f.content);
         c.read(self.chunk, &self.lower(&f), offset, u64::from(size))
+    }
+
+    /// Like [`Self::read`], without copying what need not be: a read the snapshot alone
+    /// serves is the view's ([`View::read_into`]: a slice of a cached blob, or zeros);
+    /// any other is assembled in `buf`.
+    pub fn read_into(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        buf: &mut Vec<u8>,
+    ) -> FsResult<ReadData> {
+        let (_, f) = self.handle(fh)?;
+        let c = read_lock(&f.content);
+        let lower = self.lower(&f);
+        if c.all_lower(self.chunk, offset, u64::from(size)) {
+            if let Some(lfh) = lower.fh()? {
+                let len = u64::from(size).min(c.size - offset);
+                let len = u32::try_from(len).unwrap_or(size);
+                return self.view.read_into(lfh, offset, len, buf);
+            }
+        }
+        *buf = c.read(self.chunk, &lower, offset, u64::from(size))?;
+        Ok(ReadData::Assembled)
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
