@@ -681,7 +681,7 @@ fn a_layer_over_another_snapshot_is_refused_and_the_repository_is_not_written() 
         l.write(fh, 0, b"CHANGED").unwrap();
         l.fsync(fh, false).unwrap();
         l.release(fh);
-        assert_eq!(l.written_bytes() > 0, true);
+        assert!(l.written_bytes() > 0);
     }
     assert_eq!(count_files(&d.path().join("repo")), packs_before);
     let other = "00".repeat(32);

@@ -519,7 +519,7 @@ impl Layer {
         }
     }
 
-    fn node<'s>(st: &'s State, ino: u64) -> FsResult<&'s Node> {
+    fn node(st: &State, ino: u64) -> FsResult<&Node> {
         st.nodes.get(&ino).ok_or(FsError::NotFound)
     }
 

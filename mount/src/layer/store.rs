@@ -49,6 +49,9 @@ pub struct NodeRow {
     pub lower_limit: u64,
 }
 
+/// An entry of a changed directory: (directory, name, child).
+pub type EntryRow = (u64, Vec<u8>, u64);
+
 /// What a layer directory says it is over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
@@ -194,7 +197,7 @@ impl Store {
     }
 
     /// Every tracked node, and every changed directory's entries.
-    pub fn load(&self) -> FsResult<(Vec<NodeRow>, Vec<(u64, Vec<u8>, u64)>)> {
+    pub fn load(&self) -> FsResult<(Vec<NodeRow>, Vec<EntryRow>)> {
         let mut st = self
             .conn
             .prepare(
