@@ -160,7 +160,7 @@ pub fn stop(store: &Store, id: &str) -> Result<SessionRecord, RecoverError> {
 }
 
 /// Whether a session still serves: its creator is still setting it up, or its server,
-/// overlay and mount are all there.
+/// its layer (or overlay) and its mount's daemon are all there.
 #[must_use]
 pub fn is_live(rec: &SessionRecord, docker: Option<&Docker>) -> bool {
     if rec.state == SessionState::Starting {
@@ -176,7 +176,10 @@ pub fn is_live(rec: &SessionRecord, docker: Option<&Docker>) -> bool {
             .ok()
             .flatten()
             .is_some_and(|mut r| r.alive(rec));
+    // A mount whose daemon died stays in the mount table (every access ENOTCONN).
+    let mount_alive = rec.mount_pid.is_some_and(pid_alive);
     server
+        && mount_alive
         && is_mountpoint(&rec.merged())
         && (rec.uses_block_layer() || is_mountpoint(&rec.mountpoint()))
 }

@@ -457,6 +457,42 @@ fn killing_repo_during_recovery_then_cleanup_leaves_nothing() {
 }
 
 #[test]
+fn a_killed_layer_daemon_makes_a_dead_session_that_cleanup_removes() {
+    if !pg_ready("PostgreSQL recovery") || !require_docker(PG_IMAGE) {
+        return;
+    }
+    let env = Env::new();
+    let _stop = StopAll(&env);
+    let (pg, snap, _) = pgbench_backup(&env);
+    drop(pg);
+    let s = rjson(
+        &env,
+        &["recover", "db", snap["id"].as_str().unwrap(), "--writable"],
+    );
+    let conn = s["connection"].as_str().unwrap();
+    // Writes in flight when the daemon under the server dies.
+    let writer = {
+        let conn = conn.to_owned();
+        std::thread::spawn(move || {
+            psql(&conn, "UPDATE pgbench_accounts SET abalance = abalance + 1").ok();
+        })
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = s["mount_pid"].as_i64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    writer.join().unwrap();
+    let r = rjson(&env, &["recover", "cleanup"]);
+    assert_eq!(r["sessions_removed"], serde_json::json!([s["id"]]), "{r}");
+    assert_eq!(r["still_running"], serde_json::json!([]));
+    assert_nothing_left(&env);
+    env.ok(&["check", "--read-data"]);
+}
+
+#[test]
 fn a_failing_pg_basebackup_is_a_clear_error_and_no_snapshot() {
     if !require_root("a PostgreSQL cluster") || !require_postgres() {
         return;
