@@ -36,7 +36,7 @@ pub const MAX_READ: u32 = 1 << 20;
 
 /// Replies to reads of holes. Never written: its pages stay the kernel's shared zero
 /// page, so a hole costs no allocation, no zeroing and no cache misses.
-pub(crate) static ZEROS: [u8; MAX_READ as usize] = [0; MAX_READ as usize];
+static ZEROS: [u8; MAX_READ as usize] = [0; MAX_READ as usize];
 
 thread_local! {
     /// Where a request thread assembles a read that spans extents; reused.
@@ -177,16 +177,7 @@ impl Filesystem for CairnFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        ASSEMBLY.with(|cell| {
-            let mut buf = cell.borrow_mut();
-            match self.view.read_into(fh.0, offset, size, &mut buf) {
-                Ok(ReadData::Zeros(n)) if n <= ZEROS.len() => reply.data(&ZEROS[..n]),
-                Ok(ReadData::Zeros(n)) => reply.data(&vec![0; n]),
-                Ok(ReadData::Blob(blob, range)) => reply.data(&blob[range]),
-                Ok(ReadData::Assembled) => reply.data(&buf),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        reply_read(reply, |buf| self.view.read_into(fh.0, offset, size, buf));
     }
 
     fn release(
@@ -228,19 +219,9 @@ impl Filesystem for CairnFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        // SEEK_SET/CUR/END are the kernel's business; SEEK_DATA/HOLE keep copies sparse.
-        let data = match whence {
-            libc::SEEK_DATA => true,
-            libc::SEEK_HOLE => false,
-            _ => return reply.error(Errno::from_i32(libc::EINVAL)),
-        };
-        let Ok(off) = u64::try_from(offset) else {
-            return reply.error(Errno::from_i32(libc::ENXIO));
-        };
-        match self.view.seek_data_or_hole(fh.0, off, data) {
-            Ok(o) => reply.offset(i64::try_from(o).unwrap_or(i64::MAX)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply_seek(reply, offset, whence, |off, data| {
+            self.view.seek_data_or_hole(fh.0, off, data)
+        });
     }
 
     fn flush(
@@ -431,6 +412,46 @@ impl Filesystem for CairnFs {
 
     fn removexattr(&self, _req: &Request, _i: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
         reply.error(Errno::from_i32(libc::EROFS));
+    }
+}
+
+/// Replies to a `read` with what `read` gives, assembled (when it must be) in this
+/// request thread's reused buffer; holes come from the shared zero page.
+pub(crate) fn reply_read(
+    reply: ReplyData,
+    read: impl FnOnce(&mut Vec<u8>) -> Result<ReadData, FsError>,
+) {
+    ASSEMBLY.with(|cell| {
+        let mut buf = cell.borrow_mut();
+        match read(&mut buf) {
+            Ok(ReadData::Zeros(n)) if n <= ZEROS.len() => reply.data(&ZEROS[..n]),
+            Ok(ReadData::Zeros(n)) => reply.data(&vec![0; n]),
+            Ok(ReadData::Blob(blob, range)) => reply.data(&blob[range]),
+            Ok(ReadData::Assembled) => reply.data(&buf),
+            Err(e) => reply.error(errno(&e)),
+        }
+    });
+}
+
+/// Replies to an `lseek`: SEEK_DATA and SEEK_HOLE through `seek(offset, data)`;
+/// SEEK_SET/CUR/END are the kernel's business.
+pub(crate) fn reply_seek(
+    reply: ReplyLseek,
+    offset: i64,
+    whence: i32,
+    seek: impl FnOnce(u64, bool) -> Result<u64, FsError>,
+) {
+    let data = match whence {
+        libc::SEEK_DATA => true,
+        libc::SEEK_HOLE => false,
+        _ => return reply.error(Errno::from_i32(libc::EINVAL)),
+    };
+    let Ok(off) = u64::try_from(offset) else {
+        return reply.error(Errno::from_i32(libc::ENXIO));
+    };
+    match seek(off, data) {
+        Ok(o) => reply.offset(i64::try_from(o).unwrap_or(i64::MAX)),
+        Err(e) => reply.error(errno(&e)),
     }
 }
 

@@ -64,20 +64,14 @@ impl Default for MountOptions {
     }
 }
 
-/// Mounts `repo` at `mountpoint` and serves it from background threads until the
-/// returned session is unmounted or dropped.
-pub fn mount(
-    repo: Arc<Repository>,
-    mountpoint: &Path,
-    opts: &MountOptions,
-) -> io::Result<fuser::BackgroundSession> {
-    let fsname = format!("cairn:{}", repo.location());
-    let view = Arc::new(View::new(repo, opts.view.clone()).map_err(io::Error::other)?);
+/// The FUSE session's configuration: `access` (RO or RW), the kernel checking every
+/// owner and mode, other users let in when asked, `opts.threads` request threads.
+fn fuse_config(fsname: String, access: MountOption, opts: &MountOptions) -> Config {
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(fsname),
         MountOption::Subtype("cairn".into()),
-        MountOption::RO,
+        access,
         MountOption::NoDev,
         MountOption::NoSuid,
         MountOption::DefaultPermissions,
@@ -87,6 +81,19 @@ pub fn mount(
     }
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
+    config
+}
+
+/// Mounts `repo` at `mountpoint` and serves it from background threads until the
+/// returned session is unmounted or dropped.
+pub fn mount(
+    repo: Arc<Repository>,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> io::Result<fuser::BackgroundSession> {
+    let fsname = format!("cairn:{}", repo.location());
+    let view = Arc::new(View::new(repo, opts.view.clone()).map_err(io::Error::other)?);
+    let config = fuse_config(fsname, MountOption::RO, opts);
     fuser::spawn_mount(
         fuse::CairnFs::new(view, opts.direct_io_from),
         mountpoint,
@@ -133,20 +140,7 @@ pub fn mount_writable(
     )
     .map_err(|e| io::Error::other(format!("{}: {e}", target.layer_dir.display())))?;
     let layer = Arc::new(layer);
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(fsname),
-        MountOption::Subtype("cairn".into()),
-        MountOption::RW,
-        MountOption::NoDev,
-        MountOption::NoSuid,
-        MountOption::DefaultPermissions,
-    ];
-    if opts.allow_other {
-        config.acl = SessionACL::All;
-    }
-    config.n_threads = Some(opts.threads.max(1));
-    config.clone_fd = true;
+    let config = fuse_config(fsname, MountOption::RW, opts);
     let session = fuser::spawn_mount(
         layer::fuse::LayerFs::new(layer.clone()),
         mountpoint,

@@ -23,14 +23,10 @@ use fuser::{
 
 use super::{Creator, Layer, SetAttr};
 use crate::fuse::{
-    errno, file_attr, reply_listing, xattr_names_reply, xattr_reply, MAX_READ, ZEROS,
+    errno, file_attr, reply_listing, reply_read, reply_seek, xattr_names_reply, xattr_reply,
+    MAX_READ,
 };
-use crate::view::{FsError, ReadData};
-
-thread_local! {
-    /// Where a request thread assembles a read that the snapshot alone does not serve.
-    static ASSEMBLY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
+use crate::view::FsError;
 
 /// Kernel cache lifetime of entries and attributes (every change passes through us).
 const TTL: Duration = Duration::from_secs(1);
@@ -296,16 +292,7 @@ impl Filesystem for LayerFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        ASSEMBLY.with(|cell| {
-            let mut buf = cell.borrow_mut();
-            match self.layer.read_into(fh.0, offset, size, &mut buf) {
-                Ok(ReadData::Zeros(n)) if n <= ZEROS.len() => reply.data(&ZEROS[..n]),
-                Ok(ReadData::Zeros(n)) => reply.data(&vec![0; n]),
-                Ok(ReadData::Blob(blob, range)) => reply.data(&blob[range]),
-                Ok(ReadData::Assembled) => reply.data(&buf),
-                Err(e) => reply.error(errno(&e)),
-            }
-        });
+        reply_read(reply, |buf| self.layer.read_into(fh.0, offset, size, buf));
     }
 
     fn write(
@@ -455,18 +442,9 @@ impl Filesystem for LayerFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let data = match whence {
-            libc::SEEK_DATA => true,
-            libc::SEEK_HOLE => false,
-            _ => return reply.error(Errno::from_i32(libc::EINVAL)),
-        };
-        let Ok(off) = u64::try_from(offset) else {
-            return reply.error(Errno::from_i32(libc::ENXIO));
-        };
-        match self.layer.seek(fh.0, off, data) {
-            Ok(o) => reply.offset(i64::try_from(o).unwrap_or(i64::MAX)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        reply_seek(reply, offset, whence, |off, data| {
+            self.layer.seek(fh.0, off, data)
+        });
     }
 
     fn ioctl(

@@ -31,7 +31,9 @@ use std::time::SystemTime;
 
 use cairn_engine::tree::NodeKind;
 
-use crate::view::{Attr, DirEntry, FsError, FsResult, ReadData, View, ROOT_INO};
+use crate::view::{
+    lock, read_lock, write_lock, Attr, DirEntry, FsError, FsResult, ReadData, View, ROOT_INO,
+};
 use content::Content;
 use store::{Identity, NodeRow, Store};
 
@@ -212,18 +214,6 @@ pub struct Layer {
     store: Mutex<Store>,
     handles: RwLock<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
-}
-
-fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn io_err(what: &Path, e: &std::io::Error) -> FsError {
@@ -868,15 +858,7 @@ impl Layer {
     fn remove(&self, parent: u64, name: &[u8], dir: bool) -> FsResult<()> {
         let mut st = write_lock(&self.state);
         let child = self.find(&mut st, parent, name)?;
-        let is_dir = Self::node(&st, child)?.meta.kind == NodeKind::Dir;
-        match (dir, is_dir) {
-            (false, true) => return Err(FsError::IsDir),
-            (true, false) => return Err(FsError::NotDir),
-            (true, true) if !self.listing(&mut st, child)?.is_empty() => {
-                return Err(FsError::NotEmpty)
-            }
-            _ => {}
-        }
+        self.check_kind(&mut st, child, dir)?;
         self.materialize(&mut st, parent)?;
         let now = SystemTime::now();
         let unlinked = Self::unlink_in_memory(&mut st, parent, name, child, now)?;
@@ -889,6 +871,18 @@ impl Layer {
             self.forget(&mut st, child);
         }
         Ok(())
+    }
+
+    /// That `ino` may go (removed, or replaced by a rename) as a directory (`dir`) or as
+    /// anything else: `EISDIR`, `ENOTDIR`, or `ENOTEMPTY` for a directory with entries.
+    fn check_kind(&self, st: &mut State, ino: u64, dir: bool) -> FsResult<()> {
+        let is_dir = Self::node(st, ino)?.meta.kind == NodeKind::Dir;
+        match (dir, is_dir) {
+            (false, true) => Err(FsError::IsDir),
+            (true, false) => Err(FsError::NotDir),
+            (true, true) if !self.listing(st, ino)?.is_empty() => Err(FsError::NotEmpty),
+            _ => Ok(()),
+        }
     }
 
     /// Takes `name` (inode `child`) out of the materialised `parent` in memory; what the
@@ -971,15 +965,7 @@ impl Layer {
             if no_replace {
                 return Err(FsError::Exists);
             }
-            let t_dir = Self::node(&st, t)?.meta.kind == NodeKind::Dir;
-            match (src_dir, t_dir) {
-                (true, false) => return Err(FsError::NotDir),
-                (false, true) => return Err(FsError::IsDir),
-                (true, true) if !self.listing(&mut st, t)?.is_empty() => {
-                    return Err(FsError::NotEmpty)
-                }
-                _ => {}
-            }
+            self.check_kind(&mut st, t, src_dir)?;
         }
         self.materialize(&mut st, parent)?;
         self.materialize(&mut st, new_parent)?;
