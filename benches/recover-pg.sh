@@ -4,7 +4,9 @@
 # filler), on the mount's block layer and on overlayfs, from the same run. Run as root
 # with dockerd running and the postgres:15 image built (scripts/start-services.sh).
 # Prints a Markdown table; page cache dropped before each timed step.
-# Usage: benches/recover-pg.sh [path/to/repo-binary]   (GIB=2: the table's size in GiB)
+# Usage: benches/recover-pg.sh [path/to/repo-binary]
+#   GIB=2: the table's size in GiB; CHUNKS="64K": the block layer's copy-on-write chunk
+#   sizes to run (one row each, e.g. "16K 64K 256K"); SESSIONS=10: concurrent sessions.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 bin="${1:-$here/../target/release/repo}"
@@ -57,6 +59,8 @@ drop; t0=$(now)
 t1=$(now); backup_s=$(secs "$t0" "$t1")
 repo_bytes=$(du -sb "$work/repo" | cut -f1)
 snap=$("$bin" snapshots --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])')
+# The source is no longer needed: its disk space goes to the layers and the restore.
+kill -INT $src_pid; wait $src_pid || true; rm -rf "$work/src"
 
 layer_bytes() { "$bin" recover list --json | python3 -c "import json,sys; print([s for s in json.load(sys.stdin) if s['id']=='$1'][0]['layer_bytes'])"; }
 mount_rss() {
@@ -67,9 +71,9 @@ mount_rss() {
 # One layer: recover -> first answered query, point query, full scan, layer bytes after
 # the read-only scan and after a 1-row UPDATE (writable session), the mount's peak RSS.
 run_layer() {
-  local layer=$1
+  local layer=$1 chunk=${2:-}
   drop; local t0; t0=$(now)
-  local session; session=$("$bin" recover db "$snap" --writable --layer "$layer" --json)
+  local session; session=$("$bin" recover db "$snap" --writable --layer "$layer" ${chunk:+--chunk-size "$chunk"} --json)
   local c; c=$(printf '%s' "$session" | field connection)
   psql "$c" -XAtc "SELECT 1" >/dev/null
   local t1; t1=$(now); local first_s; first_s=$(secs "$t0" "$t1")
@@ -87,9 +91,10 @@ run_layer() {
   local rw; rw=$(layer_bytes "$id")
   local rss; rss=$(mount_rss "$id")
   "$bin" recover stop "$id" >/dev/null
-  echo "| $layer | $first_s | $point_s | $full_s | $(mib "$started") MiB | $(mib "$ro") MiB | +$(mib $((rw - ro))) MiB | $rss MiB |"
+  echo "| $layer${chunk:+ $chunk} | $first_s | $point_s | $full_s | $(mib "$started") MiB | $(mib "$ro") MiB | +$(mib $((rw - ro))) MiB | $rss MiB |"
 }
-block=$(run_layer block)
+block=""
+for chunk in ${CHUNKS:-64K}; do block+="$(run_layer block "$chunk")"$'\n'; done
 overlay=$(run_layer overlay)
 
 # For comparison: a full restore, then the server started on it, to the first query.
@@ -111,7 +116,7 @@ echo "restore ${restore_s} s; restore + start -> first query ${restore_total_s} 
 echo
 echo "| layer | recover db -> first query s | point query s | full scan s | layer at first query | layer after the scans | 1-row UPDATE + CHECKPOINT | mount peak RSS |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-echo "$block"
+printf '%s' "$block"
 echo "$overlay"
 
 # Many sessions at once (block layer, read-only, Docker): the host's memory.

@@ -609,6 +609,10 @@ pub enum RecoverCommand {
         /// copied up on its first write; for comparison, or where the layer cannot run)
         #[arg(long, value_enum, default_value_t = LayerArg::Block)]
         layer: LayerArg,
+        /// The block layer's copy-on-write chunk, e.g. 16K (default 64K: a PostgreSQL
+        /// page written into a chunk not yet local copies the rest of it)
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        chunk_size: Option<u64>,
         #[command(flatten)]
         filter: Filter,
     },

@@ -22,6 +22,7 @@ use cairn_engine::keyfile::KdfParams;
 use cairn_engine::progress::Progress;
 use cairn_engine::tree::NodeKind;
 use cairn_engine::Repository;
+use cairn_mount::layer::changes::{FileChanges, CHANGES_XATTR};
 use cairn_mount::layer::{Creator, Layer, SetAttr};
 use cairn_mount::view::{FsError, ReadData, View, ViewOptions, ROOT_INO};
 use proptest::prelude::*;
@@ -533,7 +534,46 @@ fn rename_model(m: &mut Model, src: &[u8], dst: &[u8], no_replace: bool) -> Resu
 }
 
 /// The whole tree through the layer agrees with the model.
-fn compare(h: &Harness, m: &Model) {
+/// Where the layer says a file came from and what may differ from there must be true:
+/// every byte outside the changed ranges is the origin's at the same offset.
+fn check_changes(h: &Harness, ino: u64, content: &[u8], base: &HashMap<Vec<u8>, Vec<u8>>) {
+    let raw = match h.l().getxattr(ino, CHANGES_XATTR.as_bytes()) {
+        Ok(v) => v,
+        Err(FsError::NoData) => return,
+        Err(e) => panic!("{CHANGES_XATTR}: {e:?}"),
+    };
+    let c = FileChanges::decode(&raw).unwrap();
+    let origin = base.get(&c.origin).unwrap_or_else(|| {
+        panic!(
+            "origin {:?} is no base file",
+            String::from_utf8_lossy(&c.origin)
+        )
+    });
+    let mut pos = 0usize;
+    let mut ranges = c.changed.iter().peekable();
+    while pos < content.len() {
+        if let Some(r) = ranges.peek() {
+            if pos as u64 >= r.end {
+                ranges.next();
+                continue;
+            }
+            if pos as u64 >= r.start {
+                pos = r.end as usize;
+                continue;
+            }
+        }
+        assert_eq!(
+            content[pos],
+            origin.get(pos).copied().unwrap_or(0),
+            "byte {pos} outside the changed ranges {:?} differs from {:?}",
+            c.changed,
+            String::from_utf8_lossy(&c.origin)
+        );
+        pos += 1;
+    }
+}
+
+fn compare(h: &Harness, m: &Model, base: &HashMap<Vec<u8>, Vec<u8>>) {
     let mut seen = BTreeSet::new();
     let mut inos: HashMap<u64, u64> = HashMap::new();
     let mut stack = vec![(Vec::new(), ROOT_INO)];
@@ -564,6 +604,7 @@ fn compare(h: &Harness, m: &Model) {
                         "content of {:?}",
                         String::from_utf8_lossy(&p)
                     );
+                    check_changes(h, e.ino, c, base);
                     // Hard links are one inode.
                     assert_eq!(*inos.entry(*id).or_insert(e.ino), e.ino);
                 }
@@ -586,7 +627,9 @@ fn base() -> impl Strategy<Value = Vec<(String, Vec<u8>)>> {
     )
 }
 
-fn write_base(src: &Path, files: &[(String, Vec<u8>)], m: &mut Model) {
+/// Writes the base tree; returns its files by path.
+fn write_base(src: &Path, files: &[(String, Vec<u8>)], m: &mut Model) -> HashMap<Vec<u8>, Vec<u8>> {
+    let mut written = HashMap::new();
     fs::create_dir_all(src.join("d")).unwrap();
     m.tree.insert(Vec::new(), E::Dir);
     m.tree.insert(b"d".to_vec(), E::Dir);
@@ -604,10 +647,12 @@ fn write_base(src: &Path, files: &[(String, Vec<u8>)], m: &mut Model) {
             continue;
         }
         fs::write(&path, data).unwrap();
+        written.insert(p.as_bytes().to_vec(), data.clone());
         m.next += 1;
         m.files.insert(m.next, data.clone());
         m.tree.insert(p.as_bytes().to_vec(), E::File(m.next));
     }
+    written
 }
 
 proptest! {
@@ -617,7 +662,7 @@ proptest! {
         let d = tempfile::tempdir().unwrap();
         let src = d.path().join("src");
         let mut m = Model::default();
-        write_base(&src, &files, &mut m);
+        let base = write_base(&src, &files, &mut m);
         let repo = Repository::init(&d.path().join("repo"), b"pw", Encryption::Aes256Gcm, KdfParams::TEST_ONLY_WEAK).unwrap();
         let opts = TreeBackupOptions { paths: vec![src.clone()], ..Default::default() };
         backup_tree(&repo, &opts, &Progress::default()).unwrap();
@@ -634,11 +679,11 @@ proptest! {
         for op in &ops {
             step(&mut h, &mut m, op);
         }
-        compare(&h, &m);
+        compare(&h, &m, &base);
         h.l().sync_all().unwrap();
         h.layer = None;
         h.open();
-        compare(&h, &m);
+        compare(&h, &m, &base);
     }
 }
 

@@ -7,12 +7,22 @@
 //! WAL (or redo log) replayed. It is thawed again whatever happens. The backup compares
 //! with the session's snapshot by size and times (the layer numbers inodes afresh): a
 //! file the session never changed is not read at all, and what it changed dedups
-//! against the parent. Lock files of the running server are left out.
+//! against the parent. Of a changed file only the ranges the layer says changed are
+//! read ([`cairn_mount::layer::changes`]): the rest keeps the chunks of the file it
+//! came from in the session's snapshot. Lock files of the running server are left out.
 
+use std::collections::HashMap;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use cairn_engine::backup::delta::{Changes, FileDelta, KnownChanges};
 use cairn_engine::backup::{backup_tree, TreeBackupOptions};
 use cairn_engine::progress::Progress;
 use cairn_engine::snapshot::Snapshot;
+use cairn_engine::tree::{Extent, NodeKind};
 use cairn_engine::Repository;
+use cairn_mount::layer::changes;
 
 use crate::runtime;
 use crate::state::Store;
@@ -89,6 +99,7 @@ pub fn commit(
         root_name: original.manifest.name.clone(),
         meta,
         ignore_inodes: true,
+        changes: Some(Changes(Arc::new(LayerChanges::of(repo, &original)?))),
         ..Default::default()
     };
     runtime.pause(&rec, true)?;
@@ -102,6 +113,48 @@ pub fn commit(
         tracing::warn!("commit of session {id}: {w:?}");
     }
     Ok(outcome.snapshot)
+}
+
+/// A session's layer as a source of known changes: the daemon says what changed in a
+/// file and where it came from; the session's snapshot has that file's chunks.
+struct LayerChanges {
+    /// Every file of the snapshot by its path relative to the root, with its content.
+    files: HashMap<Vec<u8>, Vec<Extent>>,
+}
+
+impl LayerChanges {
+    fn of(repo: &Repository, snapshot: &Snapshot) -> Result<Self, RecoverError> {
+        let files = cairn_engine::walk::collect(
+            repo,
+            &snapshot.manifest.root,
+            Path::new(""),
+            &|_, n| matches!(n.kind, NodeKind::Dir | NodeKind::File),
+            &|p, n| (p.as_os_str().as_bytes().to_vec(), n),
+        )
+        .map_err(engine)?
+        .into_iter()
+        .filter(|(_, n)| n.kind == NodeKind::File)
+        .map(|(p, n)| (p, n.content))
+        .collect();
+        Ok(Self { files })
+    }
+}
+
+impl KnownChanges for LayerChanges {
+    fn delta(&self, path: &Path, _size: u64) -> Option<FileDelta> {
+        let found = match changes::read(path) {
+            Ok(c) => c?,
+            Err(e) => {
+                tracing::warn!("{}: reading it whole: {e}", path.display());
+                return None;
+            }
+        };
+        let base = self.files.get(&found.origin)?.clone();
+        Some(FileDelta {
+            base,
+            changed: found.changed,
+        })
+    }
 }
 
 fn engine(e: cairn_engine::Error) -> RecoverError {

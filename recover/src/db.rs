@@ -48,6 +48,8 @@ pub struct Request<'a> {
     pub timeout: Duration,
     /// What the server writes into.
     pub layer: Layer,
+    /// The block layer's copy-on-write chunk in bytes (`None`: 64 KiB).
+    pub layer_chunk: Option<u64>,
     /// Starts a `repo mount` daemon of the repository; returns its pid once mounted.
     pub spawn_mount: SpawnMount<'a>,
 }
@@ -274,6 +276,7 @@ fn block_data_dir(
         writable: Some(WritableLayer {
             layer_dir: &layer_dir,
             snapshot: &snapshot,
+            chunk: req.layer_chunk,
         }),
     })
     .map_err(RecoverError::Setup)?;

@@ -52,6 +52,8 @@ pub struct SessionMount<'a> {
 pub struct WritableLayer<'a> {
     pub layer_dir: &'a Path,
     pub snapshot: &'a str,
+    /// The copy-on-write chunk in bytes (`None`: the mount's default, 64 KiB).
+    pub chunk: Option<u64>,
 }
 
 /// Starts a session's mount; returns the daemon's pid once mounted.
@@ -78,6 +80,9 @@ pub fn session_mount_args(repository: &Path, m: &SessionMount<'_>) -> Vec<OsStri
             w.layer_dir.as_os_str().to_owned(),
         ]);
         args.extend(["--snapshot".into(), w.snapshot.into()]);
+        if let Some(c) = w.chunk {
+            args.extend(["--chunk-size".into(), c.to_string().into()]);
+        }
     }
     if nix::unistd::geteuid().is_root() {
         args.push("--allow-other".into());

@@ -138,9 +138,49 @@ pub fn recover_database(site: &Site, req: &DbRecovery) -> Result<SessionRecord, 
         runtime,
         timeout: Duration::from_secs(req.timeout_seconds.unwrap_or(120)),
         layer,
+        layer_chunk: None,
         spawn_mount: &spawn,
     };
     Ok(cairn_recover::start(&store(site)?, &request)?)
+}
+
+/// What `POST /recovery/{id}/commit` takes.
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CommitRequest {
+    /// Tags for the new snapshot, besides the original's.
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// Backs up writable database session `id`'s current state as a new snapshot of its
+/// source, into the configured repository the session was started from.
+pub fn commit_recovery(
+    site: &Site,
+    id: &str,
+    req: &CommitRequest,
+) -> Result<cairn_engine::snapshot::Snapshot, OperationError> {
+    let store = store(site)?;
+    let rec = store
+        .get(id)?
+        .ok_or_else(|| RecoverError::NoSession(id.to_owned()))?;
+    let same = |p: &std::path::Path| {
+        std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned())
+            == std::path::Path::new(&rec.repository)
+    };
+    let name = site
+        .repos
+        .names()
+        .into_iter()
+        .find(|n| site.repos.config(n).is_some_and(|c| same(&c.path)))
+        .ok_or_else(|| {
+            OperationError::Invalid(format!(
+                "session {id} was started from {}, which is no repository of this daemon",
+                rec.repository
+            ))
+        })?;
+    let repo = site.repos.handle(&name)?;
+    Ok(cairn_recover::commit::commit(&store, &repo, id, &req.tags)?)
 }
 
 /// Snapshot `spec` of `repository`, which must be a VM's.

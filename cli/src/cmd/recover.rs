@@ -67,8 +67,12 @@ pub fn run(s: &Settings, g: &Global, cmd: RecoverCommand) -> Result<u8> {
             runtime,
             timeout,
             layer,
+            chunk_size,
             filter,
         } => {
+            if chunk_size.is_some() && matches!(layer, LayerArg::Overlay) {
+                bail!("--chunk-size is the block layer's; overlayfs copies whole files");
+            }
             let repo = s.open()?;
             let snap = super::find_snapshot(&repo, &snapshot, &filter)?;
             drop(repo);
@@ -91,6 +95,7 @@ pub fn run(s: &Settings, g: &Global, cmd: RecoverCommand) -> Result<u8> {
                     LayerArg::Block => recover::Layer::Block,
                     LayerArg::Overlay => recover::Layer::Overlay,
                 },
+                layer_chunk: chunk_size,
                 spawn_mount: &spawn,
             };
             let rec = recover::start(&store, &req)?;

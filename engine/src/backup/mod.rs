@@ -8,6 +8,7 @@
 
 pub mod archive;
 pub mod content;
+pub mod delta;
 pub mod disks;
 pub mod image;
 pub mod pipeline;

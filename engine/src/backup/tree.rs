@@ -22,6 +22,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use rayon::prelude::*;
 
 use super::content::{save_content, ContentError};
+use super::delta::{self, Changes};
 use super::pipeline::{with_workers, ChunkWorkers};
 use super::source::{self, data_extents, node_from_metadata, Names};
 use super::{Warning, Warnings};
@@ -56,6 +57,9 @@ pub struct TreeBackupOptions {
     /// its inode number: for sources whose inode numbers are not stable (a writable
     /// layer of the mount, which numbers inodes afresh at every mount).
     pub ignore_inodes: bool,
+    /// What the source knows about how its files changed: a changed file is read only
+    /// where it changed (a writable layer's commit).
+    pub changes: Option<Changes>,
 }
 
 /// The result of a backup.
@@ -145,6 +149,7 @@ struct Walker<'w, 'b, 'a> {
     summary: Mutex<Summary>,
     force: bool,
     ignore_inodes: bool,
+    changes: Option<Changes>,
     /// The repository has recorded loss (damage marks): check that an unchanged file's
     /// blobs still exist before reusing them.
     check_reuse: bool,
@@ -199,6 +204,7 @@ impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
             summary: Mutex::new(Summary::default()),
             force,
             ignore_inodes: false,
+            changes: None,
             check_reuse: crate::damage::any(repo).unwrap_or(true),
         }
     }
@@ -426,45 +432,15 @@ impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
         }
         let size = before.len();
         let mut content = Vec::new();
-        let mut pos = 0u64;
-        let allocated = before.blocks().saturating_mul(512);
-        for (start, end) in data_extents(&file, size, allocated).map_err(lost)? {
-            if start > pos {
-                content.push(Extent {
-                    blob: None,
-                    len: start - pos,
-                });
-                Progress::add(&self.progress.bytes_done, start - pos);
-            }
-            file.seek(SeekFrom::Start(start)).map_err(lost)?;
-            let n = save_content(
-                self.workers,
-                self.repo.config().chunker,
-                (&mut file).take(end - start),
-                end - start,
-                self.progress,
-                &mut content,
-            )
-            .map_err(|e| match e {
-                ContentError::Source(e) => EntryError::Lost(e),
-                ContentError::Repo(e) => EntryError::Repo(e),
-            })?;
-            self.summary_mut(|s| s.bytes_read += n);
-            pos = start + n;
-            if n < end - start {
-                break; // The file shrank while being read.
-            }
+        let known = self.changes.as_ref().and_then(|c| c.0.delta(path, size));
+        let pos = match known {
+            Some(d) => self.read_delta(&mut file, &delta::plan(&d, size), &mut content),
+            None => self.read_whole(&mut file, &before, &mut content),
         }
-        if pos < size {
-            let after = file.metadata().map_err(lost)?.len();
-            if after >= size {
-                content.push(Extent {
-                    blob: None,
-                    len: size - pos,
-                });
-                pos = size;
-            }
-        }
+        .map_err(|e| match e {
+            ContentError::Source(e) => lost(e),
+            ContentError::Repo(e) => EntryError::Repo(e),
+        })?;
         let after = file.metadata().map_err(lost)?;
         if after.len() != size
             || after.mtime() != before.mtime()
@@ -485,6 +461,95 @@ impl<'w, 'b, 'a> Walker<'w, 'b, 'a> {
                 .insert(key, node.content.clone());
         }
         Ok(())
+    }
+}
+
+impl Walker<'_, '_, '_> {
+    /// Reads and chunks every data extent of `file` (holes are not read); returns how
+    /// far the content reaches (less than the size when the file shrank meanwhile).
+    fn read_whole(
+        &self,
+        file: &mut File,
+        before: &fs::Metadata,
+        content: &mut Vec<Extent>,
+    ) -> Result<u64, ContentError> {
+        let size = before.len();
+        let mut pos = 0u64;
+        let allocated = before.blocks().saturating_mul(512);
+        for (start, end) in data_extents(file, size, allocated).map_err(ContentError::Source)? {
+            if start > pos {
+                content.push(Extent {
+                    blob: None,
+                    len: start - pos,
+                });
+                Progress::add(&self.progress.bytes_done, start - pos);
+            }
+            let n = self.read_range(file, start..end, content)?;
+            pos = start + n;
+            if n < end - start {
+                return Ok(pos); // The file shrank while being read.
+            }
+        }
+        if pos < size {
+            let after = file.metadata().map_err(ContentError::Source)?.len();
+            if after >= size {
+                content.push(Extent {
+                    blob: None,
+                    len: size - pos,
+                });
+                pos = size;
+            }
+        }
+        Ok(pos)
+    }
+
+    /// Builds the content from a delta's pieces: kept base chunks, read ranges.
+    fn read_delta(
+        &self,
+        file: &mut File,
+        pieces: &[delta::Piece],
+        content: &mut Vec<Extent>,
+    ) -> Result<u64, ContentError> {
+        let mut pos = 0u64;
+        for p in pieces {
+            match p {
+                delta::Piece::Keep(e) => {
+                    content.push(*e);
+                    Progress::add(&self.progress.bytes_done, e.len);
+                    pos += e.len;
+                }
+                delta::Piece::Read(r) => {
+                    let n = self.read_range(file, r.clone(), content)?;
+                    pos += n;
+                    if n < r.end - r.start {
+                        return Ok(pos);
+                    }
+                }
+            }
+        }
+        Ok(pos)
+    }
+
+    /// Chunks and saves `range` of `file`; returns the bytes read.
+    fn read_range(
+        &self,
+        file: &mut File,
+        range: std::ops::Range<u64>,
+        content: &mut Vec<Extent>,
+    ) -> Result<u64, ContentError> {
+        file.seek(SeekFrom::Start(range.start))
+            .map_err(ContentError::Source)?;
+        let len = range.end - range.start;
+        let n = save_content(
+            self.workers,
+            self.repo.config().chunker,
+            file.take(len),
+            len,
+            self.progress,
+            content,
+        )?;
+        self.summary_mut(|s| s.bytes_read += n);
+        Ok(n)
     }
 }
 
@@ -610,6 +675,7 @@ pub fn backup_tree(
         let walked = with_workers(&saver, |workers| {
             let mut walker = Walker::new(repo, workers, progress, &excludes, opts.force);
             walker.ignore_inodes = opts.ignore_inodes;
+            walker.changes.clone_from(&opts.changes);
             let r = pool.install(|| -> Result<BlobId> {
                 let root = if opts.root_name.is_some() {
                     walker
@@ -675,6 +741,94 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::crypto::Encryption;
+
+    /// Says that `f` changed in `ranges` since the content `base`.
+    struct Told {
+        base: Vec<Extent>,
+        ranges: Vec<std::ops::Range<u64>>,
+    }
+
+    impl delta::KnownChanges for Told {
+        fn delta(&self, path: &Path, _size: u64) -> Option<delta::FileDelta> {
+            (path.file_name()? == "f").then(|| delta::FileDelta {
+                base: self.base.clone(),
+                changed: self.ranges.clone(),
+            })
+        }
+    }
+
+    fn content_of(repo: &Repository, snap: &Snapshot) -> (Vec<Extent>, Vec<u8>) {
+        let tree = repo.load_tree(&snap.manifest.root).unwrap();
+        let f = tree.nodes.iter().find(|n| n.name == b"f").unwrap();
+        let mut data = Vec::new();
+        for e in &f.content {
+            match e.blob {
+                Some(b) => data.extend(repo.read_blob(&b).unwrap()),
+                None => data.resize(data.len() + e.len as usize, 0),
+            }
+        }
+        (f.content.clone(), data)
+    }
+
+    #[test]
+    fn a_file_with_known_changes_is_read_only_where_it_changed() {
+        let d = tempfile::tempdir().unwrap();
+        let mut config = Config::new(Encryption::None);
+        config.chunker = crate::chunker::ChunkerParams {
+            min_size: 16 << 10,
+            avg_size: 32 << 10,
+            max_size: 64 << 10,
+        };
+        let repo = crate::test_util::repo_in(d.path(), config);
+        let src = d.path().join("db");
+        fs::create_dir(&src).unwrap();
+        let mut data = crate::test_util::bytes(1, 8 << 20);
+        fs::write(src.join("f"), &data).unwrap();
+        let opts = TreeBackupOptions {
+            paths: vec![src.clone()],
+            root_name: Some("db".into()),
+            ..Default::default()
+        };
+        let first = backup_tree(&repo, &opts, &Progress::default())
+            .unwrap()
+            .snapshot;
+        let (base, _) = content_of(&repo, &first);
+
+        // A page rewritten in the middle, and the file grown.
+        let page = (3 << 20) + 5..(3 << 20) + 5 + 8192;
+        data[page.start as usize..page.end as usize].fill(0xAB);
+        data.extend(crate::test_util::bytes(2, 100 << 10));
+        fs::write(src.join("f"), &data).unwrap();
+        let told = Told {
+            base: base.clone(),
+            ranges: vec![page.clone(), (8 << 20)..data.len() as u64],
+        };
+        let opts = TreeBackupOptions {
+            parent: Some(first.id),
+            changes: Some(Changes(std::sync::Arc::new(told))),
+            ..opts
+        };
+        let second = backup_tree(&repo, &opts, &Progress::default())
+            .unwrap()
+            .snapshot;
+        let (content, restored) = content_of(&repo, &second);
+        assert!(restored == data, "the content is the file's");
+        // Read: the chunks the page touched (at most two of 64 KiB) and the growth.
+        let read = second.manifest.summary.bytes_read;
+        assert!(read <= (128 << 10) + (100 << 10), "read {read} bytes");
+        assert!(read >= 8192 + (100 << 10), "read {read} bytes");
+        // The chunks before the page are the first snapshot's.
+        let kept = content
+            .iter()
+            .zip(&base)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let below: u64 = base[..kept].iter().map(|e| e.len).sum();
+        assert!(
+            below + (64 << 10) > page.start,
+            "{below} bytes kept before the page"
+        );
+    }
 
     #[test]
     fn a_vanished_entry_is_a_warning_and_not_a_loss() {

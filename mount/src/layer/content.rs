@@ -150,6 +150,31 @@ impl Content {
         Ok(out)
     }
 
+    /// The byte ranges whose contents may differ from the snapshot's file: the local
+    /// chunks below `lower_limit`, and everything from there to the size.
+    #[must_use]
+    pub fn changed_ranges(&self, chunk: u64) -> Vec<std::ops::Range<u64>> {
+        let mut out: Vec<std::ops::Range<u64>> = Vec::new();
+        let limit = self.lower_limit.min(self.size);
+        for c in self.local.iter() {
+            let (s, e) = (c * chunk, ((c + 1) * chunk).min(limit));
+            if s >= e {
+                break;
+            }
+            match out.last_mut() {
+                Some(last) if last.end == s => last.end = e,
+                _ => out.push(s..e),
+            }
+        }
+        if limit < self.size {
+            match out.last_mut() {
+                Some(last) if last.end == limit => last.end = self.size,
+                _ => out.push(limit..self.size),
+            }
+        }
+        out
+    }
+
     /// Whether `[offset, offset + len)` (within the file) is served by the snapshot
     /// alone: then a read can hand out the snapshot's bytes without assembling them.
     #[must_use]

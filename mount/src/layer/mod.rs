@@ -17,6 +17,7 @@
 //! Locks, always taken in this order and never the other way: the namespace
 //! (`state`), then a file's content, then the store.
 
+pub mod changes;
 pub mod content;
 pub mod fuse;
 pub mod store;
@@ -629,10 +630,31 @@ impl Layer {
     }
 
     pub fn getxattr(&self, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        if name == changes::CHANGES_XATTR.as_bytes() {
+            return self.changes_of(ino);
+        }
         match self.lower_of(ino)? {
             Some(l) => self.view.getxattr(l, name),
             None => Err(FsError::NoData),
         }
+    }
+
+    /// A file's [`changes::FileChanges`] against its origin, encoded.
+    fn changes_of(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let st = read_lock(&self.state);
+        let n = Self::node(&st, ino)?;
+        let (Some(f), Some(origin)) = (&n.file, &n.origin) else {
+            return Err(FsError::NoData);
+        };
+        if f.lower.is_none() {
+            return Err(FsError::NoData);
+        }
+        let changed = read_lock(&f.content).changed_ranges(self.chunk);
+        Ok(changes::FileChanges {
+            origin: origin.clone(),
+            changed,
+        }
+        .encode())
     }
 
     fn lower_of(&self, ino: u64) -> FsResult<Option<u64>> {

@@ -243,6 +243,7 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         // Operations that answer when they are done.
         .route("/recovery/db", post(ops::recover_database))
         .route("/recovery/vm", post(ops::recover_vm))
+        .route("/recovery/{id}/commit", post(ops::commit_recovery))
         .route("/vms/{name}/{action}", post(ops::vm_action))
         .route("/vms/clone", post(ops::clone_vm))
         .route("/repositories/{name}/check", post(ops::check))

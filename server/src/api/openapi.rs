@@ -14,7 +14,7 @@ use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::job::{JobDefinition, Retention, Verify};
 use crate::operations::{
-    CheckRequest, DbRecovery, PruneRequest, RepairRequest, VmClone, VmRecovery,
+    CheckRequest, CommitRequest, DbRecovery, PruneRequest, RepairRequest, VmClone, VmRecovery,
 };
 
 /// Every error's body.
@@ -70,6 +70,7 @@ pub struct ErrorDetail {
         super::stop_recovery,
         super::audit_log,
         super::ops::recover_database,
+        super::ops::commit_recovery,
         super::ops::recover_vm,
         super::ops::list_vms,
         super::ops::vm_action,
@@ -87,6 +88,7 @@ pub struct ErrorDetail {
         Retention,
         Verify,
         DbRecovery,
+        CommitRequest,
         VmRecovery,
         CheckRequest,
         PruneRequest,

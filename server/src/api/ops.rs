@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 
 use super::{blocking, session_view, ApiError, ApiResult, Ctx};
 use crate::operations::{
-    self, CheckRequest, DbRecovery, OperationError, PruneRequest, RepairRequest, VmAction, VmClone,
-    VmRecovery,
+    self, CheckRequest, CommitRequest, DbRecovery, OperationError, PruneRequest, RepairRequest,
+    VmAction, VmClone, VmRecovery,
 };
 
 impl From<OperationError> for ApiError {
@@ -78,6 +78,42 @@ pub(super) async fn recover_database(
         Ok((
             StatusCode::CREATED,
             Json(json!({ "session": session_view(&rec), "connection": rec.connection_string() })),
+        ))
+    })
+    .await
+}
+
+/// Back up a writable database session's current state as a new snapshot.
+#[utoipa::path(
+    post,
+    path = "/recovery/{id}/commit",
+    tag = "recovery",
+    params(("id" = String, Path, description = "The session's id")),
+    request_body = CommitRequest,
+    responses(
+        (status = 201, description = "The new snapshot of the session's source (its parent: the session's snapshot); the server was frozen for the backup and runs again", body = Object),
+        (status = "default", body = super::openapi::ErrorBody),
+    ),
+)]
+pub(super) async fn commit_recovery(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Json<CommitRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Path(id) = path?;
+    let Json(req) = body?;
+    blocking(move || {
+        let snap = operations::commit_recovery(&ctx.site, &id, &req)?;
+        Ok((
+            StatusCode::CREATED,
+            Json(json!({ "snapshot": {
+                "id": snap.id.to_string(),
+                "time": snap.manifest.time,
+                "parent": snap.manifest.parent.map(|p| p.to_string()),
+                "source": snap.manifest.source_label(),
+                "tags": snap.manifest.tags,
+                "summary": snap.manifest.summary,
+            }})),
         ))
     })
     .await
