@@ -12,7 +12,8 @@ if [ "${1:-}" = "--test" ]; then
   packages+=(attr file util-linux-extra fuse-overlayfs postgresql-15 postgresql-client-15 \
     mariadb-server mariadb-backup mariadb-client docker.io \
     libvirt-daemon-system qemu-system-x86 busybox-static qemu-guest-agent cpio kmod e2fsprogs \
-    prometheus python3-aiosmtpd openssl curl python3-venv fio)
+    prometheus python3-aiosmtpd openssl curl python3-venv fio \
+    chromium chromium-driver fonts-dejavu-core)
 fi
 missing=()
 for p in "${packages[@]}"; do

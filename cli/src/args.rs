@@ -498,6 +498,28 @@ pub enum ServeCommand {
     /// API tokens
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Dashboard users (they log in with a password)
+    #[command(subcommand)]
+    User(UserCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UserCommand {
+    /// Add a user; the password is asked twice on a terminal, or read from stdin
+    Add {
+        name: String,
+        /// The user can read, never change anything
+        #[arg(long)]
+        read_only: bool,
+        /// Read the password from the first line of stdin
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    List,
+    /// Remove a user and end their sessions
+    Remove {
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -263,6 +263,28 @@ pub struct TokenRow {
     pub last_used: Option<DateTime<Utc>>,
 }
 
+/// A dashboard user (`repo serve user add`); `hash` is the argon2id hash of the password.
+#[derive(Debug, Clone, Serialize)]
+pub struct UserRow {
+    pub name: String,
+    #[serde(skip)]
+    pub hash: String,
+    pub read_only: bool,
+    pub created: DateTime<Utc>,
+}
+
+/// An open dashboard session; `hash` is the BLAKE3 hash of its cookie's value.
+#[derive(Debug, Clone)]
+pub struct SessionRow {
+    pub hash: String,
+    /// The token's name, or `user:NAME`.
+    pub principal: String,
+    pub read_only: bool,
+    pub csrf: String,
+    pub created: DateTime<Utc>,
+    pub expires: DateTime<Utc>,
+}
+
 /// One entry of the audit log: who changed what, when.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AuditEntry {
@@ -353,6 +375,20 @@ CREATE TABLE IF NOT EXISTS audit (
     status INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY,
+    hash TEXT NOT NULL,
+    read_only INTEGER NOT NULL,
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    hash TEXT PRIMARY KEY,
+    principal TEXT NOT NULL,
+    read_only INTEGER NOT NULL,
+    csrf TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    expires INTEGER NOT NULL
+);
 ";
 
 fn ms(t: DateTime<Utc>) -> i64 {
@@ -365,6 +401,15 @@ fn from_ms(v: i64) -> DateTime<Utc> {
 
 fn opt_ms(v: Option<i64>) -> Option<DateTime<Utc>> {
     v.map(from_ms)
+}
+
+fn user_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
+    Ok(UserRow {
+        name: r.get(0)?,
+        hash: r.get(1)?,
+        read_only: r.get(2)?,
+        created: from_ms(r.get(3)?),
+    })
 }
 
 impl State {
@@ -942,7 +987,99 @@ impl State {
     }
 
     pub fn remove_token(&self, name: &str) -> Result<bool> {
-        self.with(|c| Ok(c.execute("DELETE FROM tokens WHERE name = ?1", [name])? > 0))
+        // The dashboard sessions the token opened end with it.
+        self.with(|c| {
+            c.execute("DELETE FROM sessions WHERE principal = ?1", [name])?;
+            Ok(c.execute("DELETE FROM tokens WHERE name = ?1", [name])? > 0)
+        })
+    }
+
+    // --- dashboard users and sessions --------------------------------------------------
+
+    pub fn add_user(
+        &self,
+        name: &str,
+        hash: &str,
+        read_only: bool,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT OR IGNORE INTO users (name, hash, read_only, created) VALUES (?1, ?2, ?3, ?4)",
+                params![name, hash, read_only, ms(now)],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    pub fn user(&self, name: &str) -> Result<Option<UserRow>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT name, hash, read_only, created FROM users WHERE name = ?1",
+                [name],
+                user_row,
+            )
+            .optional()
+        })
+    }
+
+    pub fn users(&self) -> Result<Vec<UserRow>> {
+        self.with(|c| {
+            let mut st =
+                c.prepare("SELECT name, hash, read_only, created FROM users ORDER BY name")?;
+            let rows = st.query_map([], user_row)?;
+            rows.collect()
+        })
+    }
+
+    pub fn remove_user(&self, name: &str) -> Result<bool> {
+        self.with(|c| Ok(c.execute("DELETE FROM users WHERE name = ?1", [name])? > 0))
+    }
+
+    /// Records a session (and forgets the ones that have ended).
+    pub fn add_session(&self, s: &SessionRow) -> Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM sessions WHERE expires <= ?1", [ms(s.created)])?;
+            c.execute(
+                "INSERT INTO sessions (hash, principal, read_only, csrf, created, expires) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![s.hash, s.principal, s.read_only, s.csrf, ms(s.created), ms(s.expires)],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn session(&self, hash: &str) -> Result<Option<SessionRow>> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT hash, principal, read_only, csrf, created, expires FROM sessions WHERE hash = ?1",
+                [hash],
+                |r| {
+                    Ok(SessionRow {
+                        hash: r.get(0)?,
+                        principal: r.get(1)?,
+                        read_only: r.get(2)?,
+                        csrf: r.get(3)?,
+                        created: from_ms(r.get(4)?),
+                        expires: from_ms(r.get(5)?),
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
+    pub fn end_session(&self, hash: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM sessions WHERE hash = ?1", [hash])
+                .map(|_| ())
+        })
+    }
+
+    pub fn end_sessions_of(&self, principal: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute("DELETE FROM sessions WHERE principal = ?1", [principal])
+                .map(|_| ())
+        })
     }
 
     pub fn audit(&self, e: &AuditEntry) -> Result<()> {

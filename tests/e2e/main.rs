@@ -8,6 +8,7 @@
 mod bad_input;
 mod browse;
 mod check;
+mod dashboard;
 mod database;
 mod dbserver;
 mod dedup;
@@ -23,3 +24,4 @@ mod roundtrip;
 mod serve;
 mod support;
 mod vm;
+mod webdriver;

@@ -26,12 +26,14 @@ use tokio::sync::broadcast;
 
 mod openapi;
 mod ops;
+mod session;
 
 use crate::auth::{self, AuthError};
 use crate::browse::{self, BrowseError};
 use crate::config::Limits;
 use crate::daemon::Daemon;
 use crate::job::JobDefinition;
+use crate::login::{self, Principal};
 use crate::metrics::Metrics;
 use crate::runner::{Observer, RunEvent, RunEventKind, Runner, SubmitError};
 use crate::site::{Site, SiteError};
@@ -216,6 +218,7 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         .route("/repositories/{name}/snapshots/{id}/ls", get(snapshot_ls))
         .route("/repositories/{name}/forget", post(forget_snapshots))
         .route("/audit", get(audit_log))
+        .route("/session", get(session::whoami).delete(session::logout))
         .route("/repositories/{name}/locks", get(repository_locks))
         .route("/recovery", get(list_recovery))
         .route("/recovery/{id}/stop", post(stop_recovery))
@@ -256,9 +259,11 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         }))
         .layer(middleware::from_fn_with_state(ctx.clone(), authorize))
         .route("/health", get(health))
+        .route("/session", post(session::login))
         .route("/openapi.json", get(openapi_json));
     Router::new()
         .nest("/api/v1", api)
+        .merge(crate::dashboard::routes())
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
@@ -321,20 +326,40 @@ async fn measure(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
 }
 
 /// Who is asking: checks the token, refuses a read-only one a change, audits changes.
-async fn authorize(State(ctx): State<Ctx>, req: Request, next: Next) -> Response {
-    let header = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+/// Who a request acts as: its bearer token, or else the dashboard session its cookie
+/// names.
+async fn principal_of(ctx: &Ctx, headers: &axum::http::HeaderMap) -> ApiResult<Principal> {
+    let text = |name| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let bearer = text(header::AUTHORIZATION);
+    let session = text(header::COOKIE)
+        .and_then(|c| login::cookie(&c, login::COOKIE).map(str::to_owned))
+        .filter(|c| !c.is_empty());
     let state = ctx.site.state.clone();
-    let who = blocking(move || {
-        auth::authenticate(&state, header.as_deref()).map_err(|e| match e {
-            AuthError::State(s) => ApiError::internal(s.to_string()),
-            other => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", other.to_string()),
-        })
+    blocking(move || match (bearer, session) {
+        (None, Some(cookie)) => Ok(login::session(&state, &cookie, chrono::Utc::now())?),
+        (bearer, _) => auth::authenticate(&state, bearer.as_deref())
+            .map(|t| Principal {
+                name: t.name,
+                read_only: t.read_only,
+                csrf: None,
+                expires: None,
+            })
+            .map_err(|e| match e {
+                AuthError::State(s) => ApiError::internal(s.to_string()),
+                other => ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", other.to_string()),
+            }),
     })
-    .await;
+    .await
+}
+
+async fn authorize(State(ctx): State<Ctx>, mut req: Request, next: Next) -> Response {
+    let headers = req.headers().clone();
+    let who = principal_of(&ctx, &headers).await;
     let token = match who {
         Ok(t) => t,
         Err(e) => {
@@ -348,12 +373,36 @@ async fn authorize(State(ctx): State<Ctx>, req: Request, next: Next) -> Response
     let changes = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
-    let resp = if changes && token.read_only {
+    let csrf = req
+        .headers()
+        .get(login::CSRF_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let forged = changes && !login::csrf_ok(&token, csrf);
+    // Logging out is no change to the site: a read-only session may end itself.
+    let logout = method == "DELETE" && path.trim_start_matches("/api/v1") == "/session";
+    req.extensions_mut().insert(token.clone());
+    let resp = if forged {
+        ctx.metrics.auth_failures.inc();
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "csrf",
+            "a change made with a session cookie needs the session's X-CSRF-Token header",
+        )
+        .into_response()
+    } else if changes && token.read_only && !logout {
         ctx.metrics.auth_failures.inc();
         ApiError::new(
             StatusCode::FORBIDDEN,
             "read_only",
-            format!("token {:?} is read-only", token.name),
+            format!(
+                "{} {:?} is read-only",
+                if token.csrf.is_some() {
+                    "the session of"
+                } else {
+                    "token"
+                },
+                token.name
+            ),
         )
         .into_response()
     } else {
@@ -364,7 +413,7 @@ async fn authorize(State(ctx): State<Ctx>, req: Request, next: Next) -> Response
         // change (or its refused attempt) in the log.
         let entry = AuditEntry {
             at: chrono::Utc::now(),
-            token: token.name,
+            token: token.name.clone(),
             action: action_of(&method, &path),
             method,
             path,

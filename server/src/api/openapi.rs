@@ -36,7 +36,7 @@ pub struct ErrorDetail {
 #[openapi(
     info(
         title = "cairn: repo serve",
-        description = "The control plane of a cairn site: jobs, schedules, runs, repositories, snapshots, recovery sessions, VMs. Every route but /health and /openapi.json needs `Authorization: Bearer <token>` (`repo serve token create`); a read-only token may only read. Every change is written to the audit log."
+        description = "The control plane of a cairn site: jobs, schedules, runs, repositories, snapshots, recovery sessions, VMs. Every route but /health, /openapi.json and POST /session needs `Authorization: Bearer <token>` (`repo serve token create`) or the dashboard's session cookie (POST /session), whose changes also need its `X-CSRF-Token` header; a read-only token or session may only read. Every change is written to the audit log."
     ),
     servers((url = "/api/v1")),
     paths(
@@ -71,6 +71,9 @@ pub struct ErrorDetail {
         super::audit_log,
         super::ops::recover_database,
         super::ops::commit_recovery,
+        super::session::login,
+        super::session::whoami,
+        super::session::logout,
         super::ops::recover_vm,
         super::ops::list_vms,
         super::ops::vm_action,
@@ -89,6 +92,7 @@ pub struct ErrorDetail {
         Verify,
         DbRecovery,
         CommitRequest,
+        super::session::LoginRequest,
         VmRecovery,
         CheckRequest,
         PruneRequest,

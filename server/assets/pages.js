@@ -1,0 +1,302 @@
+// The pages: each renders into the main element from /api/v1 answers. A page knows
+// whether the session may change things (`ctx.canChange`); without that it shows no
+// change buttons (the API would refuse anyway).
+
+import * as api from "./api.js";
+import { h, table, badge, replace } from "./dom.js";
+import { t, date, relative, bytes, number, percent, seconds } from "./i18n.js";
+
+function statusBadge(s) {
+  const kind = { succeeded: "ok", failed: "bad", running: "run", queued: "run", cancelled: "warn", interrupted: "bad" }[s] || "warn";
+  return badge(kind, t(`status.${s}`));
+}
+
+function errorBox(e) {
+  return h("p", { class: "error", role: "alert" }, e.message || String(e));
+}
+
+/** The next time each job is scheduled (enabled schedules only). */
+function nextRuns(schedules) {
+  const next = {};
+  for (const s of schedules) {
+    const n = (s.next || [])[0];
+    if (n && (!next[s.job] || n < next[s.job].at)) next[s.job] = { at: n, gap: gap(s.next) };
+  }
+  return next;
+}
+
+function gap(times) {
+  if (!times || times.length < 2) return null;
+  return new Date(times[1]).getTime() - new Date(times[0]).getTime();
+}
+
+/** A job is overdue when its last success is older than twice its schedule's period. */
+function overdue(job, next) {
+  const n = next[job.name];
+  if (!n || !n.gap) return false;
+  const last = job.last_run && job.last_run.status === "succeeded" ? job.last_run.ended_at : null;
+  const since = last ? Date.now() - new Date(last).getTime() : Infinity;
+  return since > 2 * n.gap;
+}
+
+/** Progress of a run: a live sample (files_done, bytes_done, total_bytes, rate, ETA)
+ * or, once finished, its stats. */
+function progressView(p, status) {
+  const done = p.bytes_done ?? p.total_bytes ?? 0;
+  const frac = status === "succeeded" ? 1 : p.total_bytes ? Math.min(1, done / p.total_bytes) : null;
+  return h(
+    "div",
+    {},
+    h("p", {}, statusBadge(status), " ",
+      frac == null ? "" : [h("progress", { max: "1", value: String(frac), "aria-label": t("runs.progress") }), " ", h("span", { class: "percent" }, percent(frac))]),
+    h("dl", { class: "facts" },
+      h("dt", {}, t("runs.files")), h("dd", {}, number(p.files_done ?? p.files ?? 0)),
+      h("dt", {}, t("runs.done")), h("dd", {}, bytes(done)),
+      h("dt", {}, t("runs.read")), h("dd", {}, bytes(p.bytes_read || 0)),
+      h("dt", {}, t("runs.stored")), h("dd", {}, bytes(p.bytes_stored || 0)),
+      p.bytes_per_second ? [h("dt", {}, t("runs.rate")), h("dd", {}, `${bytes(p.bytes_per_second)}/s`)] : [],
+      p.eta_seconds != null && status === "running" ? [h("dt", {}, t("runs.eta")), h("dd", {}, seconds(p.eta_seconds))] : [],
+    ),
+  );
+}
+
+export async function overview(main, ctx) {
+  const [jobs, schedules, runs, repos] = await Promise.all([
+    api.get("/jobs"),
+    api.get("/schedules"),
+    api.get("/runs?limit=200"),
+    api.get("/repositories"),
+  ]);
+  const next = nextRuns(schedules.schedules);
+  const finished = runs.runs.filter((r) => ["succeeded", "failed", "interrupted"].includes(r.status));
+  const ok = finished.filter((r) => r.status === "succeeded").length;
+  const running = runs.runs.filter((r) => r.status === "running" || r.status === "queued");
+  const sources = jobs.jobs.map((j) => {
+    const late = overdue(j, next);
+    return [
+      h("a", { href: `#/jobs/${encodeURIComponent(j.name)}` }, j.name),
+      j.definition.source.map((s) => s.type).join(", "),
+      j.last_run ? statusBadge(j.last_run.status) : badge("warn", t("overview.never")),
+      j.last_run ? relative(j.last_run.ended_at || j.last_run.queued_at) : "—",
+      next[j.name] ? relative(next[j.name].at) : t("overview.unscheduled"),
+      late ? badge("bad", t("overview.overdue")) : "",
+    ];
+  });
+  replace(
+    main,
+    h("h1", {}, t("overview.title")),
+    h(
+      "section",
+      { class: "cards" },
+      h("div", { class: "card" }, h("h2", {}, t("overview.success")), h("p", { class: "big", id: "success-rate" }, finished.length ? percent(ok / finished.length) : "—"), h("p", {}, t("overview.of_runs", { n: number(finished.length) }))),
+      repos.repositories.map((r) =>
+        h(
+          "div",
+          { class: "card" },
+          h("h2", {}, t("overview.repository", { name: r.name })),
+          r.status === "ok"
+            ? [
+                h("p", { class: "big" }, bytes(r.figures.size_bytes)),
+                h("p", {}, t("overview.repo_figures", { snapshots: number(r.figures.snapshots), dedup: number(r.figures.dedup_ratio, 1), compression: number(r.figures.compression_ratio, 1) })),
+              ]
+            : errorBox({ message: r.error }),
+        ),
+      ),
+    ),
+    h("h2", {}, t("overview.sources")),
+    table([t("col.job"), t("col.sources"), t("col.last_run"), t("col.when"), t("col.next_run"), ""], sources, t("overview.no_jobs")),
+    h("h2", {}, t("overview.running")),
+    table(
+      [t("col.run"), t("col.job"), t("col.status"), t("col.started")],
+      running.map((r) => [h("a", { href: `#/runs/${r.id}` }, `#${r.id}`), r.job, statusBadge(r.status), relative(r.started_at || r.queued_at)]),
+      t("overview.nothing_running"),
+    ),
+  );
+}
+
+export async function jobs(main, ctx) {
+  const [jobs, schedules] = await Promise.all([api.get("/jobs"), api.get("/schedules")]);
+  const next = nextRuns(schedules.schedules);
+  const msg = h("p", { role: "status", "aria-live": "polite" });
+  const runNow = (name) => async (ev) => {
+    ev.target.disabled = true;
+    try {
+      const r = await api.post(`/jobs/${encodeURIComponent(name)}/run`);
+      location.hash = `#/runs/${r.run}`;
+    } catch (e) {
+      replace(msg, errorBox(e));
+      ev.target.disabled = false;
+    }
+  };
+  replace(
+    main,
+    h("h1", {}, t("jobs.title")),
+    msg,
+    table(
+      [t("col.job"), t("col.repository"), t("col.last_run"), t("col.next_run"), ""],
+      jobs.jobs.map((j) => [
+        h("a", { href: `#/jobs/${encodeURIComponent(j.name)}` }, j.name),
+        j.definition.repository || "default",
+        j.last_run ? [statusBadge(j.last_run.status), " ", relative(j.last_run.ended_at || j.last_run.queued_at)] : "—",
+        next[j.name] ? date(next[j.name].at) : t("overview.unscheduled"),
+        ctx.canChange ? h("button", { type: "button", class: "run-now", onclick: runNow(j.name) }, t("jobs.run_now")) : "",
+      ]),
+      t("overview.no_jobs"),
+    ),
+  );
+}
+
+export async function job(main, ctx, name) {
+  const [j, runs] = await Promise.all([
+    api.get(`/jobs/${encodeURIComponent(name)}`),
+    api.get(`/runs?job=${encodeURIComponent(name)}&limit=50`),
+  ]);
+  replace(
+    main,
+    h("h1", {}, t("jobs.job", { name })),
+    h("pre", { class: "definition" }, JSON.stringify(j.definition || j.job || j, null, 2)),
+    h("h2", {}, t("jobs.history")),
+    runTable(runs.runs),
+  );
+}
+
+function runTable(runs) {
+  return table(
+    [t("col.run"), t("col.job"), t("col.status"), t("col.started"), t("col.duration"), t("col.data")],
+    runs.map((r) => [
+      h("a", { href: `#/runs/${r.id}` }, `#${r.id}`),
+      r.job,
+      statusBadge(r.status),
+      date(r.started_at || r.queued_at),
+      r.ended_at && r.started_at ? seconds((new Date(r.ended_at) - new Date(r.started_at)) / 1000) : "—",
+      bytes((r.stats || {}).bytes_done || 0),
+    ]),
+    t("runs.none"),
+  );
+}
+
+export async function runs(main) {
+  const r = await api.get("/runs?limit=100");
+  replace(main, h("h1", {}, t("runs.title")), runTable(r.runs));
+}
+
+export async function run(main, ctx, id) {
+  const [r, log] = await Promise.all([api.get(`/runs/${id}`), api.get(`/runs/${id}/log`)]);
+  const live = h("div", { id: "run-progress", "aria-live": "polite" });
+  const show = (p, status) => replace(live, progressView(p, status));
+  show(r.progress || r.run.stats || {}, r.run.status);
+  const level = h("select", { id: "log-level", "aria-label": t("runs.log_filter") },
+    ["all", "error", "warn", "info"].map((l) => h("option", { value: l }, t(`log.${l}`))));
+  const lines = h("ol", { class: "log" });
+  const entries = log.log || [];
+  const drawLog = () => {
+    const want = level.value;
+    replace(lines, entries
+      .filter((l) => want === "all" || l.level === want)
+      .map((l) => h("li", { class: `log-${l.level}` }, `${date(l.at)} ${l.level} ${l.message}`)));
+  };
+  level.addEventListener("change", drawLog);
+  drawLog();
+  const cancel = ctx.canChange && ["running", "queued"].includes(r.run.status)
+    ? h("button", { type: "button", id: "cancel-run", onclick: async (ev) => {
+        ev.target.disabled = true;
+        await api.post(`/runs/${id}/cancel`).catch(() => {});
+      } }, t("runs.cancel"))
+    : "";
+  replace(main, h("h1", {}, t("runs.run", { id, job: r.run.job })), live, cancel, h("h2", {}, t("runs.log")), level, lines);
+  if (["running", "queued"].includes(r.run.status)) {
+    const es = new EventSource(`/api/v1/runs/${id}/events`);
+    es.addEventListener("progress", (ev) => show(JSON.parse(ev.data), "running"));
+    es.addEventListener("message", (ev) => {
+      const e = JSON.parse(ev.data);
+      entries.push({ at: new Date().toISOString(), level: e.level, message: e.text });
+      drawLog();
+    });
+    const finished = (stats, status) => {
+      show(stats, status);
+      if (cancel) cancel.remove();
+      es.close();
+    };
+    es.addEventListener("finished", (ev) => {
+      const e = JSON.parse(ev.data);
+      finished(e.stats, e.status);
+    });
+    // A run that ended before the stream opened sends no event: ask once it is open.
+    es.addEventListener("open", async () => {
+      const now = await api.get(`/runs/${id}`);
+      if (!["running", "queued"].includes(now.run.status)) finished(now.run.stats, now.run.status);
+    }, { once: true });
+    ctx.onLeave(() => es.close());
+  }
+}
+
+export async function snapshots(main, ctx) {
+  const repos = await api.get("/repositories");
+  const name = (repos.repositories[0] || {}).name || "default";
+  const filter = h("input", { type: "search", id: "snap-filter", "aria-label": t("snapshots.filter"), placeholder: t("snapshots.filter") });
+  const list = h("div");
+  const all = (await api.get(`/repositories/${encodeURIComponent(name)}/snapshots?limit=100000`)).snapshots;
+  const draw = () => {
+    const q = filter.value.trim().toLowerCase();
+    const picked = all.filter((s) => !q || [s.id, s.host, s.source, ...(s.tags || [])].join(" ").toLowerCase().includes(q)).slice(0, 500);
+    replace(
+      list,
+      table(
+        [t("col.snapshot"), t("col.time"), t("col.host"), t("col.source"), t("col.tags"), t("col.size")],
+        picked.map((s) => [h("code", {}, s.id.slice(0, 8)), date(s.time), s.host, s.source, (s.tags || []).join(", "), bytes((s.summary || {}).total_bytes || 0)]),
+        t("snapshots.none"),
+      ),
+    );
+  };
+  filter.addEventListener("input", draw);
+  draw();
+  replace(main, h("h1", {}, t("snapshots.title", { name })), h("p", {}, t("snapshots.count", { n: number(all.length) })), filter, list);
+}
+
+export async function settings(main, ctx) {
+  const { languages, current, load } = await import("./i18n.js");
+  const select = h(
+    "select",
+    { id: "language", onchange: async (e) => { await load(e.target.value); ctx.redraw(); } },
+    languages().map((l) => h("option", { value: l, selected: l === current() }, t(`lang.${l}`))),
+  );
+  replace(
+    main,
+    h("h1", {}, t("settings.title")),
+    h("label", { for: "language" }, t("settings.language")),
+    " ",
+    select,
+    h("p", {}, t("settings.session", { name: ctx.session.name, until: date(ctx.session.expires) })),
+  );
+}
+
+/** The bar of active recovery sessions, on every page. */
+export async function taskbar(el, ctx) {
+  let sessions;
+  try {
+    sessions = (await api.get("/recovery")).sessions;
+  } catch {
+    return;
+  }
+  el.hidden = sessions.length === 0;
+  const stop = (id) => async (ev) => {
+    ev.target.disabled = true;
+    try {
+      await api.post(`/recovery/${encodeURIComponent(id)}/stop`);
+    } finally {
+      taskbar(el, ctx);
+    }
+  };
+  replace(
+    el,
+    h("strong", {}, t("taskbar.title", { n: sessions.length })),
+    h("ul", {}, sessions.map((s) =>
+      h("li", { class: "session" },
+        h("span", {}, `${s.engine || "vm"} ${(s.snapshot || "").slice(0, 8)}`),
+        " · ", relative(s.created),
+        " · ", t("taskbar.written", { size: bytes(s.layer_bytes || 0) }),
+        ctx.canChange ? h("button", { type: "button", class: "stop", onclick: stop(s.id) }, t("taskbar.stop")) : "",
+      ),
+    )),
+  );
+}
