@@ -385,6 +385,7 @@ fn the_dashboard_works_in_a_real_browser_in_english_and_french() {
     b.click("#login-submit");
     b.find("#read-only");
     b.click("#nav-jobs");
+    b.wait_text("main h1", "Jobs");
     b.wait_text("main table", "files");
     assert_eq!(
         b.count("button.run-now"),
