@@ -5,6 +5,8 @@ import * as api from "./api.js";
 import { h, replace } from "./dom.js";
 import * as i18n from "./i18n.js";
 import * as pages from "./pages.js";
+import * as snapshots from "./snapshots.js";
+import { health } from "./health.js";
 
 const { t } = i18n;
 const main = document.getElementById("main");
@@ -30,6 +32,7 @@ const PAGES = [
   ["jobs", "nav.jobs"],
   ["runs", "nav.runs"],
   ["snapshots", "nav.snapshots"],
+  ["health", "nav.health"],
   ["settings", "nav.settings"],
 ];
 
@@ -52,16 +55,22 @@ function frame() {
 async function route() {
   for (const f of ctx.leaving.splice(0)) f();
   if (!ctx.session) return loginPage();
-  const [page, arg] = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  const [page, ...args] = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
+  const [arg] = args;
+  // Pages inside a section light up their section's link.
+  const section = { browse: "snapshots", diff: "snapshots" }[page] || page || "overview";
   for (const a of nav.querySelectorAll("a")) {
-    if (a.id === `nav-${page || "overview"}`) a.setAttribute("aria-current", "page");
+    if (a.id === `nav-${section}`) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
   }
   const show = {
     overview: () => pages.overview(main, ctx),
     jobs: () => (arg ? pages.job(main, ctx, arg) : pages.jobs(main, ctx)),
     runs: () => (arg ? pages.run(main, ctx, arg) : pages.runs(main, ctx)),
-    snapshots: () => pages.snapshots(main, ctx),
+    snapshots: () => snapshots.list(main, ctx, arg),
+    browse: () => snapshots.browse(main, ctx, args[0], args[1], args[2] || "/"),
+    diff: () => snapshots.diff(main, ctx, args[0], args[1], args[2]),
+    health: () => health(main, ctx),
     settings: () => pages.settings(main, ctx),
   }[page || "overview"];
   try {

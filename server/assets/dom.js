@@ -39,3 +39,8 @@ export function badge(kind, label) {
 export function replace(el, ...children) {
   el.replaceChildren(...children.flat().filter((c) => c != null));
 }
+
+/** An error as an alert paragraph. */
+export function errorBox(e) {
+  return h("p", { class: "error", role: "alert" }, e.message || String(e));
+}

@@ -3,7 +3,7 @@
 // change buttons (the API would refuse anyway).
 
 import * as api from "./api.js";
-import { h, table, badge, replace } from "./dom.js";
+import { h, table, badge, replace, errorBox } from "./dom.js";
 import { t, date, relative, bytes, number, percent, seconds } from "./i18n.js";
 
 function statusBadge(s) {
@@ -11,9 +11,6 @@ function statusBadge(s) {
   return badge(kind, t(`status.${s}`));
 }
 
-function errorBox(e) {
-  return h("p", { class: "error", role: "alert" }, e.message || String(e));
-}
 
 /** The next time each job is scheduled (enabled schedules only). */
 function nextRuns(schedules) {
@@ -228,29 +225,6 @@ export async function run(main, ctx, id) {
     }, { once: true });
     ctx.onLeave(() => es.close());
   }
-}
-
-export async function snapshots(main, ctx) {
-  const repos = await api.get("/repositories");
-  const name = (repos.repositories[0] || {}).name || "default";
-  const filter = h("input", { type: "search", id: "snap-filter", "aria-label": t("snapshots.filter"), placeholder: t("snapshots.filter") });
-  const list = h("div");
-  const all = (await api.get(`/repositories/${encodeURIComponent(name)}/snapshots?limit=100000`)).snapshots;
-  const draw = () => {
-    const q = filter.value.trim().toLowerCase();
-    const picked = all.filter((s) => !q || [s.id, s.host, s.source, ...(s.tags || [])].join(" ").toLowerCase().includes(q)).slice(0, 500);
-    replace(
-      list,
-      table(
-        [t("col.snapshot"), t("col.time"), t("col.host"), t("col.source"), t("col.tags"), t("col.size")],
-        picked.map((s) => [h("code", {}, s.id.slice(0, 8)), date(s.time), s.host, s.source, (s.tags || []).join(", "), bytes((s.summary || {}).total_bytes || 0)]),
-        t("snapshots.none"),
-      ),
-    );
-  };
-  filter.addEventListener("input", draw);
-  draw();
-  replace(main, h("h1", {}, t("snapshots.title", { name })), h("p", {}, t("snapshots.count", { n: number(all.length) })), filter, list);
 }
 
 export async function settings(main, ctx) {

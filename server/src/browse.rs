@@ -197,6 +197,77 @@ pub fn read_file(
     Ok(())
 }
 
+/// What a restore of `snap` (or of `includes`) into `raw_target` would do, without
+/// writing: how many files and bytes, and whether the target is refused (and what is
+/// in it already) — a restore never writes over files.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestorePreview {
+    pub target: String,
+    pub files: u64,
+    pub bytes: u64,
+    /// Why the restore would be refused, if it would.
+    pub conflict: Option<String>,
+    /// The first entries already in the target (up to [`PREVIEW_EXISTING`]).
+    pub existing: Vec<String>,
+}
+
+/// How many of a target's entries a preview names.
+pub const PREVIEW_EXISTING: usize = 20;
+
+/// Plans a restore for [`RestorePreview`]; bad paths are still errors.
+pub fn restore_preview(
+    repo: &Repository,
+    snap: &Snapshot,
+    raw_target: &str,
+    includes: &[PathBuf],
+) -> Result<RestorePreview, BrowseError> {
+    let conflict = match restore_target(raw_target) {
+        Ok(_) => None,
+        Err(BrowseError::Conflict(m)) => Some(m),
+        Err(e) => return Err(e),
+    };
+    let existing = std::fs::read_dir(raw_target)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .take(PREVIEW_EXISTING)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    let roots = if includes.is_empty() {
+        vec![PathBuf::from("/")]
+    } else {
+        includes.to_vec()
+    };
+    let (mut files, mut bytes) = (0, 0);
+    let mut count = |n: &Node| {
+        if n.kind == NodeKind::File {
+            files += 1;
+            bytes += n.size;
+        }
+    };
+    for root in &roots {
+        let entry =
+            walk::resolve(repo, &snap.manifest.root, root).map_err(BrowseError::from_engine)?;
+        if let Entry::Node(n) = &entry {
+            count(n);
+        }
+        if let Some(tree) = entry.subtree() {
+            walk::walk(repo, &tree, root, &mut |_, n| {
+                count(n);
+                Ok(true)
+            })?;
+        }
+    }
+    Ok(RestorePreview {
+        target: raw_target.to_owned(),
+        files,
+        bytes,
+        conflict,
+        existing,
+    })
+}
+
 /// Restores `snap` (or the paths `includes` of it) into `target` (checked by
 /// [`restore_target`]).
 pub fn restore(

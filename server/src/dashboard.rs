@@ -37,6 +37,8 @@ const ASSETS: &[Asset] = &[
     asset!("dom.js", "text/javascript; charset=utf-8"),
     asset!("i18n.js", "text/javascript; charset=utf-8"),
     asset!("pages.js", "text/javascript; charset=utf-8"),
+    asset!("snapshots.js", "text/javascript; charset=utf-8"),
+    asset!("health.js", "text/javascript; charset=utf-8"),
     asset!("i18n/en.json", "application/json"),
     asset!("i18n/fr.json", "application/json"),
 ];
@@ -148,8 +150,8 @@ mod tests {
             }
         }
         // Keys the code builds: `status.<run status>`, `lang.<language>`, `log.<level>`,
-        // `nav.<page>`.
-        let built = ["status.", "lang.", "log.", "nav."];
+        // `nav.<page>`, `kind.<entry type>`, `change.<diff change>`.
+        let built = ["status.", "lang.", "log.", "nav.", "kind.", "change."];
         let unused: Vec<_> = en
             .difference(&used)
             .filter(|k| !built.iter().any(|b| k.starts_with(b)))

@@ -414,3 +414,272 @@ fn the_dashboard_works_in_a_real_browser_in_english_and_french() {
     b.find("#login");
     b.wait_text("#login-error", "log in again");
 }
+
+/// Runs job `files` through the API and waits for its success.
+fn run_files(admin: &Api<'_>) {
+    let (s, v) = admin.post("/api/v1/jobs/files/run", &json!({}));
+    assert_eq!(s, 202, "{v}");
+    wait_run(admin, &v["run"], &["succeeded"]);
+}
+
+/// The checksum the page computes of a download (`h = h * 31 + byte`, 32 bits).
+fn page_checksum(bytes: &[u8]) -> u32 {
+    bytes
+        .iter()
+        .fold(0u32, |h, &b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+}
+
+#[test]
+fn in_the_browser_snapshots_are_browsed_downloaded_restored_compared_forgotten_and_pruned() {
+    if !browser_ready("the dashboard's snapshot pages in a browser") {
+        return;
+    }
+    let env = Env::new();
+    let Site { rw, d, .. } = site(&env);
+    let admin = d.api(&rw);
+    let data = env.path("data");
+    // Two snapshots: f1 rewritten and f9 added between them.
+    run_files(&admin);
+    write_random(&data.join("f1"), 99, 60_000);
+    write_random(&data.join("f9"), 98, 1_000);
+    run_files(&admin);
+    let mut snaps: Vec<Value> = env.json(&["snapshots"]).as_array().unwrap().clone();
+    snaps.sort_by_key(|s| s["time"].as_str().unwrap().to_owned());
+    let old = snaps[0]["id"].as_str().unwrap().to_owned();
+    let new = snaps[1]["id"].as_str().unwrap().to_owned();
+    let repo = admin.get("/api/v1/repositories").1["repositories"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let shots = screenshots();
+    let b = Browser::start(1280, 900);
+    b.go(&format!("{}/", d.url));
+    b.type_into("#token", &rw);
+    b.click("#login-submit");
+    b.find("#who-name");
+
+    // The list: the free-text filter narrows it to one.
+    b.click("#nav-snapshots");
+    b.wait_text("main", "Snapshots: 2");
+    b.type_into("#snap-filter", &old[..10]);
+    b.wait_text("#snap-shown", "Showing 1 of 1");
+    b.type_into("#snap-filter", "");
+    b.wait_text("#snap-shown", "Showing 2 of 2");
+
+    // Comparing the two names what changed, and only that.
+    b.click(&format!("input.pick[value='{old}']"));
+    b.click(&format!("input.pick[value='{new}']"));
+    b.click("#snap-compare");
+    b.wait_text(
+        "main h1",
+        &format!("From snapshot {} to {}", &old[..8], &new[..8]),
+    );
+    let summary = b.text("#diff-summary");
+    assert!(
+        summary.contains("added: 1") && summary.contains("modified: 1"),
+        "{summary}"
+    );
+    let changes = b.text("main table");
+    assert!(
+        changes.contains("/data/f9")
+            && changes.contains("/data/f1")
+            && !changes.contains("/data/f2"),
+        "{changes}"
+    );
+    b.screenshot(&shots.join("en-diff.png"));
+
+    // The browser: into the data folder from its parent, modes and a download whose
+    // bytes are the file's.
+    let parent = data.parent().unwrap().to_str().unwrap();
+    b.go(&format!(
+        "{}/#/browse/{repo}/{new}/{}",
+        d.url,
+        parent.replace('/', "%2F")
+    ));
+    b.click("a.dir[href$='%2Fdata']");
+    b.wait_text("nav.crumbs", "data");
+    b.wait_text("main table", "f9");
+    assert!(b.text("main table").contains("-rw-"), "{}", b.page_text());
+    b.screenshot(&shots.join("en-browse.png"));
+    let got = b.run_async(
+        "const done = arguments[0]; const a = [...document.querySelectorAll('a.download')]\
+         .find(a => a.download === 'f1'); fetch(a.href).then(r => r.arrayBuffer()).then(buf => {\
+         const v = new Uint8Array(buf); let h = 0; for (const x of v) h = (Math.imul(h, 31) + x) >>> 0;\
+         done([v.length, h]); });",
+    );
+    let f1 = std::fs::read(data.join("f1")).unwrap();
+    assert_eq!(got, json!([f1.len(), page_checksum(&f1)]));
+
+    // A restore of f1: into a folder that holds files, the preview names the conflict and
+    // the restore stays disabled; into a new one, it restores the same bytes.
+    b.click("input.pick[value$='/f1']");
+    b.type_into("#restore-target", data.to_str().unwrap());
+    b.click("#restore-preview");
+    b.wait_text("#restore-conflict", "not empty");
+    assert_eq!(b.count("#restore-go:disabled"), 1);
+    let target = env.path("restored");
+    b.type_into("#restore-target", target.to_str().unwrap());
+    b.click("#restore-preview");
+    b.wait_text("#restore-result", "No conflict");
+    assert!(
+        b.text("#restore-result").contains("1 files"),
+        "{}",
+        b.page_text()
+    );
+    b.click("#restore-go");
+    b.wait_text("#restore-done", "Restored 1 files");
+    assert_eq!(std::fs::read(under(&target, &data).join("f1")).unwrap(), f1);
+    assert!(
+        !under(&target, &data).join("f2").exists(),
+        "restored more than f1"
+    );
+
+    // Forget the older snapshot: a dry run first, which removes nothing.
+    b.click("#nav-snapshots");
+    b.wait_text("main", "Snapshots: 2");
+    b.click(&format!("input.pick[value='{old}']"));
+    b.click("#snap-forget");
+    b.wait_text("#forget-preview", "would remove these 1 snapshots");
+    assert!(b.text("#forget-preview").contains(&old[..8]));
+    assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), 2);
+    b.click("#forget-confirm");
+    b.wait_text("#forget-preview", "1 snapshots forgotten");
+    let left = env.json(&["snapshots"]);
+    assert_eq!(left.as_array().unwrap().len(), 1, "{left}");
+    assert_eq!(left[0]["id"], new.as_str());
+    b.wait_text("main", "Snapshots: 1");
+
+    // Health: a stale lock is marked and removed; a check passes; the prune's preview
+    // deletes nothing, then the prune frees the forgotten data.
+    let lock_name = "0".repeat(64);
+    let an_hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    std::fs::write(
+        env.repo.join("locks").join(&lock_name),
+        json!({ "version": 1, "kind": "exclusive", "operation": "prune", "host": "elsewhere",
+                "user": "x", "pid": 1, "created": an_hour_ago, "refreshed": an_hour_ago })
+        .to_string(),
+    )
+    .unwrap();
+    b.click("#nav-health");
+    b.wait_text("main .locks", "stale");
+    b.screenshot(&shots.join("en-health.png"));
+    b.click("button.unlock");
+    b.wait_text("main .result", "1 stale locks removed");
+    assert!(!env.repo.join("locks").join(&lock_name).exists());
+    b.wait_text("main .locks", "No lock");
+    b.click("button.check");
+    b.wait_text(".check-result", "no problem");
+    let packs = env.packs().len();
+    b.click("button.prune-preview");
+    b.wait_text(".prune-plan", "Would free");
+    assert_eq!(
+        env.packs().len(),
+        packs,
+        "the preview changed the repository"
+    );
+    b.click("button.prune-go");
+    b.wait_text(".prune-done", "Pruned");
+    env.ok(&["check", "--read-data"]);
+    let out = env.ok(&[
+        "restore",
+        "latest",
+        "--target",
+        env.path("after").to_str().unwrap(),
+    ]);
+    drop(out);
+    assert_eq!(
+        std::fs::read(under(&env.path("after"), &data).join("f9")).unwrap(),
+        std::fs::read(data.join("f9")).unwrap()
+    );
+}
+
+#[test]
+fn the_calls_the_snapshot_and_health_pages_make_refuse_bad_input_and_read_only_tokens() {
+    let env = Env::new();
+    let Site { rw, ro, d, .. } = site(&env);
+    let (admin, viewer) = (d.api(&rw), d.api(&ro));
+    run_files(&admin);
+    let repo = admin.get("/api/v1/repositories").1["repositories"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let base = format!("/api/v1/repositories/{repo}");
+
+    // A diff of a snapshot with itself is empty; unknown snapshots and missing or
+    // unknown parameters are refused with a message.
+    let (s, v) = admin.get(&format!("{base}/diff?from=latest&to=latest"));
+    assert_eq!((s, &v["total"]), (200, &json!(0)), "{v}");
+    for (query, want) in [
+        ("from=latest&to=ffffffff", 404),
+        ("from=latest", 400),
+        ("from=latest&to=latest&limit=-1", 400),
+        ("from=latest&to=latest&colour=red", 400),
+    ] {
+        let (s, v) = admin.get(&format!("{base}/diff?{query}"));
+        assert_eq!(s, want, "{query}: {v}");
+        assert!(v["error"]["message"].is_string(), "{query}: {v}");
+    }
+    let (s, _) = admin.get("/api/v1/repositories/nope/diff?from=latest&to=latest");
+    assert_eq!(s, 404);
+
+    // A restore's dry run writes nothing, says what it would restore and names a
+    // conflict; paths that climb out are refused as before.
+    let data = env.path("data");
+    let target = env.path("never-written");
+    let (s, v) = admin.post(
+        &format!("{base}/snapshots/latest/restore"),
+        &json!({ "target": target, "dry_run": true }),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["preview"]["files"], 4, "{v}");
+    assert!(v["preview"]["conflict"].is_null(), "{v}");
+    assert!(!target.exists(), "a dry run made the target");
+    let (s, v) = admin.post(
+        &format!("{base}/snapshots/latest/restore"),
+        &json!({ "target": data, "dry_run": true }),
+    );
+    assert_eq!(s, 200, "{v}");
+    assert!(
+        v["preview"]["conflict"]
+            .as_str()
+            .unwrap()
+            .contains("not empty"),
+        "{v}"
+    );
+    assert_eq!(v["preview"]["existing"].as_array().unwrap().len(), 4, "{v}");
+    for body in [
+        json!({ "target": "relative", "dry_run": true }),
+        json!({ "target": target, "include": ["/../etc"], "dry_run": true }),
+        json!({ "target": target, "dry_run": "yes" }),
+    ] {
+        let (s, v) = admin.post(&format!("{base}/snapshots/latest/restore"), &body);
+        assert!(s == 400 || s == 422, "{body}: {s} {v}");
+    }
+    let (s, v) = admin.post(
+        &format!("{base}/snapshots/latest/restore"),
+        &json!({ "target": target, "include": ["/no/such/path"], "dry_run": true }),
+    );
+    assert_eq!(s, 404, "{v}");
+
+    // Unlock: refused to a read-only token; a live lock stays unless `all`.
+    let (s, v) = viewer.post(&format!("{base}/unlock"), &json!({}));
+    assert_eq!((s, &v["error"]["code"]), (403, &json!("read_only")), "{v}");
+    let now = chrono::Utc::now();
+    let lock = env.repo.join("locks").join("1".repeat(64));
+    std::fs::write(
+        &lock,
+        json!({ "version": 1, "kind": "shared", "operation": "backup", "host": "elsewhere",
+                "user": "x", "pid": 1, "created": now, "refreshed": now })
+        .to_string(),
+    )
+    .unwrap();
+    let (s, v) = admin.post(&format!("{base}/unlock"), &json!({}));
+    assert_eq!((s, &v["removed"]), (200, &json!([])), "{v}");
+    assert!(lock.exists());
+    let (s, v) = admin.post(&format!("{base}/unlock"), &json!({ "all": 1 }));
+    assert!(s == 400 || s == 422, "{v}");
+    let (s, v) = admin.post(&format!("{base}/unlock"), &json!({ "all": true }));
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["removed"].as_array().unwrap().len(), 1, "{v}");
+    assert!(!lock.exists());
+}

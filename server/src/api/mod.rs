@@ -220,6 +220,8 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         .route("/audit", get(audit_log))
         .route("/session", get(session::whoami).delete(session::logout))
         .route("/repositories/{name}/locks", get(repository_locks))
+        .route("/repositories/{name}/unlock", post(unlock_repository))
+        .route("/repositories/{name}/diff", get(snapshot_diff))
         .route("/recovery", get(list_recovery))
         .route("/recovery/{id}/stop", post(stop_recovery))
         .route("/vms", get(ops::list_vms))
@@ -1292,6 +1294,10 @@ struct RestoreRequest {
     target: String,
     #[serde(default)]
     include: Vec<String>,
+    /// Only say what the restore would do: files, bytes, and whether the target is
+    /// refused (it must be new or an empty directory) with what is in it.
+    #[serde(default)]
+    dry_run: bool,
 }
 
 #[utoipa::path(
@@ -1304,7 +1310,7 @@ struct RestoreRequest {
     ),
     request_body = RestoreRequest,
     responses(
-        (status = 200, description = "What was restored", body = Object),
+        (status = 200, description = "What was restored (or, dry, what would be: files, bytes, a conflict)", body = Object),
         (status = "default", description = "An error", body = openapi::ErrorBody),
     ),
 )]
@@ -1315,12 +1321,23 @@ async fn snapshot_restore(
 ) -> ApiResult<Json<Value>> {
     let Path((name, id)) = path?;
     let Json(r) = body?;
-    let target = browse::restore_target(&r.target)?;
     let includes = r
         .include
         .iter()
         .map(|p| browse::snapshot_path(p))
         .collect::<Result<Vec<_>, _>>()?;
+    if r.dry_run {
+        return blocking(move || {
+            let repo = ctx.site.repos.handle(&name)?;
+            let snap = browse::find(&repo, &id)?;
+            let preview = browse::restore_preview(&repo, &snap, &r.target, &includes)?;
+            Ok(Json(
+                json!({ "snapshot": snap.id.to_string(), "dry_run": true, "preview": preview }),
+            ))
+        })
+        .await;
+    }
+    let target = browse::restore_target(&r.target)?;
     blocking(move || {
         let repo = ctx.site.repos.handle(&name)?;
         repo.lock(
@@ -1426,6 +1443,96 @@ async fn repository_locks(
             .map(|l| json!({ "name": l.name, "lock": l.info.as_ref().ok(), "error": l.info.as_ref().err(), "stale": l.stale }))
             .collect();
         Ok(Json(json!({ "locks": out })))
+    })
+    .await
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct UnlockRequest {
+    /// Remove every lock, live ones too (default: only stale ones).
+    #[serde(default)]
+    all: bool,
+}
+
+#[utoipa::path(
+    post,
+    path = "/repositories/{name}/unlock",
+    tag = "repositories",
+    params(
+        ("name" = String, Path, description = "A repository of the configuration", example = "default"),
+    ),
+    request_body = UnlockRequest,
+    responses(
+        (status = 200, description = "The locks removed (stale ones, or all with `all`)", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
+async fn unlock_repository(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Json<UnlockRequest>, JsonRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(name) = path?;
+    let Json(r) = body?;
+    blocking(move || {
+        let repo = ctx.site.repos.handle(&name)?;
+        let removed = cairn_engine::lock::unlock(repo.backend(), r.all)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let names: Vec<&str> = removed.iter().map(|l| l.name.as_str()).collect();
+        Ok(Json(json!({ "removed": names })))
+    })
+    .await
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct DiffQuery {
+    /// The older snapshot: an id, a unique prefix, or latest.
+    from: String,
+    /// The newer snapshot.
+    to: String,
+    /// At most this many changes (default 10000); `truncated` says when there were more.
+    limit: Option<usize>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/repositories/{name}/diff",
+    tag = "repositories",
+    params(
+        ("name" = String, Path, description = "A repository of the configuration", example = "default"),
+        DiffQuery,
+    ),
+    responses(
+        (status = 200, description = "The paths added, removed, modified, changed in metadata or type from one snapshot to the other, in path order", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
+async fn snapshot_diff(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<DiffQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(name) = path?;
+    let Query(q) = query?;
+    let limit = q.limit.unwrap_or(10_000);
+    blocking(move || {
+        let repo = ctx.site.repos.handle(&name)?;
+        let from = browse::find(&repo, &q.from)?;
+        let to = browse::find(&repo, &q.to)?;
+        let mut changes = cairn_engine::diff::diff(&repo, &from.manifest.root, &to.manifest.root)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let total = changes.len();
+        changes.truncate(limit);
+        Ok(Json(json!({
+            "from": from.id.to_string(),
+            "to": to.id.to_string(),
+            "total": total,
+            "truncated": total > limit,
+            "changes": changes,
+        })))
     })
     .await
 }

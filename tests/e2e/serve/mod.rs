@@ -275,6 +275,14 @@ impl Daemon {
         }
     }
 
+    /// A client of this daemon with `token`.
+    pub(crate) fn api<'a>(&'a self, token: &'a str) -> Api<'a> {
+        Api {
+            base: &self.url,
+            token: Some(token),
+        }
+    }
+
     pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
