@@ -17,6 +17,7 @@ pub mod fuse;
 pub mod layer;
 pub mod layout;
 pub mod prefetch;
+pub mod trees;
 pub mod view;
 
 use std::io;

@@ -27,6 +27,7 @@ use cairn_engine::Repository;
 use crate::cache::{Blob, BlobCache};
 use crate::layout::Layout;
 use crate::prefetch::Prefetcher;
+use crate::trees::DecodedTrees;
 
 /// Errors of filesystem operations, each with the errno it stands for.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -202,6 +203,9 @@ pub struct View {
     files: RwLock<HashMap<u64, Arc<OpenFile>>>,
     next_fh: AtomicU64,
     prefetch: Prefetcher,
+    /// Trees decoded lately (a lookup per name must not decode its directory again).
+    trees: Mutex<DecodedTrees>,
+    trees_decoded: AtomicU64,
     opts: ViewOptions,
     started: SystemTime,
     owner: (u32, u32),
@@ -251,6 +255,8 @@ impl View {
             files: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             prefetch: Prefetcher::new(cache.clone(), 4, 8),
+            trees: Mutex::new(DecodedTrees::new(opts.cache_bytes / 2)),
+            trees_decoded: AtomicU64::new(0),
             opts,
             started: SystemTime::now(),
             owner: (
@@ -343,14 +349,27 @@ impl View {
     }
 
     fn tree(&self, id: &BlobId) -> FsResult<Arc<Tree>> {
+        if let Some(t) = lock(&self.trees).get(id) {
+            return Ok(t);
+        }
         let bytes = self.cache.get(id).map_err(|e| {
             tracing::error!("tree {id} unreadable: {e}");
             FsError::Io(e.to_string())
         })?;
-        Tree::decode(&bytes, id).map(Arc::new).map_err(|e| {
+        let tree = Tree::decode(&bytes, id).map(Arc::new).map_err(|e| {
             tracing::error!("tree {id} unreadable: {e}");
             FsError::Io(e.to_string())
-        })
+        })?;
+        self.trees_decoded.fetch_add(1, Ordering::Relaxed);
+        lock(&self.trees).put(*id, tree.clone());
+        Ok(tree)
+    }
+
+    /// How many times a tree blob was decoded (each is a CBOR parse of the whole
+    /// directory): what the decoded-tree cache saves.
+    #[must_use]
+    pub fn trees_decoded(&self) -> u64 {
+        self.trees_decoded.load(Ordering::Relaxed)
     }
 
     /// Children of a directory inode: (name, kind of the child inode, node kind).

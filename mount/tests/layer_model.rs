@@ -749,3 +749,46 @@ fn count_files(dir: &Path) -> usize {
         })
         .sum()
 }
+
+#[test]
+fn looking_up_every_name_of_a_directory_decodes_its_tree_once() {
+    let d = tempfile::tempdir().unwrap();
+    let src = d.path().join("src");
+    fs::create_dir_all(&src).unwrap();
+    for i in 0..300 {
+        fs::write(src.join(format!("f{i:03}")), format!("file {i}")).unwrap();
+    }
+    let repo = Repository::init(
+        &d.path().join("repo"),
+        b"pw",
+        Encryption::Aes256Gcm,
+        KdfParams::TEST_ONLY_WEAK,
+    )
+    .unwrap();
+    let opts = TreeBackupOptions {
+        paths: vec![src.clone()],
+        ..Default::default()
+    };
+    backup_tree(&repo, &opts, &Progress::default()).unwrap();
+    let snap = repo.snapshots().unwrap().remove(0);
+    let view = View::new(Arc::new(repo), ViewOptions::default()).unwrap();
+    let dir_name = cairn_mount::layout::snapshot_dir_name(&snap);
+    let mut ino = view.lookup(ROOT_INO, b"snapshots").unwrap().ino;
+    ino = view.lookup(ino, dir_name.as_bytes()).unwrap().ino;
+    for c in src.components() {
+        if let Component::Normal(n) = c {
+            ino = view.lookup(ino, n.as_encoded_bytes()).unwrap().ino;
+        }
+    }
+    let before = view.trees_decoded();
+    for i in 0..300 {
+        let a = view.lookup(ino, format!("f{i:03}").as_bytes()).unwrap();
+        assert_eq!(a.size, format!("file {i}").len() as u64);
+    }
+    assert!(view.lookup(ino, b"nope").is_err());
+    assert!(
+        view.trees_decoded() - before <= 1,
+        "{} decodes for 301 lookups in one directory",
+        view.trees_decoded() - before
+    );
+}
