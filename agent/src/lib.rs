@@ -7,6 +7,7 @@
 //!   [`cairn_engine::backup::BlockSource`].
 //! - [`postgres`], [`mariadb`]: database servers (physical copies and dumps), with what a
 //!   database snapshot records about them in [`database`].
+//! - [`discover`]: the database servers of this host a source can name.
 //! - [`libvirt`]: virtual machines by name: backup with changed-block tracking, the
 //!   hypervisor operations, the XML of a recovered copy.
 //! - [`source`]: one backup of any of those sources, the operation the CLI, the
@@ -15,6 +16,7 @@
 //!   program fails the read of its output).
 
 pub mod database;
+pub mod discover;
 pub mod image;
 pub mod libvirt;
 pub mod mariadb;

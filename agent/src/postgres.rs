@@ -99,6 +99,20 @@ impl Postgres {
         Self::local().ok_or(PgError::NotFound)
     }
 
+    /// Where it connects, for people: the connection string, or the `PG*` variables
+    /// set (values of `PGPASSWORD` are never shown).
+    #[must_use]
+    pub fn target(&self) -> String {
+        if let Some(c) = &self.conn {
+            return c.clone();
+        }
+        ["PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGSERVICE"]
+            .iter()
+            .filter_map(|v| std::env::var(v).ok().map(|x| format!("{v}={x}")))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
     /// The local cluster: the first online one `pg_lsclusters` lists, else the default
     /// socket.
     fn local() -> Option<Self> {

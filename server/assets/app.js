@@ -7,6 +7,8 @@ import * as i18n from "./i18n.js";
 import * as pages from "./pages.js";
 import * as snapshots from "./snapshots.js";
 import { health } from "./health.js";
+import { form as jobForm } from "./jobform.js";
+import { recoverPage } from "./recovery.js";
 
 const { t } = i18n;
 const main = document.getElementById("main");
@@ -24,6 +26,9 @@ const ctx = {
   redraw() {
     frame();
     route();
+  },
+  refreshTaskbar() {
+    pages.taskbar(bar, this);
   },
 };
 
@@ -58,7 +63,7 @@ async function route() {
   const [page, ...args] = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
   const [arg] = args;
   // Pages inside a section light up their section's link.
-  const section = { browse: "snapshots", diff: "snapshots" }[page] || page || "overview";
+  const section = { browse: "snapshots", diff: "snapshots", recover: "snapshots", "job-form": "jobs" }[page] || page || "overview";
   for (const a of nav.querySelectorAll("a")) {
     if (a.id === `nav-${section}`) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
@@ -66,6 +71,9 @@ async function route() {
   const show = {
     overview: () => pages.overview(main, ctx),
     jobs: () => (arg ? pages.job(main, ctx, arg) : pages.jobs(main, ctx)),
+    // #/job-form (a new job) or #/job-form/<name> (a job to change).
+    "job-form": () => jobForm(main, ctx, arg || null),
+    recover: () => recoverPage(main, ctx, args[0], args[1]),
     runs: () => (arg ? pages.run(main, ctx, arg) : pages.runs(main, ctx)),
     snapshots: () => snapshots.list(main, ctx, arg),
     browse: () => snapshots.browse(main, ctx, args[0], args[1], args[2] || "/"),

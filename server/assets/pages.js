@@ -128,6 +128,7 @@ export async function jobs(main, ctx) {
   replace(
     main,
     h("h1", {}, t("jobs.title")),
+    ctx.canChange ? h("p", { class: "actions" }, h("a", { href: "#/job-form", id: "new-job", class: "button" }, t("jobs.new"))) : "",
     msg,
     table(
       [t("col.job"), t("col.repository"), t("col.last_run"), t("col.next_run"), ""],
@@ -144,13 +145,69 @@ export async function jobs(main, ctx) {
 }
 
 export async function job(main, ctx, name) {
-  const [j, runs] = await Promise.all([
-    api.get(`/jobs/${encodeURIComponent(name)}`),
-    api.get(`/runs?job=${encodeURIComponent(name)}&limit=50`),
+  const enc = encodeURIComponent;
+  const [j, runs, schedules] = await Promise.all([
+    api.get(`/jobs/${enc(name)}`),
+    api.get(`/runs?job=${enc(name)}&limit=50`),
+    api.get("/schedules"),
   ]);
+  const msg = h("div", { role: "status", "aria-live": "polite", id: "job-msg" });
+  const fromApi = j.origin !== "config";
+  const mine = schedules.schedules.filter((s) => s.job === name);
+  const toggle = (s) => async (ev) => {
+    ev.target.disabled = true;
+    try {
+      await api.post(`/schedules/${s.id}/${s.enabled ? "disable" : "enable"}`);
+      ctx.redraw();
+    } catch (e) {
+      replace(msg, errorBox(e));
+      ev.target.disabled = false;
+    }
+  };
+  const askDelete = () => replace(msg, h("div", { class: "preview" },
+    h("p", {}, t("jobs.delete_confirm", { name, n: mine.length })),
+    h("button", { type: "button", class: "danger", id: "delete-job-confirm", onclick: async (ev) => {
+      ev.target.disabled = true;
+      try {
+        await api.del(`/jobs/${enc(name)}`);
+        location.hash = "#/jobs";
+      } catch (e) {
+        replace(msg, errorBox(e));
+      }
+    } }, t("jobs.delete_now")),
+    " ", h("button", { type: "button", class: "link", onclick: () => replace(msg) }, t("form.cancel"))));
+  const runNow = async (ev) => {
+    ev.target.disabled = true;
+    try {
+      const r = await api.post(`/jobs/${enc(name)}/run`);
+      location.hash = `#/runs/${r.run}`;
+    } catch (e) {
+      replace(msg, errorBox(e));
+      ev.target.disabled = false;
+    }
+  };
   replace(
     main,
     h("h1", {}, t("jobs.job", { name })),
+    ctx.canChange
+      ? h("div", { class: "actions" },
+          h("button", { type: "button", id: "job-run-now", onclick: runNow }, t("jobs.run_now")),
+          fromApi ? h("a", { href: `#/job-form/${enc(name)}`, id: "edit-job", class: "button secondary" }, t("jobs.edit")) : "",
+          fromApi ? h("button", { type: "button", id: "delete-job", class: "danger", onclick: askDelete }, t("jobs.delete")) : "",
+          fromApi ? "" : h("span", { class: "hint" }, t("jobs.from_config")))
+      : "",
+    msg,
+    h("h2", {}, t("jobs.schedules")),
+    table(
+      [t("sched.expression"), t("sched.timezone"), t("col.next_run"), t("col.status"), ""],
+      mine.map((s) => [
+        h("code", {}, s.when), s.timezone || "UTC", s.enabled && s.next && s.next[0] ? date(s.next[0]) : "—",
+        s.enabled ? badge("ok", t("sched.enabled")) : badge("warn", t("sched.disabled")),
+        ctx.canChange ? h("button", { type: "button", class: "secondary toggle-schedule", onclick: toggle(s) }, t(s.enabled ? "sched.disable" : "sched.enable")) : "",
+      ]),
+      t("overview.unscheduled"),
+    ),
+    h("h2", {}, t("jobs.definition")),
     h("pre", { class: "definition" }, JSON.stringify(j.definition || j.job || j, null, 2)),
     h("h2", {}, t("jobs.history")),
     runTable(runs.runs),
@@ -265,12 +322,52 @@ export async function taskbar(el, ctx) {
     el,
     h("strong", {}, t("taskbar.title", { n: sessions.length })),
     h("ul", {}, sessions.map((s) =>
-      h("li", { class: "session" },
+      h("li", { class: "session", "data-session": s.id },
         h("span", {}, `${s.engine || "vm"} ${(s.snapshot || "").slice(0, 8)}`),
         " · ", relative(s.created),
         " · ", t("taskbar.written", { size: bytes(s.layer_bytes || 0) }),
+        s.port ? [" · ", h("code", { class: "where" }, where(s))] : "",
+        s.domain ? [" · ", h("code", {}, s.domain)] : "",
+        revealed.has(s.id) ? connectionInput(revealed.get(s.id)) : "",
+        ctx.canChange && s.port ? h("button", { type: "button", class: "secondary copy-connection", onclick: copyConnection(s.id) }, t("taskbar.copy")) : "",
         ctx.canChange ? h("button", { type: "button", class: "stop", onclick: stop(s.id) }, t("taskbar.stop")) : "",
       ),
     )),
   );
+}
+
+/** A session's address without its password (the listing has none). */
+function where(s) {
+  const scheme = s.engine === "postgresql" ? "postgresql" : "mariadb";
+  return `${scheme}://${s.user || ""}@127.0.0.1:${s.port}/${s.database || ""}`;
+}
+
+/** Connection strings this page asked for, by session: the bar's redraws keep them. */
+const revealed = new Map();
+
+function connectionInput(connection) {
+  return h("input", { class: "connection", readonly: true, value: connection, size: Math.min(connection.length, 60), "aria-label": t("recover.connection") });
+}
+
+/** Asks the API for the connection string (audited), shows it selected and copies it. */
+function copyConnection(id) {
+  return async (ev) => {
+    const li = ev.target.closest("li");
+    try {
+      const r = await api.post(`/recovery/${encodeURIComponent(id)}/connection`);
+      revealed.set(id, r.connection);
+      const box = connectionInput(r.connection);
+      li.querySelector("input.connection")?.remove();
+      ev.target.before(box);
+      box.select();
+      try {
+        await navigator.clipboard.writeText(r.connection);
+      } catch {
+        document.execCommand("copy");
+      }
+      ev.target.textContent = t("recover.copied");
+    } catch (e) {
+      ev.target.textContent = e.message;
+    }
+  };
 }

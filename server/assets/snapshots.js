@@ -79,11 +79,14 @@ export async function list(main, ctx, wanted) {
       listEl,
       h("p", { id: "snap-shown" }, t("snapshots.shown", { n: number(Math.min(shown.length, 500)), total: number(shown.length) })),
       table(
-        ["", t("col.snapshot"), t("col.time"), t("col.host"), t("col.source"), t("col.tags"), t("col.size")],
+        ["", t("col.snapshot"), t("col.time"), t("col.host"), t("col.source"), t("col.tags"), t("col.size"), ""],
         shown.slice(0, 500).map((s) => [
           h("input", { type: "checkbox", class: "pick", value: s.id, "aria-label": t("snapshots.pick", { id: s.id.slice(0, 8) }), onchange: drawActions }),
           h("a", { href: browseHref(name, s.id), class: "snap" }, h("code", {}, s.id.slice(0, 8))),
           date(s.time), s.host, s.source, (s.tags || []).join(", "), bytes((s.summary || {}).total_bytes || 0),
+          ctx.canChange && ((s.database && s.database.method === "physical") || s.vm)
+            ? h("a", { href: `#/recover/${enc(name)}/${enc(s.id)}`, class: "recover", "data-snapshot": s.id }, t("recover.action"))
+            : "",
         ]),
         t("snapshots.none"),
       ),

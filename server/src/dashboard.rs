@@ -39,6 +39,8 @@ const ASSETS: &[Asset] = &[
     asset!("pages.js", "text/javascript; charset=utf-8"),
     asset!("snapshots.js", "text/javascript; charset=utf-8"),
     asset!("health.js", "text/javascript; charset=utf-8"),
+    asset!("jobform.js", "text/javascript; charset=utf-8"),
+    asset!("recovery.js", "text/javascript; charset=utf-8"),
     asset!("i18n/en.json", "application/json"),
     asset!("i18n/fr.json", "application/json"),
 ];
@@ -150,8 +152,21 @@ mod tests {
             }
         }
         // Keys the code builds: `status.<run status>`, `lang.<language>`, `log.<level>`,
-        // `nav.<page>`, `kind.<entry type>`, `change.<diff change>`.
-        let built = ["status.", "lang.", "log.", "nav.", "kind.", "change."];
+        // `nav.<page>`, `kind.<entry type>`, `change.<diff change>`, `day.<weekday>`,
+        // `keep.<rule>`, `sched.<kind>`, `form.db_<engine>`, `recover.runtime_<runtime>`.
+        let built = [
+            "status.",
+            "lang.",
+            "log.",
+            "nav.",
+            "kind.",
+            "change.",
+            "day.",
+            "keep.",
+            "sched.",
+            "form.db_",
+            "recover.runtime_",
+        ];
         let unused: Vec<_> = en
             .difference(&used)
             .filter(|k| !built.iter().any(|b| k.starts_with(b)))

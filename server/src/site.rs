@@ -136,6 +136,22 @@ impl Site {
 
     /// Adds (or with `replace`, replaces) a job of origin `api`.
     pub fn add_job(&self, job: &JobDefinition, replace: bool) -> Result<()> {
+        self.check_job(job)?;
+        if let Some(existing) = self.state.job(&job.name)? {
+            if existing.origin == Origin::Config {
+                return Err(self.defined_in_config(format!("job {:?}", job.name)));
+            }
+            if !replace {
+                return Err(SiteError::JobExists(job.name.clone()));
+            }
+        }
+        self.state.put_job(job, Origin::Api, Utc::now())?;
+        Ok(())
+    }
+
+    /// What `add_job` would refuse in the definition itself: its fields, and
+    /// notification targets and a repository this site does not have.
+    pub fn check_job(&self, job: &JobDefinition) -> Result<()> {
         job.validate()
             .map_err(|e| SiteError::Invalid(format!("job {:?}: {e}", job.name)))?;
         if let Some(t) = job
@@ -148,15 +164,12 @@ impl Site {
                 job.name, self.config_origin
             )));
         }
-        if let Some(existing) = self.state.job(&job.name)? {
-            if existing.origin == Origin::Config {
-                return Err(self.defined_in_config(format!("job {:?}", job.name)));
-            }
-            if !replace {
-                return Err(SiteError::JobExists(job.name.clone()));
-            }
+        if self.repos.config(&job.repository).is_none() {
+            return Err(SiteError::Invalid(format!(
+                "job {:?}: repository: no repository {:?} in {}",
+                job.name, job.repository, self.config_origin
+            )));
         }
-        self.state.put_job(job, Origin::Api, Utc::now())?;
         Ok(())
     }
 

@@ -683,3 +683,339 @@ fn the_calls_the_snapshot_and_health_pages_make_refuse_bad_input_and_read_only_t
     assert_eq!(v["removed"].as_array().unwrap().len(), 1, "{v}");
     assert!(!lock.exists());
 }
+
+#[test]
+fn the_job_forms_calls_preview_schedules_dry_run_jobs_and_list_what_a_host_has() {
+    let env = Env::new();
+    let data = data_dir(&env);
+    let config = serve_config(
+        &env,
+        "[notifications.hook]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:9/secret-path\"\n",
+    );
+    let rw = token(&env, &config, "admin", false);
+    let ro = token(&env, &config, "viewer", true);
+    let d = Daemon::start_with(
+        &env,
+        &config,
+        &[("PGHOST", "/run/nowhere-sock"), ("PGPORT", "5499")],
+    );
+    let (admin, viewer) = (d.api(&rw), d.api(&ro));
+
+    // The next five runs of a schedule, stored nowhere: 03:15 UTC on five days running.
+    let (s, v) = viewer.get("/api/v1/schedules/preview?when=daily%2003:15&count=5");
+    assert_eq!(s, 200, "{v}");
+    let next: Vec<chrono::DateTime<chrono::Utc>> =
+        serde_json::from_value(v["next"].clone()).unwrap();
+    assert_eq!(next.len(), 5, "{v}");
+    for (a, b) in next.iter().zip(next.iter().skip(1)) {
+        assert_eq!(*b - *a, chrono::Duration::days(1), "{v}");
+    }
+    assert!(
+        next.iter()
+            .all(|t| t.format("%H:%M:%S").to_string() == "03:15:00"),
+        "{v}"
+    );
+    let (s, v) = viewer
+        .get("/api/v1/schedules/preview?when=weekly%20sun%2003:00&timezone=Europe/Paris&count=2");
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["next"].as_array().unwrap().len(), 2);
+    // Bad expressions, zones and queries: the error says what and gives an example.
+    for (q, want) in [
+        ("when=daily%2027:00", "for example"),
+        ("when=floppy", "for example"),
+        ("when=daily%2002:00&timezone=Mars/Olympus", "time zone"),
+        ("when=daily&count=lots", ""),
+        ("count=3", ""),
+    ] {
+        let (s, v) = viewer.get(&format!("/api/v1/schedules/preview?{q}"));
+        assert!(s == 400 || s == 422, "{q}: {s} {v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.contains(want), "{q}: {m}");
+    }
+    assert_eq!(admin.get("/api/v1/schedules").1["schedules"], json!([]));
+
+    // A dry run checks the definition, names the field of what is wrong, and stores
+    // nothing; with snapshots of the job, it names what the retention would forget.
+    let job = |retention: Value, repository: &str, notify: Value| {
+        json!({ "name": "nightly", "repository": repository, "notify": notify,
+                "source": [{ "type": "paths", "paths": [data] }], "retention": retention })
+    };
+    for (body, want) in [
+        (
+            job(json!({ "prune": true }), "default", json!([])),
+            "retention: no keep rule",
+        ),
+        (
+            job(json!({ "keep_within": "soon" }), "default", json!([])),
+            "retention.keep_within",
+        ),
+        (
+            job(json!({ "keep_daily": 1 }), "elsewhere", json!([])),
+            "repository: no repository \"elsewhere\"",
+        ),
+        (
+            job(json!({ "keep_daily": 1 }), "default", json!(["pager"])),
+            "notify: no notification target \"pager\"",
+        ),
+        (
+            json!({ "name": "a b", "source": [{ "type": "paths", "paths": [data] }] }),
+            "name:",
+        ),
+        (
+            json!({ "name": "x", "source": [{ "type": "paths", "paths": ["rel"] }] }),
+            "source 1: paths:",
+        ),
+    ] {
+        let (s, v) = admin.post("/api/v1/jobs?dry_run=true", &body);
+        assert_eq!(s, 422, "{body}: {v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.contains(want), "{body}: {m}");
+    }
+    let good = job(json!({ "keep_last": 1 }), "default", json!(["hook"]));
+    let (s, v) = admin.post("/api/v1/jobs?dry_run=true", &good);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["plan"]["would_forget"], json!([]), "{v}");
+    assert_eq!(
+        admin.get("/api/v1/jobs/nightly").0,
+        404,
+        "a dry run stored the job"
+    );
+    let (s, _) = viewer.post("/api/v1/jobs?dry_run=true", &good);
+    assert_eq!(s, 403);
+    let mut stored = good.clone();
+    stored.as_object_mut().unwrap().remove("retention");
+    assert_eq!(admin.post("/api/v1/jobs", &stored).0, 201);
+    for _ in 0..2 {
+        let (s, v) = admin.post("/api/v1/jobs/nightly/run", &json!({}));
+        assert_eq!(s, 202, "{v}");
+        wait_run(&admin, &v["run"], &["succeeded"]);
+    }
+    // Two snapshots of the job: keeping the last one would forget the older, and only
+    // that (the dry run forgets nothing).
+    let mut snaps: Vec<Value> = env.json(&["snapshots"]).as_array().unwrap().clone();
+    snaps.sort_by_key(|s| s["time"].as_str().unwrap().to_owned());
+    assert_eq!(snaps.len(), 2);
+    let (s, v) = admin.post("/api/v1/jobs?dry_run=true", &good);
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["plan"]["would_forget"], json!([snaps[0]["id"]]), "{v}");
+    assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), 2);
+    let audit = admin.get("/api/v1/audit").1;
+    assert!(
+        audit["audit"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "jobs.create.dry_run"),
+        "{audit}"
+    );
+
+    // What the host has: the daemon's PG* server (its socket named, no password); the
+    // notification targets by name and kind, never their URL.
+    let (s, v) = viewer.get("/api/v1/databases");
+    assert_eq!(s, 200, "{v}");
+    let pg = v["databases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["engine"] == "postgresql")
+        .cloned();
+    let pg = pg.unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(pg["connection"], "");
+    assert!(
+        pg["location"]
+            .as_str()
+            .unwrap()
+            .contains("PGHOST=/run/nowhere-sock"),
+        "{v}"
+    );
+    let (s, v) = viewer.get("/api/v1/notifications");
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v["notifications"],
+        json!([{ "name": "hook", "kind": "webhook", "on": ["failure", "missed", "verification-failure"] }])
+    );
+    assert!(!v.to_string().contains("secret-path"), "{v}");
+
+    // A session's connection: refused to a read-only token, unknown ids named.
+    let (s, v) = viewer.post("/api/v1/recovery/nosuch/connection", &json!({}));
+    assert_eq!((s, &v["error"]["code"]), (403, &json!("read_only")), "{v}");
+    let (s, v) = admin.post("/api/v1/recovery/nosuch/connection", &json!({}));
+    assert_eq!(s, 404, "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("nosuch"),
+        "{v}"
+    );
+}
+
+#[test]
+fn in_the_browser_a_job_made_in_the_form_backs_up_a_database_that_recovers_from_the_page() {
+    use crate::database::{pg_ready, psql, StopAll, PG_IMAGE};
+    use crate::dbserver::{postgres_cluster, require_docker};
+    if !browser_ready("the job form and recovery in a browser")
+        || !pg_ready("a database recovered from the dashboard")
+        || !require_docker(PG_IMAGE)
+    {
+        return;
+    }
+    let env = Env::new();
+    let _stop = StopAll(&env);
+    let data = data_dir(&env);
+    let pg = postgres_cluster(&env, "shop");
+    pg.sql("CREATE TABLE orders (id int PRIMARY KEY, total numeric); INSERT INTO orders SELECT g, g * 1.5 FROM generate_series(1, 500) g");
+    let config = serve_config(&env, "");
+    let rw = token(&env, &config, "admin", false);
+    add_user(&env, &config, "alice", "correct horse battery", false);
+    let port = pg.port.to_string();
+    let d = Daemon::start_with(
+        &env,
+        &config,
+        &[
+            ("PGHOST", pg.sock.to_str().unwrap()),
+            ("PGPORT", &port),
+            ("PGUSER", "postgres"),
+        ],
+    );
+    let admin = d.api(&rw);
+    let shots = screenshots();
+    let b = Browser::start(1280, 1400);
+    b.go(&format!("{}/", d.url));
+    log_in(&b, "alice", "correct horse battery");
+    b.find("#who-name");
+
+    // The form lists the daemon's PostgreSQL server to tick.
+    b.click("#nav-jobs");
+    b.click("#new-job");
+    b.wait_text("main h1", "New job");
+    b.wait_text("#db-choices", "PostgreSQL");
+    b.type_into("#job-name", "shop");
+    b.click("#db-postgresql");
+    b.type_into("#job-paths", data.to_str().unwrap());
+
+    // The schedule's next five runs appear as it is typed, each at the typed time.
+    b.select("#sched-kind", "daily");
+    b.type_into("#sched-time", "03:15");
+    let times = |b: &Browser| -> Vec<String> {
+        let v = b.run_async(
+            "arguments[0]([...document.querySelectorAll('#sched-preview time')].map(t => t.getAttribute('datetime')))",
+        );
+        serde_json::from_value(v).unwrap()
+    };
+    let start = std::time::Instant::now();
+    while !(times(&b).len() == 5 && times(&b).iter().all(|t| t.contains("T03:15:00"))) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "preview: {:?}; {}",
+            times(&b),
+            b.page_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    b.screenshot(&shots.join("en-job-form.png"));
+
+    // Bad input: an expression that means nothing and a negative count are named
+    // beside their fields, and what was typed stays.
+    b.select("#sched-kind", "cron");
+    b.type_into("#sched-cron", "61 25 * * *");
+    b.wait_text("#err-schedule", "for example");
+    assert_eq!(b.count("#sched-preview li"), 0);
+    b.type_into("#keep-daily", "-3");
+    b.click("#job-save");
+    b.wait_text("#err-retention", "keep_daily");
+    b.wait_text("#err-schedule", "for example");
+    assert_eq!(b.value("#sched-cron"), "61 25 * * *");
+    assert_eq!(b.value("#job-name"), "shop");
+    assert_eq!(b.value("#job-paths"), data.to_str().unwrap());
+    assert_eq!(
+        admin.get("/api/v1/jobs/shop").0,
+        404,
+        "saved with bad fields"
+    );
+    b.select("#sched-kind", "daily");
+    b.wait_text("#sched-preview", ":");
+    b.type_into("#keep-daily", "7");
+    b.click("#retention-preview");
+    b.wait_text("#would-forget", "would forget no snapshot");
+    b.click("#job-save");
+    b.wait_text("main h1", "Job shop");
+    b.wait_text("main", "daily 03:15");
+    b.screenshot(&shots.join("en-job.png"));
+    let (_, sched) = admin.get("/api/v1/schedules");
+    assert_eq!(sched["schedules"][0]["when"], "daily 03:15", "{sched}");
+    let (_, job) = admin.get("/api/v1/jobs/shop");
+    let kinds: Vec<&str> = job["definition"]["source"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["postgres", "paths"], "{job}");
+    assert_eq!(job["definition"]["retention"]["keep_daily"], 7, "{job}");
+
+    // Run it from its page: the run reaches 100 %.
+    b.click("#job-run-now");
+    b.wait_text_within("#run-progress", "succeeded", Duration::from_secs(120));
+    b.wait_text("#run-progress", "100");
+
+    // The database snapshot recovers from the snapshots page: its server answers with
+    // the rows that were backed up.
+    b.click("#nav-snapshots");
+    b.click("a.recover");
+    b.wait_text("main h1", "Instant recovery of postgresql");
+    b.screenshot(&shots.join("en-recover.png"));
+    b.click("#rec-start");
+    b.wait_text_within("#rec-status", "Up after", Duration::from_secs(180));
+    b.screenshot(&shots.join("en-recovered.png"));
+    let conn = b.value("#rec-connection");
+    assert!(conn.starts_with("postgresql://"), "{conn}");
+    let q = "SELECT count(*), sum(total) FROM orders";
+    assert_eq!(psql(&conn, q).unwrap(), "500|187875.0", "{}", d.log());
+
+    // The task bar shows the session on every page; its copy button gets the same
+    // connection string; its stop button ends the session.
+    b.click("#nav-overview");
+    b.wait_text("#taskbar", "postgresql");
+    assert!(
+        !b.text("#taskbar")
+            .contains(conn.split('@').next().unwrap().rsplit(':').next().unwrap()),
+        "the bar shows the password"
+    );
+    b.click("#taskbar button.copy-connection");
+    b.wait_text("#taskbar", "Copied");
+    assert_eq!(b.value("#taskbar input.connection"), conn);
+    b.screenshot(&shots.join("en-taskbar.png"));
+    b.click("#taskbar button.stop");
+    let start = std::time::Instant::now();
+    while !admin.get("/api/v1/recovery").1["sessions"]
+        .as_array()
+        .unwrap()
+        .is_empty()
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the session is still listed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(psql(&conn, q).is_err(), "the stopped server still answers");
+    let audit = admin.get("/api/v1/audit").1;
+    assert!(audit.to_string().contains("recovery.connection"), "{audit}");
+
+    // In French: the form and the job page.
+    b.click("#nav-settings");
+    b.select("#language", "fr");
+    b.wait_text("main h1", "Réglages");
+    b.go(&format!("{}/#/job-form/shop", d.url));
+    b.wait_text("main h1", "Tâche shop : modifier");
+    assert_eq!(b.value("#sched-time"), "03:15");
+    assert_eq!(b.value("#keep-daily"), "7");
+    let start = std::time::Instant::now();
+    while times(&b).len() != 5 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            b.page_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    b.screenshot(&shots.join("fr-job-form.png"));
+}

@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::dbserver::*;
 use crate::support::*;
 
-const PG_IMAGE: &str = "postgres:15";
+pub(crate) const PG_IMAGE: &str = "postgres:15";
 const MARIADB_IMAGE: &str = "mariadb:10.11";
 
 fn state_dir(env: &Env) -> PathBuf {
@@ -50,7 +50,7 @@ fn snapshot_count(env: &Env) -> usize {
 }
 
 /// A query over TCP with the session's credentials, as a client would connect.
-fn psql(conn: &str, q: &str) -> Result<String, String> {
+pub(crate) fn psql(conn: &str, q: &str) -> Result<String, String> {
     let out = Command::new("psql")
         .args([conn, "-X", "-At", "-c", q])
         .output()
@@ -120,7 +120,7 @@ fn assert_nothing_left(env: &Env) {
 }
 
 /// Stops every session whatever happens in the test.
-struct StopAll<'a>(&'a Env);
+pub(crate) struct StopAll<'a>(pub(crate) &'a Env);
 
 impl Drop for StopAll<'_> {
     fn drop(&mut self) {
@@ -129,7 +129,7 @@ impl Drop for StopAll<'_> {
     }
 }
 
-fn pg_ready(what: &str) -> bool {
+pub(crate) fn pg_ready(what: &str) -> bool {
     require_root(what) && require_fuse(what) && require_postgres()
 }
 

@@ -182,6 +182,21 @@ impl Browser {
         .unwrap();
     }
 
+    /// Picks the option `value` of the select `css`, as a user's choice does (a
+    /// `change` event).
+    pub fn select(&self, css: &str, value: &str) {
+        self.find(css);
+        let script = format!(
+            "const done = arguments[0]; const el = document.querySelector({css:?}); el.value = {value:?};\
+             el.dispatchEvent(new Event('change', {{ bubbles: true }})); done(el.value);"
+        );
+        assert_eq!(
+            self.run_async(&script),
+            value,
+            "{css} has no option {value:?}"
+        );
+    }
+
     pub fn value(&self, css: &str) -> String {
         let e = self.find(css);
         self.cmd("GET", &format!("/element/{e}/property/value"), None)
@@ -207,13 +222,19 @@ impl Browser {
 
     /// Waits until the text of `css` contains `want`.
     pub fn wait_text(&self, css: &str, want: &str) {
+        self.wait_text_within(css, want, WAIT);
+    }
+
+    /// Waits up to `wait` until the text of `css` contains `want` (for what takes long:
+    /// a database server's start).
+    pub fn wait_text_within(&self, css: &str, want: &str, wait: Duration) {
         let start = Instant::now();
         loop {
             if self.try_find(css).is_some() && self.text(css).contains(want) {
                 return;
             }
             assert!(
-                start.elapsed() < WAIT,
+                start.elapsed() < wait,
                 "{css} never said {want:?}; the page says: {}",
                 self.page_text()
             );

@@ -209,6 +209,7 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         .route("/runs/{id}/log", get(run_log))
         .route("/runs/{id}/cancel", post(cancel_run))
         .route("/schedules", get(list_schedules).post(add_schedule))
+        .route("/schedules/preview", get(preview_schedule))
         .route("/schedules/{id}", axum::routing::delete(remove_schedule))
         .route("/schedules/{id}/enable", post(enable_schedule))
         .route("/schedules/{id}/disable", post(disable_schedule))
@@ -224,6 +225,9 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         .route("/repositories/{name}/diff", get(snapshot_diff))
         .route("/recovery", get(list_recovery))
         .route("/recovery/{id}/stop", post(stop_recovery))
+        .route("/recovery/{id}/connection", post(recovery_connection))
+        .route("/databases", get(list_databases))
+        .route("/notifications", get(list_notifications))
         .route("/vms", get(ops::list_vms))
         .route("/vms/{name}/snapshots", get(ops::vm_snapshots))
         .route(
@@ -375,6 +379,10 @@ async fn authorize(State(ctx): State<Ctx>, mut req: Request, next: Next) -> Resp
     let changes = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
+    let dry_run = req
+        .uri()
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "dry_run=true"));
     let csrf = req
         .headers()
         .get(login::CSRF_HEADER)
@@ -416,7 +424,11 @@ async fn authorize(State(ctx): State<Ctx>, mut req: Request, next: Next) -> Resp
         let entry = AuditEntry {
             at: chrono::Utc::now(),
             token: token.name.clone(),
-            action: action_of(&method, &path),
+            action: if dry_run {
+                format!("{}.dry_run", action_of(&method, &path))
+            } else {
+                action_of(&method, &path)
+            },
             method,
             path,
             status: resp.status().as_u16(),
@@ -576,6 +588,10 @@ async fn get_job(
 struct AddJobQuery {
     #[serde(default)]
     replace: bool,
+    /// Check the definition and answer what a run would do now (each source's visible
+    /// problem, the snapshots its retention would forget), storing nothing.
+    #[serde(default)]
+    dry_run: bool,
 }
 
 #[utoipa::path(
@@ -588,6 +604,7 @@ struct AddJobQuery {
     request_body = JobDefinition,
     responses(
         (status = 201, description = "The job as stored", body = Object),
+        (status = 200, description = "With dry_run: the definition is valid, and what a run would do now (`plan`)", body = Object),
         (status = "default", description = "An error", body = openapi::ErrorBody),
     ),
 )]
@@ -599,6 +616,12 @@ async fn add_job(
     let Query(q) = query?;
     let Json(job) = body?;
     blocking(move || {
+        if q.dry_run {
+            ctx.site.check_job(&job)?;
+            let repo = ctx.site.repos.handle(&job.repository)?;
+            let plan = crate::execute::dry_run(&job, &repo).map_err(ApiError::internal)?;
+            return Ok((StatusCode::OK, Json(json!({ "job": job, "plan": plan }))));
+        }
         ctx.site.add_job(&job, q.replace)?;
         Ok((StatusCode::CREATED, Json(json!({ "job": job }))))
     })
@@ -964,6 +987,43 @@ async fn list_schedules(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
     .await
 }
 
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct SchedulePreviewQuery {
+    /// A schedule expression: `daily 02:00`, `weekly sun 03:00`, `monthly 15 04:00`,
+    /// `every 6h`, a cron expression.
+    when: String,
+    /// An IANA time zone (UTC by default).
+    timezone: Option<String>,
+    /// `10m`: the run starts up to this long after its slot.
+    jitter: Option<String>,
+    /// How many run times (5 by default, 50 at most).
+    count: Option<usize>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/schedules/preview",
+    tag = "schedules",
+    params(SchedulePreviewQuery),
+    responses(
+        (status = 200, description = "The next run times of the expression (`next`), stored nowhere", body = Object),
+        (status = "default", description = "The expression's error, with an example", body = openapi::ErrorBody),
+    ),
+)]
+async fn preview_schedule(
+    query: Result<Query<SchedulePreviewQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Query(q) = query?;
+    let count = q.count.unwrap_or(5).clamp(1, 50);
+    let sched =
+        crate::scheduler::schedule_of(&q.when, q.timezone.as_deref(), q.jitter.as_deref(), None)
+            .map_err(|e| ApiError::from(SiteError::Schedule(e)))?;
+    let next = sched.preview(chrono::Utc::now(), count, &q.when);
+    Ok(Json(json!({ "when": q.when, "next": next })))
+}
+
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct NewSchedule {
@@ -1178,6 +1238,15 @@ async fn list_snapshots(
                     "host": s.manifest.host,
                     "kind": s.manifest.kind,
                     "source": s.manifest.source_label(),
+                    "database": cairn_agent::database::DatabaseMeta::from_meta(&s.manifest.meta)
+                        .map(|d| json!({
+                            "engine": d.engine.as_str(),
+                            "method": match d.method {
+                                cairn_agent::database::Method::Physical => "physical",
+                                cairn_agent::database::Method::Logical => "logical",
+                            },
+                        })),
+                    "vm": s.manifest.meta.get(cairn_agent::libvirt::backup::meta::NAME),
                     "tags": s.manifest.tags,
                     "summary": s.manifest.summary,
                 })
@@ -1539,6 +1608,11 @@ async fn snapshot_diff(
 
 /// A recovery session as the API shows it: its connection password left out (the
 /// host's `repo recover list` shows it to whoever may read the host state).
+/// The host's recovery sessions (the daemon's state directory).
+fn recovery_store(ctx: &Ctx) -> ApiResult<cairn_recover::Store> {
+    cairn_recover::Store::open(&ctx.site.state_dir).map_err(|e| ApiError::internal(e.to_string()))
+}
+
 fn session_view(r: &cairn_recover::SessionRecord) -> Value {
     let mut v = json!(r);
     if let Some(o) = v.as_object_mut() {
@@ -1559,8 +1633,7 @@ fn session_view(r: &cairn_recover::SessionRecord) -> Value {
 )]
 async fn list_recovery(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
     blocking(move || {
-        let store = cairn_recover::Store::open(&ctx.site.state_dir)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let store = recovery_store(&ctx)?;
         let sessions = store
             .list()
             .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -1588,8 +1661,7 @@ async fn stop_recovery(
 ) -> ApiResult<Json<Value>> {
     let Path(id) = path?;
     blocking(move || {
-        let store = cairn_recover::Store::open(&ctx.site.state_dir)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let store = recovery_store(&ctx)?;
         match cairn_recover::stop(&store, &id) {
             Ok(r) => Ok(Json(json!({ "stopped": session_view(&r) }))),
             Err(cairn_recover::RecoverError::NoSession(_)) => {
@@ -1597,6 +1669,88 @@ async fn stop_recovery(
             }
             Err(e) => Err(ApiError::internal(e.to_string())),
         }
+    })
+    .await
+}
+
+#[utoipa::path(
+    post,
+    path = "/recovery/{id}/connection",
+    tag = "recovery",
+    params(
+        ("id" = String, Path, description = "The session's id"),
+    ),
+    responses(
+        (status = 200, description = "The session's connection string, password included (`connection`): a change-capable token's, and audited, since listings leave the password out", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
+async fn recovery_connection(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(id) = path?;
+    blocking(move || {
+        let store = recovery_store(&ctx)?;
+        let sessions = store
+            .list()
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let s = sessions
+            .iter()
+            .find(|s| s.id == id)
+            .ok_or_else(|| ApiError::not_found(format!("no recovery session {id:?}")))?;
+        let connection = s.connection_string().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid",
+                format!("recovery session {id:?} is not a database's: it has no connection string"),
+            )
+        })?;
+        Ok(Json(json!({ "id": id, "connection": connection })))
+    })
+    .await
+}
+
+#[utoipa::path(
+    get,
+    path = "/notifications",
+    tag = "daemon",
+    responses(
+        (status = 200, description = "The notification targets of the configuration a job may name (`notifications`: name, kind, what it hears about); no address, URL or secret", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
+async fn list_notifications(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
+    let out: Vec<Value> = ctx
+        .site
+        .config
+        .notifications
+        .iter()
+        .map(|(name, t)| {
+            let kind = match t.kind {
+                crate::config::TargetKind::Email { .. } => "email",
+                crate::config::TargetKind::Webhook { .. } => "webhook",
+            };
+            json!({ "name": name, "kind": kind, "on": t.on })
+        })
+        .collect();
+    Ok(Json(json!({ "notifications": out })))
+}
+
+#[utoipa::path(
+    get,
+    path = "/databases",
+    tag = "recovery",
+    responses(
+        (status = 200, description = "The database servers of this host a job's source reaches with an empty connection (`databases`: engine, connection, location)", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
+async fn list_databases() -> ApiResult<Json<Value>> {
+    blocking(move || {
+        Ok(Json(
+            json!({ "databases": cairn_agent::discover::local_databases() }),
+        ))
     })
     .await
 }

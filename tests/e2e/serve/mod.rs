@@ -213,6 +213,11 @@ pub(crate) struct Daemon {
 
 impl Daemon {
     pub(crate) fn start(env: &Env, config: &Path) -> Self {
+        Self::start_with(env, config, &[])
+    }
+
+    /// With more environment variables (the `PG*` ones of a test's cluster).
+    pub(crate) fn start_with(env: &Env, config: &Path, vars: &[(&str, &str)]) -> Self {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = env.path(&format!("serve-{n}.log"));
@@ -225,6 +230,7 @@ impl Daemon {
                 "--config",
                 config.to_str().unwrap(),
             ])
+            .envs(vars.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
