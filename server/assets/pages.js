@@ -286,11 +286,64 @@ export async function run(main, ctx, id) {
 
 export async function settings(main, ctx) {
   const { languages, current, load } = await import("./i18n.js");
+  const [tokens, notifications] = await Promise.all([api.get("/tokens"), api.get("/notifications")]);
   const select = h(
     "select",
     { id: "language", onchange: async (e) => { await load(e.target.value); ctx.redraw(); } },
     languages().map((l) => h("option", { value: l, selected: l === current() }, t(`lang.${l}`))),
   );
+  const enc = encodeURIComponent;
+  const tokenMsg = h("div", { id: "token-msg", role: "status", "aria-live": "polite" });
+  const revoke = (name) => async (ev) => {
+    ev.target.disabled = true;
+    try {
+      await api.del(`/tokens/${enc(name)}`);
+      ctx.redraw();
+    } catch (e) {
+      replace(tokenMsg, errorBox(e));
+      ev.target.disabled = false;
+    }
+  };
+  const newName = h("input", { id: "token-name", autocomplete: "off", pattern: "[A-Za-z0-9._-]{1,64}", required: true });
+  const newRo = h("input", { type: "checkbox", id: "token-read-only" });
+  const create = async (ev) => {
+    ev.preventDefault();
+    replace(tokenMsg);
+    try {
+      const r = await api.post("/tokens", { name: newName.value.trim(), read_only: newRo.checked });
+      newName.value = "";
+      const secret = h("input", { id: "token-secret", class: "connection", readonly: true, value: r.token, size: 70, "aria-label": t("settings.token_secret") });
+      replace(tokenMsg, h("div", { class: "preview" },
+        h("p", {}, h("strong", {}, t("settings.token_once", { name: r.name }))), secret));
+      secret.select();
+      const list = await api.get("/tokens");
+      replace(tokenTable, drawTokens(list.tokens));
+    } catch (e) {
+      replace(tokenMsg, errorBox(e));
+    }
+  };
+  const drawTokens = (list) => table(
+    [t("col.name"), t("settings.rights"), t("settings.created"), t("settings.last_used"), ""],
+    list.map((k) => [
+      k.name, k.read_only ? t("settings.read_only") : t("settings.read_write"), date(k.created), k.last_used ? relative(k.last_used) : "—",
+      ctx.canChange ? h("button", { type: "button", class: "danger revoke", "data-token": k.name, onclick: revoke(k.name) }, t("settings.revoke")) : "",
+    ]),
+    t("settings.no_tokens"),
+  );
+  const tokenTable = h("div", { id: "tokens" }, drawTokens(tokens.tokens));
+  const sendTest = (name) => async (ev) => {
+    const out = ev.target.parentElement.querySelector(".test-result");
+    ev.target.disabled = true;
+    replace(out, t("settings.sending"));
+    try {
+      await api.post(`/notifications/${enc(name)}/test`);
+      replace(out, h("span", { class: "ok" }, t("settings.delivered")));
+    } catch (e) {
+      replace(out, h("span", { class: "error" }, e.message));
+    } finally {
+      ev.target.disabled = false;
+    }
+  };
   replace(
     main,
     h("h1", {}, t("settings.title")),
@@ -298,6 +351,27 @@ export async function settings(main, ctx) {
     " ",
     select,
     h("p", {}, t("settings.session", { name: ctx.session.name, until: date(ctx.session.expires) })),
+    h("h2", {}, t("settings.tokens")),
+    tokenTable,
+    ctx.canChange
+      ? h("form", { id: "token-form", class: "actions", onsubmit: create },
+          h("label", { for: "token-name" }, t("settings.token_name")), newName,
+          h("label", { class: "check", for: "token-read-only" }, newRo, " ", t("settings.read_only")),
+          h("button", { type: "submit", id: "token-create" }, t("settings.create_token")))
+      : "",
+    tokenMsg,
+    h("h2", {}, t("settings.notifications")),
+    table(
+      [t("col.name"), t("settings.kind"), t("settings.on"), ""],
+      notifications.notifications.map((n) => [
+        n.name, n.kind, n.on.join(", "),
+        ctx.canChange
+          ? h("span", { class: "actions" }, h("button", { type: "button", class: "secondary send-test", "data-target": n.name, onclick: sendTest(n.name) }, t("settings.send_test")),
+              h("span", { class: "test-result", role: "status" }))
+          : "",
+      ]),
+      t("form.no_notifications"),
+    ),
   );
 }
 

@@ -44,6 +44,8 @@ pub enum Notice {
         until: DateTime<Utc>,
         runs: Vec<Run>,
     },
+    /// "Send a test" of the dashboard: proof that a target is reachable.
+    Test { by: String, at: DateTime<Utc> },
 }
 
 impl Notice {
@@ -51,7 +53,7 @@ impl Notice {
         match self {
             Self::Run { trigger, .. } => Some(*trigger),
             Self::Missed { .. } => Some(Trigger::Missed),
-            Self::Digest { .. } => None,
+            Self::Digest { .. } | Self::Test { .. } => None,
         }
     }
 }
@@ -268,6 +270,24 @@ fn deliver_with_retries(target: &Target, notice: &Notice, host: &str) -> Result<
     Err(last.unwrap_or_else(|| DeliveryError::Config("no attempt made".into())))
 }
 
+/// Sends a test notice to target `name` of the configuration, once, and says how it
+/// went (the dashboard's "send a test").
+pub fn send_test(
+    targets: &std::collections::BTreeMap<String, Target>,
+    name: &str,
+    by: &str,
+    host: &str,
+) -> Result<(), DeliveryError> {
+    let target = targets
+        .get(name)
+        .ok_or_else(|| DeliveryError::Config(format!("no notification target {name:?}")))?;
+    let notice = Notice::Test {
+        by: by.to_owned(),
+        at: Utc::now(),
+    };
+    deliver(target, &notice, host)
+}
+
 /// Sends one notice to one target, once.
 pub fn deliver(target: &Target, notice: &Notice, host: &str) -> Result<(), DeliveryError> {
     match &target.kind {
@@ -396,6 +416,7 @@ fn event_name(notice: &Notice) -> &'static str {
         },
         Notice::Missed { .. } => "run.missed",
         Notice::Digest { .. } => "digest",
+        Notice::Test { .. } => "test",
     }
 }
 
@@ -415,6 +436,9 @@ pub fn webhook_body(notice: &Notice, host: &str) -> Value {
             "runs": runs.len(),
             "succeeded": runs.iter().filter(|r| r.status == RunStatus::Succeeded).count(),
             "failed": runs.iter().filter(|r| r.status == RunStatus::Failed).count(),
+        }),
+        Notice::Test { by, at } => json!({
+            "event": event, "host": host, "by": by, "at": at,
         }),
     }
 }
@@ -461,6 +485,9 @@ struct Words {
     runs: &'static str,
     from: &'static str,
     to: &'static str,
+    test: &'static str,
+    by: &'static str,
+    sent: &'static str,
 }
 
 const EN: Words = Words {
@@ -487,6 +514,9 @@ const EN: Words = Words {
     runs: "runs",
     from: "from",
     to: "to",
+    test: "a test notification from",
+    by: "Sent by",
+    sent: "Sent at",
 };
 
 const FR: Words = Words {
@@ -513,6 +543,9 @@ const FR: Words = Words {
     runs: "exécutions",
     from: "du",
     to: "au",
+    test: "une notification de test de",
+    by: "Envoyée par",
+    sent: "Envoyée le",
 };
 
 fn escape(s: &str) -> String {
@@ -616,6 +649,11 @@ pub fn render(notice: &Notice, host: &str, lang: Language) -> Message {
                     .collect(),
             )
         }
+        Notice::Test { by, at } => (
+            format!("[cairn] {} {host}", w.test),
+            vec![(w.by, by.clone()), (w.sent, when(Some(*at)))],
+            Vec::new(),
+        ),
     };
     let mut text = format!("{subject}\n\n");
     for (k, v) in &rows {
@@ -680,6 +718,27 @@ mod tests {
             stats: RunStats::default(),
             pid: None,
         }
+    }
+
+    #[test]
+    fn a_test_notice_says_who_sent_it_in_both_languages() {
+        let n = Notice::Test {
+            by: "user:<alice>".into(),
+            at: Utc::now(),
+        };
+        let en = render(&n, "web1", Language::En);
+        assert!(en.subject.contains("test notification from web1"), "{en:?}");
+        assert!(en.text.contains("Sent by: user:<alice>"), "{en:?}");
+        assert!(en.html.contains("user:&lt;alice&gt;"), "{en:?}");
+        let fr = render(&n, "web1", Language::Fr);
+        assert!(
+            fr.subject.contains("notification de test de web1"),
+            "{fr:?}"
+        );
+        assert_eq!(webhook_body(&n, "web1")["event"], "test");
+        let targets = std::collections::BTreeMap::new();
+        let e = send_test(&targets, "ops", "x", "web1").unwrap_err();
+        assert!(e.to_string().contains("\"ops\""), "{e}");
     }
 
     #[test]

@@ -1019,3 +1019,159 @@ fn in_the_browser_a_job_made_in_the_form_backs_up_a_database_that_recovers_from_
     }
     b.screenshot(&shots.join("fr-job-form.png"));
 }
+
+/// A port of 127.0.0.1 nothing listens on.
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn in_the_browser_settings_create_and_revoke_tokens_and_test_notification_targets() {
+    use crate::serve::Receiver;
+    let hook = Receiver::start();
+    let env = Env::new();
+    let config = serve_config(
+        &env,
+        &format!(
+            "[notifications.hook]\ntype = \"webhook\"\nurl = \"{}\"\n[notifications.dead]\ntype = \"webhook\"\nurl = \"http://127.0.0.1:{}/gone\"\n",
+            hook.url,
+            closed_port()
+        ),
+    );
+    let rw = token(&env, &config, "admin", false);
+    let ro = token(&env, &config, "viewer", true);
+    let d = Daemon::start(&env, &config);
+    let (admin, viewer) = (d.api(&rw), d.api(&ro));
+
+    // Over HTTP: the listing has no secret; a read-only token may not create; names
+    // are checked; a created token works until it is revoked.
+    let (s, v) = viewer.get("/api/v1/tokens");
+    assert_eq!(s, 200, "{v}");
+    let names: Vec<&str> = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["admin", "viewer"]);
+    assert!(
+        !v.to_string().contains(&rw[6..]) && !v.to_string().contains("hash"),
+        "{v}"
+    );
+    let (s, v) = viewer.post("/api/v1/tokens", &json!({ "name": "sneaky" }));
+    assert_eq!((s, &v["error"]["code"]), (403, &json!("read_only")), "{v}");
+    for (body, want) in [
+        (json!({ "name": "a b" }), 422),
+        (json!({ "name": "admin" }), 409),
+        (json!({ "name": "x", "read_only": "yes" }), 422),
+        (json!({}), 422),
+    ] {
+        let (s, v) = admin.post("/api/v1/tokens", &body);
+        assert_eq!(s, want, "{body}: {v}");
+    }
+    let (s, v) = admin.post(
+        "/api/v1/tokens",
+        &json!({ "name": "ci", "read_only": true }),
+    );
+    assert_eq!(s, 201, "{v}");
+    let ci = v["token"].as_str().unwrap().to_owned();
+    assert_eq!(d.api(&ci).get("/api/v1/session").1["read_only"], true);
+    assert_eq!(admin.call("DELETE", "/api/v1/tokens/ci", None).0, 204);
+    assert_eq!(d.api(&ci).get("/api/v1/session").0, 401);
+    assert_eq!(admin.call("DELETE", "/api/v1/tokens/ci", None).0, 404);
+
+    // A test notification: delivered to a listening webhook (event `test`, sent by
+    // whom); a target that does not answer says why; an unknown one is named.
+    let (s, v) = admin.post("/api/v1/notifications/hook/test", &json!({}));
+    assert_eq!((s, &v["delivered"]), (200, &json!(true)), "{v}");
+    let body: Value = serde_json::from_str(&hook.got.lock().unwrap()[0].1).unwrap();
+    assert_eq!(
+        (&body["event"], &body["by"]),
+        (&json!("test"), &json!("admin")),
+        "{body}"
+    );
+    let (s, v) = admin.post("/api/v1/notifications/dead/test", &json!({}));
+    assert_eq!((s, &v["error"]["code"]), (502, &json!("delivery")), "{v}");
+    assert!(
+        v["error"]["message"].as_str().unwrap().contains("/gone"),
+        "{v}"
+    );
+    assert_eq!(
+        admin
+            .post("/api/v1/notifications/nosuch/test", &json!({}))
+            .0,
+        404
+    );
+    assert_eq!(
+        viewer.post("/api/v1/notifications/hook/test", &json!({})).0,
+        403
+    );
+    assert_eq!(hook.got.lock().unwrap().len(), 1);
+
+    if !browser_ready("the settings page in a browser") {
+        return;
+    }
+    let shots = screenshots();
+    let b = Browser::start(1280, 900);
+    b.go(&format!("{}/", d.url));
+    b.type_into("#token", &rw);
+    b.click("#login-submit");
+    b.find("#who-name");
+    b.click("#nav-settings");
+    b.wait_text("#tokens", "viewer");
+    // Create: the secret shows once, and it is a working token.
+    b.type_into("#token-name", "backup-host");
+    b.click("#token-create");
+    b.find("#token-secret");
+    let secret = b.value("#token-secret");
+    assert_eq!(
+        d.api(&secret).get("/api/v1/session").1["name"],
+        "backup-host"
+    );
+    b.wait_text("#tokens", "backup-host");
+    // A bad name: the API's error, and the name typed stays.
+    b.type_into("#token-name", "no spaces");
+    b.click("#token-create");
+    b.wait_text("#token-msg", "token name");
+    assert_eq!(b.value("#token-name"), "no spaces");
+    // The test buttons.
+    b.click("button.send-test[data-target='hook']");
+    b.wait_text("main", "Delivered");
+    b.click("button.send-test[data-target='dead']");
+    b.wait_text("main", "/gone");
+    assert_eq!(hook.got.lock().unwrap().len(), 2);
+    b.screenshot(&shots.join("en-settings.png"));
+    // Revoke: gone from the list, and refused by the API.
+    b.click("button.revoke[data-token='backup-host']");
+    let start = std::time::Instant::now();
+    while b.text("#tokens").contains("backup-host") {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{}",
+            b.page_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(d.api(&secret).get("/api/v1/session").0, 401);
+
+    // A read-only session sees the lists and no button that changes anything.
+    b.click("#logout");
+    b.type_into("#token", &ro);
+    b.click("#login-submit");
+    b.find("#read-only");
+    b.click("#nav-settings");
+    b.wait_text("#tokens", "viewer");
+    assert_eq!(
+        b.count("#token-form") + b.count("button.revoke") + b.count("button.send-test"),
+        0
+    );
+    b.go(&format!("{}/#/job-form", d.url));
+    b.wait_text("main", "read-only");
+    b.click("#nav-jobs");
+    b.wait_text("main h1", "Jobs");
+    assert_eq!(b.count("#new-job"), 0);
+}

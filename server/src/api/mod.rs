@@ -149,6 +149,17 @@ impl From<crate::repos::RepoError> for ApiError {
     }
 }
 
+impl From<AuthError> for ApiError {
+    fn from(e: AuthError) -> Self {
+        let m = e.to_string();
+        match e {
+            AuthError::Exists(_) => Self::new(StatusCode::CONFLICT, "exists", m),
+            AuthError::BadName(_) => Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", m),
+            _ => Self::internal(m),
+        }
+    }
+}
+
 impl From<crate::state::StateError> for ApiError {
     fn from(e: crate::state::StateError) -> Self {
         Self::internal(e.to_string())
@@ -228,6 +239,9 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         .route("/recovery/{id}/connection", post(recovery_connection))
         .route("/databases", get(list_databases))
         .route("/notifications", get(list_notifications))
+        .route("/notifications/{name}/test", post(test_notification))
+        .route("/tokens", get(list_tokens).post(create_token))
+        .route("/tokens/{name}", axum::routing::delete(revoke_token))
         .route("/vms", get(ops::list_vms))
         .route("/vms/{name}/snapshots", get(ops::vm_snapshots))
         .route(
@@ -1735,6 +1749,116 @@ async fn list_notifications(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
         })
         .collect();
     Ok(Json(json!({ "notifications": out })))
+}
+
+#[utoipa::path(
+    post,
+    path = "/notifications/{name}/test",
+    tag = "daemon",
+    params(
+        ("name" = String, Path, description = "A notification target of the configuration"),
+    ),
+    responses(
+        (status = 200, description = "A test notice was delivered to the target, once (no retry)", body = Object),
+        (status = "default", description = "An error: 404 for an unknown target, 502 `delivery` with the mail server's or webhook's answer", body = openapi::ErrorBody),
+    ),
+)]
+async fn test_notification(
+    State(ctx): State<Ctx>,
+    axum::Extension(who): axum::Extension<Principal>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(name) = path?;
+    if !ctx.site.config.notifications.contains_key(&name) {
+        return Err(ApiError::not_found(format!(
+            "no notification target {name:?} in {}",
+            ctx.site.config_origin
+        )));
+    }
+    blocking(move || {
+        let host = cairn_engine::repository::current_host();
+        crate::notify::send_test(&ctx.site.config.notifications, &name, &who.name, &host)
+            .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "delivery", e.to_string()))?;
+        Ok(Json(json!({ "name": name, "delivered": true })))
+    })
+    .await
+}
+
+// --- tokens ------------------------------------------------------------------------------
+
+#[utoipa::path(
+    get,
+    path = "/tokens",
+    tag = "daemon",
+    responses(
+        (status = 200, description = "The API tokens (`tokens`: name, read_only, created, last_used); never a secret, which is not stored", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
+async fn list_tokens(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
+    blocking(move || Ok(Json(json!({ "tokens": ctx.site.state.tokens()? })))).await
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+struct NewToken {
+    /// 1-64 letters, digits, '-', '_' or '.'.
+    name: String,
+    /// It may only read.
+    #[serde(default)]
+    read_only: bool,
+}
+
+#[utoipa::path(
+    post,
+    path = "/tokens",
+    tag = "daemon",
+    request_body = NewToken,
+    responses(
+        (status = 201, description = "The token, its secret (`token`) shown this once: only its hash is kept", body = Object),
+        (status = "default", description = "An error: 409 `exists`, 422 for a bad name", body = openapi::ErrorBody),
+    ),
+)]
+async fn create_token(
+    State(ctx): State<Ctx>,
+    body: Result<Json<NewToken>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Json(t) = body?;
+    blocking(move || {
+        let secret = auth::create(&ctx.site.state, &t.name, t.read_only)?;
+        Ok((
+            StatusCode::CREATED,
+            Json(json!({ "name": t.name, "read_only": t.read_only, "token": secret })),
+        ))
+    })
+    .await
+}
+
+#[utoipa::path(
+    delete,
+    path = "/tokens/{name}",
+    tag = "daemon",
+    params(
+        ("name" = String, Path, description = "The token's name"),
+    ),
+    responses(
+        (status = 204, description = "Revoked, with the dashboard sessions it opened"),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
+async fn revoke_token(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<StatusCode> {
+    let Path(name) = path?;
+    blocking(move || {
+        if ctx.site.state.remove_token(&name)? {
+            Ok(StatusCode::NO_CONTENT)
+        } else {
+            Err(ApiError::not_found(format!("no token {name:?}")))
+        }
+    })
+    .await
 }
 
 #[utoipa::path(

@@ -936,13 +936,13 @@ fn a_daemon_killed_mid_run_fails_the_run_on_restart_and_the_next_run_works() {
 }
 
 /// A webhook receiver on 127.0.0.1: every request's headers and body.
-struct Receiver {
-    url: String,
-    got: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+pub(crate) struct Receiver {
+    pub(crate) url: String,
+    pub(crate) got: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
 }
 
 impl Receiver {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
