@@ -1,4 +1,5 @@
-// Repository health: each repository's figures, its locks (stale ones marked, with a
+// Repository health: each repository's figures, its last checks (kept by the daemon),
+// its locks (stale ones marked, with a
 // button that removes them), a check and a prune whose dry run shows what it would free
 // before anything is deleted.
 
@@ -48,7 +49,26 @@ async function repository(r, ctx) {
       replace(locksEl, errorBox(e));
     }
   };
-  await drawLocks();
+  const checksEl = h("div", { class: "checks-history" });
+  const drawChecks = async () => {
+    try {
+      const { checks } = await api.get(`${base}/checks?limit=10`);
+      const last = checks[0];
+      replace(checksEl,
+        h("p", { class: "last-check" }, last
+          ? [last.ok ? badge("ok", t("health.check_ok")) : badge("bad", t("health.check_failed")), " ",
+             t("health.last_check", { when: relative(last.at), how: last.how, by: last.by })]
+          : badge("warn", t("health.never_checked"))),
+        checks.length > 1
+          ? table([t("col.when"), t("health.how"), t("col.status"), t("health.problems"), t("health.by")],
+              checks.map((c) => [date(c.at), c.how, c.ok ? badge("ok", t("health.check_ok")) : badge("bad", t("health.check_failed")),
+                c.problems == null ? "—" : number(c.problems), c.by]), "")
+          : "");
+    } catch (e) {
+      replace(checksEl, errorBox(e));
+    }
+  };
+  await Promise.all([drawLocks(), drawChecks()]);
   const busy = (btn, f) => async () => {
     btn.disabled = true;
     replace(result, h("p", { role: "status" }, t("health.working")));
@@ -67,6 +87,7 @@ async function repository(r, ctx) {
       h("p", { class: "check-result" }, c.ok ? badge("ok", t("health.check_ok")) : badge("bad", t("health.check_bad", { n: number(rep.problems.length) })), " ",
         t("health.check_figures", { snapshots: number(rep.snapshots), packs: number(rep.packs), at: date(new Date()) })),
       rep.problems.length ? h("ul", {}, rep.problems.slice(0, 50).map((p) => h("li", {}, typeof p === "string" ? p : JSON.stringify(p)))) : "");
+    drawChecks();
   }));
   const prune = h("button", { type: "button", class: "prune-preview" }, t("health.prune_preview"));
   prune.addEventListener("click", busy(prune, async () => {
@@ -91,6 +112,8 @@ async function repository(r, ctx) {
     r.status === "ok"
       ? h("p", {}, bytes(r.figures.size_bytes), " · ", t("overview.repo_figures", { snapshots: number(r.figures.snapshots), dedup: number(r.figures.dedup_ratio, 1), compression: number(r.figures.compression_ratio, 1) }))
       : errorBox({ message: r.error }),
+    h("h3", {}, t("health.checks")),
+    checksEl,
     h("h3", {}, t("health.locks")),
     locksEl,
     ctx.canChange ? h("p", { class: "actions" }, check, " ", prune) : "",

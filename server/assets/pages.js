@@ -5,6 +5,7 @@
 import * as api from "./api.js";
 import { h, table, badge, replace, errorBox } from "./dom.js";
 import { t, date, relative, bytes, number, percent, seconds } from "./i18n.js";
+import { growthChart } from "./chart.js";
 
 function statusBadge(s) {
   const kind = { succeeded: "ok", failed: "bad", running: "run", queued: "run", cancelled: "warn", interrupted: "bad" }[s] || "warn";
@@ -64,6 +65,8 @@ export async function overview(main, ctx) {
     api.get("/runs?limit=200"),
     api.get("/repositories"),
   ]);
+  const growth = await Promise.all(repos.repositories.map((r) =>
+    api.get(`/repositories/${encodeURIComponent(r.name)}/growth?days=90`).then((g) => g.samples).catch(() => [])));
   const next = nextRuns(schedules.schedules);
   const finished = runs.runs.filter((r) => ["succeeded", "failed", "interrupted"].includes(r.status));
   const ok = finished.filter((r) => r.status === "succeeded").length;
@@ -86,7 +89,7 @@ export async function overview(main, ctx) {
       "section",
       { class: "cards" },
       h("div", { class: "card" }, h("h2", {}, t("overview.success")), h("p", { class: "big", id: "success-rate" }, finished.length ? percent(ok / finished.length) : "—"), h("p", {}, t("overview.of_runs", { n: number(finished.length) }))),
-      repos.repositories.map((r) =>
+      repos.repositories.map((r, i) =>
         h(
           "div",
           { class: "card" },
@@ -95,6 +98,8 @@ export async function overview(main, ctx) {
             ? [
                 h("p", { class: "big" }, bytes(r.figures.size_bytes)),
                 h("p", {}, t("overview.repo_figures", { snapshots: number(r.figures.snapshots), dedup: number(r.figures.dedup_ratio, 1), compression: number(r.figures.compression_ratio, 1) })),
+                h("h3", { class: "small" }, t("overview.growth")),
+                growthChart(growth[i], `growth-${r.name}`),
               ]
             : errorBox({ message: r.error }),
         ),
@@ -104,11 +109,32 @@ export async function overview(main, ctx) {
     table([t("col.job"), t("col.sources"), t("col.last_run"), t("col.when"), t("col.next_run"), ""], sources, t("overview.no_jobs")),
     h("h2", {}, t("overview.running")),
     table(
-      [t("col.run"), t("col.job"), t("col.status"), t("col.started")],
-      running.map((r) => [h("a", { href: `#/runs/${r.id}` }, `#${r.id}`), r.job, statusBadge(r.status), relative(r.started_at || r.queued_at)]),
+      [t("col.run"), t("col.job"), t("col.status"), t("col.started"), t("runs.progress")],
+      running.map((r) => [h("a", { href: `#/runs/${r.id}` }, `#${r.id}`), r.job, statusBadge(r.status), relative(r.started_at || r.queued_at), liveProgress(r, ctx)]),
       t("overview.nothing_running"),
     ),
   );
+}
+
+/** A running run's progress bar and rate, fed by its event stream while the page shows. */
+function liveProgress(run, ctx) {
+  const el = h("span", { class: "live-progress", "data-run": run.id }, "—");
+  const es = new EventSource(`/api/v1/runs/${run.id}/events`);
+  es.addEventListener("progress", (ev) => {
+    const p = JSON.parse(ev.data);
+    const done = p.bytes_done || 0;
+    const frac = p.total_bytes ? Math.min(1, done / p.total_bytes) : null;
+    replace(el,
+      frac == null ? "" : [h("progress", { max: "1", value: String(frac), "aria-label": t("runs.progress") }), " ", percent(frac), " · "],
+      bytes(done), p.bytes_per_second ? ` · ${bytes(p.bytes_per_second)}/s` : "",
+      p.eta_seconds != null ? ` · ${t("runs.eta")} ${seconds(p.eta_seconds)}` : "");
+  });
+  es.addEventListener("finished", (ev) => {
+    replace(el, statusBadge(JSON.parse(ev.data).status));
+    es.close();
+  });
+  ctx.onLeave(() => es.close());
+  return el;
 }
 
 export async function jobs(main, ctx) {

@@ -384,7 +384,21 @@ impl RepoRefresher {
     fn refresh(&self, name: String) {
         let (site, metrics) = (self.site.clone(), self.metrics.clone());
         std::thread::spawn(move || match site.repos.handle(&name) {
-            Ok(repo) => metrics.refresh_repository(&name, &repo),
+            Ok(repo) => {
+                let Some(f) = metrics.refresh_repository(&name, &repo) else {
+                    return;
+                };
+                // A point of the repository's growth chart.
+                let sample = crate::state::SizeSample {
+                    at: chrono::Utc::now(),
+                    size_bytes: f.size_bytes,
+                    logical_bytes: f.logical_bytes,
+                    snapshots: f.snapshots,
+                };
+                if let Err(e) = site.state.record_size(&name, &sample) {
+                    tracing::error!(repository = %name, "recording its size: {e}");
+                }
+            }
             Err(e) => {
                 tracing::warn!(repository = %name, "{e}");
                 metrics
@@ -407,7 +421,22 @@ impl Observer for RepoRefresher {
         if let crate::runner::RunEventKind::Finished { stats, .. } = &e.kind {
             if let Ok(Some(job)) = self.site.state.job(&e.job) {
                 if let Some(v) = stats.verified {
-                    self.metrics.checked(&job.definition.repository, v);
+                    let check = crate::state::CheckRecord {
+                        repository: job.definition.repository.clone(),
+                        at: chrono::Utc::now(),
+                        ok: v,
+                        how: job
+                            .definition
+                            .verify
+                            .as_ref()
+                            .map_or_else(|| "metadata".to_owned(), |c| c.check.clone()),
+                        problems: None,
+                        by: crate::job::job_tag(&e.job),
+                    };
+                    if let Err(err) = self.site.state.record_check(&check) {
+                        tracing::error!("recording the check of run {}: {err}", e.run);
+                    }
+                    self.metrics.checked(&check);
                 }
                 self.refresh(job.definition.repository);
             }

@@ -41,6 +41,7 @@ const ASSETS: &[Asset] = &[
     asset!("health.js", "text/javascript; charset=utf-8"),
     asset!("jobform.js", "text/javascript; charset=utf-8"),
     asset!("recovery.js", "text/javascript; charset=utf-8"),
+    asset!("chart.js", "text/javascript; charset=utf-8"),
     asset!("i18n/en.json", "application/json"),
     asset!("i18n/fr.json", "application/json"),
 ];

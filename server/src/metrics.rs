@@ -595,6 +595,13 @@ impl Metrics {
 
     /// Loads what the history already knows (last runs, success ratios, job count).
     pub fn load(&self, state: &State) -> crate::state::Result<()> {
+        // The last check of each repository (the listing is newest first).
+        let mut seen = std::collections::BTreeSet::new();
+        for c in state.checks(None, 10_000)? {
+            if seen.insert(c.repository.clone()) {
+                self.checked(&c);
+            }
+        }
         let jobs = state.jobs()?;
         self.jobs.set(i64::try_from(jobs.len()).unwrap_or(i64::MAX));
         for j in &jobs {
@@ -621,18 +628,19 @@ impl Metrics {
         Ok(())
     }
 
-    /// Records a check of `repository` (by a job's verify step or through the API).
-    pub fn checked(&self, repository: &str, ok: bool) {
+    /// Records a check of a repository (by a job's verify step or through the API; at
+    /// the daemon's start, the last one of each from the state database).
+    pub fn checked(&self, check: &crate::state::CheckRecord) {
         let label = RepoLabel {
-            repository: repository.to_owned(),
+            repository: check.repository.clone(),
         };
         #[allow(clippy::cast_precision_loss)]
         self.repo_last_check
             .get_or_create(&label)
-            .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+            .set(check.at.timestamp_millis() as f64 / 1000.0);
         self.repo_last_check_ok
             .get_or_create(&label)
-            .set(i64::from(ok));
+            .set(i64::from(check.ok));
     }
 
     /// Records an HTTP request.
@@ -652,12 +660,17 @@ impl Metrics {
     }
 
     /// Updates a repository's figures (after a run, and at start).
-    pub fn refresh_repository(&self, name: &str, repo: &cairn_engine::Repository) {
+    pub fn refresh_repository(
+        &self,
+        name: &str,
+        repo: &cairn_engine::Repository,
+    ) -> Option<crate::repos::Figures> {
         let started = std::time::Instant::now();
         let label = RepoLabel {
             repository: name.to_owned(),
         };
-        match crate::repos::Figures::of(repo) {
+        let figures = crate::repos::Figures::of(repo);
+        match &figures {
             Ok(f) => {
                 self.repo_up.get_or_create(&label).set(1);
                 self.repo_size
@@ -689,6 +702,7 @@ impl Metrics {
         self.repo_refresh_seconds
             .get_or_create(&label)
             .set(started.elapsed().as_secs_f64());
+        figures.ok()
     }
 
     fn finished(&self, e: &RunEvent, status: RunStatus, stats: &crate::state::RunStats) {

@@ -341,6 +341,19 @@ pub struct CheckRequest {
     pub subset: Option<String>,
 }
 
+impl CheckRequest {
+    /// What the check reads, as a job's `verify.check` says it: `metadata`,
+    /// `read-data` or `N/M`.
+    #[must_use]
+    pub fn how(&self) -> String {
+        match (&self.subset, self.read_data) {
+            (Some(s), _) => s.clone(),
+            (None, true) => "read-data".into(),
+            (None, false) => "metadata".into(),
+        }
+    }
+}
+
 fn lock_err(e: &cairn_engine::Error) -> OperationError {
     OperationError::Locked(e.to_string())
 }

@@ -296,6 +296,32 @@ pub struct AuditEntry {
     pub status: u16,
 }
 
+/// One check of a repository (through the API, the dashboard or a job's verify step).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckRecord {
+    pub repository: String,
+    pub at: DateTime<Utc>,
+    pub ok: bool,
+    /// `metadata`, `read-data` or `N/M`.
+    pub how: String,
+    /// Problems found (`None` when the check's report was not kept: a job's verify).
+    pub problems: Option<u64>,
+    /// Who asked: a token, `user:NAME`, or `job:NAME`.
+    pub by: String,
+}
+
+/// A repository's size at one time: the points of its growth chart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SizeSample {
+    pub at: DateTime<Utc>,
+    pub size_bytes: u64,
+    pub logical_bytes: u64,
+    pub snapshots: u64,
+}
+
+/// How long size samples are kept (one per run; a listing thins them).
+pub const SIZE_SAMPLES_KEPT_DAYS: i64 = 400;
+
 /// Which runs a listing shows.
 #[derive(Debug, Clone, Default)]
 pub struct RunQuery {
@@ -375,6 +401,24 @@ CREATE TABLE IF NOT EXISTS audit (
     status INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS checks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    repository TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    ok INTEGER NOT NULL,
+    how TEXT NOT NULL,
+    problems INTEGER,
+    by TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS checks_by_repository ON checks (repository, id);
+CREATE TABLE IF NOT EXISTS repo_sizes (
+    repository TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    logical_bytes INTEGER NOT NULL,
+    snapshots INTEGER NOT NULL,
+    PRIMARY KEY (repository, at)
+);
 CREATE TABLE IF NOT EXISTS users (
     name TEXT PRIMARY KEY,
     hash TEXT NOT NULL,
@@ -1092,6 +1136,95 @@ impl State {
         })
     }
 
+    pub fn record_check(&self, c: &CheckRecord) -> Result<()> {
+        self.with(|conn| {
+            conn.execute(
+                "INSERT INTO checks (repository, at, ok, how, problems, by) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    c.repository,
+                    ms(c.at),
+                    c.ok,
+                    c.how,
+                    c.problems.map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
+                    c.by
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// The last `limit` checks of `repository` (every repository's with `None`), newest
+    /// first.
+    pub fn checks(&self, repository: Option<&str>, limit: usize) -> Result<Vec<CheckRecord>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT repository, at, ok, how, problems, by FROM checks \
+                 WHERE ?1 IS NULL OR repository = ?1 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let rows = st.query_map(
+                params![repository, i64::try_from(limit).unwrap_or(i64::MAX)],
+                |r| {
+                    Ok(CheckRecord {
+                        repository: r.get(0)?,
+                        at: from_ms(r.get(1)?),
+                        ok: r.get(2)?,
+                        how: r.get(3)?,
+                        problems: r
+                            .get::<_, Option<i64>>(4)?
+                            .map(|n| u64::try_from(n).unwrap_or(0)),
+                        by: r.get(5)?,
+                    })
+                },
+            )?;
+            rows.collect()
+        })
+    }
+
+    /// Records `repository`'s size (after a run); samples older than
+    /// [`SIZE_SAMPLES_KEPT_DAYS`] go.
+    pub fn record_size(&self, repository: &str, s: &SizeSample) -> Result<()> {
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let oldest = s.at - chrono::Duration::days(SIZE_SAMPLES_KEPT_DAYS);
+        self.with(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO repo_sizes (repository, at, size_bytes, logical_bytes, snapshots) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    repository,
+                    ms(s.at),
+                    n(s.size_bytes),
+                    n(s.logical_bytes),
+                    n(s.snapshots)
+                ],
+            )?;
+            c.execute(
+                "DELETE FROM repo_sizes WHERE repository = ?1 AND at < ?2",
+                params![repository, ms(oldest)],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// `repository`'s size samples since `since`, oldest first.
+    pub fn sizes(&self, repository: &str, since: DateTime<Utc>) -> Result<Vec<SizeSample>> {
+        let u = |v: i64| u64::try_from(v).unwrap_or(0);
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT at, size_bytes, logical_bytes, snapshots FROM repo_sizes \
+                 WHERE repository = ?1 AND at >= ?2 ORDER BY at",
+            )?;
+            let rows = st.query_map(params![repository, ms(since)], |r| {
+                Ok(SizeSample {
+                    at: from_ms(r.get(0)?),
+                    size_bytes: u(r.get(1)?),
+                    logical_bytes: u(r.get(2)?),
+                    snapshots: u(r.get(3)?),
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
     pub fn audit_log(&self, limit: usize) -> Result<Vec<AuditEntry>> {
         self.with(|c| {
             let mut st = c.prepare(
@@ -1138,6 +1271,63 @@ mod tests {
         DateTime::parse_from_rfc3339("2026-12-01T10:00:00Z")
             .unwrap()
             .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn checks_are_listed_newest_first_and_size_samples_kept_for_400_days() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = State::open(dir.path()).unwrap();
+        for (i, ok) in [true, false, true].into_iter().enumerate() {
+            s.record_check(&CheckRecord {
+                repository: if i == 1 { "b".into() } else { "a".into() },
+                at: now() + chrono::Duration::minutes(i64::try_from(i).unwrap()),
+                ok,
+                how: "metadata".into(),
+                problems: Some(u64::from(!ok)),
+                by: "admin".into(),
+            })
+            .unwrap();
+        }
+        let a = s.checks(Some("a"), 10).unwrap();
+        assert_eq!(a.len(), 2);
+        assert!(a[0].at > a[1].at);
+        assert_eq!(s.checks(None, 10).unwrap().len(), 3);
+        assert_eq!(s.checks(Some("b"), 10).unwrap()[0].problems, Some(1));
+        assert!(s.checks(Some("c"), 10).unwrap().is_empty());
+        // Every sample stays, up to 400 days: a later one removes those older.
+        for m in [0, 5, 11, 30, 33] {
+            let sample = SizeSample {
+                at: now() + chrono::Duration::minutes(m),
+                size_bytes: u64::try_from(m).unwrap() * 1000,
+                logical_bytes: 0,
+                snapshots: 1,
+            };
+            s.record_size("a", &sample).unwrap();
+        }
+        let sizes: Vec<u64> = s
+            .sizes("a", now())
+            .unwrap()
+            .iter()
+            .map(|x| x.size_bytes)
+            .collect();
+        assert_eq!(sizes, [0, 5000, 11000, 30000, 33000]);
+        assert!(s.sizes("b", now()).unwrap().is_empty());
+        let late = SizeSample {
+            at: now()
+                + chrono::Duration::days(SIZE_SAMPLES_KEPT_DAYS)
+                + chrono::Duration::minutes(20),
+            size_bytes: 1,
+            logical_bytes: 0,
+            snapshots: 1,
+        };
+        s.record_size("a", &late).unwrap();
+        let left: Vec<u64> = s
+            .sizes("a", now())
+            .unwrap()
+            .iter()
+            .map(|x| x.size_bytes)
+            .collect();
+        assert_eq!(left, [30000, 33000, 1]);
     }
 
     #[test]

@@ -341,6 +341,31 @@ fn the_dashboard_works_in_a_real_browser_in_english_and_french() {
     b.wait_text("main", "No snapshot matches");
     b.screenshot(&shots.join("en-snapshots.png"));
 
+    // A second run: the repository's growth has two points, drawn on the overview.
+    run_files(&admin);
+    let start = std::time::Instant::now();
+    while admin.get("/api/v1/repositories/default/growth").1["samples"]
+        .as_array()
+        .unwrap()
+        .len()
+        < 2
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "no second size sample"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    b.click("#nav-overview");
+    b.find("svg.growth");
+    let alt = b
+        .run_async("arguments[0](document.querySelector('svg.growth').getAttribute('aria-label'))");
+    assert!(
+        alt.as_str().unwrap().starts_with("Repository size: "),
+        "{alt}"
+    );
+    b.screenshot(&shots.join("en-overview.png"));
+
     // French, remembered across a reload; each page in French; then English again.
     b.click("#nav-settings");
     b.screenshot(&shots.join("en-settings.png"));
@@ -562,6 +587,7 @@ fn in_the_browser_snapshots_are_browsed_downloaded_restored_compared_forgotten_a
     .unwrap();
     b.click("#nav-health");
     b.wait_text("main .locks", "stale");
+    b.wait_text(".last-check", "Never checked");
     b.screenshot(&shots.join("en-health.png"));
     b.click("button.unlock");
     b.wait_text("main .result", "1 stale locks removed");
@@ -569,6 +595,14 @@ fn in_the_browser_snapshots_are_browsed_downloaded_restored_compared_forgotten_a
     b.wait_text("main .locks", "No lock");
     b.click("button.check");
     b.wait_text(".check-result", "no problem");
+    // The check is kept: the page says so, and the API says who asked and what was
+    // read.
+    b.wait_text(".last-check", "by admin");
+    let checks = admin.get("/api/v1/repositories/default/checks").1;
+    assert_eq!(checks["checks"][0]["ok"], true, "{checks}");
+    assert_eq!(checks["checks"][0]["how"], "metadata", "{checks}");
+    assert_eq!(checks["checks"][0]["problems"], 0, "{checks}");
+    assert_eq!(admin.get("/api/v1/repositories/nosuch/checks").0, 404);
     let packs = env.packs().len();
     b.click("button.prune-preview");
     b.wait_text(".prune-plan", "Would free");
@@ -1144,7 +1178,7 @@ fn in_the_browser_settings_create_and_revoke_tokens_and_test_notification_target
     b.click("button.send-test[data-target='dead']");
     b.wait_text("main", "/gone");
     assert_eq!(hook.got.lock().unwrap().len(), 2);
-    b.screenshot(&shots.join("en-settings.png"));
+    b.screenshot(&shots.join("en-settings-tokens.png"));
     // Revoke: gone from the list, and refused by the API.
     b.click("button.revoke[data-token='backup-host']");
     let start = std::time::Instant::now();
@@ -1174,4 +1208,74 @@ fn in_the_browser_settings_create_and_revoke_tokens_and_test_notification_target
     b.click("#nav-jobs");
     b.wait_text("main h1", "Jobs");
     assert_eq!(b.count("#new-job"), 0);
+}
+
+#[test]
+fn checks_and_the_growth_of_a_repository_are_kept_across_a_restart_of_the_daemon() {
+    let env = Env::new();
+    let Site {
+        config, rw, mut d, ..
+    } = site(&env);
+    let admin = d.api(&rw);
+    run_files(&admin);
+    write_random(&env.path("data").join("f7"), 7, 300_000);
+    run_files(&admin);
+    let (s, v) = admin.post(
+        "/api/v1/repositories/default/check",
+        &json!({ "read_data": true }),
+    );
+    assert_eq!((s, &v["ok"]), (200, &json!(true)), "{v}");
+    let start = std::time::Instant::now();
+    let grown = loop {
+        let g = admin.get("/api/v1/repositories/default/growth").1;
+        if g["samples"].as_array().unwrap().len() >= 2 {
+            break g;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "{g}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let sizes: Vec<u64> = grown["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["size_bytes"].as_u64().unwrap())
+        .collect();
+    assert!(sizes[1] > sizes[0], "the second run added data: {grown}");
+    d.stop();
+
+    let d = Daemon::start(&env, &config);
+    let admin = d.api(&rw);
+    let (s, v) = admin.get("/api/v1/repositories/default/checks");
+    assert_eq!(s, 200, "{v}");
+    let c = &v["checks"][0];
+    assert_eq!(
+        (&c["ok"], &c["how"], &c["by"], &c["problems"]),
+        (
+            &json!(true),
+            &json!("read-data"),
+            &json!("admin"),
+            &json!(0)
+        ),
+        "{v}"
+    );
+    assert_eq!(
+        admin.get("/api/v1/repositories").1["repositories"][0]["last_check"]["how"],
+        "read-data"
+    );
+    let metrics = ureq::get(&format!("{}/metrics", d.url))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics.contains("cairn_repository_last_check_ok{repository=\"default\"} 1"),
+        "{metrics}"
+    );
+    let g = admin.get("/api/v1/repositories/default/growth?days=1").1;
+    assert!(g["samples"].as_array().unwrap().len() >= 2, "{g}");
+    for q in ["days=abc", "days=-1", "colour=red"] {
+        let (s, v) = admin.get(&format!("/api/v1/repositories/default/growth?{q}"));
+        assert_eq!(s, 400, "{q}: {v}");
+    }
+    assert_eq!(admin.get("/api/v1/repositories/nosuch/growth").0, 404);
 }

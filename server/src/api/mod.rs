@@ -232,6 +232,8 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         .route("/audit", get(audit_log))
         .route("/session", get(session::whoami).delete(session::logout))
         .route("/repositories/{name}/locks", get(repository_locks))
+        .route("/repositories/{name}/checks", get(repository_checks))
+        .route("/repositories/{name}/growth", get(repository_growth))
         .route("/repositories/{name}/unlock", post(unlock_repository))
         .route("/repositories/{name}/diff", get(snapshot_diff))
         .route("/recovery", get(list_recovery))
@@ -1187,9 +1189,14 @@ async fn list_repositories(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
                 .handle(&name)
                 .map_err(|e| e.to_string())
                 .and_then(|r| crate::repos::Figures::of(&r).map_err(|e| e.to_string()));
+            let last_check = ctx.site.state.checks(Some(&name), 1)?.pop();
             out.push(match figures {
-                Ok(f) => json!({ "name": name, "path": path, "status": "ok", "figures": f }),
-                Err(e) => json!({ "name": name, "path": path, "status": "error", "error": e }),
+                Ok(f) => {
+                    json!({ "name": name, "path": path, "status": "ok", "figures": f, "last_check": last_check })
+                }
+                Err(e) => {
+                    json!({ "name": name, "path": path, "status": "error", "error": e, "last_check": last_check })
+                }
             });
         }
         Ok(Json(json!({ "repositories": out })))
@@ -1879,6 +1886,122 @@ async fn list_databases() -> ApiResult<Json<Value>> {
     .await
 }
 
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct ChecksQuery {
+    /// How many (20 by default, 500 at most).
+    limit: Option<usize>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/repositories/{name}/checks",
+    tag = "repositories",
+    params(
+        ("name" = String, Path, description = "A repository of the configuration"),
+        ChecksQuery,
+    ),
+    responses(
+        (status = 200, description = "The repository's last checks, newest first (`checks`: at, ok, how, problems, by), through the API or a job's verify, kept across restarts", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
+async fn repository_checks(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<ChecksQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(name) = path?;
+    let Query(q) = query?;
+    ctx.site.repos.known_config(&name)?;
+    blocking(move || {
+        let limit = q.limit.unwrap_or(20).clamp(1, 500);
+        Ok(Json(
+            json!({ "checks": ctx.site.state.checks(Some(&name), limit)? }),
+        ))
+    })
+    .await
+}
+
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct GrowthQuery {
+    /// How far back (90 days by default, 3660 at most).
+    days: Option<u32>,
+}
+
+/// At most this many points in a growth answer: the last sample of each even slice of
+/// the period.
+const GROWTH_POINTS: usize = 200;
+
+#[utoipa::path(
+    get,
+    path = "/repositories/{name}/growth",
+    tag = "repositories",
+    params(
+        ("name" = String, Path, description = "A repository of the configuration"),
+        GrowthQuery,
+    ),
+    responses(
+        (status = 200, description = "The repository's size over time (`samples`: at, size_bytes, logical_bytes, snapshots; oldest first, 200 at most), sampled after each run", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
+async fn repository_growth(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<GrowthQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(name) = path?;
+    let Query(q) = query?;
+    ctx.site.repos.known_config(&name)?;
+    let days = q.days.unwrap_or(90).clamp(1, 3660);
+    blocking(move || {
+        let now = chrono::Utc::now();
+        let since = now - chrono::Duration::days(i64::from(days));
+        let all = ctx.site.state.sizes(&name, since)?;
+        Ok(Json(json!({
+            "since": since,
+            "until": now,
+            "samples": thin(all, since, now, GROWTH_POINTS),
+        })))
+    })
+    .await
+}
+
+/// The last sample of each of `points` even slices of `since..until`.
+fn thin(
+    all: Vec<crate::state::SizeSample>,
+    since: chrono::DateTime<chrono::Utc>,
+    until: chrono::DateTime<chrono::Utc>,
+    points: usize,
+) -> Vec<crate::state::SizeSample> {
+    if all.len() <= points {
+        return all;
+    }
+    let span = (until - since).num_milliseconds().max(1);
+    let slice_of = |at: chrono::DateTime<chrono::Utc>| {
+        let offset = (at - since).num_milliseconds().clamp(0, span - 1);
+        usize::try_from(offset * i64::try_from(points).unwrap_or(1) / span).unwrap_or(0)
+    };
+    let mut out: Vec<crate::state::SizeSample> = Vec::with_capacity(points);
+    let mut last_slice = None;
+    for s in all {
+        let slice = slice_of(s.at);
+        if last_slice == Some(slice) {
+            if let Some(l) = out.last_mut() {
+                *l = s;
+            }
+        } else {
+            out.push(s);
+            last_slice = Some(slice);
+        }
+    }
+    out
+}
+
 #[utoipa::path(
     get,
     path = "/audit",
@@ -1894,7 +2017,7 @@ async fn audit_log(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
 
 #[cfg(test)]
 mod tests {
-    use super::action_of;
+    use super::{action_of, thin};
 
     #[test]
     fn actions_are_named_by_what_and_verb() {
@@ -1918,5 +2041,28 @@ mod tests {
         ] {
             assert_eq!(action_of(method, path), want, "{method} {path}");
         }
+    }
+
+    #[test]
+    fn growth_keeps_the_last_sample_of_each_slice_and_every_sample_when_few() {
+        let since = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let until = since + chrono::Duration::days(10);
+        let sample = |hours: i64, size: u64| crate::state::SizeSample {
+            at: since + chrono::Duration::hours(hours),
+            size_bytes: size,
+            logical_bytes: 0,
+            snapshots: 0,
+        };
+        // One a day for ten days: ten slices of one day keep the last of each.
+        let all: Vec<_> = (0..240)
+            .map(|h| sample(h, u64::try_from(h).unwrap()))
+            .collect();
+        let kept = thin(all.clone(), since, until, 10);
+        let sizes: Vec<u64> = kept.iter().map(|s| s.size_bytes).collect();
+        assert_eq!(sizes, (0..10).map(|d| d * 24 + 23).collect::<Vec<u64>>());
+        assert_eq!(thin(all[..5].to_vec(), since, until, 10).len(), 5);
+        assert!(thin(Vec::new(), since, until, 10).is_empty());
     }
 }

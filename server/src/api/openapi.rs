@@ -67,6 +67,8 @@ pub struct ErrorDetail {
         super::snapshot_restore,
         super::forget_snapshots,
         super::repository_locks,
+        super::repository_checks,
+        super::repository_growth,
         super::unlock_repository,
         super::snapshot_diff,
         super::list_recovery,

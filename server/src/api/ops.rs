@@ -280,6 +280,7 @@ pub(super) async fn clone_vm(
 )]
 pub(super) async fn check(
     State(ctx): State<Ctx>,
+    axum::Extension(who): axum::Extension<crate::login::Principal>,
     path: Result<Path<String>, PathRejection>,
     body: Result<Json<CheckRequest>, JsonRejection>,
 ) -> ApiResult<Json<Value>> {
@@ -287,7 +288,16 @@ pub(super) async fn check(
     let Json(req) = body?;
     blocking(move || {
         let report = operations::check(&ctx.site, &name, &req)?;
-        ctx.metrics.checked(&name, report.ok());
+        let check = crate::state::CheckRecord {
+            repository: name,
+            at: chrono::Utc::now(),
+            ok: report.ok(),
+            how: req.how(),
+            problems: Some(report.problems.len() as u64),
+            by: who.name,
+        };
+        ctx.site.state.record_check(&check)?;
+        ctx.metrics.checked(&check);
         Ok(Json(json!({ "ok": report.ok(), "report": report })))
     })
     .await
