@@ -59,6 +59,8 @@ function frame() {
 
 async function route() {
   for (const f of ctx.leaving.splice(0)) f();
+  // `data-ready` names the page once it is drawn (what benches/dashboard.py times).
+  main.removeAttribute("data-ready");
   if (!ctx.session) return loginPage();
   const [page, ...args] = location.hash.replace(/^#\/?/, "").split("/").map(decodeURIComponent);
   const [arg] = args;
@@ -85,6 +87,7 @@ async function route() {
     if (!show) throw new Error(t("app.no_page"));
     await show();
     document.title = `cairn · ${main.querySelector("h1")?.textContent || ""}`;
+    main.setAttribute("data-ready", page || "overview");
   } catch (e) {
     if (e.status === 401) return;
     replace(main, h("h1", {}, t("app.error")), h("p", { class: "error", role: "alert" }, e.message));

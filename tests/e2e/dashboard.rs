@@ -613,6 +613,24 @@ fn in_the_browser_snapshots_are_browsed_downloaded_restored_compared_forgotten_a
     );
     b.click("button.prune-go");
     b.wait_text(".prune-done", "Pruned");
+
+    // The same pages in French.
+    b.click("#nav-settings");
+    b.select("#language", "fr");
+    b.wait_text("main h1", "Réglages");
+    b.go(&format!(
+        "{}/#/browse/{repo}/{new}/{}",
+        d.url,
+        data.to_str().unwrap().replace('/', "%2F")
+    ));
+    b.wait_text("main table", "f9");
+    b.screenshot(&shots.join("fr-browse.png"));
+    b.click("#nav-health");
+    b.wait_text(".last-check", "par admin");
+    b.screenshot(&shots.join("fr-health.png"));
+    b.click("#nav-snapshots");
+    b.wait_text("main", "Instantanés");
+    b.screenshot(&shots.join("fr-snapshots-list.png"));
     env.ok(&["check", "--read-data"]);
     let out = env.ok(&[
         "restore",
@@ -967,12 +985,36 @@ fn in_the_browser_a_job_made_in_the_form_backs_up_a_database_that_recovers_from_
     b.select("#sched-kind", "daily");
     b.wait_text("#sched-preview", ":");
     b.type_into("#keep-daily", "7");
+    // A relative path: the API's error, beside the paths.
+    b.type_into("#job-paths", "relative/dir");
+    b.click("#job-save");
+    b.wait_text("#err-source", "paths");
+    assert_eq!(b.value("#job-paths"), "relative/dir");
+    assert_eq!(
+        admin.get("/api/v1/jobs/shop").0,
+        404,
+        "saved with a relative path"
+    );
+    b.type_into("#job-paths", data.to_str().unwrap());
     b.click("#retention-preview");
     b.wait_text("#would-forget", "would forget no snapshot");
     b.click("#job-save");
     b.wait_text("main h1", "Job shop");
     b.wait_text("main", "daily 03:15");
     b.screenshot(&shots.join("en-job.png"));
+    // Its schedule disabled and enabled again from its page.
+    b.click("button.toggle-schedule");
+    b.wait_text("main table", "disabled");
+    assert_eq!(
+        admin.get("/api/v1/schedules").1["schedules"][0]["enabled"],
+        false
+    );
+    b.click("button.toggle-schedule");
+    b.wait_text("main table", "enabled");
+    assert_eq!(
+        admin.get("/api/v1/schedules").1["schedules"][0]["enabled"],
+        true
+    );
     let (_, sched) = admin.get("/api/v1/schedules");
     assert_eq!(sched["schedules"][0]["when"], "daily 03:15", "{sched}");
     let (_, job) = admin.get("/api/v1/jobs/shop");
@@ -1052,6 +1094,41 @@ fn in_the_browser_a_job_made_in_the_form_backs_up_a_database_that_recovers_from_
         std::thread::sleep(Duration::from_millis(100));
     }
     b.screenshot(&shots.join("fr-job-form.png"));
+    // A change saved: the schedule is replaced, the definition kept otherwise.
+    b.type_into("#sched-time", "04:30");
+    b.click("#job-save");
+    b.wait_text("main h1", "Tâche shop");
+    b.wait_text("main", "daily 04:30");
+    let (_, sched) = admin.get("/api/v1/schedules");
+    let whens: Vec<&str> = sched["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["when"].as_str().unwrap())
+        .collect();
+    assert_eq!(whens, ["daily 04:30"], "{sched}");
+    assert_eq!(
+        admin.get("/api/v1/jobs/shop").1["definition"]["retention"]["keep_daily"],
+        7
+    );
+    b.go(&format!("{}/#/snapshots", d.url));
+    b.click("a.recover");
+    b.wait_text("main h1", "Restauration instantanée de postgresql");
+    b.screenshot(&shots.join("fr-recover.png"));
+    // Deleted after a confirmation; its snapshots stay.
+    b.go(&format!("{}/#/jobs/shop", d.url));
+    b.click("#delete-job");
+    b.wait_text("#job-msg", "Supprimer la tâche shop");
+    assert_eq!(
+        admin.get("/api/v1/jobs/shop").0,
+        200,
+        "deleted before the confirmation"
+    );
+    b.click("#delete-job-confirm");
+    b.wait_text("main h1", "Tâches");
+    assert_eq!(admin.get("/api/v1/jobs/shop").0, 404);
+    assert_eq!(admin.get("/api/v1/schedules").1["schedules"], json!([]));
+    assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), 2);
 }
 
 /// A port of 127.0.0.1 nothing listens on.
@@ -1191,6 +1268,31 @@ fn in_the_browser_settings_create_and_revoke_tokens_and_test_notification_target
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(d.api(&secret).get("/api/v1/session").0, 401);
+
+    // On a phone-sized screen every page fits its width (tables scroll in their box).
+    b.resize(390, 844);
+    for page in [
+        "overview",
+        "jobs",
+        "job-form",
+        "runs",
+        "snapshots",
+        "health",
+        "settings",
+    ] {
+        b.go(&format!("{}/#/{page}", d.url));
+        b.find(&format!("main[data-ready='{page}']"));
+        let widths =
+            b.run_async("arguments[0]([document.documentElement.scrollWidth, window.innerWidth])");
+        assert!(
+            widths[0].as_u64().unwrap() <= widths[1].as_u64().unwrap(),
+            "#/{page} overflows a phone's width: {widths}"
+        );
+        if page == "job-form" || page == "overview" {
+            b.screenshot(&shots.join(format!("en-phone-{page}.png")));
+        }
+    }
+    b.resize(1280, 900);
 
     // A read-only session sees the lists and no button that changes anything.
     b.click("#logout");

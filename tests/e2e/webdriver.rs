@@ -124,6 +124,16 @@ impl Browser {
             .unwrap();
     }
 
+    /// The window's size, as a phone's or a desktop's.
+    pub fn resize(&self, width: u32, height: u32) {
+        self.cmd(
+            "POST",
+            "/window/rect",
+            Some(&json!({ "width": width, "height": height })),
+        )
+        .unwrap();
+    }
+
     pub fn refresh(&self) {
         self.cmd("POST", "/refresh", Some(&json!({}))).unwrap();
     }
