@@ -65,23 +65,48 @@ export async function overview(main, ctx) {
     api.get("/runs?limit=200"),
     api.get("/repositories"),
   ]);
-  const growth = await Promise.all(repos.repositories.map((r) =>
-    api.get(`/repositories/${encodeURIComponent(r.name)}/growth?days=90`).then((g) => g.samples).catch(() => [])));
+  const enc = encodeURIComponent;
+  const [growth, protectedBy] = await Promise.all([
+    Promise.all(repos.repositories.map((r) =>
+      api.get(`/repositories/${enc(r.name)}/growth?days=90`).then((g) => g.samples).catch(() => []))),
+    Promise.all(repos.repositories.map((r) =>
+      api.get(`/repositories/${enc(r.name)}/sources`).then((g) => g.sources.map((x) => ({ ...x, repository: r.name }))).catch(() => []))),
+  ]);
   const next = nextRuns(schedules.schedules);
   const finished = runs.runs.filter((r) => ["succeeded", "failed", "interrupted"].includes(r.status));
   const ok = finished.filter((r) => r.status === "succeeded").length;
   const running = runs.runs.filter((r) => r.status === "running" || r.status === "queued");
-  const sources = jobs.jobs.map((j) => {
-    const late = overdue(j, next);
+  // Each protected source (what the repositories hold, by host, source and job), then
+  // the jobs that made no snapshot yet.
+  const byJob = Object.fromEntries(jobs.jobs.map((j) => [j.name, j]));
+  const jobCells = (j) => [
+    j && j.last_run ? [statusBadge(j.last_run.status), " ", relative(j.last_run.ended_at || j.last_run.queued_at)] : "—",
+    j && next[j.name] ? relative(next[j.name].at) : t("overview.unscheduled"),
+  ];
+  const held = protectedBy.flat();
+  const sources = held.map((p) => {
+    const j = p.job ? byJob[p.job] : null;
+    const n = p.job ? next[p.job] : null;
+    const late = n && n.gap && Date.now() - new Date(p.newest_time).getTime() > 2 * n.gap;
     return [
-      h("a", { href: `#/jobs/${encodeURIComponent(j.name)}` }, j.name),
-      j.definition.source.map((s) => s.type).join(", "),
-      j.last_run ? statusBadge(j.last_run.status) : badge("warn", t("overview.never")),
-      j.last_run ? relative(j.last_run.ended_at || j.last_run.queued_at) : "—",
-      next[j.name] ? relative(next[j.name].at) : t("overview.unscheduled"),
+      h("span", { class: "source" }, h("span", { class: "badge" }, t(`snapkind.${p.kind}`)), " ", p.source),
+      p.host,
+      p.job ? (j ? h("a", { href: `#/jobs/${enc(p.job)}` }, p.job) : p.job) : "—",
+      h("a", { href: `#/browse/${enc(p.repository)}/${enc(p.newest_id)}/%2F`, class: "newest" }, relative(p.newest_time)),
+      ...jobCells(j),
       late ? badge("bad", t("overview.overdue")) : "",
     ];
   });
+  for (const j of jobs.jobs.filter((j) => !held.some((p) => p.job === j.name))) {
+    sources.push([
+      h("span", { class: "source" }, j.definition.source.map((s) => s.type).join(", ")),
+      j.definition.host || "—",
+      h("a", { href: `#/jobs/${enc(j.name)}` }, j.name),
+      badge("warn", t("overview.never")),
+      ...jobCells(j),
+      overdue(j, next) ? badge("bad", t("overview.overdue")) : "",
+    ]);
+  }
   replace(
     main,
     h("h1", {}, t("overview.title")),
@@ -106,7 +131,7 @@ export async function overview(main, ctx) {
       ),
     ),
     h("h2", {}, t("overview.sources")),
-    table([t("col.job"), t("col.sources"), t("col.last_run"), t("col.when"), t("col.next_run"), ""], sources, t("overview.no_jobs")),
+    table([t("col.source"), t("col.host"), t("col.job"), t("overview.newest"), t("col.last_run"), t("col.next_run"), ""], sources, t("overview.no_jobs")),
     h("h2", {}, t("overview.running")),
     table(
       [t("col.run"), t("col.job"), t("col.status"), t("col.started"), t("runs.progress")],

@@ -154,7 +154,8 @@ mod tests {
         }
         // Keys the code builds: `status.<run status>`, `lang.<language>`, `log.<level>`,
         // `nav.<page>`, `kind.<entry type>`, `change.<diff change>`, `day.<weekday>`,
-        // `keep.<rule>`, `sched.<kind>`, `form.db_<engine>`, `recover.runtime_<runtime>`.
+        // `keep.<rule>`, `sched.<kind>`, `form.db_<engine>`, `recover.runtime_<runtime>`,
+        // `snapkind.<snapshot kind>`.
         let built = [
             "status.",
             "lang.",
@@ -167,6 +168,7 @@ mod tests {
             "sched.",
             "form.db_",
             "recover.runtime_",
+            "snapkind.",
         ];
         let unused: Vec<_> = en
             .difference(&used)

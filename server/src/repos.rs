@@ -173,3 +173,50 @@ impl Figures {
         })
     }
 }
+
+/// What a repository protects: one entry per host, source and job, with its newest
+/// snapshot (the dashboard's overview).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProtectedSource {
+    pub host: String,
+    /// The snapshots' source: a stream's or a VM's name, or the paths.
+    pub source: String,
+    pub kind: cairn_engine::snapshot::SnapshotKind,
+    /// The job whose tag (`job:NAME`) the snapshots carry, if any.
+    pub job: Option<String>,
+    pub snapshots: u64,
+    pub newest_id: String,
+    pub newest_time: chrono::DateTime<chrono::Utc>,
+}
+
+/// Groups `snaps` by host, source and job, newest snapshot kept, sorted by host and
+/// source.
+#[must_use]
+pub fn protected_sources(snaps: &[cairn_engine::snapshot::Snapshot]) -> Vec<ProtectedSource> {
+    let mut by: BTreeMap<(String, String, Option<String>), ProtectedSource> = BTreeMap::new();
+    for s in snaps {
+        let m = &s.manifest;
+        let job = m
+            .tags
+            .iter()
+            .find_map(|t| t.strip_prefix("job:"))
+            .map(str::to_owned);
+        let key = (m.host.clone(), m.source_label(), job.clone());
+        let e = by.entry(key).or_insert_with(|| ProtectedSource {
+            host: m.host.clone(),
+            source: m.source_label(),
+            kind: m.kind,
+            job,
+            snapshots: 0,
+            newest_id: s.id.to_string(),
+            newest_time: m.time,
+        });
+        e.snapshots += 1;
+        if m.time >= e.newest_time {
+            e.newest_time = m.time;
+            e.newest_id = s.id.to_string();
+            e.kind = m.kind;
+        }
+    }
+    by.into_values().collect()
+}

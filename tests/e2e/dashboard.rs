@@ -364,6 +364,12 @@ fn the_dashboard_works_in_a_real_browser_in_english_and_french() {
         alt.as_str().unwrap().starts_with("Repository size: "),
         "{alt}"
     );
+    // The protected source: the data folder, by job `files`, its newest snapshot a
+    // link into it.
+    let data = env.path("data");
+    b.wait_text("main table", data.to_str().unwrap());
+    let href = b.run_async("arguments[0](document.querySelector('a.newest').getAttribute('href'))");
+    assert!(href.as_str().unwrap().contains(&newest_id(&env)), "{href}");
     b.screenshot(&shots.join("en-overview.png"));
 
     // French, remembered across a reload; each page in French; then English again.
@@ -1373,6 +1379,23 @@ fn checks_and_the_growth_of_a_repository_are_kept_across_a_restart_of_the_daemon
         metrics.contains("cairn_repository_last_check_ok{repository=\"default\"} 1"),
         "{metrics}"
     );
+    // What the repository protects: one source, by job `files`, its newest snapshot.
+    let (s, v) = admin.get("/api/v1/repositories/default/sources");
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["sources"].as_array().unwrap().len(), 1, "{v}");
+    let p = &v["sources"][0];
+    assert_eq!(
+        (&p["job"], &p["snapshots"], &p["kind"], &p["newest_id"]),
+        (
+            &json!("files"),
+            &json!(2),
+            &json!("tree"),
+            &json!(newest_id(&env))
+        ),
+        "{v}"
+    );
+    assert_eq!(p["source"], env.path("data").to_str().unwrap(), "{v}");
+    assert_eq!(admin.get("/api/v1/repositories/nosuch/sources").0, 404);
     let g = admin.get("/api/v1/repositories/default/growth?days=1").1;
     assert!(g["samples"].as_array().unwrap().len() >= 2, "{g}");
     for q in ["days=abc", "days=-1", "colour=red"] {
@@ -1380,4 +1403,16 @@ fn checks_and_the_growth_of_a_repository_are_kept_across_a_restart_of_the_daemon
         assert_eq!(s, 400, "{q}: {v}");
     }
     assert_eq!(admin.get("/api/v1/repositories/nosuch/growth").0, 404);
+}
+
+/// The id of the repository's newest snapshot.
+fn newest_id(env: &Env) -> String {
+    let all = env.json(&["snapshots"]);
+    let newest = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .max_by_key(|s| s["time"].as_str().unwrap().to_owned())
+        .unwrap();
+    newest["id"].as_str().unwrap().to_owned()
 }

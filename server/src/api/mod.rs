@@ -234,6 +234,7 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         .route("/repositories/{name}/locks", get(repository_locks))
         .route("/repositories/{name}/checks", get(repository_checks))
         .route("/repositories/{name}/growth", get(repository_growth))
+        .route("/repositories/{name}/sources", get(repository_sources))
         .route("/repositories/{name}/unlock", post(unlock_repository))
         .route("/repositories/{name}/diff", get(snapshot_diff))
         .route("/recovery", get(list_recovery))
@@ -1919,6 +1920,35 @@ async fn repository_checks(
         let limit = q.limit.unwrap_or(20).clamp(1, 500);
         Ok(Json(
             json!({ "checks": ctx.site.state.checks(Some(&name), limit)? }),
+        ))
+    })
+    .await
+}
+
+#[utoipa::path(
+    get,
+    path = "/repositories/{name}/sources",
+    tag = "repositories",
+    params(
+        ("name" = String, Path, description = "A repository of the configuration"),
+    ),
+    responses(
+        (status = 200, description = "What the repository protects (`sources`): one entry per host, source and job (from the `job:NAME` tag), with its number of snapshots and its newest one", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
+async fn repository_sources(
+    State(ctx): State<Ctx>,
+    path: Result<Path<String>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(name) = path?;
+    blocking(move || {
+        let repo = ctx.site.repos.handle(&name)?;
+        let all = repo
+            .snapshots()
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok(Json(
+            json!({ "sources": crate::repos::protected_sources(&all) }),
         ))
     })
     .await

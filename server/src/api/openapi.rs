@@ -69,6 +69,7 @@ pub struct ErrorDetail {
         super::repository_locks,
         super::repository_checks,
         super::repository_growth,
+        super::repository_sources,
         super::unlock_repository,
         super::snapshot_diff,
         super::list_recovery,

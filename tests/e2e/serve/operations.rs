@@ -137,6 +137,7 @@ fn the_openapi_document_names_every_route_and_schemathesis_finds_no_server_error
         "/tokens/{name}",
         "/repositories/{name}/checks",
         "/repositories/{name}/growth",
+        "/repositories/{name}/sources",
         "/vms",
         "/vms/{name}/{action}",
         "/vms/{name}/snapshots",
@@ -146,7 +147,7 @@ fn the_openapi_document_names_every_route_and_schemathesis_finds_no_server_error
         assert!(paths.contains_key(p), "{p} is not in the document");
     }
     let operations: usize = paths.values().map(|m| m.as_object().unwrap().len()).sum();
-    assert_eq!(operations, 55, "operations documented");
+    assert_eq!(operations, 56, "operations documented");
     assert_eq!(
         doc["components"]["securitySchemes"]["bearer"]["scheme"],
         "bearer"
