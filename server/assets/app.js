@@ -57,8 +57,13 @@ function frame() {
   );
 }
 
+/** Which address is being drawn: a page that finishes after a newer one started is
+ * dropped (a slow overview must not replace the jobs page clicked meanwhile). */
+let drawing = 0;
+
 async function route() {
   for (const f of ctx.leaving.splice(0)) f();
+  const mine = ++drawing;
   // `data-ready` names the page once it is drawn (what benches/dashboard.py times).
   main.removeAttribute("data-ready");
   if (!ctx.session) return loginPage();
@@ -70,26 +75,31 @@ async function route() {
     if (a.id === `nav-${section}`) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
   }
+  // Each page draws into a view of its own, shown once drawn if it is still the
+  // address asked for; the page before stays in sight meanwhile.
+  const view = h("div", { class: "view" });
   const show = {
-    overview: () => pages.overview(main, ctx),
-    jobs: () => (arg ? pages.job(main, ctx, arg) : pages.jobs(main, ctx)),
+    overview: () => pages.overview(view, ctx),
+    jobs: () => (arg ? pages.job(view, ctx, arg) : pages.jobs(view, ctx)),
     // #/job-form (a new job) or #/job-form/<name> (a job to change).
-    "job-form": () => jobForm(main, ctx, arg || null),
-    recover: () => recoverPage(main, ctx, args[0], args[1]),
-    runs: () => (arg ? pages.run(main, ctx, arg) : pages.runs(main, ctx)),
-    snapshots: () => snapshots.list(main, ctx, arg),
-    browse: () => snapshots.browse(main, ctx, args[0], args[1], args[2] || "/"),
-    diff: () => snapshots.diff(main, ctx, args[0], args[1], args[2]),
-    health: () => health(main, ctx),
-    settings: () => pages.settings(main, ctx),
+    "job-form": () => jobForm(view, ctx, arg || null),
+    recover: () => recoverPage(view, ctx, args[0], args[1]),
+    runs: () => (arg ? pages.run(view, ctx, arg) : pages.runs(view, ctx)),
+    snapshots: () => snapshots.list(view, ctx, arg),
+    browse: () => snapshots.browse(view, ctx, args[0], args[1], args[2] || "/"),
+    diff: () => snapshots.diff(view, ctx, args[0], args[1], args[2]),
+    health: () => health(view, ctx),
+    settings: () => pages.settings(view, ctx),
   }[page || "overview"];
   try {
     if (!show) throw new Error(t("app.no_page"));
     await show();
+    if (mine !== drawing) return;
+    main.replaceChildren(view);
     document.title = `cairn · ${main.querySelector("h1")?.textContent || ""}`;
     main.setAttribute("data-ready", page || "overview");
   } catch (e) {
-    if (e.status === 401) return;
+    if (e.status === 401 || mine !== drawing) return;
     replace(main, h("h1", {}, t("app.error")), h("p", { class: "error", role: "alert" }, e.message));
   }
   pages.taskbar(bar, ctx);

@@ -426,7 +426,11 @@ export async function settings(main, ctx) {
   );
 }
 
-/** The bar of active recovery sessions, on every page. */
+/** The bar of active recovery sessions, on every page. Redrawn in place every few
+ * seconds: a session's line and its buttons stay the same elements while it lives, so
+ * a click never lands on a line being replaced. */
+const lines = new Map();
+
 export async function taskbar(el, ctx) {
   let sessions;
   try {
@@ -435,30 +439,50 @@ export async function taskbar(el, ctx) {
     return;
   }
   el.hidden = sessions.length === 0;
-  const stop = (id) => async (ev) => {
+  if (!el.querySelector("ul.sessions")) {
+    lines.clear();
+    replace(el, h("strong", { class: "title" }), h("ul", { class: "sessions" }));
+  }
+  replace(el.querySelector("strong.title"), t("taskbar.title", { n: sessions.length }));
+  const list = el.querySelector("ul.sessions");
+  const live = new Set(sessions.map((s) => s.id));
+  for (const [id, line] of lines) {
+    if (!live.has(id) || line.canChange !== ctx.canChange || line.lang !== document.documentElement.lang) {
+      line.li.remove();
+      lines.delete(id);
+    }
+  }
+  for (const s of sessions) {
+    let line = lines.get(s.id);
+    if (!line) {
+      line = sessionLine(s, el, ctx);
+      lines.set(s.id, line);
+      list.append(line.li);
+    }
+    replace(line.facts, " · ", relative(s.created), " · ", t("taskbar.written", { size: bytes(s.layer_bytes || 0) }));
+  }
+}
+
+function sessionLine(s, el, ctx) {
+  const facts = h("span", { class: "facts" });
+  const stop = async (ev) => {
     ev.target.disabled = true;
     try {
-      await api.post(`/recovery/${encodeURIComponent(id)}/stop`);
+      await api.post(`/recovery/${encodeURIComponent(s.id)}/stop`);
     } finally {
       taskbar(el, ctx);
     }
   };
-  replace(
-    el,
-    h("strong", {}, t("taskbar.title", { n: sessions.length })),
-    h("ul", {}, sessions.map((s) =>
-      h("li", { class: "session", "data-session": s.id },
-        h("span", {}, `${s.engine || "vm"} ${(s.snapshot || "").slice(0, 8)}`),
-        " · ", relative(s.created),
-        " · ", t("taskbar.written", { size: bytes(s.layer_bytes || 0) }),
-        s.port ? [" · ", h("code", { class: "where" }, where(s))] : "",
-        s.domain ? [" · ", h("code", {}, s.domain)] : "",
-        revealed.has(s.id) ? connectionInput(revealed.get(s.id)) : "",
-        ctx.canChange && s.port ? h("button", { type: "button", class: "secondary copy-connection", onclick: copyConnection(s.id) }, t("taskbar.copy")) : "",
-        ctx.canChange ? h("button", { type: "button", class: "stop", onclick: stop(s.id) }, t("taskbar.stop")) : "",
-      ),
-    )),
+  const li = h("li", { class: "session", "data-session": s.id },
+    h("span", {}, `${s.engine || "vm"} ${(s.snapshot || "").slice(0, 8)}`),
+    facts,
+    s.port ? [" · ", h("code", { class: "where" }, where(s))] : "",
+    s.domain ? [" · ", h("code", {}, s.domain)] : "",
+    revealed.has(s.id) ? connectionInput(revealed.get(s.id)) : "",
+    ctx.canChange && s.port ? h("button", { type: "button", class: "secondary copy-connection", onclick: copyConnection(s.id) }, t("taskbar.copy")) : "",
+    ctx.canChange ? h("button", { type: "button", class: "stop", onclick: stop }, t("taskbar.stop")) : "",
   );
+  return { li, facts, canChange: ctx.canChange, lang: document.documentElement.lang };
 }
 
 /** A session's address without its password (the listing has none). */
