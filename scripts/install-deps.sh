@@ -6,13 +6,15 @@ set -euo pipefail
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 export DEBIAN_FRONTEND=noninteractive
-# libvirt-dev: the `virt` crate links libvirt (VM backups through libvirt).
-packages=(build-essential pkg-config util-linux fuse3 qemu-utils libvirt-dev)
+# libvirt-dev: the `virt` crate links libvirt (VM backups through libvirt). iproute2,
+# busybox-static, curl: the labs of `repo verify vm` (namespaces, taps, a DHCP server,
+# ping; curl for https checks).
+packages=(build-essential pkg-config util-linux fuse3 qemu-utils libvirt-dev iproute2 busybox-static curl)
 if [ "${1:-}" = "--test" ]; then
   packages+=(attr file util-linux-extra fuse-overlayfs postgresql-15 postgresql-client-15 \
     mariadb-server mariadb-backup mariadb-client docker.io \
-    libvirt-daemon-system qemu-system-x86 busybox-static qemu-guest-agent cpio kmod e2fsprogs \
-    prometheus python3-aiosmtpd openssl curl python3-venv fio \
+    libvirt-daemon-system qemu-system-x86 qemu-guest-agent cpio kmod e2fsprogs \
+    prometheus python3-aiosmtpd openssl python3-venv fio \
     chromium chromium-driver fonts-dejavu-core)
 fi
 missing=()

@@ -138,6 +138,18 @@ done
 sleep 5
 EOF
 chmod +x "$root/etc/init.d/rcS" "$root/etc/init.d/agent"
+# udhcpc's lease script (where Debian's busybox looks for it): configures the address it leased,
+# so that a verification lab's DHCP server gives the guest an address it can be pinged on.
+mkdir -p "$root/etc/udhcpc"
+cat > "$root/etc/udhcpc/default.script" <<'EOF'
+#!/bin/sh
+case "$1" in
+  deconfig) ifconfig "$interface" 0.0.0.0 up ;;
+  bound|renew) ifconfig "$interface" "$ip" netmask "${subnet:-255.255.255.0}" up ;;
+esac
+exit 0
+EOF
+chmod +x "$root/etc/udhcpc/default.script"
 : > "$root/etc/fstab"
 # mke2fs -d fills the filesystem from the directory, owned by root.
 truncate -s 256M "$work/disk.raw"

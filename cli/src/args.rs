@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     after_help = "Repository: --repo, $REPO_REPOSITORY, the config file, or the default under the user's data directory.\n\
 Password: --password-file, $REPO_PASSWORD_FILE, $REPO_PASSWORD, $REPO_PASSWORD_COMMAND, the config file, or a prompt on a terminal.\n\
 Exit codes: 0 ok, 1 error, 2 bad arguments, 3 finished but some files were not backed up or restored,\n\
-10 no repository there, 11 repository locked by another process, 12 wrong password, 13 repository format too new, 14 damaged repository data,\n15 the repository's key, encryption or id changed since this host last opened it (see `repo trust`)."
+4 a verification ran and failed, 10 no repository there, 11 repository locked by another process, 12 wrong password, 13 repository format too new, 14 damaged repository data,\n15 the repository's key, encryption or id changed since this host last opened it (see `repo trust`)."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -265,6 +265,11 @@ pub enum Command {
     /// Instant recovery: start a database on a snapshot, without restoring it
     #[command(subcommand)]
     Recover(RecoverCommand),
+    /// Proof that a backup restores: boot a VM snapshot in an isolated lab and check its
+    /// services, start a database snapshot and check it, restore a sample of files; the
+    /// results are kept on this host (`repo verify list|show|stats`)
+    #[command(subcommand)]
+    Verify(VerifyCommand),
     /// Manage the passwords that open the repository
     #[command(subcommand)]
     Key(KeyCommand),
@@ -695,6 +700,113 @@ pub enum RecoverCommand {
         /// Tag the new snapshot (repeatable; the original's tags are kept)
         #[arg(long = "tag", value_name = "TAG")]
         tags: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum VerifyCommand {
+    /// Boot a VM snapshot as a new domain in a lab of its own (a network namespace the
+    /// guest cannot leave), wait for its boot, ping it, check its services, run a script;
+    /// every step timed, everything removed afterwards (also on failure and timeout)
+    Vm {
+        /// Snapshot id prefix or `latest` (with --source, that VM's latest)
+        snapshot: String,
+        /// boot, boot_ping, boot_ping_services or full (services and a script)
+        #[arg(long, default_value = "boot_ping")]
+        test: String,
+        /// Services to check: ssh, http, https, smtp, rdp, postgresql, mysql, tcp:PORT,
+        /// http:PORT/PATH, https:PORT/PATH (comma-separated)
+        #[arg(long, value_name = "LIST", default_value = "")]
+        services: String,
+        /// For `full`: a shell script run inside the guest through its agent
+        /// (guest-exec); exit status 0 passes
+        #[arg(long, value_name = "FILE")]
+        script: Option<PathBuf>,
+        /// For `full`: a program run on the host inside the lab, the guest's address in
+        /// $CAIRN_VERIFY_ADDRESS; exit status 0 passes
+        #[arg(long, value_name = "FILE")]
+        host_script: Option<PathBuf>,
+        /// How long the guest may take to boot
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_wait)]
+        timeout: std::time::Duration,
+        /// How long the ping and each service may take to answer after the boot
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_wait)]
+        service_wait: std::time::Duration,
+        /// lab (default: a network namespace of its own, the checks run inside it), or
+        /// the name of a libvirt network without forwarding kept for tests
+        #[arg(long, default_value = "lab")]
+        network: String,
+        /// For `latest`: the latest snapshot of this VM
+        #[arg(long, value_name = "VM")]
+        source: Option<String>,
+        #[arg(long, value_name = "URI")]
+        connect: Option<String>,
+    },
+    /// Start a database snapshot as a recovery session and check it: connections, every
+    /// database, amcheck on the indexes (PostgreSQL) or CHECK TABLE (MariaDB), row
+    /// counts, and the queries given
+    Db {
+        /// Snapshot id prefix or `latest`
+        snapshot: String,
+        /// A query to run (repeatable); with --expect-rows, how many rows each must give
+        #[arg(long = "query", value_name = "SQL")]
+        queries: Vec<String>,
+        /// The number of rows each --query must return
+        #[arg(long, value_name = "N", requires = "queries")]
+        expect_rows: Option<u64>,
+        /// The database the queries run in (default: the server's default one)
+        #[arg(long)]
+        database: Option<String>,
+        #[arg(long, value_enum, default_value_t = RuntimeArg::Docker)]
+        runtime: RuntimeArg,
+        /// Container image (default: the recorded server version's)
+        #[arg(long)]
+        image: Option<String>,
+        /// How long the server may take to accept connections
+        #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = parse_wait)]
+        timeout: std::time::Duration,
+        #[command(flatten)]
+        filter: Filter,
+    },
+    /// Restore a sample of a snapshot's files into a scratch directory and compare them
+    /// with the sizes and hashes the snapshot recorded (end to end, cheaper than
+    /// `check --read-data`)
+    Files {
+        /// Snapshot id prefix or `latest`
+        snapshot: String,
+        /// The share of the files to restore: 10%, 100%
+        #[arg(long, value_name = "PERCENT", default_value = "10%", value_parser = parse_percent)]
+        sample: f64,
+        /// Where the sample is restored (removed afterwards; default: the system's
+        /// temporary directory)
+        #[arg(long, value_name = "DIR")]
+        scratch: Option<PathBuf>,
+        #[command(flatten)]
+        filter: Filter,
+    },
+    /// The verifications of this host, newest first
+    List {
+        /// Only vm, db or files
+        #[arg(long)]
+        kind: Option<String>,
+        /// Only pending, running, passed, failed or warning
+        #[arg(long)]
+        status: Option<String>,
+        /// Only this snapshot's (id prefix)
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// At most this many
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// One verification: every step with its result, duration and detail, and the log
+    Show { id: i64 },
+    /// Totals, success rate, average duration by test, the last verification, and the
+    /// repository's snapshots never verified or not verified for --stale-days
+    Stats {
+        /// A snapshot whose last verification is older than this many days is listed
+        #[arg(long, value_name = "DAYS", default_value_t = 7)]
+        stale_days: u64,
     },
 }
 

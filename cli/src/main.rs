@@ -21,6 +21,7 @@ pub mod exit {
     pub const OK: u8 = 0;
     pub const ERROR: u8 = 1;
     pub const PARTIAL: u8 = 3;
+    pub const VERIFICATION_FAILED: u8 = 4;
     pub const NO_REPOSITORY: u8 = 10;
     pub const LOCKED: u8 = 11;
     pub const WRONG_PASSWORD: u8 = 12;

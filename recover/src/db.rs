@@ -181,6 +181,7 @@ pub fn start(store: &Store, req: &Request<'_>) -> Result<SessionRecord, RecoverE
         uri: None,
         disks: Vec::new(),
         layer: req.layer.as_str().into(),
+        lab: None,
     };
     store.put(&rec)?;
     let made = set_up(store, req, &meta, &image, runtime.as_mut(), &mut rec);
@@ -426,4 +427,49 @@ fn stop_server_and_files(
     }
     remove_session_dir(&rec.dir)?;
     store.remove(&rec.id)
+}
+
+/// Runs `sql` in a running session, as its user over the server's own socket, in
+/// `database` (default: the session's). Returns (success, output): rows one per line,
+/// columns separated by `|` (PostgreSQL) or a tab (MariaDB), then any messages.
+pub fn sql(
+    rec: &SessionRecord,
+    meta: &DatabaseMeta,
+    database: Option<&str>,
+    sql: &str,
+) -> Result<(bool, String), RecoverError> {
+    let docker = match rec.container {
+        Some(_) => Some(Docker::connect()?),
+        None => None,
+    };
+    let runtime = runtime::for_record(rec, docker.as_ref())?
+        .ok_or_else(|| RecoverError::Setup(format!("session {} runs no server", rec.id)))?;
+    let port = rec
+        .port
+        .ok_or_else(|| RecoverError::Setup(format!("session {} has no port", rec.id)))?;
+    let merged = rec.merged();
+    let view = runtime.view(meta.engine, &merged, &rec.dir.join("conf"), port);
+    let (uid, gid) = data_dir_owner(meta, &merged)?;
+    let password = rec.password.clone().unwrap_or_default();
+    let (mut cmd, env) = engines::ready_command(meta, &view, &password);
+    if let Some(last) = cmd.last_mut() {
+        sql.clone_into(last);
+    }
+    match meta.engine {
+        cairn_agent::database::Engine::Postgresql => {
+            if let (Some(db), Some(at)) = (database, cmd.iter().position(|a| a == "-d")) {
+                db.clone_into(&mut cmd[at + 1]);
+            }
+            cmd.insert(1, "--set=ON_ERROR_STOP=1".into());
+        }
+        cairn_agent::database::Engine::Mariadb => {
+            let at = cmd.len() - 2;
+            cmd.insert(at, "--batch".into());
+            cmd.insert(at, "--skip-column-names".into());
+            if let Some(db) = database {
+                cmd.insert(at, format!("--database={db}"));
+            }
+        }
+    }
+    runtime.client(meta, rec, uid, gid, &cmd, &env)
 }

@@ -11,6 +11,9 @@
 //!   [`engines`] is what differs between the two databases.
 //! - [`vm`]: a libvirt domain defined from the snapshot's XML, on qcow2 overlays of its
 //!   mounted disks; [`vm::promote`] moves it to real storage while it runs.
+//! - [`verify`]: verifications built on both: a VM booted in an isolated lab and
+//!   checked, a database checked, a sample of files restored and compared; their
+//!   results as host state.
 
 pub mod commit;
 pub mod db;
@@ -19,6 +22,7 @@ pub mod engines;
 pub mod mounting;
 pub mod runtime;
 pub mod state;
+pub mod verify;
 pub mod vm;
 
 use std::os::unix::fs::PermissionsExt;
@@ -190,6 +194,8 @@ pub struct Cleanup {
     pub sessions_removed: Vec<String>,
     pub containers_removed: Vec<String>,
     pub dirs_removed: Vec<PathBuf>,
+    /// Verification labs (network namespaces) no session claims.
+    pub labs_removed: Vec<String>,
     pub still_running: Vec<String>,
 }
 
@@ -231,6 +237,13 @@ pub fn cleanup(store: &Store) -> Result<Cleanup, RecoverError> {
             }
             remove_session_dir(&dir)?;
             report.dirs_removed.push(dir);
+        }
+    }
+    let claimed: Vec<String> = store.list()?.into_iter().filter_map(|r| r.lab).collect();
+    for netns in verify::lab::list() {
+        if !claimed.contains(&netns) {
+            verify::lab::remove(&netns).map_err(RecoverError::Setup)?;
+            report.labs_removed.push(netns);
         }
     }
     Ok(report)

@@ -63,6 +63,10 @@ pub struct SessionRecord {
     /// `overlay` (overlayfs, `upper/`; what every session before the block layer used).
     #[serde(default = "overlay")]
     pub layer: String,
+    /// A verification's isolated lab (its network namespace), taken down with the
+    /// session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lab: Option<String>,
 }
 
 fn overlay() -> String {

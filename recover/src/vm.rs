@@ -15,7 +15,7 @@
 //!    session's, already QEMU's);
 //! 4. the domain started.
 //!
-//! [`take_down`] undoes it (domain, overlays, mount); [`promote`] copies the running
+//! [`take_down`] undoes it (domain, a verification's lab, overlays, mount); [`promote`] copies the running
 //! copy's disks to real storage (block copy, then pivot) so that the session can end and
 //! the VM keeps running on its own disks.
 
@@ -48,6 +48,8 @@ pub struct VmRequest<'a> {
     pub uri: Option<String>,
     /// Mounts the repository for the session.
     pub spawn_mount: SpawnMount<'a>,
+    /// A verification's lab, recorded with the session (the verifier makes it).
+    pub lab: Option<crate::verify::lab::Lab>,
 }
 
 fn vm_err(e: VmError) -> RecoverError {
@@ -110,6 +112,7 @@ pub fn start(store: &Store, req: &VmRequest<'_>) -> Result<SessionRecord, Recove
         uri: Some(hv.uri().to_owned()),
         disks: Vec::new(),
         layer: "qcow2".into(),
+        lab: req.lab.as_ref().map(|l| l.netns.clone()),
     };
     store.put(&rec)?;
     match set_up(store, req, &hv, &name, &mut rec) {
@@ -239,6 +242,9 @@ pub(crate) fn take_down(store: &Store, rec: &SessionRecord) -> Result<(), Recove
             Err(VmError::NoSuchDomain(_)) => {}
             Err(e) => return Err(vm_err(e)),
         }
+    }
+    if let Some(lab) = &rec.lab {
+        crate::verify::lab::remove(lab).map_err(RecoverError::Setup)?;
     }
     unmount_session(rec)?;
     remove_session_dir(&rec.dir)?;

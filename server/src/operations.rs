@@ -219,6 +219,7 @@ pub fn recover_vm(site: &Site, req: &VmRecovery) -> Result<SessionRecord, Operat
         start: req.start,
         uri,
         spawn_mount: &spawn,
+        lab: None,
     };
     Ok(cairn_recover::vm::start(&store(site)?, &request)?)
 }

@@ -23,5 +23,6 @@ mod mutations;
 mod roundtrip;
 mod serve;
 mod support;
+mod verify;
 mod vm;
 mod webdriver;

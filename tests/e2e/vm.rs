@@ -27,13 +27,13 @@ fn guest_dir() -> PathBuf {
 }
 
 /// One VM test at a time.
-fn turn() -> MutexGuard<'static, ()> {
+pub(crate) fn turn() -> MutexGuard<'static, ()> {
     static TURN: Mutex<()> = Mutex::new(());
     TURN.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn virsh(args: &[&str]) -> std::process::Output {
+pub(crate) fn virsh(args: &[&str]) -> std::process::Output {
     Command::new("virsh")
         .arg("-c")
         .arg(URI)
@@ -42,12 +42,12 @@ fn virsh(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-fn virsh_ok(args: &[&str]) -> String {
+pub(crate) fn virsh_ok(args: &[&str]) -> String {
     succeeded(&format!("virsh {args:?}"), virsh(args))
 }
 
 /// Whether libvirt and the test guest are there; in CI their absence fails the test.
-fn have_libvirt(what: &str) -> bool {
+pub(crate) fn have_libvirt(what: &str) -> bool {
     let ok = is_root()
         && virsh(&["version"]).status.success()
         && guest_dir().join("disk.qcow2").exists();
@@ -60,15 +60,15 @@ fn have_libvirt(what: &str) -> bool {
 
 /// A test guest: its own copy of the guest disk, a domain of its own, removed when
 /// dropped (with its checkpoints).
-struct TestVm {
-    name: String,
+pub(crate) struct TestVm {
+    pub(crate) name: String,
     dir: PathBuf,
 }
 
 impl TestVm {
     /// Defines a guest named `cairn-t-<tag>-<random>`; `extra_disks` are blank qcow2
     /// disks (vdb, vdc, ...) of 64 MiB.
-    fn define(tag: &str, extra_disks: usize) -> Self {
+    pub(crate) fn define(tag: &str, extra_disks: usize) -> Self {
         let rand = format!("{:08x}", rand32());
         let name = format!("cairn-t-{tag}-{rand}");
         let dir = PathBuf::from("/var/tmp/cairn-vm-tests").join(&name);
@@ -106,7 +106,7 @@ impl TestVm {
     }
 
     /// Defines and starts a guest, and waits for its agent.
-    fn boot(tag: &str, extra_disks: usize) -> Self {
+    pub(crate) fn boot(tag: &str, extra_disks: usize) -> Self {
         let vm = Self::define(tag, extra_disks);
         vm.start();
         vm
@@ -122,13 +122,13 @@ impl TestVm {
     }
 
     /// Runs `script` in the guest (sh -c) through its agent; returns its stdout.
-    fn exec(&self, script: &str) -> String {
+    pub(crate) fn exec(&self, script: &str) -> String {
         guest_exec(&self.name, script)
     }
 
     /// Writes `mib` MiB of random data to `/data/<name>` in the guest, synced; returns
     /// its SHA-256 as the guest computes it.
-    fn write(&self, name: &str, mib: u32) -> String {
+    pub(crate) fn write(&self, name: &str, mib: u32) -> String {
         self.exec(&format!(
             "dd if=/dev/urandom of=/data/{name} bs=1M count={mib} 2>/dev/null; sync; sha256sum /data/{name}"
         ))
@@ -200,12 +200,12 @@ fn rand32() -> u32 {
     u32::from_le_bytes(b)
 }
 
-fn run(cmd: &mut Command) -> String {
+pub(crate) fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
     succeeded(&format!("{cmd:?}"), out)
 }
 
-fn wait_agent(name: &str) {
+pub(crate) fn wait_agent(name: &str) {
     let start = Instant::now();
     loop {
         if virsh(&["qemu-agent-command", name, r#"{"execute":"guest-ping"}"#])
@@ -223,7 +223,7 @@ fn wait_agent(name: &str) {
 }
 
 /// `sh -c script` in the guest; its stdout.
-fn guest_exec(name: &str, script: &str) -> String {
+pub(crate) fn guest_exec(name: &str, script: &str) -> String {
     let cmd = serde_json::json!({
         "execute": "guest-exec",
         "arguments": {"path": "/bin/sh", "arg": ["-c", script], "capture-output": true},
@@ -269,14 +269,14 @@ fn base64_decode(s: &str) -> Vec<u8> {
 }
 
 /// A repository for VM tests: its host state where QEMU's user can reach session files.
-fn vm_env() -> Env {
+pub(crate) fn vm_env() -> Env {
     let env = Env::new();
     set_mode(env.dir.path(), 0o711);
     env
 }
 
 /// `repo backup --vm NAME --json` (and extra args): the VM report and the snapshot.
-fn backup(env: &Env, vm: &str, extra: &[&str]) -> (Value, Value) {
+pub(crate) fn backup(env: &Env, vm: &str, extra: &[&str]) -> (Value, Value) {
     let mut args = vec!["backup", "--vm", vm];
     args.extend_from_slice(extra);
     let v = env.json(&args);

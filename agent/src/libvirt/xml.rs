@@ -163,6 +163,9 @@ pub enum Network {
     None,
     /// Its cards on this libvirt network (an isolated one, for verification).
     Named(String),
+    /// One card, on this tap (made beforehand, not managed by libvirt): a verification
+    /// lab's. The domain's other cards are left out; a domain without one gets one.
+    Tap(String),
 }
 
 /// What changes in a copy of a domain started from a snapshot.
@@ -205,6 +208,7 @@ pub fn copy_xml(saved: &str, copy: &Copy) -> Result<String, XmlError> {
         return Err(XmlError("no <devices>".into()));
     };
     let mut first_serial = true;
+    let mut tapped = false;
     let mut kept = Vec::new();
     for node in std::mem::take(&mut devices.children) {
         let XMLNode::Element(mut e) = node else {
@@ -246,6 +250,13 @@ pub fn copy_xml(saved: &str, copy: &Copy) -> Result<String, XmlError> {
                     src.attributes.insert("network".into(), net.clone());
                     e.children.push(XMLNode::Element(src));
                 }
+                Network::Tap(tap) => {
+                    if tapped {
+                        continue;
+                    }
+                    tapped = true;
+                    e = tap_interface(tap, e.get_child("model").cloned());
+                }
             },
             "channel" => {
                 // libvirt picks the socket path of the copy's channels.
@@ -270,6 +281,9 @@ pub fn copy_xml(saved: &str, copy: &Copy) -> Result<String, XmlError> {
         if let Some(log) = &copy.console_log {
             kept.push(XMLNode::Element(serial_to_file(log)));
         }
+    }
+    if let (Network::Tap(tap), false) = (&copy.network, tapped) {
+        kept.push(XMLNode::Element(tap_interface(tap, None)));
     }
     devices.children = kept;
     let mut out = Vec::new();
@@ -316,6 +330,23 @@ fn point_disk_at(e: &mut Element, path: &Path, format: &str) {
             e.children.push(XMLNode::Element(d));
         }
     }
+}
+
+/// A card on the unmanaged tap `tap`, of the original card's model (default virtio).
+fn tap_interface(tap: &str, model: Option<Element>) -> Element {
+    let mut e = Element::new("interface");
+    e.attributes.insert("type".into(), "ethernet".into());
+    let mut target = Element::new("target");
+    target.attributes.insert("dev".into(), tap.into());
+    target.attributes.insert("managed".into(), "no".into());
+    e.children.push(XMLNode::Element(target));
+    let model = model.unwrap_or_else(|| {
+        let mut m = Element::new("model");
+        m.attributes.insert("type".into(), "virtio".into());
+        m
+    });
+    e.children.push(XMLNode::Element(model));
+    e
 }
 
 fn serial_to_file(log: &Path) -> Element {
@@ -445,6 +476,32 @@ mod tests {
             "{on_net}"
         );
         assert!(!on_net.contains("52:54:00:12:34:56"));
+        // In a verification lab: one card, on the lab's tap, nothing of the bridge.
+        let in_lab = copy_xml(
+            XML,
+            &Copy {
+                network: Network::Tap("cl-abc".into()),
+                ..copy.clone()
+            },
+        )
+        .unwrap();
+        assert_eq!(in_lab.matches("<interface").count(), 1, "{in_lab}");
+        assert!(
+            in_lab.contains("cl-abc") && !in_lab.contains("br0"),
+            "{in_lab}"
+        );
+        // A domain without a card gets one there.
+        let bare = "<domain><name>x</name><devices></devices></domain>";
+        let bare_lab = copy_xml(
+            bare,
+            &Copy {
+                network: Network::Tap("cl-abc".into()),
+                ..copy
+            },
+        )
+        .unwrap();
+        assert!(bare_lab.contains("type=\"ethernet\""), "{bare_lab}");
+        assert!(bare_lab.contains("managed=\"no\""), "{bare_lab}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod mount;
 mod recover;
 mod restore;
 mod serve;
+mod verify;
 mod vm;
 
 use anyhow::Result;
@@ -163,6 +164,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Index(i) => admin::index(&settings, g, i),
         Command::Upgrade => admin::upgrade(&settings, g),
         Command::Trust { accept, list } => admin::trust(&settings, g, accept, list),
+        Command::Verify(v) => verify::run(&settings, g, v),
         Command::Vm(v) => vm::run(&settings, g, v),
         Command::Job(j) => jobs::job(&settings, g, &j.site, &j.command),
         Command::Schedule(c) => jobs::schedule(&settings, g, &c.site, &c.command),

@@ -13,7 +13,7 @@ use crate::exit;
 use crate::format;
 use crate::open::Settings;
 
-fn store() -> Result<Store> {
+pub(super) fn store() -> Result<Store> {
     let dir = recover::state_dir();
     Store::open(&dir).with_context(|| format!("opening the session state in {}", dir.display()))
 }
@@ -46,7 +46,7 @@ fn session_json(r: &SessionRecord) -> serde_json::Value {
 }
 
 /// Starts a session's mount of the repository at `repo_path` in the background.
-fn spawn_session_mount(
+pub(super) fn spawn_session_mount(
     s: &Settings,
     repo_path: &Path,
     m: &SessionMount<'_>,
@@ -260,14 +260,16 @@ pub fn run(s: &Settings, g: &Global, cmd: RecoverCommand) -> Result<u8> {
                     "sessions_removed": r.sessions_removed,
                     "containers_removed": r.containers_removed,
                     "dirs_removed": r.dirs_removed,
+                    "labs_removed": r.labs_removed,
                     "still_running": r.still_running,
                 }));
             } else {
                 println!(
-                    "removed {} dead sessions, {} stray containers, {} stray session directories; {} sessions still running",
+                    "removed {} dead sessions, {} stray containers, {} stray session directories, {} stray verification labs; {} sessions still running",
                     r.sessions_removed.len(),
                     r.containers_removed.len(),
                     r.dirs_removed.len(),
+                    r.labs_removed.len(),
                     r.still_running.len()
                 );
             }
@@ -305,6 +307,7 @@ fn vm(
         start: !no_start,
         uri: connect,
         spawn_mount: &spawn,
+        lab: None,
     };
     let rec = recover::vm::start(&store, &req)?;
     let secs = started.elapsed().as_secs_f64();
