@@ -52,6 +52,8 @@ pub struct Request<'a> {
     pub layer_chunk: Option<u64>,
     /// Starts a `repo mount` daemon of the repository; returns its pid once mounted.
     pub spawn_mount: SpawnMount<'a>,
+    /// The verifying process, when this session is a verification's.
+    pub verifier: Option<u32>,
 }
 
 /// Where a session's writes land (recorded in the session as `block` or `overlay`).
@@ -182,6 +184,7 @@ pub fn start(store: &Store, req: &Request<'_>) -> Result<SessionRecord, RecoverE
         disks: Vec::new(),
         layer: req.layer.as_str().into(),
         lab: None,
+        verifier: req.verifier,
     };
     store.put(&rec)?;
     let made = set_up(store, req, &meta, &image, runtime.as_mut(), &mut rec);

@@ -167,6 +167,11 @@ pub fn stop(store: &Store, id: &str) -> Result<SessionRecord, RecoverError> {
 /// its layer (or overlay) and its mount's daemon are all there.
 #[must_use]
 pub fn is_live(rec: &SessionRecord, docker: Option<&Docker>) -> bool {
+    if let Some(pid) = rec.verifier {
+        if pid != std::process::id() && !pid_alive(pid) {
+            return false;
+        }
+    }
     if rec.state == SessionState::Starting {
         return pid_alive(rec.creator_pid) && rec.creator_pid != std::process::id();
     }

@@ -67,6 +67,10 @@ pub struct SessionRecord {
     /// session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lab: Option<String>,
+    /// The process of the verification this session is part of: when it is gone, so is
+    /// the session's purpose, and cleanup takes it down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verifier: Option<u32>,
 }
 
 fn overlay() -> String {

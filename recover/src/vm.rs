@@ -50,6 +50,8 @@ pub struct VmRequest<'a> {
     pub spawn_mount: SpawnMount<'a>,
     /// A verification's lab, recorded with the session (the verifier makes it).
     pub lab: Option<crate::verify::lab::Lab>,
+    /// The verifying process, when this session is a verification's.
+    pub verifier: Option<u32>,
 }
 
 fn vm_err(e: VmError) -> RecoverError {
@@ -113,6 +115,7 @@ pub fn start(store: &Store, req: &VmRequest<'_>) -> Result<SessionRecord, Recove
         disks: Vec::new(),
         layer: "qcow2".into(),
         lab: req.lab.as_ref().map(|l| l.netns.clone()),
+        verifier: req.verifier,
     };
     store.put(&rec)?;
     match set_up(store, req, &hv, &name, &mut rec) {

@@ -140,6 +140,7 @@ pub fn recover_database(site: &Site, req: &DbRecovery) -> Result<SessionRecord, 
         layer,
         layer_chunk: None,
         spawn_mount: &spawn,
+        verifier: None,
     };
     Ok(cairn_recover::start(&store(site)?, &request)?)
 }
@@ -220,6 +221,7 @@ pub fn recover_vm(site: &Site, req: &VmRecovery) -> Result<SessionRecord, Operat
         uri,
         spawn_mount: &spawn,
         lab: None,
+        verifier: None,
     };
     Ok(cairn_recover::vm::start(&store(site)?, &request)?)
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::database::{pg_ready, PG_IMAGE};
+use crate::database::{pg_ready, StopAll, PG_IMAGE};
 use crate::dbserver::{postgres_cluster, require_docker};
 use crate::support::*;
 use crate::vm::{backup, have_libvirt, turn, virsh, virsh_ok, vm_env, TestVm};
@@ -149,6 +149,7 @@ fn a_good_vm_backup_passes_every_test_in_a_lab_it_cannot_leave_and_leaves_nothin
     }
     let _turn = turn();
     let env = vm_env();
+    let _stop = StopAll(&env);
     let vm = TestVm::boot("verify", 0);
     let marker = vm.write("marker", 1);
     let (_, snap) = backup(&env, &vm.name, &[]);
@@ -319,6 +320,7 @@ fn broken_vm_backups_fail_with_the_step_named_and_leave_nothing_also_after_a_kil
     }
     let _turn = turn();
     let env = vm_env();
+    let _stop = StopAll(&env);
     let vm = TestVm::boot("verifybad", 0);
     let (_, good) = backup(&env, &vm.name, &[]);
     let good = good["id"].as_str().unwrap().to_owned();
@@ -445,7 +447,7 @@ fn a_database_backup_verifies_and_a_damaged_index_or_a_wrong_expectation_fails()
         return;
     }
     let env = Env::new();
-    let _stop = crate::database::StopAll(&env);
+    let _stop = StopAll(&env);
     let pg = postgres_cluster(&env, "verify");
     pg.sql(
         "CREATE TABLE items (id int PRIMARY KEY, name text); \

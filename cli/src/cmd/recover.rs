@@ -97,6 +97,7 @@ pub fn run(s: &Settings, g: &Global, cmd: RecoverCommand) -> Result<u8> {
                 },
                 layer_chunk: chunk_size,
                 spawn_mount: &spawn,
+                verifier: None,
             };
             let rec = recover::start(&store, &req)?;
             let secs = started.elapsed().as_secs_f64();
@@ -308,6 +309,7 @@ fn vm(
         uri: connect,
         spawn_mount: &spawn,
         lab: None,
+        verifier: None,
     };
     let rec = recover::vm::start(&store, &req)?;
     let secs = started.elapsed().as_secs_f64();

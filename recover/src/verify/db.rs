@@ -69,6 +69,7 @@ pub fn run(
             layer: Layer::Block,
             layer_chunk: None,
             spawn_mount: req.spawn_mount,
+            verifier: Some(std::process::id()),
         };
         match crate::start(store, &sreq) {
             Ok(rec) => {

@@ -360,6 +360,7 @@ fn restore(
         uri: Some(hv.uri().to_owned()),
         spawn_mount: req.spawn_mount,
         lab: lab.clone(),
+        verifier: Some(std::process::id()),
     };
     let rec = crate::vm::start(store, &vreq)?;
     if let Some(lab) = &lab {
