@@ -327,7 +327,11 @@ fn row_counts(r: &mut Recorder<'_>, engine: Engine, dbs: &[String], q: &Query<'_
     ));
     (
         StepResult::Passed,
-        format!("{} tables, about {total} rows", lines.len()),
+        format!(
+            "{} table{}, about {total} rows",
+            lines.len(),
+            if lines.len() == 1 { "" } else { "s" }
+        ),
     )
 }
 
