@@ -464,6 +464,10 @@ pub enum ScheduleCommand {
         /// Runs missed while the daemon was down: run-once (at start, once) or skip
         #[arg(long, value_name = "POLICY")]
         missed: Option<String>,
+        /// Verify the newest snapshot of each of JOB's sources at these times, instead
+        /// of running it (the job's [verify.snapshots] says how)
+        #[arg(long)]
+        verify: bool,
     },
     /// Every schedule with its next run
     List,

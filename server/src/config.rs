@@ -234,6 +234,10 @@ pub struct ScheduleConfig {
     /// `run-once` (default) or `skip`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub missed: Option<String>,
+    /// `run` (default): run the job; `verify`: verify the newest snapshot of each of
+    /// its sources (the job's `[verify.snapshots]` says how).
+    #[serde(default)]
+    pub action: crate::state::ScheduleAction,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

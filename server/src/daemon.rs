@@ -19,7 +19,8 @@ use crate::runner::{Observer, Runner, RunnerOptions, SubmitError};
 use crate::schedule::Clock;
 use crate::scheduler;
 use crate::site::Site;
-use crate::state::Missed;
+use crate::state::{Missed, ScheduleAction};
+use crate::verification::Background;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -44,6 +45,8 @@ pub struct Daemon {
     pub metrics: Arc<Metrics>,
     pub hub: Arc<Hub>,
     pub notifier: Arc<Notifier>,
+    /// Verifications of snapshots (the API's, and after a job's backups).
+    pub verifier: crate::verification::Verifier,
     pub clock: Arc<dyn Clock>,
     stop: Arc<(Mutex<bool>, Condvar)>,
     scheduler: Option<std::thread::JoinHandle<()>>,
@@ -78,11 +81,21 @@ impl Daemon {
             site.state.clone(),
             metrics.clone(),
         );
+        let verifier = crate::verification::Verifier {
+            repos: site.repos.clone(),
+            state_dir: site.state_dir.clone(),
+            libvirt_uri: site.config.libvirt_uri.clone(),
+            metrics: Some(metrics.clone()),
+            notifier: Some(notifier.clone()),
+        };
+        verifier.refresh_metrics();
+        let background = Background::new(verifier.clone(), site.state.clone());
         let observers: Vec<Arc<dyn Observer>> = vec![
             metrics.clone(),
             hub.clone(),
             refresher.clone(),
             notifier.clone(),
+            background.clone(),
         ];
         let runner = Runner::start(
             site.state.clone(),
@@ -106,6 +119,7 @@ impl Daemon {
                 clock.clone(),
                 stop.clone(),
             );
+            let verifications = background.clone();
             std::thread::Builder::new()
                 .name("scheduler".into())
                 .spawn(move || {
@@ -114,6 +128,7 @@ impl Daemon {
                         runner: &runner,
                         metrics: &metrics,
                         notifier: &notifier,
+                        verifications: &verifications,
                     };
                     scheduler_loop(&parts, clock.as_ref(), &stop);
                 })?
@@ -124,6 +139,7 @@ impl Daemon {
             metrics,
             hub,
             notifier,
+            verifier,
             clock,
             stop,
             scheduler: Some(scheduler),
@@ -235,6 +251,8 @@ pub struct Parts<'a> {
     pub runner: &'a Runner,
     pub metrics: &'a Metrics,
     pub notifier: &'a Notifier,
+    /// Where a verify schedule's slots go.
+    pub verifications: &'a Background,
 }
 
 fn scheduler_loop(parts: &Parts<'_>, clock: &dyn Clock, stop: &(Mutex<bool>, Condvar)) {
@@ -277,6 +295,7 @@ pub fn tick(parts: &Parts<'_>, now: DateTime<Utc>) -> crate::state::Result<Optio
         runner,
         metrics,
         notifier,
+        verifications,
     } = *parts;
     metrics.scheduler_ticks.inc();
     notifier.digests(now);
@@ -299,7 +318,11 @@ pub fn tick(parts: &Parts<'_>, now: DateTime<Utc>) -> crate::state::Result<Optio
             tracing::warn!(schedule = %row.id, job = %row.job, "schedule of a job that does not exist");
             continue;
         };
-        let d = scheduler::decide(&row, &sched, now, runner.busy(&job.name).is_some(), late);
+        let busy = match row.action {
+            ScheduleAction::Run => runner.busy(&job.name).is_some(),
+            ScheduleAction::Verify => verifications.busy(&job.name),
+        };
+        let d = scheduler::decide(&row, &sched, now, busy, late);
         for (slot, reason) in &d.missed {
             tracing::warn!(schedule = %row.id, job = %job.name, %slot, "missed run: {reason}");
             site.state.record_missed(&Missed {
@@ -323,13 +346,22 @@ pub fn tick(parts: &Parts<'_>, now: DateTime<Utc>) -> crate::state::Result<Optio
             site.state.set_last_slot(row.id, slot)?;
             row.last_slot = Some(slot);
         }
-        if let Some(trigger) = d.run {
-            match runner.submit(&job, trigger) {
+        match (d.run, row.action) {
+            (None, _) => {}
+            (Some(trigger), ScheduleAction::Run) => match runner.submit(&job, trigger) {
                 Ok(_) | Err(SubmitError::Busy { .. }) => {}
                 Err(e) => {
                     tracing::error!(job = %job.name, "could not queue the scheduled run: {e}")
                 }
-            }
+            },
+            (Some(_), ScheduleAction::Verify) => match verifications.verify_newest(&job) {
+                Ok(n) => tracing::info!(
+                    schedule = %row.id, job = %job.name, "verifying the newest snapshot of {n} sources"
+                ),
+                Err(e) => {
+                    tracing::warn!(schedule = %row.id, job = %job.name, "scheduled verification: {e}")
+                }
+            },
         }
         parsed.push((row, sched));
     }

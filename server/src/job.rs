@@ -102,7 +102,9 @@ impl Retention {
     }
 }
 
-/// What to check after a successful run (the verification issue adds restore tests).
+/// What to check after a successful run: the repository (`check`), and with
+/// `after_backup` the snapshots the run made, proved by use (`repo verify`: a VM's
+/// booted in a lab, a database's started and checked, a tree's sample restored).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Verify {
@@ -110,10 +112,53 @@ pub struct Verify {
     /// pack read and authenticated) or `N/M` (subset N of M of the packs read).
     #[serde(default = "default_check")]
     pub check: String,
+    /// Verify each snapshot the run made, after the run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub after_backup: bool,
+    /// How its snapshots are verified (`[verify.snapshots]`).
+    #[serde(default, skip_serializing_if = "VerifySpec::is_default")]
+    pub snapshots: VerifySpec,
+}
+
+/// How a snapshot is verified; what is not given takes `repo verify`'s defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifySpec {
+    /// A VM's test: boot, boot_ping (the default), boot_ping_services, full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test: Option<String>,
+    /// A VM's services: `ssh,http,tcp:5432,https:8443/health`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<String>,
+    /// For `full`: a shell script run inside the guest (its text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script: Option<String>,
+    /// How long a guest may take to boot or a database to accept connections: `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// A database's queries, each to return `expect_rows` rows when that is given.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queries: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_rows: Option<u64>,
+    /// A file tree's share restored and compared: `10%` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample: Option<String>,
+    /// Where a VM's copy is connected: `lab` (the default: a network namespace of its
+    /// own), or the name of a libvirt network without forwarding that the site keeps
+    /// for tests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
 }
 
 fn default_check() -> String {
     "metadata".into()
+}
+
+impl VerifySpec {
+    fn is_default(&self) -> bool {
+        self == &Self::default()
+    }
 }
 
 impl Verify {
@@ -172,6 +217,9 @@ impl JobDefinition {
         }
         if let Some(v) = &self.verify {
             v.options()?;
+            v.snapshots
+                .validate()
+                .map_err(|e| format!("verify.snapshots.{e}"))?;
         }
         Ok(())
     }

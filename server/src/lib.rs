@@ -34,3 +34,4 @@ pub mod schedule;
 pub mod scheduler;
 pub mod site;
 pub mod state;
+pub mod verification;

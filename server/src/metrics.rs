@@ -48,6 +48,16 @@ pub struct RepoResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusLabel {
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct JobResultLabel {
     pub job_name: String,
     pub result: String,
@@ -147,6 +157,9 @@ pub struct Metrics {
     // verification and replication (named now; later issues fill them)
     pub verifications: Family<JobResultLabel, Counter>,
     pub verification_last: Family<JobLabel, FGauge>,
+    pub verifications_recorded: Family<StatusLabel, Gauge>,
+    pub verification_success_ratio: FGauge,
+    pub verification_source_last: Family<SourceLabel, FGauge>,
     pub restore_tests: Family<ResultLabel, Counter>,
     pub replications: Family<RepoResultLabel, Counter>,
     pub replication_lag: Family<RepoLabel, FGauge>,
@@ -230,6 +243,9 @@ impl Metrics {
             recovery_sessions: Family::default(),
             verifications: Family::default(),
             verification_last: Family::default(),
+            verifications_recorded: Family::default(),
+            verification_success_ratio: FGauge::default(),
+            verification_source_last: Family::default(),
             restore_tests: Family::default(),
             replications: Family::default(),
             replication_lag: Family::default(),
@@ -491,14 +507,32 @@ impl Metrics {
         reg!(
             r,
             "cairn_verifications",
-            "Verifications after runs, by job and result (ok, failed)",
+            "Verifications of snapshots by this daemon, by job (empty: through the API) and result (passed, failed, warning)",
             m.verifications
         );
         reg!(
             r,
             "cairn_verification_last_timestamp_seconds",
-            "When the job's data was last verified (Unix time)",
+            "When a verification of the job's snapshots last ended (Unix time)",
             m.verification_last
+        );
+        reg!(
+            r,
+            "cairn_verifications_recorded",
+            "Verifications in this host's results, by status (pending, running, passed, failed, warning)",
+            m.verifications_recorded
+        );
+        reg!(
+            r,
+            "cairn_verification_success_ratio",
+            "Passed (or warned) verifications per ended one, of this host's results",
+            m.verification_success_ratio
+        );
+        reg!(
+            r,
+            "cairn_verification_source_last_timestamp_seconds",
+            "When each source's last verification ended (Unix time), of this host's results",
+            m.verification_source_last
         );
         reg!(
             r,
@@ -787,6 +821,55 @@ impl Metrics {
         self.job_success_ratio
             .get_or_create(&label)
             .set(ratio(o.0, o.1));
+    }
+}
+
+impl Metrics {
+    /// A verification ended (by `job`, or through the API when empty).
+    pub fn verified(&self, job: &str, v: &cairn_recover::verify::Verification) {
+        self.verifications
+            .get_or_create(&JobResultLabel {
+                job_name: job.to_owned(),
+                result: v.status.as_str().to_owned(),
+            })
+            .inc();
+        if !job.is_empty() {
+            self.verification_last
+                .get_or_create(&JobLabel {
+                    job_name: job.to_owned(),
+                })
+                .set(unix_now());
+        }
+    }
+
+    /// The totals of the host's verification results.
+    pub fn verification_totals(&self, st: &cairn_recover::verify::Stats) {
+        for (status, n) in [
+            ("pending", st.pending),
+            ("running", st.running),
+            ("passed", st.passed),
+            ("failed", st.failed),
+            ("warning", st.warning),
+        ] {
+            self.verifications_recorded
+                .get_or_create(&StatusLabel {
+                    status: status.to_owned(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        if let Some(r) = st.success_rate {
+            self.verification_success_ratio.set(r);
+        }
+        for (source, last) in &st.by_source {
+            if let Ok(t) = chrono::DateTime::parse_from_rfc3339(&last.finished) {
+                #[allow(clippy::cast_precision_loss)]
+                self.verification_source_last
+                    .get_or_create(&SourceLabel {
+                        source: source.clone(),
+                    })
+                    .set(t.timestamp_millis() as f64 / 1000.0);
+            }
+        }
     }
 }
 

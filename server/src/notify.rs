@@ -46,6 +46,11 @@ pub enum Notice {
     },
     /// "Send a test" of the dashboard: proof that a target is reachable.
     Test { by: String, at: DateTime<Utc> },
+    /// A verification of one of the job's snapshots failed.
+    Verification {
+        job: String,
+        verification: Box<cairn_recover::verify::Verification>,
+    },
 }
 
 impl Notice {
@@ -53,6 +58,7 @@ impl Notice {
         match self {
             Self::Run { trigger, .. } => Some(*trigger),
             Self::Missed { .. } => Some(Trigger::Missed),
+            Self::Verification { .. } => Some(Trigger::VerificationFailure),
             Self::Digest { .. } | Self::Test { .. } => None,
         }
     }
@@ -138,6 +144,17 @@ impl Notifier {
                 self.queue(name, notice.clone());
             }
         }
+    }
+
+    /// A verification of `job`'s snapshot failed.
+    pub fn verification_failed(&self, job: &str, v: &cairn_recover::verify::Verification) {
+        self.tell_job(
+            job,
+            &Notice::Verification {
+                job: job.to_owned(),
+                verification: Box::new(v.clone()),
+            },
+        );
     }
 
     /// A scheduled run that did not happen.
@@ -415,6 +432,7 @@ fn event_name(notice: &Notice) -> &'static str {
             Trigger::Missed => "run.missed",
         },
         Notice::Missed { .. } => "run.missed",
+        Notice::Verification { .. } => "verification.failed",
         Notice::Digest { .. } => "digest",
         Notice::Test { .. } => "test",
     }
@@ -439,6 +457,9 @@ pub fn webhook_body(notice: &Notice, host: &str) -> Value {
         }),
         Notice::Test { by, at } => json!({
             "event": event, "host": host, "by": by, "at": at,
+        }),
+        Notice::Verification { job, verification } => json!({
+            "event": event, "host": host, "job": job, "verification": verification,
         }),
     }
 }
@@ -488,6 +509,13 @@ struct Words {
     test: &'static str,
     by: &'static str,
     sent: &'static str,
+    verification: &'static str,
+    of_job: &'static str,
+    snapshot: &'static str,
+    source: &'static str,
+    kind: &'static str,
+    step: &'static str,
+    steps: &'static str,
 }
 
 const EN: Words = Words {
@@ -517,6 +545,13 @@ const EN: Words = Words {
     test: "a test notification from",
     by: "Sent by",
     sent: "Sent at",
+    verification: "verification",
+    of_job: "of job",
+    snapshot: "Snapshot",
+    source: "Source",
+    kind: "Test",
+    step: "Failed step",
+    steps: "Steps",
 };
 
 const FR: Words = Words {
@@ -546,6 +581,13 @@ const FR: Words = Words {
     test: "une notification de test de",
     by: "Envoyée par",
     sent: "Envoyée le",
+    verification: "vérification",
+    of_job: "de la tâche",
+    snapshot: "Instantané",
+    source: "Source",
+    kind: "Test",
+    step: "Étape en échec",
+    steps: "Étapes",
 };
 
 fn escape(s: &str) -> String {
@@ -654,6 +696,36 @@ pub fn render(notice: &Notice, host: &str, lang: Language) -> Message {
             vec![(w.by, by.clone()), (w.sent, when(Some(*at)))],
             Vec::new(),
         ),
+        Notice::Verification {
+            job,
+            verification: v,
+        } => (
+            format!(
+                "[cairn] {} {} {} {job}: {} {} {host}",
+                w.verification, v.id, w.of_job, w.verify_failed, w.on
+            ),
+            vec![
+                (w.status, v.status.as_str().to_owned()),
+                (w.snapshot, v.snapshot.clone()),
+                (w.source, v.source.clone()),
+                (w.kind, format!("{} {}", v.kind.as_str(), v.test)),
+                (w.step, v.failed_step().unwrap_or("-").to_owned()),
+                (w.duration, format!("{:.1} s", v.seconds.unwrap_or(0.0))),
+                (w.error, v.error.clone().unwrap_or_else(|| "-".into())),
+            ],
+            v.steps
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{:<22} {:<8} {:>6.1}s  {}",
+                        s.name,
+                        format!("{:?}", s.result).to_lowercase(),
+                        s.seconds,
+                        s.detail.lines().next().unwrap_or("")
+                    )
+                })
+                .collect(),
+        ),
     };
     let mut text = format!("{subject}\n\n");
     for (k, v) in &rows {
@@ -662,10 +734,10 @@ pub fn render(notice: &Notice, host: &str, lang: Language) -> Message {
     if !pre.is_empty() {
         text.push_str(&format!(
             "\n{}:\n",
-            if matches!(notice, Notice::Digest { .. }) {
-                w.runs
-            } else {
-                w.log
+            match notice {
+                Notice::Digest { .. } => w.runs,
+                Notice::Verification { .. } => w.steps,
+                _ => w.log,
             }
         ));
         for l in &pre {
@@ -718,6 +790,47 @@ mod tests {
             stats: RunStats::default(),
             pid: None,
         }
+    }
+
+    #[test]
+    fn a_failed_verification_names_its_snapshot_step_and_steps_escaped() {
+        let v: cairn_recover::verify::Verification = serde_json::from_value(json!({
+            "id": 12, "kind": "vm", "test": "boot_ping_services", "status": "failed",
+            "snapshot": "ab12", "source": "h1:vm/<web>", "repository": "/r",
+            "trigger": "after_backup nightly", "created": "2026-12-06T00:00:00Z",
+            "finished": "2026-12-06T00:01:00Z", "seconds": 60.5,
+            "steps": [
+                { "name": "boot", "result": "passed", "seconds": 11.0, "detail": "login prompt" },
+                { "name": "service tcp:2222", "result": "failed", "seconds": 30.0,
+                  "detail": "no answer in 30 s\nmore" },
+            ],
+            "error": "service tcp:2222: no answer", "log": "", "cleanup_done": true, "pid": 1,
+        }))
+        .unwrap();
+        let n = Notice::Verification {
+            job: "nightly".into(),
+            verification: Box::new(v),
+        };
+        let en = render(&n, "web1", Language::En);
+        assert!(
+            en.subject
+                .contains("verification 12 of job nightly: failed verification on web1"),
+            "{en:?}"
+        );
+        assert!(en.text.contains("Failed step: service tcp:2222"), "{en:?}");
+        assert!(en.text.contains("Steps:\n"), "{en:?}");
+        assert!(
+            en.text.contains("no answer in 30 s") && !en.text.contains("more"),
+            "{en:?}"
+        );
+        assert!(en.html.contains("h1:vm/&lt;web&gt;"), "{en:?}");
+        let fr = render(&n, "web1", Language::Fr);
+        assert!(
+            fr.text.contains("Étape en échec: service tcp:2222"),
+            "{fr:?}"
+        );
+        assert_eq!(webhook_body(&n, "web1")["event"], "verification.failed");
+        assert_eq!(n.trigger(), Some(Trigger::VerificationFailure));
     }
 
     #[test]

@@ -92,20 +92,27 @@ fn runtime_of(name: Option<&str>) -> Result<Runtime, OperationError> {
 }
 
 /// What a session's mount needs: the repository's path and password.
-struct MountSource {
-    path: std::path::PathBuf,
+pub(crate) struct MountSource {
+    pub(crate) path: std::path::PathBuf,
     password: zeroize::Zeroizing<Vec<u8>>,
 }
 
 impl MountSource {
     fn of(site: &Site, name: &str) -> Result<Self, OperationError> {
-        let config = site.repos.known_config(name)?;
-        let password = site.repos.password(name)?;
+        Self::of_repos(&site.repos, name)
+    }
+
+    pub(crate) fn of_repos(
+        repos: &crate::repos::Repositories,
+        name: &str,
+    ) -> Result<Self, OperationError> {
+        let config = repos.known_config(name)?;
+        let password = repos.password(name)?;
         let path = std::fs::canonicalize(&config.path).unwrap_or_else(|_| config.path.clone());
         Ok(Self { path, password })
     }
 
-    fn spawn(&self, m: &mounting::SessionMount<'_>) -> Result<u32, String> {
+    pub(crate) fn spawn(&self, m: &mounting::SessionMount<'_>) -> Result<u32, String> {
         let exe = std::env::current_exe().map_err(|e| format!("finding the repo binary: {e}"))?;
         let args = mounting::session_mount_args(&self.path, m);
         mounting::spawn(&exe, &args, Some(&self.password), m.mountpoint)

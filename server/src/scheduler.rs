@@ -176,6 +176,7 @@ mod tests {
             enabled: true,
             origin: Origin::Api,
             last_slot: last.map(utc),
+            action: crate::state::ScheduleAction::Run,
         };
         let s = schedule_of_row(&r).unwrap();
         (r, s)

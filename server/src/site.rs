@@ -12,7 +12,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::config::{RepositoryConfig, ServeConfig};
+use crate::config::{RepositoryConfig, ScheduleConfig, ServeConfig};
 use crate::job::JobDefinition;
 use crate::repos::{self, Repositories};
 use crate::schedule::SpecError;
@@ -108,23 +108,7 @@ impl Site {
         }
         let mut ids = Vec::new();
         for s in &self.config.schedules {
-            let sched = scheduler::schedule_of(
-                &s.when,
-                s.timezone.as_deref(),
-                s.jitter.as_deref(),
-                s.missed.as_deref(),
-            )?;
-            let row = ScheduleRow {
-                id: ScheduleId(0),
-                job: s.job.clone(),
-                when: s.when.clone(),
-                timezone: s.timezone.clone(),
-                jitter_secs: sched.jitter.as_secs(),
-                missed: sched.missed.to_string(),
-                enabled: true,
-                origin: Origin::Config,
-                last_slot: None,
-            };
+            let row = schedule_row_of(s, Origin::Config, None)?;
             ids.push(self.state.add_schedule(&row)?);
         }
         let names: Vec<String> = self.config.jobs.iter().map(|j| j.name.clone()).collect();
@@ -201,28 +185,11 @@ impl Site {
 
     // --- schedules --------------------------------------------------------------------
 
-    /// Adds a schedule of job `job` (validated; the job must exist).
-    pub fn add_schedule(
-        &self,
-        job: &str,
-        when: &str,
-        timezone: Option<&str>,
-        jitter: Option<&str>,
-        missed: Option<&str>,
-    ) -> Result<ScheduleRow> {
-        self.job(job)?;
-        let sched = scheduler::schedule_of(when, timezone, jitter, missed)?;
-        let mut row = ScheduleRow {
-            id: ScheduleId(0),
-            job: job.to_owned(),
-            when: when.to_owned(),
-            timezone: timezone.map(str::to_owned),
-            jitter_secs: sched.jitter.as_secs(),
-            missed: sched.missed.to_string(),
-            enabled: true,
-            origin: Origin::Api,
-            last_slot: Some(Utc::now()),
-        };
+    /// Adds a schedule of job `s.job` made through the CLI or the API (validated; the
+    /// job must exist). Its first slot is the next one from now.
+    pub fn add_schedule(&self, s: &ScheduleConfig) -> Result<ScheduleRow> {
+        self.job(&s.job)?;
+        let mut row = schedule_row_of(s, Origin::Api, Some(Utc::now()))?;
         row.id = self.state.add_schedule(&row)?;
         Ok(row)
     }
@@ -281,4 +248,30 @@ impl Site {
         }
         Ok(out)
     }
+}
+
+/// The row a schedule is stored as (validated), not yet numbered.
+fn schedule_row_of(
+    s: &ScheduleConfig,
+    origin: Origin,
+    last_slot: Option<DateTime<Utc>>,
+) -> Result<ScheduleRow> {
+    let sched = scheduler::schedule_of(
+        &s.when,
+        s.timezone.as_deref(),
+        s.jitter.as_deref(),
+        s.missed.as_deref(),
+    )?;
+    Ok(ScheduleRow {
+        id: ScheduleId(0),
+        job: s.job.clone(),
+        when: s.when.clone(),
+        timezone: s.timezone.clone(),
+        jitter_secs: sched.jitter.as_secs(),
+        missed: sched.missed.to_string(),
+        enabled: true,
+        origin,
+        last_slot,
+        action: s.action,
+    })
 }

@@ -51,6 +51,36 @@ impl std::fmt::Display for ScheduleId {
 }
 
 /// Where a job or schedule was defined: the configuration file's are read-only.
+/// What a schedule does at its slots: run its job (a backup, then retention and
+/// checks), or verify the newest snapshot of each of the job's sources (`repo verify`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleAction {
+    #[default]
+    Run,
+    Verify,
+}
+
+impl ScheduleAction {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Run => "run",
+            Self::Verify => "verify",
+        }
+    }
+
+    /// `run` or `verify`.
+    #[must_use]
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "run" => Some(Self::Run),
+            "verify" => Some(Self::Verify),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Origin {
@@ -242,6 +272,9 @@ pub struct ScheduleRow {
     pub origin: Origin,
     /// The last slot handled (run, or recorded as missed).
     pub last_slot: Option<DateTime<Utc>>,
+    /// A run of the job (the default), or a verification of its newest snapshots.
+    #[serde(default)]
+    pub action: ScheduleAction,
 }
 
 /// A run that should have happened and did not.
@@ -353,7 +386,8 @@ CREATE TABLE IF NOT EXISTS schedules (
     missed TEXT NOT NULL DEFAULT 'run-once',
     enabled INTEGER NOT NULL DEFAULT 1,
     origin TEXT NOT NULL,
-    last_slot INTEGER
+    last_slot INTEGER,
+    action TEXT NOT NULL DEFAULT 'run'
 );
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -456,6 +490,18 @@ fn user_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UserRow> {
     })
 }
 
+/// Brings a state database made by an older `repo` up to this one's tables: columns
+/// added since are added with their defaults.
+fn migrate(c: &Connection) -> rusqlite::Result<()> {
+    let has_action = c
+        .prepare("SELECT 1 FROM pragma_table_info('schedules') WHERE name = 'action'")?
+        .exists([])?;
+    if !has_action {
+        c.execute_batch("ALTER TABLE schedules ADD COLUMN action TEXT NOT NULL DEFAULT 'run'")?;
+    }
+    Ok(())
+}
+
 impl State {
     /// Opens (creating) `serve.sqlite` in `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
@@ -474,6 +520,7 @@ impl State {
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        migrate(&conn).map_err(err)?;
         Ok(Self {
             conn: Mutex::new(conn),
             path,
@@ -586,8 +633,9 @@ impl State {
                 let existing: Option<i64> = c
                     .query_row(
                         "SELECT id FROM schedules WHERE origin = 'config' AND job = ?1 AND spec = ?2
-                         AND IFNULL(timezone, '') = IFNULL(?3, '') AND jitter_secs = ?4 AND missed = ?5",
-                        params![s.job, s.when, s.timezone, s.jitter_secs, s.missed],
+                         AND IFNULL(timezone, '') = IFNULL(?3, '') AND jitter_secs = ?4 AND missed = ?5
+                         AND action = ?6",
+                        params![s.job, s.when, s.timezone, s.jitter_secs, s.missed, s.action.as_str()],
                         |r| r.get(0),
                     )
                     .optional()?;
@@ -596,8 +644,8 @@ impl State {
                 }
             }
             c.execute(
-                "INSERT INTO schedules (job, spec, timezone, jitter_secs, missed, enabled, origin, last_slot)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO schedules (job, spec, timezone, jitter_secs, missed, enabled, origin, last_slot, action)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     s.job,
                     s.when,
@@ -606,7 +654,8 @@ impl State {
                     s.missed,
                     s.enabled,
                     s.origin.as_str(),
-                    s.last_slot.map(ms)
+                    s.last_slot.map(ms),
+                    s.action.as_str()
                 ],
             )?;
             Ok(ScheduleId(c.last_insert_rowid()))
@@ -616,7 +665,7 @@ impl State {
     pub fn schedules(&self) -> Result<Vec<ScheduleRow>> {
         self.with(|c| {
             let mut st = c.prepare(
-                "SELECT id, job, spec, timezone, jitter_secs, missed, enabled, origin, last_slot
+                "SELECT id, job, spec, timezone, jitter_secs, missed, enabled, origin, last_slot, action
                  FROM schedules ORDER BY id",
             )?;
             let rows = st.query_map([], |r| {
@@ -630,6 +679,7 @@ impl State {
                     enabled: r.get(6)?,
                     origin: Origin::parse(&r.get::<_, String>(7)?),
                     last_slot: opt_ms(r.get(8)?),
+                    action: ScheduleAction::parse(&r.get::<_, String>(9)?).unwrap_or_default(),
                 })
             })?;
             rows.collect()
@@ -1386,12 +1436,50 @@ mod tests {
             enabled: true,
             origin: Origin::Config,
             last_slot: None,
+            action: ScheduleAction::Run,
         };
         let first = s.add_schedule(&row).unwrap();
         s.set_last_slot(first, now()).unwrap();
         assert_eq!(s.add_schedule(&row).unwrap(), first);
         assert_eq!(s.schedules().unwrap()[0].last_slot, Some(now()));
+        // The same slots verifying is another schedule.
+        let verify = ScheduleRow {
+            action: ScheduleAction::Verify,
+            ..row.clone()
+        };
+        let second = s.add_schedule(&verify).unwrap();
+        assert_ne!(second, first);
+        assert_eq!(
+            s.schedule(second).unwrap().unwrap().action,
+            ScheduleAction::Verify
+        );
         s.forget_config_items(&[], &[]).unwrap();
         assert!(s.schedules().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_state_database_without_schedule_actions_gains_them_as_runs() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let c = Connection::open(d.path().join("serve.sqlite")).unwrap();
+            c.execute_batch(
+                "CREATE TABLE schedules (id INTEGER PRIMARY KEY AUTOINCREMENT, job TEXT NOT NULL,
+                 spec TEXT NOT NULL, timezone TEXT, jitter_secs INTEGER NOT NULL DEFAULT 0,
+                 missed TEXT NOT NULL DEFAULT 'run-once', enabled INTEGER NOT NULL DEFAULT 1,
+                 origin TEXT NOT NULL, last_slot INTEGER);
+                 INSERT INTO schedules (job, spec, origin) VALUES ('old', 'daily 02:00', 'api');",
+            )
+            .unwrap();
+        }
+        let s = State::open(d.path()).unwrap();
+        let rows = s.schedules().unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].job.as_str(), rows[0].action),
+            ("old", ScheduleAction::Run)
+        );
+        drop(s);
+        // Opening it again changes nothing.
+        assert_eq!(State::open(d.path()).unwrap().schedules().unwrap().len(), 1);
     }
 }

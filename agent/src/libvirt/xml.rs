@@ -467,7 +467,7 @@ mod tests {
             XML,
             &Copy {
                 network: Network::Named("lab".into()),
-                ..copy
+                ..copy.clone()
             },
         )
         .unwrap();

@@ -6,13 +6,17 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use cairn_engine::progress::Level;
-use cairn_server::config::{RepositoryConfig, ServeConfig};
+use cairn_recover::verify::Status;
+use cairn_server::config::{RepositoryConfig, ScheduleConfig, ServeConfig};
 use cairn_server::execute;
 use cairn_server::job::JobDefinition;
 use cairn_server::runner::{Observer, RunEvent, RunEventKind, Runner, RunnerOptions};
 use cairn_server::schedule::SystemClock;
 use cairn_server::site::Site;
-use cairn_server::state::{Run, RunId, RunQuery, RunStatus, RunTrigger, ScheduleId};
+use cairn_server::state::{
+    Run, RunId, RunQuery, RunStatus, RunTrigger, ScheduleAction, ScheduleId,
+};
+use cairn_server::verification::{Background, Outcome, Verifier};
 use chrono::Utc;
 use serde_json::json;
 
@@ -218,6 +222,14 @@ impl Observer for Printer {
 }
 
 fn run_job(site: &Site, g: &Global, job: &JobDefinition) -> Result<u8> {
+    let verifier = Verifier {
+        repos: site.repos.clone(),
+        state_dir: site.state_dir.clone(),
+        libvirt_uri: site.config.libvirt_uri.clone(),
+        metrics: None,
+        notifier: None,
+    };
+    let after_backup = Background::new(verifier, site.state.clone());
     let runner = Runner::start(
         site.state.clone(),
         site.repos.clone(),
@@ -226,16 +238,32 @@ fn run_job(site: &Site, g: &Global, job: &JobDefinition) -> Result<u8> {
             concurrent_runs: 1,
             ..RunnerOptions::default()
         },
-        vec![Arc::new(Printer {
-            quiet: g.quiet || g.json,
-        })],
+        vec![
+            Arc::new(Printer {
+                quiet: g.quiet || g.json,
+            }),
+            after_backup.clone(),
+        ],
     );
     let id = runner.submit(job, RunTrigger::Cli)?;
     runner.wait_idle();
     runner.shutdown();
+    let verified = after_backup.wait();
     let run = site.state.run(id)?.context("the run's record vanished")?;
+    let verified_ok = verified
+        .iter()
+        .all(|o| o.result.as_ref().is_ok_and(|v| v.status != Status::Failed));
     if g.json {
-        format::print_json(&json!(run));
+        let verifications: Vec<_> = verified
+            .iter()
+            .map(|o| match &o.result {
+                Ok(v) => json!(v),
+                Err(e) => json!({ "snapshot": o.snapshot, "error": e }),
+            })
+            .collect();
+        let mut out = json!(run);
+        out["verifications"] = json!(verifications);
+        format::print_json(&out);
     } else if !g.quiet || run.status != RunStatus::Succeeded {
         let s = &run.stats;
         println!(
@@ -255,11 +283,32 @@ fn run_job(site: &Site, g: &Global, job: &JobDefinition) -> Result<u8> {
             s.forgotten
         );
     }
-    Ok(if run.status == RunStatus::Succeeded {
-        exit::OK
-    } else {
+    if !g.json {
+        print_verified(&verified);
+    }
+    Ok(if run.status != RunStatus::Succeeded {
         exit::ERROR
+    } else if !verified_ok {
+        exit::VERIFICATION_FAILED
+    } else {
+        exit::OK
     })
+}
+
+/// One line per verification made after the run's backups.
+fn print_verified(verified: &[Outcome]) {
+    for o in verified {
+        match &o.result {
+            Ok(v) => println!(
+                "verification {} of snapshot {}: {} ({:.1} s)",
+                v.id,
+                o.snapshot,
+                v.status.as_str(),
+                v.seconds.unwrap_or_default()
+            ),
+            Err(e) => println!("verification of snapshot {}: not done: {e}", o.snapshot),
+        }
+    }
 }
 
 fn dry_run_job(site: &Site, g: &Global, job: &JobDefinition) -> Result<u8> {
@@ -306,14 +355,20 @@ pub fn schedule(s: &Settings, g: &Global, site: &SiteArgs, c: &ScheduleCommand) 
             timezone,
             jitter,
             missed,
+            verify,
         } => {
-            let row = site.add_schedule(
-                job,
-                when,
-                timezone.as_deref(),
-                jitter.as_deref(),
-                missed.as_deref(),
-            )?;
+            let row = site.add_schedule(&ScheduleConfig {
+                job: job.clone(),
+                when: when.clone(),
+                timezone: timezone.clone(),
+                jitter: jitter.clone(),
+                missed: missed.clone(),
+                action: if *verify {
+                    ScheduleAction::Verify
+                } else {
+                    ScheduleAction::Run
+                },
+            })?;
             let next = site
                 .schedules(now, 3)?
                 .into_iter()
@@ -323,7 +378,11 @@ pub fn schedule(s: &Settings, g: &Global, site: &SiteArgs, c: &ScheduleCommand) 
             if g.json {
                 format::print_json(&json!({ "schedule": row, "next": next }));
             } else if !g.quiet {
-                println!("schedule {} added: job {job}, {when}", row.id);
+                let what = match row.action {
+                    ScheduleAction::Run => "job",
+                    ScheduleAction::Verify => "verify the newest snapshots of job",
+                };
+                println!("schedule {} added: {what} {job}, {when}", row.id);
                 for t in next {
                     println!("  next: {}", t.format("%Y-%m-%d %H:%M:%S UTC"));
                 }
@@ -342,9 +401,10 @@ pub fn schedule(s: &Settings, g: &Global, site: &SiteArgs, c: &ScheduleCommand) 
             for v in all {
                 let r = &v.row;
                 println!(
-                    "{:>4} {:<16} {:<22} {:<14} {:<8} {:<6} next {}",
+                    "{:>4} {:<16} {:<6} {:<22} {:<14} {:<8} {:<6} next {}",
                     r.id,
                     r.job,
+                    r.action.as_str(),
                     r.when,
                     r.timezone.as_deref().unwrap_or("UTC"),
                     if r.enabled { "enabled" } else { "disabled" },

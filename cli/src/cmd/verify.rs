@@ -2,12 +2,11 @@
 //! verifications themselves are library calls; this module picks the snapshot, turns
 //! the arguments into a request and prints the record.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use cairn_recover::mounting::SessionMount;
-use cairn_recover::verify::results::Filter as ResultsFilter;
+use cairn_recover::verify::results::{Coverage, Filter as ResultsFilter};
 use cairn_recover::verify::{self, Kind, Results, Status, StepResult, Verification};
 use cairn_recover::{self as recover, Runtime};
 use serde_json::json;
@@ -276,32 +275,26 @@ fn print_verification(v: &Verification) {
     }
 }
 
-/// A repository snapshot that has no recent verification.
-#[derive(serde::Serialize)]
-struct Unverified {
-    snapshot: String,
-    source: String,
-    time: String,
-    /// The last verification's end, when there was one.
-    last_verified: Option<String>,
-}
-
 /// `repo verify stats`.
 fn stats(s: &Settings, g: &Global, stale_days: u64) -> Result<u8> {
     let results = results()?;
     let st = results.stats()?;
     let last = results.last_by_snapshot()?;
-    let (never, stale, failing) = unverified(s, &last, stale_days)?;
+    let cov = Coverage::of(
+        &s.open()?.snapshots()?,
+        &last,
+        stale_days,
+        chrono::Utc::now(),
+    );
     if g.json {
-        format::print_json(&json!({
-            "stats": st,
-            "never_verified": never,
-            "stale": stale,
-            "stale_days": stale_days,
-            "last_failed": failing,
-        }));
+        let mut out = json!({ "stats": st });
+        out.as_object_mut()
+            .expect("an object")
+            .extend(json!(cov).as_object().expect("an object").clone());
+        format::print_json(&out);
         return Ok(exit::OK);
     }
+    let (never, stale, failing) = (&cov.never_verified, &cov.stale, &cov.last_failed);
     println!(
         "{} verifications: {} passed, {} failed, {} warning, {} running, {} pending; success rate {}; average {}",
         st.total,
@@ -334,7 +327,7 @@ fn stats(s: &Settings, g: &Global, stale_days: u64) -> Result<u8> {
         );
     }
     println!("{} snapshots never verified", never.len());
-    for u in &never {
+    for u in never {
         println!(
             "  {} {} {}",
             &u.snapshot[..8.min(u.snapshot.len())],
@@ -346,7 +339,7 @@ fn stats(s: &Settings, g: &Global, stale_days: u64) -> Result<u8> {
         "{} snapshots not verified for {stale_days} days",
         stale.len()
     );
-    for u in &stale {
+    for u in stale {
         println!(
             "  {} {} last verified {}",
             &u.snapshot[..8.min(u.snapshot.len())],
@@ -355,7 +348,7 @@ fn stats(s: &Settings, g: &Global, stale_days: u64) -> Result<u8> {
         );
     }
     println!("{} snapshots whose last verification failed", failing.len());
-    for u in &failing {
+    for u in failing {
         println!(
             "  {} {} failed {}",
             &u.snapshot[..8.min(u.snapshot.len())],
@@ -364,43 +357,4 @@ fn stats(s: &Settings, g: &Global, stale_days: u64) -> Result<u8> {
         );
     }
     Ok(exit::OK)
-}
-
-/// The repository's snapshots never verified, those whose last verification ended more
-/// than `stale_days` ago, and those whose last verification failed.
-type Unverifieds = (Vec<Unverified>, Vec<Unverified>, Vec<Unverified>);
-
-fn unverified(
-    s: &Settings,
-    last: &BTreeMap<String, Verification>,
-    stale_days: u64,
-) -> Result<Unverifieds> {
-    let repo = s.open()?;
-    let cutoff = chrono::Utc::now()
-        - chrono::Duration::days(i64::try_from(stale_days).unwrap_or(i64::MAX / 86_400_000));
-    let (mut never, mut stale, mut failing) = (Vec::new(), Vec::new(), Vec::new());
-    for snap in repo.snapshots()? {
-        let r = verify::SnapshotRef::of(&snap, "");
-        let u = |last_verified| Unverified {
-            snapshot: r.id.clone(),
-            source: r.source.clone(),
-            time: snap.manifest.time.to_rfc3339(),
-            last_verified,
-        };
-        match last.get(&r.id) {
-            None => never.push(u(None)),
-            Some(v) => {
-                let ended = v
-                    .finished
-                    .as_deref()
-                    .and_then(|f| chrono::DateTime::parse_from_rfc3339(f).ok());
-                if v.status == Status::Failed {
-                    failing.push(u(v.finished.clone()));
-                } else if ended.is_some_and(|e| e < cutoff) {
-                    stale.push(u(v.finished.clone()));
-                }
-            }
-        }
-    }
-    Ok((never, stale, failing))
 }

@@ -350,3 +350,69 @@ mod tests {
         assert!(got.error.unwrap().contains("died before its first step"));
     }
 }
+
+/// A repository's snapshot that has no recent passing verification.
+#[derive(Debug, Clone, Serialize)]
+pub struct Unverified {
+    pub snapshot: String,
+    /// `host:source`.
+    pub source: String,
+    /// When the snapshot was taken (RFC 3339).
+    pub time: String,
+    /// The last verification's end, when there was one.
+    pub last_verified: Option<String>,
+}
+
+/// Which of a repository's snapshots verification has not covered.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Coverage {
+    /// Never verified.
+    pub never_verified: Vec<Unverified>,
+    /// Last verified (and not failed) longer than `stale_days` ago.
+    pub stale: Vec<Unverified>,
+    pub stale_days: u64,
+    /// Their last verification failed.
+    pub last_failed: Vec<Unverified>,
+}
+
+impl Coverage {
+    /// Sorts `snapshots` by their last verification in `last` (by snapshot id, as
+    /// [`Results::last_by_snapshot`] gives it), as of `now`.
+    #[must_use]
+    pub fn of(
+        snapshots: &[cairn_engine::snapshot::Snapshot],
+        last: &BTreeMap<String, Verification>,
+        stale_days: u64,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Self {
+        let cutoff =
+            now - chrono::Duration::days(i64::try_from(stale_days.min(1 << 40)).unwrap_or(0));
+        let mut c = Self {
+            stale_days,
+            ..Self::default()
+        };
+        for snap in snapshots {
+            let r = super::SnapshotRef::of(snap, "");
+            let entry = |last_verified| Unverified {
+                snapshot: r.id.clone(),
+                source: r.source.clone(),
+                time: snap.manifest.time.to_rfc3339(),
+                last_verified,
+            };
+            let Some(v) = last.get(&r.id) else {
+                c.never_verified.push(entry(None));
+                continue;
+            };
+            let ended = v
+                .finished
+                .as_deref()
+                .and_then(|f| chrono::DateTime::parse_from_rfc3339(f).ok());
+            if v.status == Status::Failed {
+                c.last_failed.push(entry(v.finished.clone()));
+            } else if ended.is_some_and(|e| e < cutoff) {
+                c.stale.push(entry(v.finished.clone()));
+            }
+        }
+        c
+    }
+}

@@ -72,6 +72,7 @@ struct Ctx {
     runner: Runner,
     metrics: Arc<Metrics>,
     hub: Arc<Hub>,
+    verifier: crate::verification::Verifier,
 }
 
 /// An API error: a status, a stable code and a message for people.
@@ -208,6 +209,7 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         runner: d.runner.clone(),
         metrics: d.metrics.clone(),
         hub: d.hub.clone(),
+        verifier: d.verifier.clone(),
     };
     let timeout = limits.request_timeout;
     let max_body = limits.max_body_bytes;
@@ -245,6 +247,9 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         .route("/notifications/{name}/test", post(test_notification))
         .route("/tokens", get(list_tokens).post(create_token))
         .route("/tokens/{name}", axum::routing::delete(revoke_token))
+        .route("/verifications", get(ops::list_verifications))
+        .route("/verifications/stats", get(ops::verification_stats))
+        .route("/verifications/{id}", get(ops::get_verification))
         .route("/vms", get(ops::list_vms))
         .route("/vms/{name}/snapshots", get(ops::vm_snapshots))
         .route(
@@ -269,6 +274,7 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         // Operations that answer when they are done.
         .route("/recovery/db", post(ops::recover_database))
         .route("/recovery/vm", post(ops::recover_vm))
+        .route("/verifications", post(ops::verify_snapshot))
         .route("/recovery/{id}/commit", post(ops::commit_recovery))
         .route("/vms/{name}/{action}", post(ops::vm_action))
         .route("/vms/clone", post(ops::clone_vm))
@@ -1049,6 +1055,11 @@ struct NewSchedule {
     timezone: Option<String>,
     jitter: Option<String>,
     missed: Option<String>,
+    /// `run` (the default) or `verify`: verify the newest snapshot of each of the
+    /// job's sources instead of running it.
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    action: crate::state::ScheduleAction,
 }
 
 #[utoipa::path(
@@ -1067,13 +1078,14 @@ async fn add_schedule(
 ) -> ApiResult<(StatusCode, Json<Value>)> {
     let Json(s) = body?;
     blocking(move || {
-        let row = ctx.site.add_schedule(
-            &s.job,
-            &s.when,
-            s.timezone.as_deref(),
-            s.jitter.as_deref(),
-            s.missed.as_deref(),
-        )?;
+        let row = ctx.site.add_schedule(&crate::config::ScheduleConfig {
+            job: s.job,
+            when: s.when,
+            timezone: s.timezone,
+            jitter: s.jitter,
+            missed: s.missed,
+            action: s.action,
+        })?;
         Ok((StatusCode::CREATED, Json(json!({ "schedule": row }))))
     })
     .await

@@ -88,6 +88,10 @@ pub struct ErrorDetail {
         super::session::whoami,
         super::session::logout,
         super::ops::recover_vm,
+        super::ops::verify_snapshot,
+        super::ops::list_verifications,
+        super::ops::get_verification,
+        super::ops::verification_stats,
         super::ops::list_vms,
         super::ops::vm_action,
         super::ops::vm_snapshots,
@@ -107,6 +111,8 @@ pub struct ErrorDetail {
         CommitRequest,
         super::session::LoginRequest,
         VmRecovery,
+        super::ops::VerifyRequest,
+        crate::job::VerifySpec,
         CheckRequest,
         PruneRequest,
         RepairRequest,
@@ -124,6 +130,7 @@ pub struct ErrorDetail {
         (name = "schedules", description = "When jobs run"),
         (name = "repositories", description = "Repositories, snapshots, maintenance"),
         (name = "recovery", description = "Instant recovery sessions"),
+        (name = "verification", description = "Backups proved by use: booted, started, restored"),
         (name = "vms", description = "The hypervisor's domains"),
         (name = "daemon", description = "Health, audit log, this document")
     )

@@ -4,8 +4,8 @@
 //! (a recovery when its database accepts connections or its VM is started), so they run
 //! without the request timeout.
 
-use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{Path, State};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
@@ -359,4 +359,142 @@ pub(super) async fn repair(
         ))
     })
     .await
+}
+
+/// A verification asked for through the API: which snapshot, and how (what is not
+/// given takes `repo verify`'s defaults).
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// A repository of the configuration; `default` when not given.
+    #[serde(default = "default_repository")]
+    pub repository: String,
+    /// A snapshot id (or its prefix), or `latest`.
+    pub snapshot: String,
+    #[serde(default)]
+    pub how: crate::job::VerifySpec,
+}
+
+fn default_repository() -> String {
+    "default".into()
+}
+
+/// Verify a snapshot now: a VM's boots in a lab, a database's starts and is checked, a
+/// file tree's sample is restored and compared.
+#[utoipa::path(
+    post,
+    path = "/verifications",
+    tag = "verification",
+    request_body = VerifyRequest,
+    responses(
+        (status = 201, description = "The verification, done: its status (a failure is a result), every step timed", body = Object),
+        (status = "default", body = super::openapi::ErrorBody),
+    ),
+)]
+pub(super) async fn verify_snapshot(
+    State(ctx): State<Ctx>,
+    body: Result<Json<VerifyRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Json(req) = body?;
+    blocking(move || {
+        let v = ctx
+            .verifier
+            .verify(&req.repository, &req.snapshot, &req.how, "api")?;
+        Ok((StatusCode::CREATED, Json(json!({ "verification": v }))))
+    })
+    .await
+}
+
+/// Which verifications a listing shows.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(super) struct VerificationQuery {
+    /// vm, db or files.
+    kind: Option<String>,
+    /// pending, running, passed, failed or warning.
+    status: Option<String>,
+    /// A snapshot id or its prefix.
+    snapshot: Option<String>,
+    /// At most this many, newest first (100 when not given).
+    limit: Option<usize>,
+}
+
+/// The host's verifications, newest first.
+#[utoipa::path(
+    get,
+    path = "/verifications",
+    tag = "verification",
+    params(VerificationQuery),
+    responses(
+        (status = 200, description = "The verifications, each with its steps", body = Object),
+        (status = "default", body = super::openapi::ErrorBody),
+    ),
+)]
+pub(super) async fn list_verifications(
+    State(ctx): State<Ctx>,
+    query: Result<Query<VerificationQuery>, QueryRejection>,
+) -> ApiResult<Json<Value>> {
+    use cairn_recover::verify::{results::Filter, Kind, Status};
+    let Query(q) = query?;
+    let kind = match q.kind.as_deref() {
+        None => None,
+        Some(k) => Some(
+            Kind::parse(k)
+                .ok_or_else(|| ApiError::bad_request(format!("kind {k:?}: vm, db or files")))?,
+        ),
+    };
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(Status::parse(s).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "status {s:?}: pending, running, passed, failed or warning"
+            ))
+        })?),
+    };
+    let filter = Filter {
+        kind,
+        status,
+        snapshot: q.snapshot,
+        limit: q.limit.unwrap_or(100),
+    };
+    blocking(move || {
+        Ok(Json(
+            json!({ "verifications": ctx.verifier.list(&filter)? }),
+        ))
+    })
+    .await
+}
+
+/// One verification with its steps and log.
+#[utoipa::path(
+    get,
+    path = "/verifications/{id}",
+    tag = "verification",
+    params(("id" = i64, Path, description = "The verification's id")),
+    responses(
+        (status = 200, description = "The verification", body = Object),
+        (status = "default", body = super::openapi::ErrorBody),
+    ),
+)]
+pub(super) async fn get_verification(
+    State(ctx): State<Ctx>,
+    path: Result<Path<i64>, PathRejection>,
+) -> ApiResult<Json<Value>> {
+    let Path(id) = path?;
+    blocking(move || Ok(Json(json!({ "verification": ctx.verifier.get(id)? })))).await
+}
+
+/// Totals, success rate, average duration by test, the last verification, and the
+/// backups never verified or not lately.
+#[utoipa::path(
+    get,
+    path = "/verifications/stats",
+    tag = "verification",
+    responses(
+        (status = 200, description = "The host's verification statistics", body = Object),
+        (status = "default", body = super::openapi::ErrorBody),
+    ),
+)]
+pub(super) async fn verification_stats(State(ctx): State<Ctx>) -> ApiResult<Json<Value>> {
+    blocking(move || Ok(Json(json!({ "stats": ctx.verifier.stats()? })))).await
 }

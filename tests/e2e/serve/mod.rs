@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use crate::support::*;
 
 mod operations;
+mod verification;
 
 fn write_job(env: &Env, name: &str, body: &str) -> String {
     let p = env.path(&format!("{name}.toml"));
@@ -978,42 +979,83 @@ impl Receiver {
     }
 }
 
-#[test]
-fn failures_and_successes_are_mailed_in_french_and_posted_signed_to_a_webhook() {
-    if !require(
-        Path::new("/usr/lib/python3/dist-packages/aiosmtpd").exists(),
-        "notifications by mail",
-        "python3-aiosmtpd",
-    ) {
-        return;
+/// A real SMTP server (aiosmtpd) on a free 127.0.0.1 port, delivering into a maildir.
+pub(crate) struct Smtp(#[allow(dead_code)] Reaped);
+
+impl Smtp {
+    /// Whether one can run here (a missing one fails loudly in CI).
+    pub(crate) fn available(what: &str) -> bool {
+        require(
+            Path::new("/usr/lib/python3/dist-packages/aiosmtpd").exists(),
+            what,
+            "python3-aiosmtpd",
+        )
     }
-    let env = Env::new();
-    let data = data_dir(&env);
-    let maildir = env.path("maildir");
-    let smtp_port = free_port();
-    let smtp = Reaped(
-        Command::new("/usr/bin/python3")
-            .args([
-                "-m",
-                "aiosmtpd",
-                "-n",
-                "-l",
-                &format!("127.0.0.1:{smtp_port}"),
-            ])
+
+    /// The server, its port and its maildir.
+    pub(crate) fn start(env: &Env) -> (Self, u16, std::path::PathBuf) {
+        let maildir = env.path("maildir");
+        let port = free_port();
+        let child = Command::new("/usr/bin/python3")
+            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
             .args(["-c", "aiosmtpd.handlers.Mailbox", maildir.to_str().unwrap()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap(),
-    );
-    let start = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", smtp_port)).is_err() {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the SMTP server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
+            .unwrap();
+        let server = Self(Reaped(child));
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "the SMTP server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (server, port, maildir)
     }
+}
+
+/// The mails delivered into `maildir` once there are at least `n` (a minute at most).
+pub(crate) fn mails(maildir: &Path, n: usize, d: &Daemon) -> Vec<std::path::PathBuf> {
+    let start = Instant::now();
+    loop {
+        let files: Vec<_> = std::fs::read_dir(maildir.join("new"))
+            .map(|r| r.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default();
+        if files.len() >= n {
+            return files;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "mails: {files:?}; {}",
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A mail's subject, its plain text and its HTML.
+pub(crate) fn read_mail(p: &Path) -> String {
+    let out = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import email,sys\nfrom email import policy\nm=email.message_from_file(open(sys.argv[1]),policy=policy.default)\nprint(m['subject'])\nprint(m.get_body(('plain',)).get_content())\nprint(m.get_body(('html',)).get_content())",
+        ])
+        .arg(p)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[test]
+fn failures_and_successes_are_mailed_in_french_and_posted_signed_to_a_webhook() {
+    if !Smtp::available("notifications by mail") {
+        return;
+    }
+    let env = Env::new();
+    let data = data_dir(&env);
+    let (smtp, smtp_port, maildir) = Smtp::start(&env);
     let hook = Receiver::start();
     let secret = env.path("hook.secret");
     std::fs::write(&secret, "s3cret\n").unwrap();
@@ -1061,33 +1103,10 @@ on = ["failure"]
     wait_run(&admin, &b["run"], &["failed"]);
 
     // Two mails (a success and a failure), in French.
-    let start = Instant::now();
-    let mails = loop {
-        let files: Vec<_> = std::fs::read_dir(maildir.join("new"))
-            .map(|r| r.map(|e| e.unwrap().path()).collect())
-            .unwrap_or_default();
-        if files.len() >= 2 {
-            break files;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "mails: {files:?}; {}",
-            d.log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let read = |p: &Path| {
-        let out = Command::new("/usr/bin/python3")
-            .args([
-                "-c",
-                "import email,sys\nfrom email import policy\nm=email.message_from_file(open(sys.argv[1]),policy=policy.default)\nprint(m['subject'])\nprint(m.get_body(('plain',)).get_content())\nprint(m.get_body(('html',)).get_content())",
-            ])
-            .arg(p)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
-    let texts: Vec<String> = mails.iter().map(|p| read(p)).collect();
+    let texts: Vec<String> = mails(&maildir, 2, &d)
+        .iter()
+        .map(|p| read_mail(p))
+        .collect();
     let failed = texts
         .iter()
         .find(|t| t.contains("tâche bad a échoué"))
