@@ -1,4 +1,5 @@
 // Repository health: each repository's figures, its last checks (kept by the daemon),
+// the host's verifications of snapshots (verifications.js),
 // its locks (stale ones marked, with a
 // button that removes them), a check and a prune whose dry run shows what it would free
 // before anything is deleted.
@@ -6,13 +7,14 @@
 import * as api from "./api.js";
 import { h, table, badge, replace, errorBox } from "./dom.js";
 import { t, date, relative, bytes, number } from "./i18n.js";
+import { verificationsSection } from "./verifications.js";
 
 const enc = encodeURIComponent;
 
 export async function health(main, ctx) {
   const repos = (await api.get("/repositories")).repositories;
-  const sections = await Promise.all(repos.map((r) => repository(r, ctx)));
-  replace(main, h("h1", {}, t("health.title")), sections);
+  const [verified, ...sections] = await Promise.all([verificationsSection(), ...repos.map((r) => repository(r, ctx))]);
+  replace(main, h("h1", {}, t("health.title")), sections, verified);
 }
 
 async function repository(r, ctx) {

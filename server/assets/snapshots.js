@@ -1,11 +1,12 @@
 // Snapshots: the list with filters (host, source, tag, time, free text), forget with a
-// dry-run preview, the comparison of two; a browser into one snapshot (folders, sizes,
+// dry-run preview, the comparison of two, "verify now" on a row (verifications.js); a browser into one snapshot (folders, sizes,
 // modes, times), downloads, and a restore of a selection to a path on the host after a
 // preview that names any conflict.
 
 import * as api from "./api.js";
 import { h, table, replace, errorBox } from "./dom.js";
 import { t, date, bytes, number } from "./i18n.js";
+import { verifyButton } from "./verifications.js";
 
 const enc = encodeURIComponent;
 
@@ -55,6 +56,7 @@ export async function list(main, ctx, wanted) {
   const listEl = h("div");
   const actions = h("div", { class: "actions" });
   const preview = h("div", { id: "forget-preview", "aria-live": "polite" });
+  const verified = h("div", { id: "verify-result", "aria-live": "polite" });
   // After a forget: the list again, with what was done in its preview box.
   const redraw = async (message) => {
     await list(main, ctx, name);
@@ -84,8 +86,12 @@ export async function list(main, ctx, wanted) {
           h("input", { type: "checkbox", class: "pick", value: s.id, "aria-label": t("snapshots.pick", { id: s.id.slice(0, 8) }), onchange: drawActions }),
           h("a", { href: browseHref(name, s.id), class: "snap" }, h("code", {}, s.id.slice(0, 8))),
           date(s.time), s.host, s.source, (s.tags || []).join(", "), bytes((s.summary || {}).total_bytes || 0),
-          ctx.canChange && ((s.database && s.database.method === "physical") || s.vm)
-            ? h("a", { href: `#/recover/${enc(name)}/${enc(s.id)}`, class: "recover", "data-snapshot": s.id }, t("recover.action"))
+          ctx.canChange
+            ? h("span", { class: "row-actions" },
+                (s.database && s.database.method === "physical") || s.vm
+                  ? [h("a", { href: `#/recover/${enc(name)}/${enc(s.id)}`, class: "recover", "data-snapshot": s.id }, t("recover.action")), " "]
+                  : "",
+                verifyButton(name, s.id, verified))
             : "",
         ]),
         t("snapshots.none"),
@@ -95,7 +101,7 @@ export async function list(main, ctx, wanted) {
   };
   fields.addEventListener("input", draw);
   fields.addEventListener("change", draw);
-  replace(main, h("h1", {}, t("snapshots.title", { name })), repoPick, h("p", {}, t("snapshots.count", { n: number(all.length) })), fields, actions, preview, listEl);
+  replace(main, h("h1", {}, t("snapshots.title", { name })), repoPick, h("p", {}, t("snapshots.count", { n: number(all.length) })), fields, actions, preview, verified, listEl);
   draw();
 }
 

@@ -42,6 +42,7 @@ const ASSETS: &[Asset] = &[
     asset!("jobform.js", "text/javascript; charset=utf-8"),
     asset!("recovery.js", "text/javascript; charset=utf-8"),
     asset!("chart.js", "text/javascript; charset=utf-8"),
+    asset!("verifications.js", "text/javascript; charset=utf-8"),
     asset!("i18n/en.json", "application/json"),
     asset!("i18n/fr.json", "application/json"),
 ];
@@ -155,7 +156,7 @@ mod tests {
         // Keys the code builds: `status.<run status>`, `lang.<language>`, `log.<level>`,
         // `nav.<page>`, `kind.<entry type>`, `change.<diff change>`, `day.<weekday>`,
         // `keep.<rule>`, `sched.<kind>`, `form.db_<engine>`, `recover.runtime_<runtime>`,
-        // `snapkind.<snapshot kind>`.
+        // `snapkind.<snapshot kind>`, `verify.status.<verification status>`.
         let built = [
             "status.",
             "lang.",
@@ -169,6 +170,7 @@ mod tests {
             "form.db_",
             "recover.runtime_",
             "snapkind.",
+            "verify.status.",
         ];
         let unused: Vec<_> = en
             .difference(&used)

@@ -537,7 +537,7 @@ impl Metrics {
         reg!(
             r,
             "cairn_restore_tests",
-            "Restore tests, by result (placeholder: the verification issue fills it)",
+            "Restore tests by this daemon (file verifications: a sample restored and compared), by result",
             m.restore_tests
         );
         reg!(
@@ -827,6 +827,13 @@ impl Metrics {
 impl Metrics {
     /// A verification ended (by `job`, or through the API when empty).
     pub fn verified(&self, job: &str, v: &cairn_recover::verify::Verification) {
+        if v.kind == cairn_recover::verify::Kind::Files {
+            self.restore_tests
+                .get_or_create(&ResultLabel {
+                    result: v.status.as_str().to_owned(),
+                })
+                .inc();
+        }
         self.verifications
             .get_or_create(&JobResultLabel {
                 job_name: job.to_owned(),

@@ -1419,3 +1419,72 @@ fn newest_id(env: &Env) -> String {
         .unwrap();
     newest["id"].as_str().unwrap().to_owned()
 }
+
+#[test]
+fn in_the_browser_a_snapshot_is_verified_from_its_row_and_the_health_page_shows_the_results() {
+    if !browser_ready("verifications in the dashboard") {
+        return;
+    }
+    let env = Env::new();
+    let Site { rw, ro, d, .. } = site(&env);
+    let admin = d.api(&rw);
+    run_files(&admin);
+    let snap = newest_id(&env);
+    let shots = screenshots();
+    let b = Browser::start(1280, 900);
+    b.go(&format!("{}/", d.url));
+    b.type_into("#token", &rw);
+    b.click("#login-submit");
+    b.find("#who-name");
+
+    // "Verify" on the snapshot's row: a sample restored and compared, every step shown.
+    b.go(&format!("{}/#/snapshots", d.url));
+    b.wait_text("main", "Snapshots: 1");
+    let button = format!("button.verify[data-snapshot='{snap}']");
+    b.click(&button);
+    b.wait_text("#verify-result .verify-status", "passed");
+    let steps = b.text("#verify-result table");
+    assert!(
+        steps.contains("restore") && steps.contains("compare") && steps.contains("cleanup"),
+        "{steps}"
+    );
+    b.screenshot(&shots.join("en-verify-now.png"));
+
+    // The packs gone: the same snapshot's verification fails, the step named.
+    for pack in env.packs() {
+        std::fs::remove_file(pack).unwrap();
+    }
+    b.go(&format!("{}/#/snapshots", d.url));
+    b.wait_text("main", "Snapshots: 1");
+    b.click(&button);
+    b.wait_text("#verify-result .verify-status", "failed");
+    assert_eq!(
+        b.count("#verify-result .verification[data-status='failed']"),
+        1
+    );
+
+    // The health page: both, the totals and the failed step.
+    b.go(&format!("{}/#/health", d.url));
+    b.wait_text(
+        "section.verifications .verify-totals",
+        "2 verifications: 1 passed, 1 failed; success rate 50 %",
+    );
+    let rows = b.text("section.verifications table");
+    assert!(
+        rows.contains(&snap[..8]) && rows.contains("api") && rows.contains("files files"),
+        "{rows}"
+    );
+    b.screenshot(&shots.join("en-verifications.png"));
+
+    // A read-only session sees the results and no button.
+    b.go(&format!("{}/", d.url));
+    b.click("#logout");
+    b.type_into("#token", &ro);
+    b.click("#login-submit");
+    b.find("#who-name");
+    b.go(&format!("{}/#/snapshots", d.url));
+    b.wait_text("main", "Snapshots: 1");
+    assert_eq!(b.count("button.verify"), 0);
+    b.go(&format!("{}/#/health", d.url));
+    b.wait_text("section.verifications .verify-totals", "2 verifications");
+}
