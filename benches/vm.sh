@@ -23,98 +23,11 @@ export REPO_PASSWORD=bench-not-a-secret REPO_CONFIG=/nonexistent REPO_REPOSITORY
 export CAIRN_STATE_DIR=$work/state
 export PATH="$PATH:/usr/sbin:/sbin"
 vm=cairn-bench-vm
-now() { date +%s.%N; }
-secs() { awk -v a="$1" -v b="$2" 'BEGIN{printf "%.1f", b-a}'; }
-mib() { awk -v b="$1" 'BEGIN{printf "%.1f", b/1048576}'; }
-
-# --- the bench image (cached) ---------------------------------------------------------
-build_image() {
-  command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null
-  "$here/../scripts/make-test-guest.sh"   # its kernel and initrd boot the bench VM too
-  local root="$cache/root.tmp"
-  rm -rf "$root" "$cache/root"
-  mkdir -p "$cache"
-  debootstrap --variant=minbase --include=systemd-sysv,udev,qemu-guest-agent,procps,coreutils \
-    bookworm "$root" http://deb.debian.org/debian >"$cache/debootstrap.log" 2>&1
-  echo cairn-bench > "$root/etc/hostname"
-  sed -i 's/^root:[^:]*:/root::/' "$root/etc/shadow"
-  : > "$root/etc/fstab"
-  mkdir -p "$root/data" "$root/opt/payload"
-  cp -a /usr/share/. "$root/opt/payload/"
-  rm -rf "$root/var/cache/apt/archives/"*.deb
-  mv "$root" "$cache/root"
-  for size in 4G 40G; do
-    rm -f "$cache/disk-$size.raw"
-    truncate -s "$size" "$cache/disk-$size.raw"
-    mke2fs -q -t ext4 -L cairn-bench -d "$cache/root" -E root_owner=0:0 "$cache/disk-$size.raw"
-    qemu-img convert -f raw -O qcow2 "$cache/disk-$size.raw" "$cache/disk-$size.qcow2"
-    rm -f "$cache/disk-$size.raw"
-  done
-  rm -rf "$cache/root"
-  touch "$cache/ready"
-}
+# shellcheck source=benches/vm-lib.sh
+. "$here/vm-lib.sh"
 [ -f "$cache/ready" ] || build_image
 [ -z "${BUILD_ONLY:-}" ] || exit 0
 
-# --- helpers --------------------------------------------------------------------------
-undefine() {
-  virsh destroy "$1" >/dev/null 2>&1 || true
-  virsh undefine --checkpoints-metadata "$1" >/dev/null 2>&1 || true
-}
-define() { # name disk
-  local name=$1 disk=$2
-  cat > "$work/$name.xml" <<EOF
-<domain type='qemu'><name>$name</name><memory unit='MiB'>1024</memory><vcpu>1</vcpu>
-<os><type arch='x86_64' machine='pc'>hvm</type><kernel>$guest/vmlinuz</kernel>
-<initrd>$guest/initrd.img</initrd><cmdline>console=ttyS0 quiet</cmdline></os>
-<features><acpi/><apic/></features><devices>
-<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='$disk'/>
-<target dev='vda' bus='virtio'/></disk>
-<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
-<serial type='file'><source path='$work/$name.console'/><target port='0'/></serial>
-</devices></domain>
-EOF
-  virsh define "$work/$name.xml" >/dev/null
-}
-wait_agent() { # name; seconds from now until the agent answers
-  local t0 i
-  t0=$(now)
-  for i in $(seq 1 3000); do
-    if virsh qemu-agent-command "$1" '{"execute":"guest-ping"}' >/dev/null 2>&1; then
-      secs "$t0" "$(now)"
-      return 0
-    fi
-    sleep 0.2
-  done
-  echo "the agent of $1 never answered" >&2
-  return 1
-}
-guest_sh() { # name script: runs it in the guest, waits for it
-  python3 - "$1" "$2" <<'EOF'
-import json, subprocess, sys, time
-name, script = sys.argv[1], sys.argv[2]
-def agent(cmd):
-    out = subprocess.run(["virsh", "qemu-agent-command", name, json.dumps(cmd)],
-                         check=True, capture_output=True, text=True).stdout
-    return json.loads(out)["return"]
-pid = agent({"execute": "guest-exec", "arguments": {"path": "/bin/sh", "arg": ["-c", script],
-             "capture-output": True}})["pid"]
-while True:
-    st = agent({"execute": "guest-exec-status", "arguments": {"pid": pid}})
-    if st.get("exited"):
-        sys.exit(st.get("exitcode", 1))
-    time.sleep(0.2)
-EOF
-}
-# A clean shutdown from inside (the bench image has no D-Bus, so the agent's own
-# guest-shutdown, which goes through logind, fails): systemd powers off, the bitmaps
-# are saved. Waits until the domain is off.
-guest_poweroff() { # name
-  guest_sh "$1" "systemctl poweroff" >/dev/null 2>&1 || true
-  for _ in $(seq 1 600); do [ "$(virsh domstate "$1")" = "shut off" ] && return 0; sleep 0.5; done
-  echo "$1 did not power off" >&2
-  return 1
-}
 backup() { # prints: seconds bytes_read
   local t0 t1 out
   t0=$(now)
@@ -122,9 +35,6 @@ backup() { # prints: seconds bytes_read
   t1=$(now)
   printf '%s %s\n' "$(secs "$t0" "$t1")" \
     "$(printf '%s' "$out" | python3 -c 'import json,sys; print(sum(d["bytes_read"] for d in json.load(sys.stdin)["vms"][0]["disks"]))')"
-}
-last_snapshot() {
-  "$bin" snapshots --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[-1]["id"])'
 }
 recover_and_wait() { # snapshot name; prints seconds from the command to the agent
   local t0

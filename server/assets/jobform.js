@@ -12,7 +12,7 @@ const enc = encodeURIComponent;
 const DAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
 const KEEPS = ["last", "hourly", "daily", "weekly", "monthly", "yearly"];
 /** The form's sections, each with its error line; an API error names one of them. */
-const SECTIONS = ["name", "repository", "source", "schedule", "retention", "notify", "tags"];
+const SECTIONS = ["name", "repository", "source", "schedule", "retention", "verify", "notify", "tags"];
 
 /** The schedule's fields read back from a stored expression the form can show. */
 function scheduleFields(when) {
@@ -162,6 +162,10 @@ export async function form(main, ctx, name) {
     : h("p", { class: "empty" }, t("form.no_notifications"));
   const tagsIn = h("input", { id: "job-tags", name: "tags", value: (def.tags || []).join(", "), placeholder: "nightly, prod" });
 
+  // Proof by use: each backup's snapshots verified after the run (docs/VERIFY.md); the
+  // rest of a job's [verify] (its check, how snapshots are verified) is kept as it was.
+  const verifyAfterIn = h("input", { type: "checkbox", id: "verify-after", name: "verify_after", checked: !!(def.verify && def.verify.after_backup) });
+
   const definition = () => {
     const lines = (el) => el.value.split("\n").map((x) => x.trim()).filter(Boolean);
     const picked = (n) => [...main.querySelectorAll(`input[name="${n}"]:checked`)].map((i) => i.value);
@@ -186,7 +190,10 @@ export async function form(main, ctx, name) {
     if (Object.keys(keeps).length) job.retention = { ...keeps, prune: pruneIn.checked };
     const notify = picked("notify");
     if (notify.length) job.notify = notify;
-    if (def.verify) job.verify = def.verify;
+    if (def.verify || verifyAfterIn.checked) {
+      job.verify = { ...(def.verify || {}), after_backup: verifyAfterIn.checked };
+      if (!verifyAfterIn.checked) delete job.verify.after_backup;
+    }
     if (def.host) job.host = def.host;
     return job;
   };
@@ -290,6 +297,9 @@ export async function form(main, ctx, name) {
         errs.retention,
         h("button", { type: "button", id: "retention-preview", class: "secondary", onclick: dryRun }, t("form.dry_run")),
         dryOut),
+      h("fieldset", {}, h("legend", {}, t("form.verify")),
+        h("label", { for: "verify-after", class: "check" }, verifyAfterIn, " ", t("form.verify_after")),
+        h("p", { class: "hint" }, t("form.verify_hint")), errs.verify),
       h("fieldset", {}, h("legend", {}, t("form.notify")), notifyList, errs.notify,
         field("job-tags", t("form.tags"), tagsIn), errs.tags),
       general,

@@ -1428,14 +1428,48 @@ fn in_the_browser_a_snapshot_is_verified_from_its_row_and_the_health_page_shows_
     let env = Env::new();
     let Site { rw, ro, d, .. } = site(&env);
     let admin = d.api(&rw);
-    run_files(&admin);
-    let snap = newest_id(&env);
     let shots = screenshots();
     let b = Browser::start(1280, 900);
     b.go(&format!("{}/", d.url));
     b.type_into("#token", &rw);
     b.click("#login-submit");
     b.find("#who-name");
+
+    // The job form: "verify each backup" ticked and saved; the next run's snapshot is
+    // verified after it.
+    b.go(&format!("{}/#/job-form/files", d.url));
+    b.click("#verify-after");
+    b.click("#job-save");
+    let start = std::time::Instant::now();
+    while admin.get("/api/v1/jobs/files").1["definition"]["verify"]["after_backup"] != true {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "not saved: {}",
+            b.page_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    run_files(&admin);
+    let snap = newest_id(&env);
+    let start = std::time::Instant::now();
+    loop {
+        let list = env.json(&["verify", "list"]);
+        let after = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["trigger"] == "after_backup files" && v["snapshot"] == snap.as_str())
+            .cloned();
+        if let Some(v) = after.filter(|v| v["status"] != "running" && v["status"] != "pending") {
+            assert_eq!(v["status"], "passed", "{v:#}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no verification after the backup: {list:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 
     // "Verify" on the snapshot's row: a sample restored and compared, every step shown.
     b.go(&format!("{}/#/snapshots", d.url));
@@ -1467,11 +1501,14 @@ fn in_the_browser_a_snapshot_is_verified_from_its_row_and_the_health_page_shows_
     b.go(&format!("{}/#/health", d.url));
     b.wait_text(
         "section.verifications .verify-totals",
-        "2 verifications: 1 passed, 1 failed; success rate 50 %",
+        "3 verifications: 2 passed, 1 failed; success rate 67 %",
     );
     let rows = b.text("section.verifications table");
     assert!(
-        rows.contains(&snap[..8]) && rows.contains("api") && rows.contains("files files"),
+        rows.contains(&snap[..8])
+            && rows.contains("api")
+            && rows.contains("after_backup files")
+            && rows.contains("files files"),
         "{rows}"
     );
     b.screenshot(&shots.join("en-verifications.png"));
@@ -1486,5 +1523,5 @@ fn in_the_browser_a_snapshot_is_verified_from_its_row_and_the_health_page_shows_
     b.wait_text("main", "Snapshots: 1");
     assert_eq!(b.count("button.verify"), 0);
     b.go(&format!("{}/#/health", d.url));
-    b.wait_text("section.verifications .verify-totals", "2 verifications");
+    b.wait_text("section.verifications .verify-totals", "3 verifications");
 }
