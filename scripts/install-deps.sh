@@ -34,14 +34,19 @@ if ((${#missing[@]})); then
   fi
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" "${extra[@]}"
 fi
-# schemathesis (PyPI) fuzzes the daemon's API from its OpenAPI document; in a venv of its
-# own, with Debian's python3, so that nothing of the system's Python changes.
+# schemathesis (PyPI) fuzzes the daemon's API from its OpenAPI document, and the MCP SDK
+# is the tests' MCP client; in a venv of their own, with Debian's python3, so that
+# nothing of the system's Python changes.
 if [ "${1:-}" = "--test" ]; then
   venv="${CAIRN_TEST_VENV:-/var/cache/cairn/venv}"
   if [ ! -x "$venv/bin/schemathesis" ]; then
     $sudo mkdir -p "$(dirname "$venv")"
     $sudo /usr/bin/python3 -m venv "$venv"
     $sudo "$venv/bin/pip" install -q "schemathesis==4.32.5"
+  fi
+  # The official MCP Python SDK: the client the `repo mcp` tests drive it with.
+  if ! "$venv/bin/python" -c "import mcp.client.stdio" 2>/dev/null; then
+    $sudo "$venv/bin/pip" install -q "mcp==1.26.0"
   fi
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup first" >&2; exit 1; }

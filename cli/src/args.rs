@@ -293,6 +293,10 @@ pub enum Command {
     /// The control plane: runs the schedules, serves the REST API (/api/v1) and
     /// Prometheus metrics (/metrics) on 127.0.0.1:8087
     Serve(ServeArgs),
+    /// An MCP server on stdin and stdout: tools an assistant lists and recovers
+    /// backups, runs and verifies them, and operates VMs with; read-only unless
+    /// --allow-changes; every change in the audit log as `via MCP` (docs/MCP.md)
+    Mcp(McpArgs),
     /// Show the repository's identity (id, encryption, master key fingerprint) and
     /// whether this host knows it; every command refuses a repository whose identity
     /// changed (exit code 15) until it is accepted here
@@ -395,6 +399,16 @@ pub struct SiteArgs {
     /// schedules [default: /etc/cairn/serve.toml if it exists]
     #[arg(long, global = true, value_name = "FILE", env = "CAIRN_SERVE_CONFIG")]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct McpArgs {
+    #[command(flatten)]
+    pub site: SiteArgs,
+    /// Offer the change tools too (runs, recoveries, verifications, restores, VM power,
+    /// forget); destructive ones still dry-run unless called with dry_run: false
+    #[arg(long)]
+    pub allow_changes: bool,
 }
 
 #[derive(Args, Debug)]

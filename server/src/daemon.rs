@@ -36,6 +36,8 @@ pub enum DaemonError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Tls(String),
+    #[error("mcp: {0}")]
+    Mcp(String),
 }
 
 /// A started daemon's parts (without its HTTP listener): what the API serves.
@@ -55,7 +57,6 @@ pub struct Daemon {
 impl Daemon {
     /// Recovers from a previous daemon's end, starts the runner and the scheduler.
     pub fn start(site: Site, clock: Arc<dyn Clock>) -> Result<Self, DaemonError> {
-        let site = Arc::new(site);
         let now = clock.now();
         let failed = site.state.fail_interrupted(now, &pid_alive)?;
         for id in &failed {
@@ -69,6 +70,18 @@ impl Daemon {
         if trimmed > 0 {
             tracing::info!("history: {trimmed} old runs removed");
         }
+        Self::parts(site, clock, true)
+    }
+
+    /// The daemon's parts inside another program (`repo mcp`): a runner for the runs
+    /// it is asked for, no scheduler (`repo serve` keeps the schedules), and nothing of
+    /// the state's other runs touched (a daemon may be running them).
+    pub fn embedded(site: Site, clock: Arc<dyn Clock>) -> Result<Self, DaemonError> {
+        Self::parts(site, clock, false)
+    }
+
+    fn parts(site: Site, clock: Arc<dyn Clock>, schedules: bool) -> Result<Self, DaemonError> {
+        let site = Arc::new(site);
         let metrics = Arc::new(Metrics::new());
         metrics.load(&site.state)?;
         let hub = Arc::new(Hub::new());
@@ -110,7 +123,7 @@ impl Daemon {
         );
         refresher.refresh_all();
         let stop = Arc::new((Mutex::new(false), Condvar::new()));
-        let scheduler = {
+        let scheduler = if schedules {
             let (site, runner, metrics, notifier, clock, stop) = (
                 site.clone(),
                 runner.clone(),
@@ -131,7 +144,10 @@ impl Daemon {
                         verifications: &verifications,
                     };
                     scheduler_loop(&parts, clock.as_ref(), &stop);
-                })?
+                })
+                .map(Some)?
+        } else {
+            None
         };
         Ok(Self {
             site,
@@ -142,7 +158,7 @@ impl Daemon {
             verifier,
             clock,
             stop,
-            scheduler: Some(scheduler),
+            scheduler,
         })
     }
 

@@ -25,6 +25,7 @@ pub mod dashboard;
 pub mod execute;
 pub mod job;
 pub mod login;
+pub mod mcp;
 pub mod metrics;
 pub mod notify;
 pub mod operations;

@@ -18,6 +18,7 @@ mod images;
 mod keys;
 mod layer;
 mod maintenance;
+mod mcp;
 mod mount;
 mod mutations;
 mod roundtrip;

@@ -48,8 +48,8 @@ impl Env {
 
     /// `repo` with this repository and password in its environment, and nothing else
     /// from the user's (no config file, no other password source).
-    pub fn cmd(&self) -> Command {
-        let mut c = Command::new(repo_bin());
+    /// This test's environment on `c` (and nothing of the caller's but `PATH`).
+    pub fn environment(&self, c: &mut Command) {
         c.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("HOME", self.dir.path())
@@ -58,8 +58,13 @@ impl Env {
             .env("REPO_CONFIG", self.dir.path().join("no-config"))
             .env("REPO_REPOSITORY", &self.repo)
             .env("REPO_PASSWORD", PASSWORD)
-            .env("CAIRN_TESTONLY_WEAK_KDF", "1")
-            .stdin(Stdio::null());
+            .env("CAIRN_TESTONLY_WEAK_KDF", "1");
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(repo_bin());
+        self.environment(&mut c);
+        c.stdin(Stdio::null());
         if let Some(filter) = std::env::var_os("REPO_LOG") {
             c.env("REPO_LOG", filter); // for debugging a failing test
         }

@@ -6,6 +6,7 @@ mod browse;
 mod forget;
 mod jobs;
 mod maint;
+mod mcp;
 mod mount;
 mod recover;
 mod restore;
@@ -169,6 +170,7 @@ pub fn run(cli: Cli) -> Result<u8> {
         Command::Job(j) => jobs::job(&settings, g, &j.site, &j.command),
         Command::Schedule(c) => jobs::schedule(&settings, g, &c.site, &c.command),
         Command::Serve(a) => serve::run(&settings, g, &a),
+        Command::Mcp(a) => mcp::run(&settings, &a),
     }
 }
 

@@ -386,9 +386,17 @@ async fn principal_of(ctx: &Ctx, headers: &axum::http::HeaderMap) -> ApiResult<P
     .await
 }
 
+/// A request made inside this process (the MCP server's calls): who it acts as. An
+/// extension, never a header: no request from the network carries one.
+#[derive(Clone)]
+pub struct InProcess(pub Principal);
+
 async fn authorize(State(ctx): State<Ctx>, mut req: Request, next: Next) -> Response {
     let headers = req.headers().clone();
-    let who = principal_of(&ctx, &headers).await;
+    let who = match req.extensions().get::<InProcess>() {
+        Some(InProcess(p)) => Ok(p.clone()),
+        None => principal_of(&ctx, &headers).await,
+    };
     let token = match who {
         Ok(t) => t,
         Err(e) => {

@@ -1,0 +1,377 @@
+//! `repo mcp` driven by a real MCP client: the official Python SDK
+//! (tests/e2e/mcp_client.py) over the child-process stdio transport. The tool list is
+//! compared with a reviewed golden copy; a session lists snapshots, runs a job and
+//! follows it, recovers a PostgreSQL snapshot and queries it with the details the tool
+//! returned, stops it; read-only mode refuses every change tool; destructive tools
+//! dry-run by default; malformed input gets errors, never a crash or a stuck process.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::database::{pg_ready, StopAll, PG_IMAGE};
+use crate::dbserver::{postgres_cluster, require_docker};
+use crate::support::*;
+
+const PYTHON: &str = "/var/cache/cairn/venv/bin/python";
+const GOLDEN: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/mcp-tools.json");
+
+fn client_ready(what: &str) -> bool {
+    let ok = Command::new(PYTHON)
+        .args(["-c", "import mcp.client.stdio"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    require(
+        ok,
+        what,
+        "the mcp Python SDK in /var/cache/cairn/venv (scripts/install-deps.sh --test)",
+    )
+}
+
+/// Runs `script` in one MCP session against `repo mcp --config CONFIG [extra]`.
+fn session(env: &Env, config: &Path, extra: &[&str], script: &Value) -> Value {
+    let file = env.path("mcp-script.json");
+    std::fs::write(&file, script.to_string()).unwrap();
+    let client = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/mcp_client.py");
+    let mut c = Command::new(PYTHON);
+    env.environment(&mut c);
+    c.arg(client)
+        .arg(&file)
+        .args(["--", repo_bin(), "mcp", "--config"])
+        .arg(config)
+        .args(extra);
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "the MCP session failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn step<'a>(t: &'a Value, i: usize, tool: &str) -> &'a Value {
+    let s = &t["transcript"][i];
+    assert_eq!(s["step"], tool, "step {i}: {s:#}");
+    s
+}
+
+fn ok<'a>(t: &'a Value, i: usize, tool: &str) -> &'a Value {
+    let s = step(t, i, tool);
+    assert_eq!(s["is_error"], false, "{tool}: {s:#}");
+    &s["result"]
+}
+
+fn config_with_job(env: &Env, data: &Path) -> PathBuf {
+    let p = env.path("serve.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[[job]]\nname = \"files\"\n[[job.source]]\ntype = \"paths\"\npaths = [{:?}]\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn an_assistant_lists_runs_recovers_and_stops_through_mcp() {
+    if !client_ready("the MCP server") || !pg_ready("MCP recovery") || !require_docker(PG_IMAGE) {
+        return;
+    }
+    let env = Env::new();
+    let _stop = StopAll(&env);
+    let data = env.path("data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_random(&data.join("a"), 1, 10_000);
+    let pg = postgres_cluster(&env, "mcp");
+    pg.sql("CREATE TABLE orders (id int PRIMARY KEY, total int); INSERT INTO orders SELECT g, g * 2 FROM generate_series(1, 300) g");
+    let snap = env.json(&["backup", "--postgres", &pg.conn()])["snapshot"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    drop(pg);
+    let config = config_with_job(&env, &data);
+    let script = json!([
+        { "list": true },
+        { "call": "list_snapshots", "args": {} },
+        { "call": "run_job", "args": { "job": "files" }, "save": { "run": "run" } },
+        { "call": "job_status", "args": { "run": "$run" },
+          "until": { "key": "run.status", "in": ["succeeded", "failed", "cancelled"] } },
+        { "call": "recover_database", "args": { "snapshot": &snap[..12] },
+          "save": { "session": "session.id", "connection": "connection" } },
+        { "run": ["psql", "$connection", "-XAtc", "SELECT count(*), sum(total) FROM orders"] },
+        { "call": "list_recovery_sessions", "args": {} },
+        { "call": "stop_recovery", "args": { "session": "$session" } },
+        { "call": "forget_snapshots", "args": { "snapshots": [&snap[..12]] } },
+        { "call": "list_vms", "args": {} },
+        { "call": "vm_snapshots", "args": { "vm": "no-such-vm" } },
+        { "call": "list_files", "args": { "snapshot": "latest", "path": "/../etc" } },
+        { "call": "list_snapshots", "args": { "limit": "ten" } },
+        { "call": "no_such_tool", "args": {} },
+    ]);
+    let t = session(&env, &config, &["--allow-changes"], &script);
+    let kept = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mcp-transcript.json");
+    std::fs::write(
+        &kept,
+        serde_json::to_string_pretty(&t["transcript"]).unwrap(),
+    )
+    .unwrap();
+    eprintln!("MCP transcript: {}", kept.display());
+
+    // The tools, as reviewed (set CAIRN_BLESS=1 to write a changed list).
+    let tools = serde_json::to_string_pretty(&t["tools"]).unwrap() + "\n";
+    if std::env::var_os("CAIRN_BLESS").is_some() {
+        std::fs::write(GOLDEN, &tools).unwrap();
+    }
+    let golden = std::fs::read_to_string(GOLDEN).unwrap_or_default();
+    assert!(
+        tools == golden,
+        "tools/list changed: review it and bless it (CAIRN_BLESS=1); now:\n{tools}"
+    );
+
+    let snaps = ok(&t, 1, "list_snapshots");
+    assert!(
+        snaps["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["id"] == snap.as_str()),
+        "{snaps:#}"
+    );
+    let run = ok(&t, 3, "job_status");
+    assert_eq!(run["run"]["status"], "succeeded", "{run:#}");
+    assert_eq!(
+        run["run"]["stats"]["snapshots"].as_array().unwrap().len(),
+        1
+    );
+
+    // The recovered database answers with the details the tool returned.
+    let rec = ok(&t, 4, "recover_database");
+    let url = rec["connection"].as_str().unwrap();
+    assert!(url.starts_with("postgresql://"), "{rec:#}");
+    let query = &t["transcript"][5];
+    assert_eq!(
+        (
+            query["code"].as_i64(),
+            query["stdout"].as_str().map(str::trim)
+        ),
+        (Some(0), Some("300|90300")),
+        "{query:#}"
+    );
+    let listed = ok(&t, 6, "list_recovery_sessions");
+    assert!(
+        !listed.to_string().contains(url.split('@').next().unwrap()),
+        "no password in the listing: {listed}"
+    );
+    ok(&t, 7, "stop_recovery");
+    assert!(env
+        .json(&["recover", "list"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // Forget dry-runs by default: the snapshot is still there.
+    let plan = ok(&t, 8, "forget_snapshots");
+    assert!(plan.to_string().contains(&snap[..8]), "{plan:#}");
+    assert!(env.ok(&["snapshots"]).contains(&snap[..8]));
+
+    ok(&t, 9, "list_vms");
+    // Bad arguments: tool errors with the API's or the parser's message.
+    for (i, tool, needle) in [
+        (10, "vm_snapshots", "no-such-vm"),
+        (11, "list_files", ".."),
+        (12, "list_snapshots", "limit"),
+        (13, "no_such_tool", "no tool"),
+    ] {
+        let s = step(&t, i, tool);
+        assert_eq!(s["is_error"], true, "{s:#}");
+        assert!(s["result"].to_string().contains(needle), "{s:#}");
+    }
+
+    // Every change went to the audit log as MCP's.
+    let rows = Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import sqlite3,sys\nfor r in sqlite3.connect(sys.argv[1]).execute('SELECT token, action, status FROM audit ORDER BY id'): print('|'.join(map(str, r)))",
+        ])
+        .arg(env.dir.path().join("state/serve.sqlite"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&rows.stdout);
+    for want in [
+        "via MCP|jobs.run|202",
+        "via MCP|recovery.db|201",
+        "via MCP|recovery.stop|200",
+        "via MCP|repositories.forget|200",
+    ] {
+        assert!(text.contains(want), "{want} not in the audit log:\n{text}");
+    }
+}
+
+#[test]
+fn read_only_mcp_refuses_every_change_tool_and_dry_runs_hold() {
+    if !client_ready("the MCP server") {
+        return;
+    }
+    let env = Env::new();
+    let data = env.path("data");
+    std::fs::create_dir_all(&data).unwrap();
+    write_random(&data.join("a"), 2, 1_000);
+    env.backup(&[&data]);
+    let config = config_with_job(&env, &data);
+    let changes = [
+        ("run_job", json!({ "job": "files" })),
+        ("recover_database", json!({ "snapshot": "latest" })),
+        ("recover_vm", json!({ "snapshot": "latest" })),
+        ("stop_recovery", json!({ "session": "x" })),
+        ("verify_backup", json!({ "snapshot": "latest" })),
+        (
+            "restore_files",
+            json!({ "snapshot": "latest", "target": "/tmp/x" }),
+        ),
+        ("vm_start", json!({ "vm": "x" })),
+        ("vm_stop", json!({ "vm": "x" })),
+        ("vm_reboot", json!({ "vm": "x" })),
+        ("vm_snapshot_delete", json!({ "vm": "x", "snapshot": "s" })),
+        (
+            "clone_vm_from_backup",
+            json!({ "snapshot": "latest", "name": "x" }),
+        ),
+        (
+            "forget_snapshots",
+            json!({ "snapshots": ["latest"], "dry_run": false }),
+        ),
+    ];
+    let script: Vec<Value> = changes
+        .iter()
+        .map(|(tool, args)| json!({ "call": tool, "args": args }))
+        .collect();
+    let t = session(&env, &config, &[], &json!(script));
+    for (i, (tool, _)) in changes.iter().enumerate() {
+        let s = step(&t, i, tool);
+        assert_eq!(s["is_error"], true, "{s:#}");
+        assert!(s["result"].to_string().contains("--allow-changes"), "{s:#}");
+    }
+    assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), 1);
+
+    // With changes allowed, a restore and a forget still only say what they would do.
+    let target = env.path("restored");
+    let t = session(
+        &env,
+        &config,
+        &["--allow-changes"],
+        &json!([
+            { "call": "restore_files", "args": { "snapshot": "latest", "target": target } },
+            { "call": "forget_snapshots", "args": { "snapshots": ["latest"] } },
+            { "call": "vm_stop", "args": { "vm": "no-such-vm" } },
+        ]),
+    );
+    let restore = ok(&t, 0, "restore_files");
+    assert!(restore.to_string().contains("dry_run"), "{restore:#}");
+    assert!(!target.exists(), "a dry run restored");
+    ok(&t, 1, "forget_snapshots");
+    assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), 1);
+    let stop = step(&t, 2, "vm_stop");
+    assert_eq!(stop["is_error"], true, "{stop:#}");
+}
+
+/// A JSON-RPC line to the server.
+fn send(stdin: &mut std::process::ChildStdin, line: &str) {
+    stdin.write_all(line.as_bytes()).unwrap();
+    stdin.write_all(b"\n").unwrap();
+    stdin.flush().unwrap();
+}
+
+#[test]
+fn malformed_requests_get_errors_and_a_closed_stdin_ends_the_server() {
+    let env = Env::new();
+    let config = env.path("serve.toml");
+    std::fs::write(&config, "").unwrap();
+    let mut c = Command::new(repo_bin());
+    env.environment(&mut c);
+    let mut child = c
+        .args(["mcp", "--config"])
+        .arg(&config)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut read = || {
+        let mut l = String::new();
+        out.read_line(&mut l).unwrap();
+        serde_json::from_str::<Value>(&l).unwrap_or_else(|e| panic!("{e}: {l:?}"))
+    };
+    send(
+        &mut stdin,
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#,
+    );
+    assert!(read()["result"]["serverInfo"].is_object());
+    send(
+        &mut stdin,
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+    );
+    // Wrong argument types and a huge argument: tool errors, the server goes on.
+    send(
+        &mut stdin,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"list_snapshots","arguments":{"limit":[1,2]}}}"#,
+    );
+    let r = read();
+    assert_eq!(r["result"]["isError"], true, "{r}");
+    let huge = "x".repeat(400_000);
+    send(
+        &mut stdin,
+        &json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"list_files","arguments":{"snapshot": huge}}}).to_string(),
+    );
+    let r = read();
+    assert_eq!(r["result"]["isError"], true, "{r}");
+    assert!(r.to_string().contains("at most"), "{r}");
+    // Not JSON at all, then an unknown method: the server answers what it can and
+    // stays up.
+    send(&mut stdin, "{this is not json");
+    send(
+        &mut stdin,
+        r#"{"jsonrpc":"2.0","id":4,"method":"tools/frobnicate"}"#,
+    );
+    let mut r = read();
+    if r.get("id") != Some(&json!(4)) {
+        r = read();
+    }
+    assert!(r["error"]["message"].is_string(), "{r}");
+    send(
+        &mut stdin,
+        r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"list_repositories","arguments":{}}}"#,
+    );
+    let r = read();
+    assert_eq!(r["id"], 5, "{r}");
+    assert_eq!(r["result"]["isError"], false, "{r}");
+    // A call in flight, then stdin closed: the server exits by itself, cleanly.
+    send(
+        &mut stdin,
+        r#"{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"list_snapshots","arguments":{}}}"#,
+    );
+    drop(stdin);
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "repo mcp did not exit after its stdin closed"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{status}: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
