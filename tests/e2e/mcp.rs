@@ -102,7 +102,12 @@ fn an_assistant_lists_runs_recovers_and_stops_through_mcp() {
         { "call": "list_snapshots", "args": {} },
         { "call": "run_job", "args": { "job": "files" }, "save": { "run": "run" } },
         { "call": "job_status", "args": { "run": "$run" },
-          "until": { "key": "run.status", "in": ["succeeded", "failed", "cancelled"] } },
+          "until": { "key": "run.status", "in": ["succeeded", "failed", "cancelled"] },
+          "save": { "made": "run.stats.snapshots.0" } },
+        { "call": "verify_backup", "args": { "snapshot": "$made", "sample": "100%" },
+          "save": { "task": "task" } },
+        { "call": "job_status", "args": { "task": "$task" },
+          "until": { "key": "state", "in": ["done", "failed"] } },
         { "call": "recover_database", "args": { "snapshot": &snap[..12] },
           "save": { "session": "session.id", "connection": "connection" } },
         { "run": ["psql", "$connection", "-XAtc", "SELECT count(*), sum(total) FROM orders"] },
@@ -150,12 +155,21 @@ fn an_assistant_lists_runs_recovers_and_stops_through_mcp() {
         run["run"]["stats"]["snapshots"].as_array().unwrap().len(),
         1
     );
+    // The verification ran in the background; job_status gave its record.
+    let started = ok(&t, 4, "verify_backup");
+    assert_eq!(started["state"], "running", "{started:#}");
+    let verified = ok(&t, 5, "job_status");
+    assert_eq!(verified["state"], "done", "{verified:#}");
+    assert_eq!(
+        verified["result"]["verification"]["status"], "passed",
+        "{verified:#}"
+    );
 
     // The recovered database answers with the details the tool returned.
-    let rec = ok(&t, 4, "recover_database");
+    let rec = ok(&t, 6, "recover_database");
     let url = rec["connection"].as_str().unwrap();
     assert!(url.starts_with("postgresql://"), "{rec:#}");
-    let query = &t["transcript"][5];
+    let query = &t["transcript"][7];
     assert_eq!(
         (
             query["code"].as_i64(),
@@ -164,12 +178,12 @@ fn an_assistant_lists_runs_recovers_and_stops_through_mcp() {
         (Some(0), Some("300|90300")),
         "{query:#}"
     );
-    let listed = ok(&t, 6, "list_recovery_sessions");
+    let listed = ok(&t, 8, "list_recovery_sessions");
     assert!(
         !listed.to_string().contains(url.split('@').next().unwrap()),
         "no password in the listing: {listed}"
     );
-    ok(&t, 7, "stop_recovery");
+    ok(&t, 9, "stop_recovery");
     assert!(env
         .json(&["recover", "list"])
         .as_array()
@@ -177,17 +191,17 @@ fn an_assistant_lists_runs_recovers_and_stops_through_mcp() {
         .is_empty());
 
     // Forget dry-runs by default: the snapshot is still there.
-    let plan = ok(&t, 8, "forget_snapshots");
+    let plan = ok(&t, 10, "forget_snapshots");
     assert!(plan.to_string().contains(&snap[..8]), "{plan:#}");
     assert!(env.ok(&["snapshots"]).contains(&snap[..8]));
 
-    ok(&t, 9, "list_vms");
+    ok(&t, 11, "list_vms");
     // Bad arguments: tool errors with the API's or the parser's message.
     for (i, tool, needle) in [
-        (10, "vm_snapshots", "no-such-vm"),
-        (11, "list_files", ".."),
-        (12, "list_snapshots", "limit"),
-        (13, "no_such_tool", "no tool"),
+        (12, "vm_snapshots", "no-such-vm"),
+        (13, "list_files", ".."),
+        (14, "list_snapshots", "limit"),
+        (15, "no_such_tool", "no tool"),
     ] {
         let s = step(&t, i, tool);
         assert_eq!(s["is_error"], true, "{s:#}");
