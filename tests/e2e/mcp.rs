@@ -295,6 +295,88 @@ fn read_only_mcp_refuses_every_change_tool_and_dry_runs_hold() {
     assert_eq!(stop["is_error"], true, "{stop:#}");
 }
 
+#[test]
+fn repo_serve_offers_the_tools_over_http_as_the_requests_token() {
+    if !client_ready("MCP over HTTP") {
+        return;
+    }
+    use crate::serve::{data_dir, serve_config, token, Daemon};
+    let env = Env::new();
+    let data = data_dir(&env);
+    env.backup(&[&data]);
+    let config = serve_config(
+        &env,
+        &format!(
+            "[[job]]\nname = \"files\"\n[[job.source]]\ntype = \"paths\"\npaths = [{:?}]\n",
+            data.display().to_string()
+        ),
+    );
+    let rw = token(&env, &config, "admin", false);
+    let ro = token(&env, &config, "viewer", true);
+    let d = Daemon::start(&env, &config);
+    let url = format!("{}/api/v1/mcp", d.url);
+    let over_http = |token: &str, script: Value| {
+        let file = env.path("mcp-http.json");
+        std::fs::write(&file, script.to_string()).unwrap();
+        let client = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/e2e/mcp_client.py");
+        let out = Command::new(PYTHON)
+            .arg(client)
+            .arg(&file)
+            .args(["--http", &url, token])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            d.log()
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    // A read-only token: every tool listed, reads work, changes refused naming it.
+    let t = over_http(
+        &ro,
+        json!([
+            { "list": true },
+            { "call": "list_snapshots", "args": {} },
+            { "call": "run_job", "args": { "job": "files" } },
+        ]),
+    );
+    assert_eq!(t["tools"].as_array().unwrap().len(), 26);
+    assert_eq!(
+        ok(&t, 1, "list_snapshots")["snapshots"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    let refused = step(&t, 2, "run_job");
+    assert_eq!(refused["is_error"], true, "{refused:#}");
+    assert!(
+        refused["result"].to_string().contains("viewer via MCP"),
+        "{refused:#}"
+    );
+    // A token that may change things runs the job, audited as its own via MCP.
+    let t = over_http(
+        &rw,
+        json!([
+            { "call": "run_job", "args": { "job": "files" }, "save": { "run": "run" } },
+            { "call": "job_status", "args": { "run": "$run" },
+              "until": { "key": "run.status", "in": ["succeeded", "failed"] } },
+        ]),
+    );
+    assert_eq!(ok(&t, 1, "job_status")["run"]["status"], "succeeded");
+    let admin = d.api(&rw);
+    let (_, audit) = admin.get("/api/v1/audit");
+    assert!(audit.to_string().contains("admin via MCP"), "{audit}");
+    // Without a token there is no MCP.
+    let anon = ureq::post(&url)
+        .set("content-type", "application/json")
+        .send_string(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#);
+    assert!(matches!(anon, Err(ureq::Error::Status(401, _))), "{anon:?}");
+}
+
 /// A JSON-RPC line to the server.
 fn send(stdin: &mut std::process::ChildStdin, line: &str) {
     stdin.write_all(line.as_bytes()).unwrap();

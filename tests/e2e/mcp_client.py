@@ -1,6 +1,7 @@
 """A real MCP client (the official Python SDK) driving `repo mcp` for the e2e tests.
 
-Usage: mcp_client.py SCRIPT.json -- REPO_BINARY ARGS...
+Usage: mcp_client.py SCRIPT.json -- REPO_BINARY ARGS...        (stdio)
+       mcp_client.py SCRIPT.json --http URL TOKEN              (streamable HTTP)
 
 SCRIPT is a list of steps, run in order in one session:
   {"list": true}                              tools/list: names, descriptions, schemas
@@ -26,6 +27,7 @@ import time
 
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
+from mcp.client.streamable_http import streamablehttp_client
 
 
 def dig(value, path):
@@ -59,12 +61,20 @@ async def call(session, tool, args):
     return bool(r.isError), result
 
 
-async def main():
-    script = json.load(open(sys.argv[1]))
+def transport():
+    if sys.argv[2] == "--http":
+        url, token = sys.argv[3], sys.argv[4]
+        return streamablehttp_client(url, headers={"Authorization": f"Bearer {token}"})
     server = sys.argv[sys.argv.index("--") + 1:]
     params = StdioServerParameters(command=server[0], args=server[1:], env=dict(os.environ))
+    return stdio_client(params)
+
+
+async def main():
+    script = json.load(open(sys.argv[1]))
     transcript, tools, saved = [], [], {}
-    async with stdio_client(params) as (read, write):
+    async with transport() as streams:
+        read, write = streams[0], streams[1]
         async with ClientSession(read, write) as session:
             await session.initialize()
             for step in script:

@@ -281,6 +281,8 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         .route("/repositories/{name}/check", post(ops::check))
         .route("/repositories/{name}/prune", post(ops::prune))
         .route("/repositories/{name}/repair", post(ops::repair));
+    let late: crate::mcp::LateRouter = std::sync::Arc::new(std::sync::OnceLock::new());
+    let streams = streams.nest_service("/mcp", crate::mcp::http_service(late.clone()));
     let api = timed
         .merge(streams)
         .layer(middleware::from_fn(move |req, next| {
@@ -290,14 +292,16 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         .route("/health", get(health))
         .route("/session", post(session::login))
         .route("/openapi.json", get(openapi_json));
-    Router::new()
+    let app = Router::new()
         .nest("/api/v1", api)
         .merge(crate::dashboard::routes())
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
         .layer(middleware::from_fn_with_state(ctx.clone(), measure))
-        .with_state(ctx)
+        .with_state(ctx);
+    let _ = late.set(app.clone());
+    app
 }
 
 async fn with_timeout(timeout: Duration, req: Request, next: Next) -> Response {
@@ -407,9 +411,20 @@ async fn authorize(State(ctx): State<Ctx>, mut req: Request, next: Next) -> Resp
             return r;
         }
     };
-    let changes = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     let method = req.method().to_string();
     let path = req.uri().path().to_owned();
+    // MCP's endpoint takes every message as a POST: its tools refuse changes to
+    // read-only tokens themselves and audit their calls of this API as `... via MCP`.
+    let mcp = path.trim_start_matches("/api/v1").starts_with("/mcp");
+    if mcp && token.csrf.is_some() {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "mcp_token",
+            "MCP over HTTP takes a bearer token (repo serve token create), not a dashboard session",
+        )
+        .into_response();
+    }
+    let changes = !mcp && !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     let dry_run = req
         .uri()
         .query()

@@ -18,7 +18,7 @@ pub mod tools;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use axum::body::Body;
 use axum::Router;
@@ -58,30 +58,70 @@ enum Task {
     Failed(String),
 }
 
+/// The API's router, set once it is built (it serves the MCP endpoint itself).
+pub type LateRouter = Arc<OnceLock<Router>>;
+
 /// The MCP server over the API's router.
 #[derive(Clone)]
 pub struct McpServer {
-    router: Router,
-    allow_changes: bool,
+    router: LateRouter,
+    /// Who calls act as on stdio; over HTTP, the request's token (with ` via MCP`).
+    stdio: Principal,
     tasks: Arc<Mutex<HashMap<u64, Task>>>,
     next_task: Arc<AtomicU64>,
 }
 
 impl McpServer {
-    /// Over `daemon`'s API; changes allowed or not.
+    /// Over `daemon`'s API, for stdio; changes allowed or not.
     #[must_use]
     pub fn new(daemon: &Daemon, allow_changes: bool) -> Self {
         let limits = daemon.site.config.limits.clone();
+        let router = Arc::new(OnceLock::new());
+        let _ = router.set(crate::api::router(daemon, &limits));
+        Self::over(router, allow_changes)
+    }
+
+    /// Over a router set later (the API's own MCP endpoint).
+    #[must_use]
+    pub fn over(router: LateRouter, allow_changes: bool) -> Self {
         Self {
-            router: crate::api::router(daemon, &limits),
-            allow_changes,
+            router,
+            stdio: Principal {
+                name: PRINCIPAL.to_owned(),
+                read_only: !allow_changes,
+                csrf: None,
+                expires: None,
+            },
             tasks: Arc::new(Mutex::new(HashMap::new())),
             next_task: Arc::new(AtomicU64::new(1)),
         }
     }
 
-    /// One API call as the MCP principal: the response's JSON, or the API's message.
-    pub async fn api(&self, call: &Call) -> Result<Value, String> {
+    /// Who a request acts as: the HTTP request's token when the tools are served by
+    /// `repo serve`, else the stdio principal.
+    fn principal(&self, context: &RequestContext<RoleServer>) -> Principal {
+        context
+            .extensions
+            .get::<axum::http::request::Parts>()
+            .and_then(|p| p.extensions.get::<Principal>())
+            .map_or_else(
+                || self.stdio.clone(),
+                |p| Principal {
+                    name: format!("{} via MCP", p.name),
+                    read_only: p.read_only,
+                    csrf: None,
+                    expires: None,
+                },
+            )
+    }
+
+    /// One API call as `who`: the response's JSON, or the API's message.
+    pub async fn api(&self, who: &Principal, call: &Call) -> Result<Value, String> {
+        let router = self
+            .router
+            .get()
+            .cloned()
+            .ok_or("the API is not ready yet")?;
         let mut req = axum::http::Request::builder()
             .method(call.method)
             .uri(format!("/api/v1{}", call.path))
@@ -92,15 +132,8 @@ impl McpServer {
             })
             .map_err(|e| format!("the request: {e}"))?;
         req.extensions_mut()
-            .insert(crate::api::InProcess(Principal {
-                name: PRINCIPAL.to_owned(),
-                read_only: !self.allow_changes,
-                csrf: None,
-                expires: None,
-            }));
-        let resp = self
-            .router
-            .clone()
+            .insert(crate::api::InProcess(who.clone()));
+        let resp = router
             .oneshot(req)
             .await
             .map_err(|e| format!("the API: {e}"))?;
@@ -124,7 +157,7 @@ impl McpServer {
     }
 
     /// Runs tool `name` with `args`: its result, or a message for a tool error.
-    pub async fn run(&self, name: &str, args: Value) -> Result<Value, String> {
+    pub async fn run(&self, who: &Principal, name: &str, args: Value) -> Result<Value, String> {
         let tool = tools::find(name).ok_or_else(|| {
             format!(
                 "no tool {name:?}: the tools are {}",
@@ -135,29 +168,34 @@ impl McpServer {
                     .join(", ")
             )
         })?;
-        if tool.changes && !self.allow_changes {
-            return Err(format!(
-                "{name} changes things and this server is read-only: start it as `repo mcp --allow-changes`"
-            ));
+        if tool.changes && who.read_only {
+            return Err(if who.name == PRINCIPAL {
+                format!("{name} changes things and this server is read-only: start it as `repo mcp --allow-changes`")
+            } else {
+                format!(
+                    "{name} changes things and {} is read-only: use a token that may change things",
+                    who.name
+                )
+            });
         }
         let dry_run = args.get("dry_run") != Some(&Value::Bool(false));
         match name {
-            "vm_stop" | "vm_snapshot_delete" if dry_run => self.vm_dry_run(name, &args).await,
-            "verify_backup" => self.start_verification(args),
-            "job_status" => self.job_status(&args).await,
-            "recent_failures" => self.recent_failures(&args).await,
-            "repository_health" => self.repository_health(&args).await,
+            "vm_stop" | "vm_snapshot_delete" if dry_run => self.vm_dry_run(who, name, &args).await,
+            "verify_backup" => self.start_verification(who, args),
+            "job_status" => self.job_status(who, &args).await,
+            "recent_failures" => self.recent_failures(who, &args).await,
+            "repository_health" => self.repository_health(who, &args).await,
             _ => {
                 let call = (tool.call)(&args)?;
-                self.api(&call).await
+                self.api(who, &call).await
             }
         }
     }
 
     /// What `vm_stop` or `vm_snapshot_delete` would do, from the domain's listing.
-    async fn vm_dry_run(&self, name: &str, args: &Value) -> Result<Value, String> {
+    async fn vm_dry_run(&self, who: &Principal, name: &str, args: &Value) -> Result<Value, String> {
         let call = (tools::find(name).ok_or("no such tool")?.call)(args)?;
-        let listed = self.api(&call).await?;
+        let listed = self.api(who, &call).await?;
         let vm = args["vm"].as_str().unwrap_or_default();
         if name == "vm_stop" {
             let domain = listed["vms"]
@@ -191,13 +229,13 @@ impl McpServer {
     }
 
     /// `verify_backup`: the verification in the background; its task id at once.
-    fn start_verification(&self, args: Value) -> Result<Value, String> {
+    fn start_verification(&self, who: &Principal, args: Value) -> Result<Value, String> {
         let call = (tools::find("verify_backup").ok_or("no verify_backup")?.call)(&args)?;
         let id = self.next_task.fetch_add(1, Ordering::Relaxed);
         self.set_task(id, Task::Running);
-        let me = self.clone();
+        let (me, who) = (self.clone(), who.clone());
         tokio::spawn(async move {
-            let done = match me.api(&call).await {
+            let done = match me.api(&who, &call).await {
                 Ok(v) => Task::Done(v),
                 Err(e) => Task::Failed(e),
             };
@@ -218,7 +256,7 @@ impl McpServer {
     }
 
     /// `job_status`: a run (the API's record) or a verification task.
-    async fn job_status(&self, args: &Value) -> Result<Value, String> {
+    async fn job_status(&self, who: &Principal, args: &Value) -> Result<Value, String> {
         if let Some(task) = args.get("task").and_then(Value::as_u64) {
             let t = self
                 .tasks
@@ -234,26 +272,29 @@ impl McpServer {
             });
         }
         let call = (tools::find("job_status").ok_or("no job_status")?.call)(args)?;
-        self.api(&call).await
+        self.api(who, &call).await
     }
 
     /// `recent_failures`: failed runs, each with the end of its log.
-    async fn recent_failures(&self, args: &Value) -> Result<Value, String> {
+    async fn recent_failures(&self, who: &Principal, args: &Value) -> Result<Value, String> {
         let call = (tools::find("recent_failures")
             .ok_or("no recent_failures")?
             .call)(args)?;
-        let mut runs = self.api(&call).await?;
+        let mut runs = self.api(who, &call).await?;
         if let Some(list) = runs["runs"].as_array_mut() {
             for run in list {
                 let Some(id) = run["id"].as_i64() else {
                     continue;
                 };
                 let log = self
-                    .api(&Call {
-                        method: "GET",
-                        path: format!("/runs/{id}/log"),
-                        body: None,
-                    })
+                    .api(
+                        who,
+                        &Call {
+                            method: "GET",
+                            path: format!("/runs/{id}/log"),
+                            body: None,
+                        },
+                    )
                     .await
                     .unwrap_or_default();
                 let lines = log["lines"].as_array().cloned().unwrap_or_default();
@@ -265,18 +306,21 @@ impl McpServer {
     }
 
     /// `repository_health`: figures and last check, locks, recent checks.
-    async fn repository_health(&self, args: &Value) -> Result<Value, String> {
+    async fn repository_health(&self, who: &Principal, args: &Value) -> Result<Value, String> {
         // Its arguments checked as the tool's own.
         (tools::find("repository_health")
             .ok_or("no repository_health")?
             .call)(args)?;
         let name = tools::repository(args);
         let repos = self
-            .api(&Call {
-                method: "GET",
-                path: "/repositories".into(),
-                body: None,
-            })
+            .api(
+                who,
+                &Call {
+                    method: "GET",
+                    path: "/repositories".into(),
+                    body: None,
+                },
+            )
             .await?;
         let repo = repos["repositories"]
             .as_array()
@@ -284,18 +328,24 @@ impl McpServer {
             .ok_or_else(|| format!("no repository {name:?} in the configuration"))?;
         let enc = tools::segment(&name);
         let locks = self
-            .api(&Call {
-                method: "GET",
-                path: format!("/repositories/{enc}/locks"),
-                body: None,
-            })
+            .api(
+                who,
+                &Call {
+                    method: "GET",
+                    path: format!("/repositories/{enc}/locks"),
+                    body: None,
+                },
+            )
             .await?;
         let checks = self
-            .api(&Call {
-                method: "GET",
-                path: format!("/repositories/{enc}/checks?limit=5"),
-                body: None,
-            })
+            .api(
+                who,
+                &Call {
+                    method: "GET",
+                    path: format!("/repositories/{enc}/checks?limit=5"),
+                    body: None,
+                },
+            )
             .await?;
         Ok(json!({
             "repository": repo,
@@ -308,7 +358,7 @@ impl McpServer {
 impl ServerHandler for McpServer {
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build()).with_instructions(
-            if self.allow_changes {
+            if !self.stdio.read_only {
                 "cairn backups: read and change tools. Destructive tools default to dry_run: true; \
                  call them again with dry_run: false to act. Long operations return an id for job_status."
             } else {
@@ -328,8 +378,9 @@ impl ServerHandler for McpServer {
     async fn call_tool(
         &self,
         request: CallToolRequestParams,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
+        let who = self.principal(&context);
         let args = Value::Object(request.arguments.unwrap_or_default());
         let size = args.to_string().len();
         let outcome = if size > MAX_ARGUMENTS_BYTES {
@@ -337,7 +388,7 @@ impl ServerHandler for McpServer {
                 "the arguments are {size} bytes: at most {MAX_ARGUMENTS_BYTES} are taken"
             ))
         } else {
-            self.run(&request.name, args).await
+            self.run(&who, &request.name, args).await
         };
         Ok(CallToolResponse::Complete(match outcome {
             Ok(v) => CallToolResult::success(vec![ContentBlock::text(
@@ -372,4 +423,26 @@ pub fn serve_stdio(site: Site, allow_changes: bool) -> Result<(), DaemonError> {
     daemon.stop();
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     served
+}
+
+/// The tools over MCP's streamable HTTP transport, for `repo serve` (`/api/v1/mcp`):
+/// each session's calls act as the request's token, so a read-only token gets the
+/// read-only tool set. Served behind the API's token check.
+pub fn http_service(
+    router: LateRouter,
+) -> rmcp::transport::streamable_http_server::StreamableHttpService<
+    McpServer,
+    rmcp::transport::streamable_http_server::session::local::LocalSessionManager,
+> {
+    use rmcp::transport::streamable_http_server::{
+        session::local::LocalSessionManager, StreamableHttpServerConfig, StreamableHttpService,
+    };
+    StreamableHttpService::new(
+        // Changes are decided per request by its token; the stdio principal is unused.
+        move || Ok(McpServer::over(router.clone(), false)),
+        Arc::new(LocalSessionManager::default()),
+        // Every request carries a bearer token (checked before it gets here), which a
+        // page a browser was lured to cannot send: no Host allow-list is needed.
+        StreamableHttpServerConfig::default().disable_allowed_hosts(),
+    )
 }
