@@ -143,11 +143,14 @@ fn the_openapi_document_names_every_route_and_schemathesis_finds_no_server_error
         "/vms/{name}/snapshots",
         "/vms/{name}/snapshots/{snapshot}",
         "/vms/clone",
+        "/verifications",
+        "/verifications/{id}",
+        "/verifications/stats",
     ] {
         assert!(paths.contains_key(p), "{p} is not in the document");
     }
     let operations: usize = paths.values().map(|m| m.as_object().unwrap().len()).sum();
-    assert_eq!(operations, 56, "operations documented");
+    assert_eq!(operations, 60, "operations documented");
     assert_eq!(
         doc["components"]["securitySchemes"]["bearer"]["scheme"],
         "bearer"
