@@ -377,6 +377,56 @@ fn repo_serve_offers_the_tools_over_http_as_the_requests_token() {
     assert!(matches!(anon, Err(ureq::Error::Status(401, _))), "{anon:?}");
 }
 
+#[test]
+fn an_assistant_lists_a_vms_snapshots_and_deletes_one_only_when_told() {
+    use crate::vm::{have_libvirt, virsh_ok, vm_env, TestVm};
+    if !client_ready("MCP and VMs") || !have_libvirt("MCP and VMs") {
+        return;
+    }
+    let env = vm_env();
+    let vm = TestVm::define("mcp", 0);
+    virsh_ok(&["snapshot-create-as", &vm.name, "before-upgrade"]);
+    let config = env.path("serve.toml");
+    std::fs::write(&config, "").unwrap();
+    let name = vm.name.as_str();
+    let t = session(
+        &env,
+        &config,
+        &["--allow-changes"],
+        &json!([
+            { "call": "list_vms", "args": {} },
+            { "call": "vm_snapshots", "args": { "vm": name } },
+            { "call": "vm_snapshot_delete", "args": { "vm": name, "snapshot": "before-upgrade" } },
+            { "call": "vm_snapshots", "args": { "vm": name } },
+            { "call": "vm_snapshot_delete", "args": { "vm": name, "snapshot": "no-such" } },
+            { "call": "vm_stop", "args": { "vm": name } },
+            { "call": "vm_snapshot_delete",
+              "args": { "vm": name, "snapshot": "before-upgrade", "dry_run": false } },
+            { "call": "vm_snapshots", "args": { "vm": name } },
+        ]),
+    );
+    let vms = ok(&t, 0, "list_vms");
+    assert!(vms.to_string().contains(name), "{vms:#}");
+    let listed = ok(&t, 1, "vm_snapshots").to_string();
+    assert!(listed.contains("before-upgrade"), "{listed}");
+    let plan = ok(&t, 2, "vm_snapshot_delete");
+    assert_eq!(plan["dry_run"], true, "{plan:#}");
+    assert!(ok(&t, 3, "vm_snapshots")
+        .to_string()
+        .contains("before-upgrade"));
+    let missing = step(&t, 4, "vm_snapshot_delete");
+    assert_eq!(missing["is_error"], true, "{missing:#}");
+    let stop = ok(&t, 5, "vm_stop");
+    assert!(stop["would"].as_str().unwrap().contains("shut"), "{stop:#}");
+    ok(&t, 6, "vm_snapshot_delete");
+    assert!(
+        !ok(&t, 7, "vm_snapshots")
+            .to_string()
+            .contains("before-upgrade"),
+        "{t:#}"
+    );
+}
+
 /// A JSON-RPC line to the server.
 fn send(stdin: &mut std::process::ChildStdin, line: &str) {
     stdin.write_all(line.as_bytes()).unwrap();
