@@ -241,6 +241,7 @@ fn read_only_mcp_refuses_every_change_tool_and_dry_runs_hold() {
     let config = config_with_job(&env, &data);
     let changes = [
         ("run_job", json!({ "job": "files" })),
+        ("backup_now", json!({ "paths": ["/tmp"] })),
         ("recover_database", json!({ "snapshot": "latest" })),
         ("recover_vm", json!({ "snapshot": "latest" })),
         ("stop_recovery", json!({ "session": "x" })),
@@ -343,7 +344,7 @@ fn repo_serve_offers_the_tools_over_http_as_the_requests_token() {
             { "call": "run_job", "args": { "job": "files" } },
         ]),
     );
-    assert_eq!(t["tools"].as_array().unwrap().len(), 26);
+    assert_eq!(t["tools"].as_array().unwrap().len(), 27);
     assert_eq!(
         ok(&t, 1, "list_snapshots")["snapshots"]
             .as_array()
@@ -364,9 +365,25 @@ fn repo_serve_offers_the_tools_over_http_as_the_requests_token() {
             { "call": "run_job", "args": { "job": "files" }, "save": { "run": "run" } },
             { "call": "job_status", "args": { "run": "$run" },
               "until": { "key": "run.status", "in": ["succeeded", "failed"] } },
+            { "call": "backup_now", "args": { "paths": [data], "tags": ["asked"] },
+              "save": { "now": "run" } },
+            { "call": "job_status", "args": { "run": "$now" },
+              "until": { "key": "run.status", "in": ["succeeded", "failed"] } },
+            { "call": "backup_now", "args": {} },
+            { "call": "backup_now", "args": { "paths": ["relative/path"] } },
         ]),
     );
     assert_eq!(ok(&t, 1, "job_status")["run"]["status"], "succeeded");
+    let now = ok(&t, 3, "job_status");
+    assert_eq!(now["run"]["status"], "succeeded", "{now:#}");
+    assert_eq!(now["run"]["job"], "backup-now", "{now:#}");
+    let tagged = env.json(&["snapshots", "--tag", "asked"]);
+    assert_eq!(tagged.as_array().unwrap().len(), 1, "{tagged:#}");
+    for (i, needle) in [(4, "name something"), (5, "paths")] {
+        let s = step(&t, i, "backup_now");
+        assert_eq!(s["is_error"], true, "{s:#}");
+        assert!(s["result"].to_string().contains(needle), "{s:#}");
+    }
     let admin = d.api(&rw);
     let (_, audit) = admin.get("/api/v1/audit");
     assert!(audit.to_string().contains("admin via MCP"), "{audit}");

@@ -217,6 +217,7 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
         .route("/jobs", get(list_jobs).post(add_job))
         .route("/jobs/{name}", get(get_job).delete(remove_job))
         .route("/jobs/{name}/run", post(run_job))
+        .route("/backups", post(backup_now))
         .route("/runs", get(list_runs))
         .route("/runs/{id}", get(get_run))
         .route("/runs/{id}/log", get(run_log))
@@ -717,20 +718,82 @@ async fn run_job(
     let Path(name) = path?;
     blocking(move || {
         let job = ctx.site.job(&name)?;
-        match ctx.runner.submit(&job, RunTrigger::Api) {
-            Ok(id) => Ok((StatusCode::ACCEPTED, Json(json!({ "run": id })))),
-            Err(SubmitError::Busy { run, .. }) => Err(ApiError::new(
+        let id = submit(&ctx, &job)?;
+        Ok((StatusCode::ACCEPTED, Json(json!({ "run": id }))))
+    })
+    .await
+}
+
+/// Queues a run of `job` asked through the API.
+fn submit(ctx: &Ctx, job: &JobDefinition) -> ApiResult<RunId> {
+    let name = &job.name;
+    ctx.runner
+        .submit(job, RunTrigger::Api)
+        .map_err(|e| match e {
+            SubmitError::Busy { run, .. } => ApiError::new(
                 StatusCode::CONFLICT,
                 "busy",
                 format!("job {name:?} already has run {run} queued or running"),
-            )),
-            Err(SubmitError::QueueFull(n)) => Err(ApiError::new(
+            ),
+            SubmitError::QueueFull(n) => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "queue_full",
                 format!("the queue is full ({n} runs waiting)"),
-            )),
-            Err(e) => Err(ApiError::internal(e.to_string())),
-        }
+            ),
+            e => ApiError::internal(e.to_string()),
+        })
+}
+
+/// A backup without a job: its sources, run now.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(super) struct BackupNow {
+    /// A repository of the configuration; `default` when not given.
+    #[serde(default = "crate::job::default_repository")]
+    repository: String,
+    /// What to back up, as a job's sources: `paths`, `vm`, `postgres`, `mariadb`,
+    /// `image`, `nbd`, `command` (docs/SERVE.md).
+    #[schema(value_type = Vec<Object>)]
+    source: Vec<cairn_agent::source::Source>,
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+/// The job name a backup without a job runs and is recorded under.
+pub const BACKUP_NOW: &str = "backup-now";
+
+#[utoipa::path(
+    post,
+    path = "/backups",
+    tag = "jobs",
+    request_body = BackupNow,
+    responses(
+        (status = 202, description = "Queued as a run of job `backup-now` (not stored): the run's id", body = Object),
+        (status = "default", description = "An error", body = openapi::ErrorBody),
+    ),
+)]
+async fn backup_now(
+    State(ctx): State<Ctx>,
+    body: Result<Json<BackupNow>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Value>)> {
+    let Json(b) = body?;
+    blocking(move || {
+        let job = JobDefinition {
+            name: BACKUP_NOW.to_owned(),
+            repository: b.repository,
+            sources: b.source,
+            tags: b.tags,
+            host: None,
+            retention: None,
+            verify: None,
+            notify: Vec::new(),
+        };
+        ctx.site.check_job(&job)?;
+        let id = submit(&ctx, &job)?;
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "run": id, "job": BACKUP_NOW })),
+        ))
     })
     .await
 }

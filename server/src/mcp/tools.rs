@@ -242,6 +242,28 @@ struct RunJob {
 #[derive(Deserialize, JsonSchema)]
 #[schemars(crate = "rmcp::schemars")]
 #[serde(deny_unknown_fields)]
+struct BackupNow {
+    repository: Option<String>,
+    /// Absolute paths of this host to back up as one file tree.
+    #[serde(default)]
+    paths: Vec<String>,
+    /// Virtual machines by name: every disk, the domain XML, incremental.
+    #[serde(default)]
+    vms: Vec<String>,
+    /// A PostgreSQL server's connection string (`host=/run/postgresql user=postgres`),
+    /// backed up physically (`pg_basebackup`).
+    postgres: Option<String>,
+    /// A MariaDB server (`mariadb://user:password@host:3306`, or empty for the local
+    /// socket), backed up physically (`mariadb-backup`).
+    mariadb: Option<String>,
+    /// Tags for the snapshots.
+    #[serde(default)]
+    tags: Vec<String>,
+}
+
+#[derive(Deserialize, JsonSchema)]
+#[schemars(crate = "rmcp::schemars")]
+#[serde(deny_unknown_fields)]
 struct RecoverDatabase {
     repository: Option<String>,
     /// A physical database snapshot (`repo backup --postgres` or `--mariadb`): id,
@@ -438,6 +460,31 @@ fn run_job(args: &Value) -> Result<Call, String> {
     Ok(post(format!("/jobs/{}/run", segment(&a.job)), json!({})))
 }
 
+fn backup_now(args: &Value) -> Result<Call, String> {
+    let a: BackupNow = parse(args)?;
+    let mut sources = Vec::new();
+    if !a.paths.is_empty() {
+        sources.push(json!({ "type": "paths", "paths": a.paths }));
+    }
+    if !a.vms.is_empty() {
+        sources.push(json!({ "type": "vm", "names": a.vms }));
+    }
+    if let Some(c) = a.postgres {
+        sources.push(json!({ "type": "postgres", "connection": c }));
+    }
+    if let Some(c) = a.mariadb {
+        let c = (!c.is_empty()).then_some(c);
+        sources.push(json!({ "type": "mariadb", "connection": c }));
+    }
+    if sources.is_empty() {
+        return Err("name something to back up: paths, vms, postgres or mariadb".into());
+    }
+    Ok(post(
+        "/backups".into(),
+        json!({ "repository": repo(&a.repository), "source": sources, "tags": a.tags }),
+    ))
+}
+
 fn recover_database(args: &Value) -> Result<Call, String> {
     let a: RecoverDatabase = parse(args)?;
     Ok(post(
@@ -617,6 +664,8 @@ pub static TOOLS: &[ToolSpec] = &[
         "Where a long operation is: a run started by run_job (by run id: queued, running, succeeded, failed, with its stats) or a verification started by verify_backup (by task id: running, done with its record, or failed). Changes nothing."),
     tool!("run_job", RunJob, run_job, changes: true, destructive: false,
         "Runs a backup job now (its sources, then its retention and verification). Returns the run id at once; follow it with job_status. Adds snapshots; its retention may forget old ones as the job defines."),
+    tool!("backup_now", BackupNow, backup_now, changes: true, destructive: false,
+        "Backs up now, without a job: paths of this host, virtual machines by name, a PostgreSQL or MariaDB server. Returns the run id at once (recorded as job backup-now); follow it with job_status. Adds snapshots; forgets nothing."),
     tool!("recover_database", RecoverDatabase, recover_database, changes: true, destructive: false,
         "Starts a database snapshot as a running server on this host in seconds (instant recovery, read-only unless writable). Returns the session with its connection details (host, port, user, password). Nothing is written to the backup; stop it with stop_recovery."),
     tool!("recover_vm", RecoverVm, recover_vm, changes: true, destructive: false,
