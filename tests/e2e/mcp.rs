@@ -229,7 +229,7 @@ fn an_assistant_lists_runs_recovers_and_stops_through_mcp() {
 }
 
 #[test]
-fn read_only_mcp_refuses_every_change_tool_and_dry_runs_hold() {
+fn read_only_mcp_reads_everything_refuses_every_change_tool_and_dry_runs_hold() {
     if !client_ready("the MCP server") {
         return;
     }
@@ -237,8 +237,52 @@ fn read_only_mcp_refuses_every_change_tool_and_dry_runs_hold() {
     let data = env.path("data");
     std::fs::create_dir_all(&data).unwrap();
     write_random(&data.join("a"), 2, 1_000);
+    let first = env.backup(&[&data])["id"].as_str().unwrap().to_owned();
+    write_random(&data.join("b"), 3, 2_000);
     env.backup(&[&data]);
     let config = config_with_job(&env, &data);
+
+    // Every read tool, read-only.
+    let dir = data.to_str().unwrap();
+    let t = session(
+        &env,
+        &config,
+        &[],
+        &json!([
+            { "call": "list_repositories", "args": {} },
+            { "call": "list_files", "args": { "snapshot": "latest", "path": dir } },
+            { "call": "snapshot_diff", "args": { "from": &first[..10], "to": "latest" } },
+            { "call": "repository_health", "args": {} },
+            { "call": "list_jobs", "args": {} },
+            { "call": "job_history", "args": { "job": "files" } },
+            { "call": "next_runs", "args": {} },
+            { "call": "recent_failures", "args": {} },
+            { "call": "verification_results", "args": {} },
+            { "call": "repository_health", "args": { "repository": "elsewhere" } },
+        ]),
+    );
+    let repos = ok(&t, 0, "list_repositories");
+    assert_eq!(repos["repositories"][0]["status"], "ok", "{repos:#}");
+    let files = ok(&t, 1, "list_files").to_string();
+    assert!(
+        files.contains("\"a\"") && files.contains("\"b\""),
+        "{files}"
+    );
+    let diff = ok(&t, 2, "snapshot_diff").to_string();
+    assert!(diff.contains("/b") && !diff.contains("data/a\""), "{diff}");
+    let health = ok(&t, 3, "repository_health");
+    assert!(
+        health["locks"].is_array() && health["checks"].is_array(),
+        "{health:#}"
+    );
+    assert!(ok(&t, 4, "list_jobs").to_string().contains("files"));
+    assert!(ok(&t, 5, "job_history")["runs"].is_array());
+    assert!(ok(&t, 6, "next_runs")["schedules"].is_array());
+    assert!(ok(&t, 7, "recent_failures")["runs"].is_array());
+    assert!(ok(&t, 8, "verification_results")["verifications"].is_array());
+    let elsewhere = step(&t, 9, "repository_health");
+    assert_eq!(elsewhere["is_error"], true, "{elsewhere:#}");
+    assert!(elsewhere["result"].to_string().contains("elsewhere"));
     let changes = [
         ("run_job", json!({ "job": "files" })),
         ("backup_now", json!({ "paths": ["/tmp"] })),
@@ -273,7 +317,7 @@ fn read_only_mcp_refuses_every_change_tool_and_dry_runs_hold() {
         assert_eq!(s["is_error"], true, "{s:#}");
         assert!(s["result"].to_string().contains("--allow-changes"), "{s:#}");
     }
-    assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), 1);
+    assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), 2);
 
     // With changes allowed, a restore and a forget still only say what they would do.
     let target = env.path("restored");
@@ -291,7 +335,7 @@ fn read_only_mcp_refuses_every_change_tool_and_dry_runs_hold() {
     assert!(restore.to_string().contains("dry_run"), "{restore:#}");
     assert!(!target.exists(), "a dry run restored");
     ok(&t, 1, "forget_snapshots");
-    assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), 1);
+    assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), 2);
     let stop = step(&t, 2, "vm_stop");
     assert_eq!(stop["is_error"], true, "{stop:#}");
 }
