@@ -95,13 +95,15 @@ impl Verifier {
         Results::open(&self.state_dir).map_err(|e| OperationError::Invalid(e.to_string()))
     }
 
-    /// Verifies snapshot `spec` (an id prefix or `latest`) of `repository`; the record
-    /// (a failure is a result: see its status).
+    /// Verifies snapshot `spec` (an id prefix or `latest`) of `repository`, for `job`
+    /// when a job's backup or schedule asked; the record (a failure is a result: see
+    /// its status).
     pub fn verify(
         &self,
         repository: &str,
         spec: &str,
         how: &VerifySpec,
+        job: Option<&str>,
         trigger: &str,
     ) -> Result<Verification, OperationError> {
         how.validate().map_err(OperationError::Invalid)?;
@@ -132,7 +134,7 @@ impl Verifier {
             };
             verify::files::run(&results, &req).map_err(verify_error)?
         };
-        self.tell(&v, trigger);
+        self.tell(&v, job.unwrap_or(""));
         Ok(v)
     }
 
@@ -235,11 +237,7 @@ impl Verifier {
 
     /// The metrics and, for a failure, the notification (to the job's targets, when a
     /// job's backup or schedule asked for it).
-    fn tell(&self, v: &Verification, trigger: &str) {
-        let job = trigger
-            .strip_prefix("after_backup ")
-            .or_else(|| trigger.strip_prefix("schedule "))
-            .unwrap_or("");
+    fn tell(&self, v: &Verification, job: &str) {
         if let Some(m) = &self.metrics {
             m.verified(job, v);
         }
@@ -370,7 +368,7 @@ impl Background {
             .spawn(move || {
                 let mut outcomes = Vec::new();
                 for id in &snapshots {
-                    let result = verifier.verify(&repository, id, &how, &trigger);
+                    let result = verifier.verify(&repository, id, &how, Some(&name), &trigger);
                     match &result {
                         Ok(r) => tracing::info!(
                             job = %name, snapshot = %id, verification = %r.id,

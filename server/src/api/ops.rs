@@ -399,7 +399,7 @@ pub(super) async fn verify_snapshot(
     blocking(move || {
         let v = ctx
             .verifier
-            .verify(&req.repository, &req.snapshot, &req.how, "api")?;
+            .verify(&req.repository, &req.snapshot, &req.how, None, "api")?;
         Ok((StatusCode::CREATED, Json(json!({ "verification": v }))))
     })
     .await
