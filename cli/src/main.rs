@@ -82,14 +82,31 @@ fn main() -> ExitCode {
             .init(),
     }
     if let Err(e) = testonly::switches() {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", describe(&e));
         return ExitCode::from(exit::ERROR);
     }
     match cmd::run(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::from(exit_code_of(&e))
         }
     }
+}
+
+/// An error and its causes, `: `-separated, each cause left out when the message before
+/// it already says it (an engine error shows its I/O cause in its own message).
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }

@@ -10,7 +10,8 @@ use std::sync::Arc;
 use cairn_engine::keyfile::KdfParams;
 use cairn_engine::lock::LockKind;
 use cairn_engine::repository::OpenOptions;
-use cairn_engine::store::{Backend, LocalBackend};
+use cairn_engine::store::s3::S3Credentials;
+use cairn_engine::store::{Backend, BackendOptions, LocalBackend, RepositoryUrl};
 use cairn_engine::trust::KnownRepositories;
 use cairn_engine::Repository;
 use zeroize::Zeroizing;
@@ -27,6 +28,9 @@ pub struct FileConfig {
     pub repository: Option<PathBuf>,
     pub password_file: Option<PathBuf>,
     pub password_command: Option<String>,
+    /// Keys of an `s3://` repository, when not in the environment.
+    pub s3_access_key_id: Option<String>,
+    pub s3_secret_access_key: Option<Zeroizing<String>>,
 }
 
 pub fn config_path() -> Option<PathBuf> {
@@ -58,6 +62,8 @@ fn load_file_config() -> Result<FileConfig> {
             "repository" => c.repository = Some(v.into()),
             "password_file" => c.password_file = Some(v.into()),
             "password_command" => c.password_command = Some(v),
+            "s3_access_key_id" => c.s3_access_key_id = Some(v),
+            "s3_secret_access_key" => c.s3_secret_access_key = Some(Zeroizing::new(v)),
             other => bail!("{}:{}: unknown setting {other:?}", path.display(), n + 1),
         }
     }
@@ -70,7 +76,10 @@ pub fn default_repository() -> Option<PathBuf> {
 }
 
 pub struct Settings {
+    /// The repository as the user named it (a path or a URL).
     pub repo: PathBuf,
+    /// Where it is.
+    pub url: RepositoryUrl,
     pub lock_wait: std::time::Duration,
     file: FileConfig,
     password_file: Option<PathBuf>,
@@ -86,8 +95,13 @@ impl Settings {
             .or_else(|| file.repository.clone())
             .or_else(default_repository)
             .context("no repository given: use --repo or REPO_REPOSITORY")?;
+        let url = RepositoryUrl::parse(
+            repo.to_str()
+                .context("the repository's name is not valid UTF-8")?,
+        )?;
         Ok(Self {
             repo,
+            url,
             lock_wait: g.lock_wait,
             file,
             password_file: g.password_file.clone(),
@@ -127,20 +141,42 @@ impl Settings {
         prompt("Password: ", confirm)
     }
 
-    /// The repository's backend and how to open it: a local directory, its identity
-    /// checked against (and recorded in) this host's known repositories.
-    pub fn location(&self) -> (Arc<dyn Backend>, OpenOptions) {
-        let (backend, mut opts) = cairn_engine::repository::local(&self.repo);
+    /// The repository's backend and how to open it: a local directory or an object
+    /// store, its identity checked against (and recorded in) this host's known
+    /// repositories.
+    pub fn location(&self) -> Result<(Arc<dyn Backend>, OpenOptions)> {
+        let (backend, mut opts) = cairn_engine::repository::at(&self.url, &self.backend_options())?;
         let switches = crate::testonly::get();
         let backend: Arc<dyn Backend> = match switches.crash_at {
-            Some(n) => Arc::new(LocalBackend::with_fs(
+            Some(n) if self.url.as_local().is_some() => Arc::new(LocalBackend::with_fs(
                 backend.location(),
                 Arc::new(cairn_engine::store::crash::KillingFs::at(n)),
             )),
-            None => backend,
+            _ => backend,
         };
         opts.known = Some(KnownRepositories::of_this_host());
-        (backend, opts)
+        Ok((backend, opts))
+    }
+
+    /// S3 keys from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`), else
+    /// from the config file.
+    fn backend_options(&self) -> BackendOptions {
+        let from_file = || {
+            Some(S3Credentials {
+                access_key_id: self.file.s3_access_key_id.clone()?,
+                secret_access_key: self.file.s3_secret_access_key.clone()?,
+                session_token: None,
+            })
+        };
+        BackendOptions {
+            s3_credentials: S3Credentials::from_env().or_else(from_file),
+        }
+    }
+
+    /// Reads the repository's config without a password: whether it is one, and how.
+    pub fn peek_config(&self) -> Result<cairn_engine::config::Config> {
+        let (backend, _) = self.location()?;
+        Ok(Repository::peek_config_on(backend.as_ref())?)
     }
 
     pub fn open(&self) -> Result<Repository> {
@@ -154,7 +190,7 @@ impl Settings {
             self.password(false)
                 .map_err(|e| cairn_engine::Error::InvalidInput(format!("{e:#}")))
         };
-        let (backend, mut opts) = self.location();
+        let (backend, mut opts) = self.location()?;
         if !check_identity {
             opts.known = None;
         }

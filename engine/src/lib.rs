@@ -13,6 +13,7 @@
 //! - [`config`]: the repository's parameters and format version.
 //! - [`chunker`], [`blob`], [`pack`]: cutting content, encoding blobs, packing them.
 //! - [`index`]: the SQLite blob index, a cache rebuilt from pack trailers.
+//! - [`cache`]: a host's cache of a repository (index, manifests), outside it.
 //! - [`tree`], [`snapshot`]: directory listings and snapshot manifests.
 //! - [`repository`]: the facade that opens all of the above.
 //! - [`saver`], [`backup`], [`restore`], [`walk`], [`diff`], [`check`], [`retention`]: the
@@ -22,6 +23,7 @@
 
 pub mod backup;
 pub mod blob;
+pub mod cache;
 pub mod check;
 pub mod chunker;
 pub mod config;

@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use zeroize::Zeroizing;
 
 use crate::blob;
+use crate::cache::RepositoryCache;
 use crate::config::Config;
 use crate::crypto::{Crypto, Encryption, MasterKey};
 use crate::error::{Error, IoContext, Result};
@@ -43,6 +44,8 @@ pub struct Repository {
     relisted: std::sync::atomic::AtomicBool,
     /// The manifests read so far, shared by every handle ([`Self::another_handle`]).
     manifests: Arc<ManifestCache>,
+    /// This host's cache of the repository (index, manifests), when it has one.
+    cache: Option<RepositoryCache>,
     /// How many extents a file lists inline in its tree ([`crate::tree::EXTENTS_INLINE`];
     /// lowered by tests of the extent-list blobs).
     extents_inline: usize,
@@ -51,9 +54,16 @@ pub struct Repository {
 /// How to open (or create) a repository, beyond its storage and password.
 #[derive(Debug, Clone, Default)]
 pub struct OpenOptions {
-    /// The index file (created if missing); `None` keeps the index in memory, filled
-    /// from the pack trailers at open.
+    /// The index file (created if missing). `None`: the index of the repository's cache
+    /// under [`Self::cache`], or without one an index in memory, filled from the pack
+    /// trailers at open.
     pub index: Option<PathBuf>,
+    /// The root of this host's repository caches ([`crate::cache`]): the index and the
+    /// manifests are kept there, in a directory of the repository's own.
+    pub cache: Option<PathBuf>,
+    /// An index an older version kept inside a local repository, moved into the cache
+    /// at open.
+    pub legacy_index: Option<PathBuf>,
     /// This host's record of known repositories: opening checks the repository's
     /// identity against it (and records a new one); creating records it.
     pub known: Option<KnownRepositories>,
@@ -77,16 +87,34 @@ pub fn current_user() -> String {
 }
 
 /// The backend and options of a repository in a local directory: its path made
-/// absolute (so that it names one place, whatever the working directory), the index in
-/// `index.sqlite` inside it.
+/// absolute (so that it names one place, whatever the working directory), the index and
+/// manifests in this host's cache ([`crate::cache::default_root`]).
 #[must_use]
 pub fn local(path: &Path) -> (Arc<dyn Backend>, OpenOptions) {
     let path = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
     let opts = OpenOptions {
-        index: Some(path.join("index.sqlite")),
-        known: None,
+        cache: crate::cache::default_root(),
+        legacy_index: Some(path.join("index.sqlite")),
+        ..OpenOptions::default()
     };
     (Arc::new(LocalBackend::new(path)), opts)
+}
+
+/// The backend and options of the repository at `url`: [`local`] for a directory; for
+/// a remote one, the index and manifests in this host's cache as well.
+pub fn at(
+    url: &crate::store::RepositoryUrl,
+    backend_options: &crate::store::BackendOptions,
+) -> Result<(Arc<dyn Backend>, OpenOptions)> {
+    if let Some(path) = url.as_local() {
+        return Ok(local(path));
+    }
+    let backend = crate::store::open(url, backend_options).ctx(|| url.to_string())?;
+    let opts = OpenOptions {
+        cache: crate::cache::default_root(),
+        ..OpenOptions::default()
+    };
+    Ok((backend, opts))
 }
 
 impl Repository {
@@ -194,16 +222,18 @@ impl Repository {
                 );
             }
         }
+        let cache = open_cache(opts, &config, &location);
         Ok(Self {
+            index: open_index(opts, cache.as_ref())?,
             location,
             backend,
             config,
             crypto,
             key_id,
-            index: open_index(opts)?,
             lock: std::sync::Mutex::new(None),
             relisted: Default::default(),
             manifests: Arc::default(),
+            cache,
             extents_inline: crate::tree::EXTENTS_INLINE,
         })
     }
@@ -253,16 +283,18 @@ impl Repository {
                 );
             }
         }
+        let cache = open_cache(opts, &config, &location);
         let repo = Self {
+            index: open_index(opts, cache.as_ref())?,
             location,
             backend,
             config,
             crypto,
             key_id,
-            index: open_index(opts)?,
             lock: std::sync::Mutex::new(None),
             relisted: Default::default(),
             manifests: Arc::default(),
+            cache,
             extents_inline: crate::tree::EXTENTS_INLINE,
         };
         repo.sync_index()?;
@@ -280,10 +312,11 @@ impl Repository {
             config: self.config.clone(),
             crypto: self.crypto.clone(),
             key_id: self.key_id,
-            index: open_index(opts)?,
+            index: open_index(opts, self.cache.as_ref())?,
             lock: std::sync::Mutex::new(None),
             relisted: Default::default(),
             manifests: self.manifests.clone(),
+            cache: self.cache.clone(),
             extents_inline: self.extents_inline,
         };
         repo.sync_index()?;
@@ -308,6 +341,12 @@ impl Repository {
     #[must_use]
     pub fn location(&self) -> &str {
         &self.location
+    }
+
+    /// This host's cache directory of the repository (index, manifests), if it has one.
+    #[must_use]
+    pub fn cache_dir(&self) -> Option<&Path> {
+        self.cache.as_ref().map(RepositoryCache::dir)
     }
 
     /// What makes this repository the one a host knew ([`crate::trust`]).
@@ -516,6 +555,9 @@ impl Repository {
             .backend
             .list(FileKind::Snapshot)
             .ctx(|| "listing snapshots".into())?;
+        if let Some(cache) = &self.cache {
+            cache.retain_manifests(&names.iter().filter_map(|n| n.parse().ok()).collect());
+        }
         let mut out: Vec<Snapshot> = names
             .par_iter()
             .filter_map(|name| {
@@ -538,6 +580,16 @@ impl Repository {
         if let Some(manifest) = self.manifests.get(id) {
             return Ok(Snapshot { id: *id, manifest });
         }
+        if let Some(bytes) = self.cache.as_ref().and_then(|c| c.manifest(id)) {
+            // Authenticated like storage's copy; a bad cached copy is dropped and read again.
+            if let Ok(manifest) = Manifest::decode(&self.crypto, id, &bytes) {
+                self.manifests.put(*id, &manifest);
+                return Ok(Snapshot { id: *id, manifest });
+            }
+            if let Some(cache) = &self.cache {
+                cache.forget_manifest(id);
+            }
+        }
         self.read_snapshot(id)
     }
 
@@ -550,6 +602,9 @@ impl Repository {
             .ctx(|| format!("reading snapshot {id}"))?;
         let manifest = Manifest::decode(&self.crypto, id, &bytes)?;
         self.manifests.put(*id, &manifest);
+        if let Some(cache) = &self.cache {
+            cache.put_manifest(id, &bytes);
+        }
         Ok(Snapshot { id: *id, manifest })
     }
 
@@ -565,6 +620,9 @@ impl Repository {
     /// Forgets a snapshot: its manifest goes, its data stays (until a prune).
     pub fn remove_snapshot(&self, id: &SnapshotId) -> Result<()> {
         self.manifests.forget(id);
+        if let Some(cache) = &self.cache {
+            cache.forget_manifest(id);
+        }
         self.backend
             .remove(FileKind::Snapshot, &id.to_hex())
             .ctx(|| format!("removing snapshot {id}"))
@@ -773,10 +831,32 @@ fn identity_of(config: &Config, crypto: &Crypto) -> Identity {
     }
 }
 
-fn open_index(opts: &OpenOptions) -> Result<Index> {
-    match &opts.index {
-        Some(path) => Index::open(path),
-        None => Index::in_memory(),
+/// The repository's cache on this host, when `opts` names a cache root. A cache that
+/// cannot be made is warned about: the repository opens without one (slower, not wrong).
+fn open_cache(opts: &OpenOptions, config: &Config, location: &str) -> Option<RepositoryCache> {
+    let root = opts.cache.as_ref()?;
+    match RepositoryCache::open(root, &config.id, location) {
+        Ok(cache) => {
+            if let Some(old) = &opts.legacy_index {
+                cache.adopt_index(old);
+            }
+            Some(cache)
+        }
+        Err(e) => {
+            tracing::warn!(
+                "no cache for {location} in {} ({e}): the index is kept in memory",
+                root.display()
+            );
+            None
+        }
+    }
+}
+
+fn open_index(opts: &OpenOptions, cache: Option<&RepositoryCache>) -> Result<Index> {
+    match (&opts.index, cache) {
+        (Some(path), _) => Index::open(path),
+        (None, Some(cache)) => Index::open(&cache.index_path()),
+        (None, None) => Index::in_memory(),
     }
 }
 
@@ -962,8 +1042,8 @@ mod tests {
     fn a_known_repository_must_keep_its_identity() {
         let d = tempfile::tempdir().unwrap();
         let opts = OpenOptions {
-            index: None,
             known: Some(KnownRepositories::at(d.path().join("known.json"))),
+            ..OpenOptions::default()
         };
         let (fs, repo) = sim_repo(small_config(Encryption::Aes256Gcm));
         let identity = repo.identity();

@@ -88,9 +88,7 @@ fn the_index_can_be_deleted_and_rebuilt_and_every_snapshot_still_restores() {
     write_random(&src.join("c"), 2, 2 << 20);
     let s2 = env.backup(&[&src]);
 
-    for f in ["index.sqlite", "index.sqlite-wal", "index.sqlite-shm"] {
-        let _ = fs::remove_file(env.repo.join(f));
-    }
+    assert!(env.remove_index() > 0, "no index in the cache");
     let out = env.json(&["index", "rebuild"]);
     assert!(out["blobs"].as_u64().unwrap() > 3);
     for (snap, expect) in [(&s1, &copy1), (&s2, &src)] {
@@ -112,7 +110,7 @@ fn the_index_can_be_deleted_and_rebuilt_and_every_snapshot_still_restores() {
         }
     }
     // Without an explicit rebuild, opening the repository re-creates the index too.
-    fs::remove_file(env.repo.join("index.sqlite")).unwrap();
+    assert!(env.remove_index() > 0, "no index in the cache");
     let target = env.path("restore-again");
     env.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
     assert_same_tree(&src, &under(&target, &src));

@@ -149,6 +149,9 @@ fn every_command_reads_a_mutated_repository_safely(encryption: &str, seed: u64) 
     let snaps = [(first, first_tree), (second, second_tree)];
     let pristine = env.path("pristine");
     run_ok(Command::new("cp").arg("-a").arg(&env.repo).arg(&pristine));
+    // This host's cache of the repository (index, manifests) starts each case as it was.
+    let pristine_cache = env.path("pristine-cache");
+    run_ok(Command::new("cp").arg("-a").arg(env.cache_dir()).arg(&pristine_cache));
     let files: Vec<PathBuf> = walk_files(&pristine)
         .into_iter()
         .filter(|p| !p.to_string_lossy().contains("index.sqlite"))
@@ -158,6 +161,8 @@ fn every_command_reads_a_mutated_repository_safely(encryption: &str, seed: u64) 
         // A fresh copy, one file mutated.
         fs::remove_dir_all(&env.repo).unwrap();
         run_ok(Command::new("cp").arg("-a").arg(&pristine).arg(&env.repo));
+        fs::remove_dir_all(env.cache_dir()).unwrap();
+        run_ok(Command::new("cp").arg("-a").arg(&pristine_cache).arg(env.cache_dir()));
         let victim = &files[rng.below(files.len())];
         let rel = victim.strip_prefix(&pristine).unwrap();
         let path = env.repo.join(rel);
@@ -166,12 +171,7 @@ fn every_command_reads_a_mutated_repository_safely(encryption: &str, seed: u64) 
         fs::write(&path, &content).unwrap();
         if case % 2 == 0 {
             // Half the cases without the index: it is rebuilt from the mutated packs.
-            for e in fs::read_dir(&env.repo).unwrap() {
-                let p = e.unwrap().path();
-                if p.to_string_lossy().contains("index.sqlite") {
-                    fs::remove_file(p).unwrap();
-                }
-            }
+            env.remove_index();
         }
         let what = |cmd: &str| {
             format!(

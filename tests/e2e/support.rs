@@ -46,6 +46,26 @@ impl Env {
         self.dir.path().join(rel)
     }
 
+    /// This host's repository caches (`$HOME/.cache/cairn`: `HOME` is the test's dir).
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.path().join(".cache").join("cairn")
+    }
+
+    /// Deletes every index in the cache (the files of the SQLite database); returns how
+    /// many files went.
+    pub fn remove_index(&self) -> usize {
+        let mut removed = 0;
+        for entry in std::fs::read_dir(self.cache_dir()).into_iter().flatten() {
+            let dir = entry.unwrap().path();
+            for f in ["index.sqlite", "index.sqlite-wal", "index.sqlite-shm"] {
+                if std::fs::remove_file(dir.join(f)).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
     /// `repo` with this repository and password in its environment, and nothing else
     /// from the user's (no config file, no other password source).
     /// This test's environment on `c` (and nothing of the caller's but `PATH`).

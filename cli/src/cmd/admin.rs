@@ -65,12 +65,17 @@ pub fn init(s: &Settings, g: &Global, o: &InitOptions) -> Result<u8> {
         Encryption::None => Zeroizing::new(Vec::new()),
         Encryption::Aes256Gcm => s.password(true)?,
     };
-    if let Some(parent) = s.repo.parent() {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-    }
-    let (backend, opts) = s.location();
-    let repo = Repository::init_local(&s.repo, backend, &opts, &pw, config, open::kdf_params())?;
+    let (backend, opts) = s.location()?;
+    let repo = match s.url.as_local() {
+        Some(path) => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            Repository::init_local(path, backend, &opts, &pw, config, open::kdf_params())?
+        }
+        None => Repository::init_on(backend, &opts, &pw, config, open::kdf_params())?,
+    };
     if g.json {
         format::print_json(&json!({
             "id": repo.config().id.to_hex(),

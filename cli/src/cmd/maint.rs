@@ -177,9 +177,9 @@ pub fn repair(s: &Settings, g: &Global, no_read_data: bool) -> Result<u8> {
 }
 
 pub fn locks(s: &Settings, g: &Global) -> Result<u8> {
-    let backend = cairn_engine::store::LocalBackend::new(&s.repo);
-    cairn_engine::Repository::peek_config(&s.repo)?;
-    let all = lock::list(&backend)?;
+    s.peek_config()?;
+    let (backend, _) = s.location()?;
+    let all = lock::list(backend.as_ref())?;
     if g.json {
         format::print_json(&json!(all
             .iter()
@@ -205,9 +205,9 @@ pub fn locks(s: &Settings, g: &Global) -> Result<u8> {
 }
 
 pub fn unlock(s: &Settings, g: &Global, all: bool) -> Result<u8> {
-    let backend = cairn_engine::store::LocalBackend::new(&s.repo);
-    cairn_engine::Repository::peek_config(&s.repo)?;
-    let removed = lock::unlock(&backend, all)?;
+    s.peek_config()?;
+    let (backend, _) = s.location()?;
+    let removed = lock::unlock(backend.as_ref(), all)?;
     if g.json {
         format::print_json(&json!(removed
             .iter()
@@ -224,7 +224,7 @@ pub fn unlock(s: &Settings, g: &Global, all: bool) -> Result<u8> {
                     .unwrap_or_default()
             );
         }
-        let left = lock::list(&backend)?.len();
+        let left = lock::list(backend.as_ref())?.len();
         println!("{} locks removed, {left} left", removed.len());
     }
     Ok(exit::OK)

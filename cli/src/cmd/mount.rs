@@ -176,7 +176,7 @@ pub fn spawn_mount_daemon(
     mountpoint: &Path,
     args: &[std::ffi::OsString],
 ) -> Result<(u32, std::path::PathBuf)> {
-    let encrypted = Repository::peek_config(&s.repo)?.encryption != Encryption::None;
+    let encrypted = s.peek_config()?.encryption != Encryption::None;
     let password = if encrypted {
         Some(s.password(false)?)
     } else {

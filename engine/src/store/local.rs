@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::fs::{Fs, FsFile, ReadAt, RealFs};
-use super::{Backend, FileKind, NewFile};
+use super::{check_name, Backend, FileKind, NewFile};
 
 /// A repository in a local directory. Directories are created 0700, files 0600.
 #[derive(Debug, Clone)]
@@ -182,15 +182,6 @@ impl Drop for LocalNewFile<'_> {
     }
 }
 
-fn check_name(name: &str) -> io::Result<()> {
-    if name.is_empty() || name.contains('/') || name.starts_with('.') {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("invalid repository file name {name:?}"),
-        ));
-    }
-    Ok(())
-}
 
 impl Backend for LocalBackend {
     fn location(&self) -> String {

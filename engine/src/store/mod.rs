@@ -21,11 +21,48 @@
 pub mod crash;
 pub mod fs;
 mod local;
+#[cfg(feature = "s3")]
+pub mod s3;
 pub mod sim;
+pub mod url;
 
 use std::io::{self, Write};
+use std::sync::Arc;
 
 pub use local::LocalBackend;
+pub use url::{RepositoryUrl, S3Location, UrlError};
+
+/// What opening a backend may need beyond its URL.
+#[derive(Debug, Clone, Default)]
+pub struct BackendOptions {
+    /// Keys for an `s3://` repository (`None`: anonymous requests).
+    #[cfg(feature = "s3")]
+    pub s3_credentials: Option<s3::S3Credentials>,
+}
+
+/// The backend of the repository at `url`.
+pub fn open(url: &RepositoryUrl, options: &BackendOptions) -> io::Result<Arc<dyn Backend>> {
+    let _ = options;
+    match url {
+        RepositoryUrl::Local(path) => Ok(Arc::new(LocalBackend::new(
+            std::path::absolute(path).unwrap_or_else(|_| path.clone()),
+        ))),
+        #[cfg(feature = "s3")]
+        RepositoryUrl::S3(location) => Ok(Arc::new(s3::S3Backend::new(
+            location,
+            options.s3_credentials.as_ref(),
+        )?)),
+        #[cfg(not(feature = "s3"))]
+        RepositoryUrl::S3(_) => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this build has no S3 support (the engine's `s3` feature)",
+        )),
+        RepositoryUrl::Remote(url) => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("{url}: repository servers are not supported yet; use a path or s3://"),
+        )),
+    }
+}
 
 /// The kinds of file a repository holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -106,6 +143,18 @@ pub trait Backend: Send + Sync {
     /// Removes incomplete files (a writer killed mid-write) older than `age`; returns how
     /// many and their bytes.
     fn remove_incomplete(&self, age: std::time::Duration) -> io::Result<(u64, u64)>;
+}
+
+/// Refuses a name that is not one file's name in its kind's directory (`..`, `a/b`, a
+/// hidden temporary file).
+pub(crate) fn check_name(name: &str) -> io::Result<()> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid repository file name {name:?}"),
+        ));
+    }
+    Ok(())
 }
 
 /// A file being written whose name is known only when it is complete. Dropping it
