@@ -10,6 +10,7 @@ use std::sync::Arc;
 use cairn_engine::keyfile::KdfParams;
 use cairn_engine::lock::LockKind;
 use cairn_engine::repository::OpenOptions;
+use cairn_engine::store::read_cache::ReadCache;
 use cairn_engine::store::s3::S3Credentials;
 use cairn_engine::store::{Backend, BackendOptions, LocalBackend, RepositoryUrl};
 use cairn_engine::trust::KnownRepositories;
@@ -31,6 +32,8 @@ pub struct FileConfig {
     /// Keys of an `s3://` repository, when not in the environment.
     pub s3_access_key_id: Option<String>,
     pub s3_secret_access_key: Option<Zeroizing<String>>,
+    /// Bound of the disk cache of a remote repository's pack reads (`4G`, `0`: none).
+    pub read_cache_size: Option<String>,
 }
 
 pub fn config_path() -> Option<PathBuf> {
@@ -64,6 +67,7 @@ fn load_file_config() -> Result<FileConfig> {
             "password_command" => c.password_command = Some(v),
             "s3_access_key_id" => c.s3_access_key_id = Some(v),
             "s3_secret_access_key" => c.s3_secret_access_key = Some(Zeroizing::new(v)),
+            "read_cache_size" => c.read_cache_size = Some(v),
             other => bail!("{}:{}: unknown setting {other:?}", path.display(), n + 1),
         }
     }
@@ -74,6 +78,9 @@ fn load_file_config() -> Result<FileConfig> {
 pub fn default_repository() -> Option<PathBuf> {
     dirs::data_dir().map(|d| d.join("cairn").join("repository"))
 }
+
+/// The default bound of a remote repository's read cache: 4 GiB.
+pub const DEFAULT_READ_CACHE: u64 = 4 << 30;
 
 pub struct Settings {
     /// The repository as the user named it (a path or a URL).
@@ -154,8 +161,33 @@ impl Settings {
             )),
             _ => backend,
         };
+        let backend = match (self.url.as_local(), &opts.cache) {
+            (None, Some(root)) => self.with_read_cache(backend, root)?,
+            _ => backend,
+        };
         opts.known = Some(KnownRepositories::of_this_host());
         Ok((backend, opts))
+    }
+
+    /// A remote repository's pack reads through a disk cache (`<cache>/packs`) of
+    /// `$REPO_READ_CACHE_SIZE`, else the config file's `read_cache_size`, else
+    /// [`DEFAULT_READ_CACHE`] bytes; `0` turns it off.
+    fn with_read_cache(&self, backend: Arc<dyn Backend>, root: &Path) -> Result<Arc<dyn Backend>> {
+        let size = std::env::var("REPO_READ_CACHE_SIZE")
+            .ok()
+            .or_else(|| self.file.read_cache_size.clone());
+        let bytes = match size {
+            Some(text) => crate::args::parse_size(&text)
+                .map_err(|e| anyhow::anyhow!("read cache size {text:?}: {e}"))?,
+            None => DEFAULT_READ_CACHE,
+        };
+        if bytes == 0 {
+            return Ok(backend);
+        }
+        let dir = root.join("packs");
+        let cache = ReadCache::new(backend, dir.clone(), bytes)
+            .with_context(|| format!("the read cache in {}", dir.display()))?;
+        Ok(Arc::new(cache))
     }
 
     /// S3 keys from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`), else

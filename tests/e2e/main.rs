@@ -22,6 +22,7 @@ mod mcp;
 mod mount;
 mod mutations;
 mod roundtrip;
+mod s3;
 mod serve;
 mod support;
 mod verify;

@@ -151,7 +151,12 @@ fn every_command_reads_a_mutated_repository_safely(encryption: &str, seed: u64) 
     run_ok(Command::new("cp").arg("-a").arg(&env.repo).arg(&pristine));
     // This host's cache of the repository (index, manifests) starts each case as it was.
     let pristine_cache = env.path("pristine-cache");
-    run_ok(Command::new("cp").arg("-a").arg(env.cache_dir()).arg(&pristine_cache));
+    run_ok(
+        Command::new("cp")
+            .arg("-a")
+            .arg(env.cache_dir())
+            .arg(&pristine_cache),
+    );
     let files: Vec<PathBuf> = walk_files(&pristine)
         .into_iter()
         .filter(|p| !p.to_string_lossy().contains("index.sqlite"))
@@ -162,7 +167,12 @@ fn every_command_reads_a_mutated_repository_safely(encryption: &str, seed: u64) 
         fs::remove_dir_all(&env.repo).unwrap();
         run_ok(Command::new("cp").arg("-a").arg(&pristine).arg(&env.repo));
         fs::remove_dir_all(env.cache_dir()).unwrap();
-        run_ok(Command::new("cp").arg("-a").arg(&pristine_cache).arg(env.cache_dir()));
+        run_ok(
+            Command::new("cp")
+                .arg("-a")
+                .arg(&pristine_cache)
+                .arg(env.cache_dir()),
+        );
         let victim = &files[rng.below(files.len())];
         let rel = victim.strip_prefix(&pristine).unwrap();
         let path = env.repo.join(rel);

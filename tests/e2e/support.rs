@@ -24,6 +24,8 @@ pub fn repo_bin() -> &'static str {
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub repo: PathBuf,
+    /// More environment for every command (an object store's keys).
+    pub extra_env: Vec<(String, String)>,
 }
 
 impl Env {
@@ -39,7 +41,11 @@ impl Env {
             .tempdir_in(scratch_root())
             .unwrap();
         let repo = dir.path().join("repo");
-        Self { dir, repo }
+        Self {
+            dir,
+            repo,
+            extra_env: Vec::new(),
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -78,7 +84,8 @@ impl Env {
             .env("REPO_CONFIG", self.dir.path().join("no-config"))
             .env("REPO_REPOSITORY", &self.repo)
             .env("REPO_PASSWORD", PASSWORD)
-            .env("CAIRN_TESTONLY_WEAK_KDF", "1");
+            .env("CAIRN_TESTONLY_WEAK_KDF", "1")
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)));
     }
 
     pub fn cmd(&self) -> Command {

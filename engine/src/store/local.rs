@@ -182,7 +182,6 @@ impl Drop for LocalNewFile<'_> {
     }
 }
 
-
 impl Backend for LocalBackend {
     fn location(&self) -> String {
         self.root.display().to_string()

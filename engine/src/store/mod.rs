@@ -21,6 +21,7 @@
 pub mod crash;
 pub mod fs;
 mod local;
+pub mod read_cache;
 #[cfg(feature = "s3")]
 pub mod s3;
 pub mod sim;

@@ -346,7 +346,6 @@ fn summary(message: &str) -> String {
     }
 }
 
-
 /// [`Backend::create`] of [`S3Backend`]: the bytes wait in memory until the name is known.
 struct S3NewFile<'b> {
     backend: &'b S3Backend,
