@@ -34,6 +34,7 @@ if ((${#missing[@]})); then
   fi
   $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" "${extra[@]}"
 fi
+command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup first" >&2; exit 1; }
 # schemathesis (PyPI) fuzzes the daemon's API from its OpenAPI document, and the MCP SDK
 # is the tests' MCP client; in a venv of their own, with Debian's python3, so that
 # nothing of the system's Python changes.
@@ -48,5 +49,12 @@ if [ "${1:-}" = "--test" ]; then
   if ! "$venv/bin/python" -c "import mcp.client.stdio" 2>/dev/null; then
     $sudo "$venv/bin/pip" install -q "mcp==1.26.0"
   fi
+  # A real S3 server for the object-storage tests: s3s-fs (crates.io), built once and
+  # kept beside the venv (0.14.1 is the newest that builds on Rust 1.95).
+  s3s="/var/cache/cairn/s3s/bin/s3s-fs"
+  if [ ! -x "$s3s" ]; then
+    $sudo mkdir -p /var/cache/cairn/s3s
+    $sudo cargo install -q --locked s3s-fs@0.14.1 --features binary \
+      --root /var/cache/cairn/s3s -j "$(nproc)"
+  fi
 fi
-command -v cargo >/dev/null || { echo "cargo not found: install Rust with rustup first" >&2; exit 1; }

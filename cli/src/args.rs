@@ -23,8 +23,8 @@ pub struct Cli {
 
 #[derive(Args, Debug)]
 pub struct Global {
-    /// Repository directory [env: REPO_REPOSITORY]
-    #[arg(long, short = 'r', global = true, value_name = "PATH")]
+    /// Repository: a directory or s3://bucket/prefix?endpoint=URL [env: REPO_REPOSITORY]
+    #[arg(long, short = 'r', global = true, value_name = "PATH|URL")]
     pub repo: Option<PathBuf>,
     /// File holding the password (first line) [env: REPO_PASSWORD_FILE]
     #[arg(long, global = true, value_name = "FILE")]

@@ -110,11 +110,19 @@ pub fn at(
         return Ok(local(path));
     }
     let backend = crate::store::open(url, backend_options).ctx(|| url.to_string())?;
-    let opts = OpenOptions {
-        cache: crate::cache::default_root(),
-        ..OpenOptions::default()
-    };
-    Ok((backend, opts))
+    Ok((backend, options_for(url)))
+}
+
+/// The options [`at`] gives, without opening a backend (for another handle).
+#[must_use]
+pub fn options_for(url: &crate::store::RepositoryUrl) -> OpenOptions {
+    match url.as_local() {
+        Some(path) => local(path).1,
+        None => OpenOptions {
+            cache: crate::cache::default_root(),
+            ..OpenOptions::default()
+        },
+    }
 }
 
 impl Repository {

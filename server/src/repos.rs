@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use cairn_engine::repository::{self, OpenOptions};
+use cairn_engine::store::s3::S3Credentials;
+use cairn_engine::store::{Backend, BackendOptions, RepositoryUrl};
 use cairn_engine::trust::KnownRepositories;
 use cairn_engine::Repository;
 
@@ -65,7 +67,9 @@ impl Repositories {
     pub fn handle(&self, name: &str) -> Result<Repository, RepoError> {
         let base = self.base(name)?;
         let config = &self.configs[name];
-        base.another_handle(&self.options(config))
+        let mut opts = repository::options_for(&Self::url(name, config)?);
+        opts.known = Some(self.known.clone());
+        base.another_handle(&opts)
             .map_err(|source| RepoError::Open {
                 name: name.to_owned(),
                 path: config.path.display().to_string(),
@@ -73,10 +77,42 @@ impl Repositories {
             })
     }
 
-    fn options(&self, config: &RepositoryConfig) -> OpenOptions {
-        let (_, mut opts) = repository::local(&config.path);
+    /// Where a configured repository is: `path` is a directory or a URL
+    /// (`s3://bucket/prefix?endpoint=…`).
+    fn url(name: &str, config: &RepositoryConfig) -> Result<RepositoryUrl, RepoError> {
+        let open_error = |source| RepoError::Open {
+            name: name.to_owned(),
+            path: config.path.display().to_string(),
+            source,
+        };
+        let text = config.path.to_str().ok_or_else(|| {
+            open_error(cairn_engine::Error::InvalidInput(
+                "the repository's name is not valid UTF-8".into(),
+            ))
+        })?;
+        RepositoryUrl::parse(text)
+            .map_err(|e| open_error(cairn_engine::Error::InvalidInput(e.to_string())))
+    }
+
+    /// The backend and options of a configured repository (S3 keys from the daemon's
+    /// environment).
+    fn location(
+        &self,
+        name: &str,
+        config: &RepositoryConfig,
+    ) -> Result<(Arc<dyn Backend>, OpenOptions), RepoError> {
+        let url = Self::url(name, config)?;
+        let open_error = |source| RepoError::Open {
+            name: name.to_owned(),
+            path: config.path.display().to_string(),
+            source,
+        };
+        let backend_options = BackendOptions {
+            s3_credentials: S3Credentials::from_env(),
+        };
+        let (backend, mut opts) = repository::at(&url, &backend_options).map_err(open_error)?;
         opts.known = Some(self.known.clone());
-        opts
+        Ok((backend, opts))
     }
 
     /// Repository `name`'s password, read from where its configuration says (for what
@@ -112,8 +148,7 @@ impl Repositories {
             return Ok(r.clone());
         }
         let password = self.password(name)?;
-        let (backend, _) = repository::local(&config.path);
-        let opts = self.options(config);
+        let (backend, opts) = self.location(name, config)?;
         let repo =
             Repository::open_with(backend, &opts, &|| Ok(password.clone())).map_err(|source| {
                 RepoError::Open {

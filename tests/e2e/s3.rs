@@ -418,3 +418,23 @@ fn throttling_server_errors_and_hang_ups_are_retried_and_nothing_is_lost() {
     );
     assert_eq!(direct.json(&["snapshots"]).as_array().unwrap().len(), 1);
 }
+
+#[test]
+fn a_job_of_the_control_plane_backs_up_to_s3() {
+    let probe = Env::without_repo();
+    let Some(s3) = server("s3 job", &probe) else {
+        return;
+    };
+    let env = s3_env(s3.port, "jobs");
+    env.ok(&["init"]);
+    let src = env.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("a"), b"first").unwrap();
+    env.ok(&["backup", src.to_str().unwrap(), "--save-as", "etc"]);
+    std::fs::write(src.join("a"), b"second").unwrap();
+    env.ok(&["job", "run", "etc"]);
+    let snaps = env.json(&["snapshots"]);
+    assert_eq!(snaps.as_array().unwrap().len(), 2, "{snaps}");
+    let out = env.ok(&["cat", "latest", src.join("a").to_str().unwrap()]);
+    assert_eq!(out, "second");
+}
