@@ -246,6 +246,9 @@ pub enum Command {
     Umount { mountpoint: PathBuf },
     /// Remove snapshots a keep policy does not keep (their data stays until a prune)
     Forget(ForgetArgs),
+    /// Copy snapshots to another repository (another key and backend allowed); only the
+    /// data it lacks is stored, and a snapshot copied before is skipped
+    Copy(CopyArgs),
     /// Delete data no snapshot needs; rewrite packs that are mostly unused
     Prune(PruneArgs),
     /// Rebuild the index, salvage damaged packs, and mark snapshots that lost data
@@ -559,6 +562,27 @@ pub enum TokenCommand {
     Revoke {
         name: String,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct CopyArgs {
+    /// Snapshots to copy (ids or `latest`); none: every snapshot the filters select
+    pub snapshots: Vec<String>,
+    /// The repository to copy into: a directory or s3://bucket/prefix?endpoint=URL
+    #[arg(long, value_name = "PATH|URL")]
+    pub to: String,
+    /// The repository to copy from (default: --repo)
+    #[arg(long, value_name = "PATH|URL")]
+    pub from: Option<String>,
+    /// File holding the destination's password [env: REPO_TO_PASSWORD_FILE]; else
+    /// REPO_TO_PASSWORD; else the source's password
+    #[arg(long, value_name = "FILE")]
+    pub to_password_file: Option<PathBuf>,
+    /// Only the newest N snapshots of each host and source
+    #[arg(long, value_name = "N")]
+    pub latest: Option<usize>,
+    #[command(flatten)]
+    pub filter: Filter,
 }
 
 #[derive(Args, Debug)]

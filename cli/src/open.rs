@@ -90,9 +90,31 @@ pub struct Settings {
     pub lock_wait: std::time::Duration,
     file: FileConfig,
     password_file: Option<PathBuf>,
+    /// A password settled by the caller (the other repository of a copy).
+    password_given: Option<Zeroizing<Vec<u8>>>,
 }
 
 impl Settings {
+    /// The same settings for another repository (`repo copy`'s other side), whose
+    /// password is `password`.
+    pub fn other(&self, repo: &str, password: Zeroizing<Vec<u8>>) -> Result<Self> {
+        Ok(Self {
+            repo: PathBuf::from(repo),
+            url: RepositoryUrl::parse(repo)?,
+            lock_wait: self.lock_wait,
+            file: FileConfig {
+                repository: None,
+                password_file: None,
+                password_command: None,
+                s3_access_key_id: self.file.s3_access_key_id.clone(),
+                s3_secret_access_key: self.file.s3_secret_access_key.clone(),
+                read_cache_size: self.file.read_cache_size.clone(),
+            },
+            password_file: None,
+            password_given: Some(password),
+        })
+    }
+
     pub fn new(g: &Global) -> Result<Self> {
         let file = load_file_config()?;
         let repo = g
@@ -112,11 +134,15 @@ impl Settings {
             lock_wait: g.lock_wait,
             file,
             password_file: g.password_file.clone(),
+            password_given: None,
         })
     }
 
     /// The password, from the first source that is set.
     pub fn password(&self, confirm: bool) -> Result<Zeroizing<Vec<u8>>> {
+        if let Some(p) = &self.password_given {
+            return Ok(p.clone());
+        }
         if std::env::var_os(DAEMON_PASSWORD_STDIN).is_some() {
             // A `--daemon` child: the parent hands the password over a pipe.
             let mut line = Zeroizing::new(String::new());

@@ -27,6 +27,7 @@ pub mod cache;
 pub mod check;
 pub mod chunker;
 pub mod config;
+pub mod copy;
 pub mod crypto;
 pub mod damage;
 pub mod diff;

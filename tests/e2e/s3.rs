@@ -438,3 +438,85 @@ fn a_job_of_the_control_plane_backs_up_to_s3() {
     let out = env.ok(&["cat", "latest", src.join("a").to_str().unwrap()]);
     assert_eq!(out, "second");
 }
+
+#[test]
+fn repo_copy_moves_snapshots_to_s3_under_another_key_once() {
+    let probe = Env::without_repo();
+    let Some(s3) = server("repo copy", &probe) else {
+        return;
+    };
+    let local = Env::new();
+    let src = local.path("src");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    write_random(&src.join("big"), 11, 9 << 20);
+    std::fs::write(src.join("d/a"), b"one").unwrap();
+    local.backup(&[&src]);
+    std::fs::write(src.join("d/a"), b"two").unwrap();
+    local.backup(&[&src]);
+
+    let mut remote = s3_env(s3.port, "copy");
+    remote.dir = tempfile::Builder::new()
+        .prefix("cairn-e2e-")
+        .tempdir_in(local.dir.path())
+        .unwrap();
+    remote
+        .extra_env
+        .push(("REPO_PASSWORD".into(), "another password".into()));
+    remote.ok(&["init"]);
+
+    let copy = |extra: &[&str]| {
+        let mut args = vec!["copy", "--to", remote.repo.to_str().unwrap(), "--json"];
+        args.extend_from_slice(extra);
+        let mut c = local.cmd();
+        c.args(&args)
+            .env("REPO_TO_PASSWORD", "another password")
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+        let out = c.output().unwrap();
+        let text = succeeded("repo copy", out);
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()
+    };
+    // The newest one first, then all: the first is not copied twice.
+    let first = copy(&["--latest", "1"]);
+    assert_eq!(first["copied"].as_array().unwrap().len(), 1, "{first}");
+    assert!(first["blobs_new"].as_u64().unwrap() > 2);
+    let second = copy(&[]);
+    assert_eq!(second["copied"].as_array().unwrap().len(), 1, "{second}");
+    assert_eq!(second["skipped"].as_array().unwrap().len(), 1, "{second}");
+    // Only the changed file's data and the trees above it were new.
+    assert!(
+        second["bytes_stored"].as_u64().unwrap() < 1 << 20,
+        "{second}"
+    );
+    let again = copy(&[]);
+    assert_eq!(again["copied"].as_array().unwrap().len(), 0, "{again}");
+    assert_eq!(again["blobs_read"], 0, "{again}");
+    assert_eq!(again["blobs_new"], 0, "{again}");
+
+    // The copies restore byte for byte under the destination's own key, and check.
+    let snaps = remote.json(&["snapshots"]);
+    assert_eq!(snaps.as_array().unwrap().len(), 2, "{snaps}");
+    let target = remote.path("restored");
+    remote.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert_same_tree(&src, &under(&target, &src));
+    let check = remote.json(&["check", "--read-data"]);
+    assert_eq!(
+        check["problems"].as_array().map_or(0, Vec::len),
+        0,
+        "{check}"
+    );
+
+    // A wrong destination password is refused before anything is written.
+    let mut c = local.cmd();
+    c.args(["copy", "--to", remote.repo.to_str().unwrap()])
+        .env("REPO_TO_PASSWORD", "wrong")
+        .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY);
+    let out = c.output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("destination"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -3,6 +3,7 @@
 mod admin;
 mod backup;
 mod browse;
+mod copy;
 mod forget;
 mod jobs;
 mod maint;
@@ -156,6 +157,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             read_data_subset,
         } => admin::check(&settings, g, read_data, read_data_subset),
         Command::Forget(a) => forget::run(&settings, g, &a),
+        Command::Copy(a) => copy::run(&settings, g, &a),
         Command::Recover(r) => recover::run(&settings, g, r),
         Command::Prune(a) => maint::prune(&settings, g, &a.options, a.dry_run),
         Command::Repair { no_read_data } => maint::repair(&settings, g, no_read_data),
