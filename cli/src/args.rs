@@ -100,6 +100,11 @@ pub enum Command {
         /// of about 600 GiB at most)
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=2))]
         format_version: Option<u32>,
+        /// Cut data as this other repository does (its chunker parameters and image chunk
+        /// size, read from its config without a password), so that snapshots copied
+        /// between the two (`repo copy`) and their own backups share data
+        #[arg(long, value_name = "PATH|URL", conflicts_with_all = ["chunk_sizes", "image_chunk_size"])]
+        copy_chunker_params_from: Option<String>,
     },
     /// Back up paths, a stream from standard input, a disk image or a database
     Backup(BackupArgs),

@@ -520,3 +520,42 @@ fn repo_copy_moves_snapshots_to_s3_under_another_key_once() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_repository_inited_with_anothers_chunker_params_shares_data_with_its_copies() {
+    let local = Env::without_repo();
+    local.ok(&["init", "--chunk-sizes", "64K,128K,1M"]);
+    let src = local.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    write_random(&src.join("data"), 5, 6 << 20);
+    local.backup(&[&src]);
+
+    let mut other = Env::without_repo();
+    other.dir = tempfile::Builder::new()
+        .prefix("cairn-e2e-")
+        .tempdir_in(local.dir.path())
+        .unwrap();
+    other.repo = other.path("repo");
+    let bad = other.run(&["init", "--copy-chunker-params-from", "/nonexistent/repo"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a cairn repository"));
+    other.ok(&[
+        "init",
+        "--copy-chunker-params-from",
+        local.repo.to_str().unwrap(),
+    ]);
+    // Its own backup of the same data, then the copy: the copy's data is all there.
+    other.backup(&[&src]);
+    let out = local
+        .cmd()
+        .args(["copy", "--to", other.repo.to_str().unwrap(), "--json"])
+        .output()
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&succeeded("repo copy", out)).unwrap();
+    assert_eq!(report["copied"].as_array().unwrap().len(), 1, "{report}");
+    assert!(report["blobs_read"].as_u64().unwrap() > 10, "{report}");
+    assert!(
+        report["bytes_stored"].as_u64().unwrap() < 64 << 10,
+        "the copy stored its data again: {report}"
+    );
+}

@@ -21,6 +21,7 @@ pub struct InitOptions {
     pub chunk_sizes: Option<[u64; 3]>,
     pub image_chunk_size: Option<u64>,
     pub format_version: Option<u32>,
+    pub copy_chunker_params_from: Option<String>,
 }
 
 pub fn init(s: &Settings, g: &Global, o: &InitOptions) -> Result<u8> {
@@ -60,6 +61,18 @@ pub fn init(s: &Settings, g: &Global, o: &InitOptions) -> Result<u8> {
     }
     if let Some(v) = o.format_version {
         config.version = v;
+    }
+    if let Some(other) = &o.copy_chunker_params_from {
+        let theirs = s
+            .other(other, Zeroizing::new(Vec::new()))?
+            .peek_config()
+            .with_context(|| format!("--copy-chunker-params-from {other}"))?;
+        theirs
+            .chunker
+            .validate()
+            .with_context(|| format!("{other}: its chunker parameters"))?;
+        config.chunker = theirs.chunker;
+        config.image_chunk_size = theirs.image_chunk_size;
     }
     let pw = match encryption {
         Encryption::None => Zeroizing::new(Vec::new()),

@@ -33,6 +33,7 @@ pub fn run(cli: Cli) -> Result<u8> {
             chunk_sizes,
             image_chunk_size,
             format_version,
+            copy_chunker_params_from,
         } => admin::init(
             &settings,
             g,
@@ -43,6 +44,7 @@ pub fn run(cli: Cli) -> Result<u8> {
                 chunk_sizes,
                 image_chunk_size,
                 format_version,
+                copy_chunker_params_from,
             },
         ),
         Command::Backup(a) => backup::run(&settings, g, &a),
