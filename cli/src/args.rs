@@ -562,6 +562,17 @@ pub enum TokenCommand {
         /// The token can read, never change anything
         #[arg(long)]
         read_only: bool,
+        /// A storage token for this repository instead (other hosts back up to
+        /// https://THIS-HOST:PORT/repo/NAME with it); it opens nothing of the API
+        #[arg(long, value_name = "NAME")]
+        repository: Option<String>,
+        /// With --repository: add backups, never delete or rewrite them (a backed-up
+        /// host's token: its compromise cannot destroy its backups)
+        #[arg(long, requires = "repository")]
+        append_only: bool,
+        /// With --repository: the bytes of new files the token may add in all
+        #[arg(long, value_name = "SIZE", value_parser = parse_size, requires = "repository")]
+        quota: Option<u64>,
     },
     List,
     Revoke {

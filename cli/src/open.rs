@@ -11,6 +11,7 @@ use cairn_engine::keyfile::KdfParams;
 use cairn_engine::lock::LockKind;
 use cairn_engine::repository::OpenOptions;
 use cairn_engine::store::read_cache::ReadCache;
+use cairn_engine::store::remote::RemoteOptions;
 use cairn_engine::store::s3::S3Credentials;
 use cairn_engine::store::{Backend, BackendOptions, LocalBackend, RepositoryUrl};
 use cairn_engine::trust::KnownRepositories;
@@ -34,6 +35,10 @@ pub struct FileConfig {
     pub s3_secret_access_key: Option<Zeroizing<String>>,
     /// Bound of the disk cache of a remote repository's pack reads (`4G`, `0`: none).
     pub read_cache_size: Option<String>,
+    /// A file holding the storage token of an `https://` repository.
+    pub token_file: Option<PathBuf>,
+    /// A PEM certificate to trust for an `https://` repository (its server's CA).
+    pub ca_certificate: Option<PathBuf>,
 }
 
 pub fn config_path() -> Option<PathBuf> {
@@ -68,6 +73,8 @@ fn load_file_config() -> Result<FileConfig> {
             "s3_access_key_id" => c.s3_access_key_id = Some(v),
             "s3_secret_access_key" => c.s3_secret_access_key = Some(Zeroizing::new(v)),
             "read_cache_size" => c.read_cache_size = Some(v),
+            "token_file" => c.token_file = Some(v.into()),
+            "ca_certificate" => c.ca_certificate = Some(v.into()),
             other => bail!("{}:{}: unknown setting {other:?}", path.display(), n + 1),
         }
     }
@@ -109,6 +116,8 @@ impl Settings {
                 s3_access_key_id: self.file.s3_access_key_id.clone(),
                 s3_secret_access_key: self.file.s3_secret_access_key.clone(),
                 read_cache_size: self.file.read_cache_size.clone(),
+                token_file: self.file.token_file.clone(),
+                ca_certificate: self.file.ca_certificate.clone(),
             },
             password_file: None,
             password_given: Some(password),
@@ -178,7 +187,7 @@ impl Settings {
     /// store, its identity checked against (and recorded in) this host's known
     /// repositories.
     pub fn location(&self) -> Result<(Arc<dyn Backend>, OpenOptions)> {
-        let (backend, mut opts) = cairn_engine::repository::at(&self.url, &self.backend_options())?;
+        let (backend, mut opts) = cairn_engine::repository::at(&self.url, &self.backend_options()?)?;
         let switches = crate::testonly::get();
         let backend: Arc<dyn Backend> = match switches.crash_at {
             Some(n) if self.url.as_local().is_some() => Arc::new(LocalBackend::with_fs(
@@ -218,7 +227,7 @@ impl Settings {
 
     /// S3 keys from the environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`), else
     /// from the config file.
-    fn backend_options(&self) -> BackendOptions {
+    fn backend_options(&self) -> Result<BackendOptions> {
         let from_file = || {
             Some(S3Credentials {
                 access_key_id: self.file.s3_access_key_id.clone()?,
@@ -226,9 +235,45 @@ impl Settings {
                 session_token: None,
             })
         };
-        BackendOptions {
+        Ok(BackendOptions {
             s3_credentials: S3Credentials::from_env().or_else(from_file),
+            remote: self.remote_options()?,
+        })
+    }
+
+    /// The storage token (`REPO_TOKEN`, `REPO_TOKEN_FILE`, the config file's
+    /// `token_file`) and the CA to trust (`REPO_CA_CERT`, `ca_certificate`) of an
+    /// `https://` repository. Read only for one.
+    fn remote_options(&self) -> Result<RemoteOptions> {
+        if !matches!(self.url, RepositoryUrl::Remote(_)) {
+            return Ok(RemoteOptions::default());
         }
+        let token_file = std::env::var_os("REPO_TOKEN_FILE")
+            .map(PathBuf::from)
+            .or_else(|| self.file.token_file.clone());
+        let token = match (std::env::var("REPO_TOKEN").ok(), token_file) {
+            (Some(t), _) => Some(Zeroizing::new(t)),
+            (None, Some(f)) => {
+                let raw = read_password_file(&f)?;
+                Some(Zeroizing::new(
+                    String::from_utf8(raw.to_vec()).context("the token file is not text")?,
+                ))
+            }
+            (None, None) => None,
+        };
+        let ca = std::env::var_os("REPO_CA_CERT")
+            .map(PathBuf::from)
+            .or_else(|| self.file.ca_certificate.clone());
+        let ca_certificate = match ca {
+            Some(path) => Some(
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+            ),
+            None => None,
+        };
+        Ok(RemoteOptions {
+            token,
+            ca_certificate,
+        })
     }
 
     /// Reads the repository's config without a password: whether it is one, and how.

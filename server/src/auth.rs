@@ -6,7 +6,7 @@
 
 use chrono::Utc;
 
-use crate::state::{State, StateError, TokenRow};
+use crate::state::{State, StateError, StorageMode, StorageTokenRow, TokenRow};
 
 const PREFIX: &str = "cairn_";
 
@@ -34,6 +34,35 @@ pub fn hash(token: &str) -> String {
 
 /// Makes a token named `name`; returns the secret, which is never stored.
 pub fn create(state: &State, name: &str, read_only: bool) -> Result<String, AuthError> {
+    let token = new_secret(name)?;
+    let taken = state
+        .storage_tokens()?
+        .iter()
+        .any(|t| t.name == name);
+    if taken || !state.add_token(name, &hash(&token), read_only, Utc::now())? {
+        return Err(AuthError::Exists(name.to_owned()));
+    }
+    Ok(token)
+}
+
+/// Makes a token for the storage of one repository (`crate::storage`): it opens nothing
+/// of the API, and no other repository.
+pub fn create_storage(
+    state: &State,
+    name: &str,
+    repository: &str,
+    mode: StorageMode,
+    quota: Option<u64>,
+) -> Result<String, AuthError> {
+    let token = new_secret(name)?;
+    if !state.add_storage_token(name, &hash(&token), repository, mode, quota, Utc::now())? {
+        return Err(AuthError::Exists(name.to_owned()));
+    }
+    Ok(token)
+}
+
+/// A new secret for a token named `name` (which must be a good name).
+fn new_secret(name: &str) -> Result<String, AuthError> {
     if name.is_empty()
         || name.len() > 64
         || !name
@@ -45,15 +74,22 @@ pub fn create(state: &State, name: &str, read_only: bool) -> Result<String, Auth
     let mut secret = [0u8; 32];
     getrandom::getrandom(&mut secret)
         .map_err(|e| StateError::Corrupt(format!("no randomness for a token: {e}")))?;
-    let token = format!("{PREFIX}{}", hex::encode(secret));
-    if !state.add_token(name, &hash(&token), read_only, Utc::now())? {
-        return Err(AuthError::Exists(name.to_owned()));
-    }
-    Ok(token)
+    Ok(format!("{PREFIX}{}", hex::encode(secret)))
 }
 
-/// The token an `Authorization` header value presents.
-pub fn authenticate(state: &State, header: Option<&str>) -> Result<TokenRow, AuthError> {
+/// The storage token an `Authorization` header value presents.
+pub fn authenticate_storage(
+    state: &State,
+    header: Option<&str>,
+) -> Result<StorageTokenRow, AuthError> {
+    let token = bearer(header)?;
+    state
+        .use_storage_token(&hash(token), Utc::now())?
+        .ok_or(AuthError::Unknown)
+}
+
+/// The token of a `Bearer <token>` header value, if it has a token's shape.
+fn bearer(header: Option<&str>) -> Result<&str, AuthError> {
     let value = header.ok_or(AuthError::Missing)?;
     let token = value
         .strip_prefix("Bearer ")
@@ -63,6 +99,12 @@ pub fn authenticate(state: &State, header: Option<&str>) -> Result<TokenRow, Aut
     if !token.starts_with(PREFIX) || token.len() != PREFIX.len() + 64 {
         return Err(AuthError::Unknown);
     }
+    Ok(token)
+}
+
+/// The token an `Authorization` header value presents.
+pub fn authenticate(state: &State, header: Option<&str>) -> Result<TokenRow, AuthError> {
+    let token = bearer(header)?;
     state
         .use_token(&hash(token), Utc::now())?
         .ok_or(AuthError::Unknown)

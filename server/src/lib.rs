@@ -35,4 +35,5 @@ pub mod schedule;
 pub mod scheduler;
 pub mod site;
 pub mod state;
+pub mod storage;
 pub mod verification;

@@ -109,6 +109,7 @@ impl Repositories {
         };
         let backend_options = BackendOptions {
             s3_credentials: S3Credentials::from_env(),
+            ..BackendOptions::default()
         };
         let (backend, mut opts) = repository::at(&url, &backend_options).map_err(open_error)?;
         opts.known = Some(self.known.clone());

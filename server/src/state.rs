@@ -287,6 +287,54 @@ pub struct Missed {
     pub recorded: DateTime<Utc>,
 }
 
+/// What a storage token may do with its repository (`crate::storage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StorageMode {
+    /// Everything: backup, forget, prune, repair, keys.
+    Full,
+    /// Add data and snapshots, never delete or rewrite them (and take locks): what a
+    /// backed-up host gets, so that its compromise cannot destroy its backups.
+    AppendOnly,
+    /// Read, and take locks (restore, mount, check).
+    Read,
+}
+
+impl StorageMode {
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::AppendOnly => "append-only",
+            Self::Read => "read",
+        }
+    }
+
+    #[must_use]
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "full" => Some(Self::Full),
+            "append-only" => Some(Self::AppendOnly),
+            "read" => Some(Self::Read),
+            _ => None,
+        }
+    }
+}
+
+/// A token for one repository's storage, as stored (its hash only).
+#[derive(Debug, Clone, Serialize)]
+pub struct StorageTokenRow {
+    pub name: String,
+    pub repository: String,
+    pub mode: StorageMode,
+    /// Bytes of new files the token may add in all; `None`: no bound.
+    pub quota: Option<u64>,
+    /// Bytes of new files it added.
+    pub used: u64,
+    pub created: DateTime<Utc>,
+    pub last_used: Option<DateTime<Utc>>,
+}
+
 /// An API token as stored (its hash only).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TokenRow {
@@ -417,6 +465,16 @@ CREATE TABLE IF NOT EXISTS missed (
     slot INTEGER NOT NULL,
     reason TEXT NOT NULL,
     recorded INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS storage_tokens (
+    name TEXT PRIMARY KEY,
+    hash TEXT NOT NULL UNIQUE,
+    repository TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    quota INTEGER,
+    used INTEGER NOT NULL DEFAULT 0,
+    created INTEGER NOT NULL,
+    last_used INTEGER
 );
 CREATE TABLE IF NOT EXISTS tokens (
     name TEXT PRIMARY KEY,
@@ -1064,6 +1122,105 @@ impl State {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_storage_token(
+        &self,
+        name: &str,
+        hash: &str,
+        repository: &str,
+        mode: StorageMode,
+        quota: Option<u64>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        self.with(|c| {
+            let taken: bool = c
+                .prepare("SELECT 1 FROM tokens WHERE name = ?1")?
+                .exists([name])?;
+            if taken {
+                return Ok(false);
+            }
+            let n = c.execute(
+                "INSERT OR IGNORE INTO storage_tokens (name, hash, repository, mode, quota, created) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![name, hash, repository, mode.as_str(), quota.map(|q| q as i64), ms(now)],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    fn storage_token_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<StorageTokenRow> {
+        let mode: String = r.get(2)?;
+        Ok(StorageTokenRow {
+            name: r.get(0)?,
+            repository: r.get(1)?,
+            mode: StorageMode::parse(&mode).unwrap_or(StorageMode::Read),
+            quota: r.get::<_, Option<i64>>(3)?.map(|q| q as u64),
+            used: r.get::<_, i64>(4)? as u64,
+            created: from_ms(r.get(5)?),
+            last_used: opt_ms(r.get(6)?),
+        })
+    }
+
+    /// The storage token with this hash, marking it used.
+    pub fn use_storage_token(
+        &self,
+        hash: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<StorageTokenRow>> {
+        self.with(|c| {
+            let row = c
+                .query_row(
+                    "SELECT name, repository, mode, quota, used, created, last_used \
+                     FROM storage_tokens WHERE hash = ?1",
+                    [hash],
+                    Self::storage_token_of,
+                )
+                .optional()?;
+            if row.is_some() {
+                c.execute(
+                    "UPDATE storage_tokens SET last_used = ?2 WHERE hash = ?1",
+                    params![hash, ms(now)],
+                )?;
+            }
+            Ok(row)
+        })
+    }
+
+    /// Counts `bytes` more against a storage token's quota; false (and nothing counted)
+    /// when they would pass it.
+    pub fn charge_storage(&self, name: &str, bytes: u64) -> Result<bool> {
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE storage_tokens SET used = used + ?2 \
+                 WHERE name = ?1 AND (quota IS NULL OR used + ?2 <= quota)",
+                params![name, bytes as i64],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
+    /// Gives back what [`Self::charge_storage`] counted for a write that failed.
+    pub fn refund_storage(&self, name: &str, bytes: u64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE storage_tokens SET used = MAX(0, used - ?2) WHERE name = ?1",
+                params![name, bytes as i64],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn storage_tokens(&self) -> Result<Vec<StorageTokenRow>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT name, repository, mode, quota, used, created, last_used \
+                 FROM storage_tokens ORDER BY name",
+            )?;
+            let rows = st.query_map([], Self::storage_token_of)?;
+            rows.collect()
+        })
+    }
+
     pub fn tokens(&self) -> Result<Vec<TokenRow>> {
         self.with(|c| {
             let mut st =
@@ -1084,7 +1241,8 @@ impl State {
         // The dashboard sessions the token opened end with it.
         self.with(|c| {
             c.execute("DELETE FROM sessions WHERE principal = ?1", [name])?;
-            Ok(c.execute("DELETE FROM tokens WHERE name = ?1", [name])? > 0)
+            let storage = c.execute("DELETE FROM storage_tokens WHERE name = ?1", [name])?;
+            Ok(c.execute("DELETE FROM tokens WHERE name = ?1", [name])? + storage > 0)
         })
     }
 

@@ -23,7 +23,49 @@ pub fn run(s: &Settings, g: &Global, a: &ServeArgs) -> Result<u8> {
 fn token(s: &Settings, g: &Global, a: &ServeArgs, t: &TokenCommand) -> Result<u8> {
     let site = super::jobs::open_site(s, &a.site, false)?;
     match t {
-        TokenCommand::Create { name, read_only } => {
+        TokenCommand::Create {
+            name,
+            read_only,
+            repository: Some(repository),
+            append_only,
+            quota,
+        } => {
+            use cairn_server::state::StorageMode;
+            if site.repos.config(repository).is_none() {
+                anyhow::bail!(
+                    "no repository {repository:?} in {} (known: {})",
+                    site.config_origin,
+                    site.repos.names().join(", ")
+                );
+            }
+            let mode = match (read_only, append_only) {
+                (true, true) => anyhow::bail!("--read-only or --append-only, not both"),
+                (true, false) => StorageMode::Read,
+                (false, true) => StorageMode::AppendOnly,
+                (false, false) => StorageMode::Full,
+            };
+            let secret =
+                cairn_server::auth::create_storage(&site.state, name, repository, mode, *quota)?;
+            if g.json {
+                format::print_json(&json!({
+                    "name": name, "repository": repository, "mode": mode,
+                    "quota": quota, "token": secret
+                }));
+            } else {
+                println!("{secret}");
+                if !g.quiet {
+                    eprintln!(
+                        "storage token {name} created for repository {repository} ({}): shown \
+                         this once; on the other host, REPO_TOKEN=<token> repo -r \
+                         https://THIS-HOST:PORT/repo/{repository} …",
+                        mode.as_str()
+                    );
+                }
+            }
+        }
+        TokenCommand::Create {
+            name, read_only, ..
+        } => {
             let secret = cairn_server::auth::create(&site.state, name, *read_only)?;
             if g.json {
                 format::print_json(
@@ -41,9 +83,21 @@ fn token(s: &Settings, g: &Global, a: &ServeArgs, t: &TokenCommand) -> Result<u8
         }
         TokenCommand::List => {
             let tokens = site.state.tokens()?;
+            let storage = site.state.storage_tokens()?;
             if g.json {
-                format::print_json(&json!(tokens));
+                format::print_json(&json!({ "api": tokens, "storage": storage }));
             } else {
+                for t in &storage {
+                    println!(
+                        "{:<20} {:<10} repository {}  {} used{}",
+                        t.name,
+                        t.mode.as_str(),
+                        t.repository,
+                        format::bytes(t.used),
+                        t.quota
+                            .map_or_else(String::new, |q| format!(" of {}", format::bytes(q)))
+                    );
+                }
                 for t in tokens {
                     println!(
                         "{:<20} {:<10} created {}  last used {}",

@@ -22,6 +22,8 @@ pub mod crash;
 pub mod fs;
 mod local;
 pub mod read_cache;
+#[cfg(feature = "remote")]
+pub mod remote;
 #[cfg(feature = "s3")]
 pub mod s3;
 pub mod sim;
@@ -39,6 +41,9 @@ pub struct BackendOptions {
     /// Keys for an `s3://` repository (`None`: anonymous requests).
     #[cfg(feature = "s3")]
     pub s3_credentials: Option<s3::S3Credentials>,
+    /// The token and trust of an `https://` repository server.
+    #[cfg(feature = "remote")]
+    pub remote: remote::RemoteOptions,
 }
 
 /// The backend of the repository at `url`.
@@ -58,9 +63,15 @@ pub fn open(url: &RepositoryUrl, options: &BackendOptions) -> io::Result<Arc<dyn
             io::ErrorKind::Unsupported,
             "this build has no S3 support (the engine's `s3` feature)",
         )),
+        #[cfg(feature = "remote")]
+        RepositoryUrl::Remote(url) => Ok(Arc::new(remote::RemoteBackend::new(
+            url,
+            &options.remote,
+        )?)),
+        #[cfg(not(feature = "remote"))]
         RepositoryUrl::Remote(url) => Err(io::Error::new(
             io::ErrorKind::Unsupported,
-            format!("{url}: repository servers are not supported yet; use a path or s3://"),
+            format!("{url}: this build has no repository-server support (the `remote` feature)"),
         )),
     }
 }

@@ -296,6 +296,7 @@ pub fn router(d: &Daemon, limits: &Limits) -> Router {
     let app = Router::new()
         .nest("/api/v1", api)
         .merge(crate::dashboard::routes())
+        .merge(crate::storage::routes(d.site.clone()))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(limits.max_body_bytes))
