@@ -187,7 +187,8 @@ impl Settings {
     /// store, its identity checked against (and recorded in) this host's known
     /// repositories.
     pub fn location(&self) -> Result<(Arc<dyn Backend>, OpenOptions)> {
-        let (backend, mut opts) = cairn_engine::repository::at(&self.url, &self.backend_options()?)?;
+        let (backend, mut opts) =
+            cairn_engine::repository::at(&self.url, &self.backend_options()?)?;
         let switches = crate::testonly::get();
         let backend: Arc<dyn Backend> = match switches.crash_at {
             Some(n) if self.url.as_local().is_some() => Arc::new(LocalBackend::with_fs(
@@ -265,9 +266,9 @@ impl Settings {
             .map(PathBuf::from)
             .or_else(|| self.file.ca_certificate.clone());
         let ca_certificate = match ca {
-            Some(path) => Some(
-                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
-            ),
+            Some(path) => {
+                Some(std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?)
+            }
             None => None,
         };
         Ok(RemoteOptions {

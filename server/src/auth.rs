@@ -35,10 +35,7 @@ pub fn hash(token: &str) -> String {
 /// Makes a token named `name`; returns the secret, which is never stored.
 pub fn create(state: &State, name: &str, read_only: bool) -> Result<String, AuthError> {
     let token = new_secret(name)?;
-    let taken = state
-        .storage_tokens()?
-        .iter()
-        .any(|t| t.name == name);
+    let taken = state.storage_tokens()?.iter().any(|t| t.name == name);
     if taken || !state.add_token(name, &hash(&token), read_only, Utc::now())? {
         return Err(AuthError::Exists(name.to_owned()));
     }

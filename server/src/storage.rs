@@ -137,15 +137,15 @@ impl Storage {
 
     /// The backend of repository `name` (opened once).
     fn backend(&self, name: &str) -> Result<Arc<dyn Backend>, Refusal> {
-        let mut open = self
-            .backends
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut open = self.backends.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(b) = open.get(name) {
             return Ok(b.clone());
         }
         let config = self.site.repos.config(name).ok_or_else(|| {
-            Refusal(StatusCode::NOT_FOUND, format!("no repository {name:?} here"))
+            Refusal(
+                StatusCode::NOT_FOUND,
+                format!("no repository {name:?} here"),
+            )
         })?;
         let text = config.path.to_string_lossy();
         let url = RepositoryUrl::parse(&text)
@@ -346,7 +346,10 @@ async fn put_file(
     {
         return Err(Refusal(
             StatusCode::BAD_REQUEST,
-            format!("{}/{file}: its name is not the hash of its bytes", kind.dir()),
+            format!(
+                "{}/{file}: its name is not the hash of its bytes",
+                kind.dir()
+            ),
         ));
     }
     let backend = st.backend(&name)?;
@@ -358,7 +361,11 @@ async fn put_file(
             return Ok(());
         }
         let charged = !matches!(kind, FileKind::Lock);
-        if charged && !state.charge_storage(&token.name, body.len() as u64).map_err(internal)? {
+        if charged
+            && !state
+                .charge_storage(&token.name, body.len() as u64)
+                .map_err(internal)?
+        {
             return Err(Refusal(
                 StatusCode::INSUFFICIENT_STORAGE,
                 format!(
@@ -434,10 +441,9 @@ async fn cleanup(
         return Err(refuse(&token, "remove incomplete files"));
     }
     let backend = st.backend(&name)?;
-    let (count, bytes) = blocking(move || {
-        Ok(backend.remove_incomplete(std::time::Duration::from_secs(q.age))?)
-    })
-    .await?;
+    let (count, bytes) =
+        blocking(move || Ok(backend.remove_incomplete(std::time::Duration::from_secs(q.age))?))
+            .await?;
     Ok(axum::Json(serde_json::json!({ "count": count, "bytes": bytes })).into_response())
 }
 
@@ -469,9 +475,15 @@ mod tests {
 
     #[test]
     fn ranges() {
-        assert_eq!(parse_range("bytes=0-9").ok().map(|r| r), Some((0, 10)));
+        assert_eq!(parse_range("bytes=0-9").ok(), Some((0, 10)));
         assert_eq!(parse_range("bytes=100-100").ok(), Some((100, 1)));
-        for bad in ["bytes=9-0", "0-9", "bytes=a-b", "bytes=0-", "bytes=0-99999999999"] {
+        for bad in [
+            "bytes=9-0",
+            "0-9",
+            "bytes=a-b",
+            "bytes=0-",
+            "bytes=0-99999999999",
+        ] {
             assert!(parse_range(bad).is_err(), "{bad}");
         }
     }

@@ -239,23 +239,25 @@ fn wrong_keys_a_missing_bucket_and_a_dead_endpoint_fail_clearly_and_keep_secrets
 
 /// What the fault proxy does to a request.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Fault {
+pub(crate) enum Fault {
     SlowDown,
     ServerError,
     HangUp,
     Denied,
+    /// Forwarded, with the answer's last byte flipped (a hostile or broken server).
+    Corrupt,
 }
 
 /// An HTTP proxy in front of the S3 server that answers some requests itself, badly:
 /// `plan` says, for the n-th request, which fault (if any); at most `budget` faults.
-struct FaultProxy {
-    port: u16,
-    faults: Arc<AtomicUsize>,
+pub(crate) struct FaultProxy {
+    pub port: u16,
+    pub faults: Arc<AtomicUsize>,
     requests: Arc<AtomicU64>,
 }
 
 impl FaultProxy {
-    fn start(
+    pub(crate) fn start(
         upstream: u16,
         budget: usize,
         plan: impl Fn(u64, &str) -> Option<Fault> + Send + Sync + 'static,
@@ -341,12 +343,17 @@ fn serve_one(
         }
         Some(Fault::Denied) => client.write_all(answer("403 Forbidden", "AccessDenied").as_bytes()),
         Some(Fault::HangUp) => Ok(()), // closed without a word
-        None => {
+        None | Some(Fault::Corrupt) => {
             let mut up = TcpStream::connect(("127.0.0.1", upstream))?;
             up.write_all(&head)?;
             up.write_all(&body)?;
             let mut response = Vec::new();
             up.read_to_end(&mut response)?;
+            if fault == Some(Fault::Corrupt) {
+                if let Some(last) = response.last_mut() {
+                    *last ^= 0x5a;
+                }
+            }
             client.write_all(&response)
         }
     }

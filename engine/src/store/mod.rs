@@ -64,10 +64,9 @@ pub fn open(url: &RepositoryUrl, options: &BackendOptions) -> io::Result<Arc<dyn
             "this build has no S3 support (the engine's `s3` feature)",
         )),
         #[cfg(feature = "remote")]
-        RepositoryUrl::Remote(url) => Ok(Arc::new(remote::RemoteBackend::new(
-            url,
-            &options.remote,
-        )?)),
+        RepositoryUrl::Remote(url) => {
+            Ok(Arc::new(remote::RemoteBackend::new(url, &options.remote)?))
+        }
         #[cfg(not(feature = "remote"))]
         RepositoryUrl::Remote(url) => Err(io::Error::new(
             io::ErrorKind::Unsupported,

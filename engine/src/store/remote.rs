@@ -98,7 +98,10 @@ impl RemoteBackend {
     fn send(&self, call: Call) -> io::Result<(reqwest::header::HeaderMap, Vec<u8>)> {
         let client = self.client.clone();
         let url = format!("{}/{}", self.base, call.path);
-        let token = self.token.as_ref().map(|t| format!("Bearer {}", t.as_str()));
+        let token = self
+            .token
+            .as_ref()
+            .map(|t| format!("Bearer {}", t.as_str()));
         let what = format!("{} {url}", call.method);
         let request = async move {
             let mut delay = Duration::from_millis(100);
@@ -312,7 +315,8 @@ impl Backend for RemoteBackend {
     fn quarantine(&self, kind: FileKind, name: &str) -> io::Result<()> {
         check_name(name)?;
         let path = format!("{}/quarantine", Self::path(kind, name));
-        self.send(self.call(reqwest::Method::POST, path)).map(|_| ())
+        self.send(self.call(reqwest::Method::POST, path))
+            .map(|_| ())
     }
 
     fn modified(&self, kind: FileKind, name: &str) -> io::Result<std::time::SystemTime> {

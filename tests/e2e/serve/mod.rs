@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use crate::support::*;
 
 mod operations;
+mod storage;
 mod verification;
 
 fn write_job(env: &Env, name: &str, body: &str) -> String {
@@ -219,6 +220,11 @@ impl Daemon {
 
     /// With more environment variables (the `PG*` ones of a test's cluster).
     pub(crate) fn start_with(env: &Env, config: &Path, vars: &[(&str, &str)]) -> Self {
+        Self::start_on(env, config, "127.0.0.1:0", vars)
+    }
+
+    /// Listening on `listen` (a port of the test's choice: a restart keeps its URL).
+    pub(crate) fn start_on(env: &Env, config: &Path, listen: &str, vars: &[(&str, &str)]) -> Self {
         static STARTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = env.path(&format!("serve-{n}.log"));
@@ -227,7 +233,7 @@ impl Daemon {
             .args([
                 "serve",
                 "--listen",
-                "127.0.0.1:0",
+                listen,
                 "--config",
                 config.to_str().unwrap(),
             ])
@@ -256,7 +262,7 @@ impl Daemon {
         Self { child, url, log }
     }
 
-    fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         self.child.kill().unwrap();
         self.child.wait().unwrap();
     }

@@ -1,0 +1,408 @@
+//! The repository server: other hosts' `repo` back up to `repo serve` over TLS with
+//! storage tokens; append-only tokens cannot delete, tokens open one repository, quotas
+//! hold, a server killed mid-upload loses nothing committed, and a server that returns
+//! wrong bytes is caught by the client.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::{serve_config, Daemon};
+use crate::s3::{Fault, FaultProxy};
+use crate::support::*;
+
+/// A CA and a server certificate for 127.0.0.1 signed by it: (CA certificate, server
+/// certificate, server key). Clients trust the CA (`REPO_CA_CERT`), as at a site.
+fn certificate(env: &Env) -> (PathBuf, PathBuf, PathBuf) {
+    let p = |n: &str| env.path(n);
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+    };
+    let s = |p: &PathBuf| p.to_str().unwrap().to_owned();
+    let (ca, ca_key, cert, key, csr, ext) = (
+        p("ca.pem"),
+        p("ca-key.pem"),
+        p("cert.pem"),
+        p("key.pem"),
+        p("server.csr"),
+        p("server.ext"),
+    );
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=cairn test CA",
+        "-keyout",
+        &s(&ca_key),
+        "-out",
+        &s(&ca),
+    ]);
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &s(&key),
+        "-out",
+        &s(&csr),
+    ]);
+    std::fs::write(
+        &ext,
+        "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &s(&csr),
+        "-CA",
+        &s(&ca),
+        "-CAkey",
+        &s(&ca_key),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &s(&ext),
+        "-out",
+        &s(&cert),
+    ]);
+    (ca, cert, key)
+}
+
+/// A storage token for `repository`: `mode` is "", "--append-only" or "--read-only".
+fn storage_token(env: &Env, config: &Path, name: &str, repository: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "serve",
+        "--config",
+        config.to_str().unwrap(),
+        "token",
+        "create",
+    ];
+    args.extend(["--name", name, "--repository", repository]);
+    args.extend_from_slice(extra);
+    env.ok(&args).trim().to_owned()
+}
+
+/// Another host: its own home (cache), the server's repository by URL, a token.
+fn host(url: &str, token: &str, ca: Option<&Path>) -> Env {
+    let mut env = Env::without_repo();
+    env.repo = PathBuf::from(url);
+    env.extra_env.push(("REPO_TOKEN".into(), token.into()));
+    if let Some(ca) = ca {
+        env.extra_env
+            .push(("REPO_CA_CERT".into(), ca.display().to_string()));
+    }
+    env
+}
+
+fn stats(server: &Env) -> serde_json::Value {
+    server.json(&["stats"])
+}
+
+#[test]
+fn hosts_back_up_to_the_repository_server_with_tokens_that_bound_what_they_may_do() {
+    let server = Env::new();
+    let other_repo = server.path("other-repo");
+    server.ok(&["-r", other_repo.to_str().unwrap(), "init"]);
+    let (ca, cert, key) = certificate(&server);
+    let config = serve_config(
+        &server,
+        &format!(
+            "[tls]\ncertificate = {:?}\nkey = {:?}\n\n[repositories.other]\npath = {:?}\npassword_env = \"REPO_PASSWORD\"\n",
+            cert.display().to_string(),
+            key.display().to_string(),
+            other_repo.display().to_string()
+        ),
+    );
+    let admin = storage_token(&server, &config, "admin", "default", &[]);
+    let h1 = storage_token(&server, &config, "h1", "default", &["--append-only"]);
+    let h2 = storage_token(&server, &config, "h2", "default", &["--append-only"]);
+    let small = storage_token(
+        &server,
+        &config,
+        "small",
+        "default",
+        &["--append-only", "--quota", "200K"],
+    );
+    let other = storage_token(&server, &config, "other", "other", &[]);
+    let d = Daemon::start(&server, &config);
+    let url = format!("{}/repo/default", d.url);
+    assert!(url.starts_with("https://"), "{url}");
+
+    // Two hosts push at once: a common 8 MiB file and one of their own each.
+    let common = server.path("common");
+    write_random(&common, 21, 8 << 20);
+    let hosts: Vec<Env> = [(&h1, 1u64), (&h2, 2)]
+        .iter()
+        .map(|(token, seed)| {
+            let h = host(&url, token, Some(&ca));
+            let src = h.path("src");
+            std::fs::create_dir_all(&src).unwrap();
+            std::fs::copy(&common, src.join("common")).unwrap();
+            write_random(&src.join("own"), 100 + seed, 1 << 20);
+            h
+        })
+        .collect();
+    let running: Vec<_> = hosts
+        .iter()
+        .map(|h| {
+            h.cmd()
+                .args(["backup", h.path("src").to_str().unwrap()])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in running {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "a host's backup: {}", stderr(&out));
+    }
+    for h in &hosts {
+        let target = h.path("restored");
+        h.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
+        // Each host's latest is its own or the other's: both trees hold `common`.
+        let restored = walk_files(&target);
+        assert!(
+            restored.iter().any(|p| p.ends_with("common")),
+            "{restored:?}"
+        );
+    }
+    // Stored once: at once if one host's index saw the other's packs, else after a
+    // prune drops the second copy (two backups racing both store what neither has yet).
+    let before = stats(&server);
+    eprintln!("after two concurrent pushes: {before}");
+    server.ok(&["prune", "--max-unused", "0%"]);
+    let after = stats(&server);
+    assert_eq!(after["blob_copies"], after["blobs"], "{after}");
+    assert!(
+        after["stored_bytes"].as_u64().unwrap() < (10 << 20) + (512 << 10),
+        "common data stored twice: {after}"
+    );
+
+    // A third host starting after them stores none of the common data again.
+    let h3 = host(&url, &h1, Some(&ca));
+    std::fs::create_dir_all(h3.path("src")).unwrap();
+    std::fs::copy(&common, h3.path("src/common")).unwrap();
+    let snap = h3.backup(&[&h3.path("src")]);
+    assert!(
+        snap["summary"]["bytes_stored"].as_u64().unwrap_or(u64::MAX) < 64 << 10
+            || snap.to_string().contains("\"bytes_stored\":0"),
+        "{snap}"
+    );
+
+    // Append-only: no forget, no prune that deletes, no overwrite.
+    let h = &hosts[0];
+    let out = h.run(&["forget", "latest"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("append-only"), "{}", stderr(&out));
+    let admin_host = host(&url, &admin, Some(&ca));
+    let first = admin_host.json(&["snapshots"])[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    admin_host.ok(&["forget", &first]);
+    let out = h.run(&["prune", "--max-unused", "0%"]);
+    assert!(!out.status.success(), "an append-only prune deleted data");
+    assert!(stderr(&out).contains("append-only"), "{}", stderr(&out));
+    let raw = |method: &str, path: &str, body: Option<&[u8]>| {
+        curl(method, &format!("{url}/{path}"), &h1, &ca, body)
+    };
+    let (status, listing) = raw("GET", "data/", None);
+    assert_eq!(status, 200, "{listing}");
+    let packs: Vec<String> = serde_json::from_str(&listing).unwrap();
+    let victim = &packs[0];
+    let (status, text) = raw("PUT", &format!("data/{victim}"), Some(b"ransom note"));
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("not the hash"), "{text}");
+    let (status, text) = raw("DELETE", &format!("data/{victim}"), None);
+    assert_eq!(status, 403, "{text}");
+    let (status, _) = raw("PUT", "config", Some(b"x"));
+    assert_eq!(status, 403);
+    let (status, _) = raw("PUT", "keys/abcd", Some(b"x"));
+    assert_eq!(status, 403);
+    let (status, _) = raw("GET", "data/..%2F..%2Fconfig", None);
+    assert!(status == 400 || status == 404, "{status}");
+    let (status, _) = raw("GET", "bogus/x", None);
+    assert_eq!(status, 404);
+    let (status, _) = raw("GET", &format!("data/{victim}"), None);
+    assert_eq!(status, 200, "the pack was not left alone");
+
+    // A token opens its own repository only; a missing or unknown one nothing.
+    let wrong = host(&url, &other, Some(&ca));
+    let out = wrong.run(&["snapshots"]);
+    assert!(
+        stderr(&out).contains("is for repository \"other\""),
+        "{}",
+        stderr(&out)
+    );
+    let nobody = host(
+        &url,
+        "cairn_0000000000000000000000000000000000000000000000000000000000000000",
+        Some(&ca),
+    );
+    let out = nobody.run(&["snapshots"]);
+    assert!(stderr(&out).contains("401"), "{}", stderr(&out));
+    let other_url = format!("{}/repo/other", d.url);
+    assert_eq!(
+        host(&other_url, &other, Some(&ca))
+            .json(&["snapshots"])
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+
+    // A quota: the backup that would pass it fails and says so.
+    let q = host(&url, &small, Some(&ca));
+    let big = q.path("big");
+    write_random(&big, 9, 1 << 20);
+    let out = q.run(&["backup", big.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("quota"), "{}", stderr(&out));
+
+    // Through all of it, the repository stayed whole.
+    let check = server.json(&["check", "--read-data"]);
+    assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check}");
+}
+
+/// A raw request with `curl`: (status, body).
+fn curl(method: &str, url: &str, token: &str, cert: &Path, body: Option<&[u8]>) -> (u16, String) {
+    let mut c = Command::new("curl");
+    c.args([
+        "-sS",
+        "--max-time",
+        "30",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        "-X",
+        method,
+    ])
+    .arg("--cacert")
+    .arg(cert)
+    .args(["-H", &format!("Authorization: Bearer {token}")]);
+    if let Some(b) = body {
+        c.args(["--data-binary", &String::from_utf8_lossy(b)]);
+    }
+    let out = c.arg("--path-as-is").arg(url).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    (status.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+#[test]
+fn a_server_killed_mid_upload_loses_nothing_and_the_next_push_reuses_what_arrived() {
+    let server = Env::new();
+    let config = serve_config(&server, "");
+    let token = storage_token(&server, &config, "h1", "default", &["--append-only"]);
+    let port = crate::dbserver::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut d = Daemon::start_on(&server, &config, &listen, &[]);
+    let h = host(&format!("{}/repo/default", d.url), &token, None);
+    let src = h.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..6 {
+        write_random(&src.join(format!("f{i}")), 40 + i, 12 << 20);
+    }
+    let child = h
+        .cmd()
+        .args(["backup", src.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Killed once two packs are in (under their names: not the server's temporary files).
+    let data = server.repo.join("data");
+    let packs = || {
+        walk_files(&data)
+            .into_iter()
+            .filter(|p| p.parent() != Some(data.as_path()))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while packs() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no pack arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.kill9();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "a backup without its server succeeded"
+    );
+    let arrived = packs();
+    assert!(server.json(&["snapshots"]).as_array().unwrap().is_empty());
+
+    let _d = Daemon::start_on(&server, &config, &listen, &[]);
+    let snap = h.backup(&[&src]);
+    let stored = snap["summary"]["bytes_stored"].as_u64().unwrap();
+    assert!(
+        stored < (72 << 20) - (arrived as u64 - 1) * (15 << 20),
+        "the second push sent everything again ({stored} bytes; {arrived} packs had arrived)"
+    );
+    let target = h.path("restored");
+    h.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert_same_tree(&src, &under(&target, &src));
+    let check = server.json(&["check", "--read-data"]);
+    assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check}");
+}
+
+#[test]
+fn a_server_that_returns_wrong_bytes_is_caught_by_the_client() {
+    let server = Env::new();
+    let config = serve_config(&server, "");
+    let token = storage_token(&server, &config, "h1", "default", &["--append-only"]);
+    let d = Daemon::start(&server, &config);
+    let port: u16 = d.url.rsplit(':').next().unwrap().parse().unwrap();
+    let h = host(&format!("{}/repo/default", d.url), &token, None);
+    let src = h.path("src");
+    std::fs::create_dir_all(&src).unwrap();
+    write_random(&src.join("f"), 77, 3 << 20);
+    h.backup(&[&src]);
+    // Through a proxy that flips the last byte of every pack read.
+    let proxy = FaultProxy::start(port, usize::MAX, |_, line| {
+        (line.starts_with("GET") && line.contains("/data/") && !line.contains("/data/ "))
+            .then_some(Fault::Corrupt)
+    });
+    let mut hostile = host(
+        &format!("http://127.0.0.1:{}/repo/default", proxy.port),
+        &token,
+        None,
+    );
+    hostile.dir = h.dir;
+    let target = hostile.path("restored");
+    let out = hostile.run(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert!(
+        !out.status.success(),
+        "a restore of altered bytes succeeded"
+    );
+    // Which read the proxy spoiled first decides the message (a pack's trailer, a
+    // blob): it names what failed either way.
+    let err = stderr(&out);
+    assert!(err.contains("pack") || err.contains("blob"), "{err}");
+    assert!(proxy.faults.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    // What storage holds was never touched: read directly, it restores and checks.
+    let direct = host(&format!("{}/repo/default", d.url), &token, None);
+    let target = direct.path("restored-direct");
+    direct.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert_same_tree(&src, &under(&target, &src));
+    let check = server.json(&["check", "--read-data"]);
+    assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check}");
+}
