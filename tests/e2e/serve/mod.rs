@@ -197,7 +197,7 @@ fn chrono_tz_paris() -> chrono::FixedOffset {
 }
 
 /// A child killed and waited for when dropped, a failing test's included.
-struct Reaped(Child);
+pub(crate) struct Reaped(pub(crate) Child);
 
 impl Drop for Reaped {
     fn drop(&mut self) {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::{serve_config, Daemon};
+use super::{serve_config, Daemon, Reaped};
 use crate::s3::{Fault, FaultProxy};
 use crate::support::*;
 
@@ -403,6 +403,227 @@ fn a_server_that_returns_wrong_bytes_is_caught_by_the_client() {
     let target = direct.path("restored-direct");
     direct.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
     assert_same_tree(&src, &under(&target, &src));
+    let check = server.json(&["check", "--read-data"]);
+    assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check}");
+}
+
+/// Network namespaces made by the test (other hosts), deleted on drop.
+struct Lab {
+    namespaces: Vec<String>,
+}
+
+impl Lab {
+    fn ip(args: &[&str]) {
+        let out = Command::new("ip").args(args).output().unwrap();
+        assert!(out.status.success(), "ip {args:?}: {}", stderr(&out));
+    }
+
+    /// A server namespace and one per host, each host joined to the server by a veth
+    /// pair on a link-local /30 of its own (169.254.77.4n+1 the server, +2 the host).
+    fn new(hosts: usize) -> Self {
+        let tag = std::process::id() % 100_000;
+        let mut lab = Lab {
+            namespaces: Vec::new(),
+        };
+        let server = format!("cairn-srv-{tag}");
+        Self::ip(&["netns", "add", &server]);
+        lab.namespaces.push(server.clone());
+        Self::ip(&["-n", &server, "link", "set", "lo", "up"]);
+        for n in 0..hosts {
+            let ns = format!("cairn-h{n}-{tag}");
+            Self::ip(&["netns", "add", &ns]);
+            lab.namespaces.push(ns.clone());
+            let (h, s) = (format!("ch{n}-{tag}"), format!("cs{n}-{tag}"));
+            Self::ip(&["link", "add", &h, "type", "veth", "peer", "name", &s]);
+            Self::ip(&["link", "set", &h, "netns", &ns]);
+            Self::ip(&["link", "set", &s, "netns", &server]);
+            let base = 4 * n;
+            Self::ip(&[
+                "-n",
+                &server,
+                "addr",
+                "add",
+                &format!("169.254.77.{}/30", base + 1),
+                "dev",
+                &s,
+            ]);
+            Self::ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("169.254.77.{}/30", base + 2),
+                "dev",
+                &h,
+            ]);
+            Self::ip(&["-n", &server, "link", "set", &s, "up"]);
+            Self::ip(&["-n", &ns, "link", "set", &h, "up"]);
+            Self::ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            // 40 Mbit/s: a push takes seconds, long enough to cut it in the middle.
+            let out = Command::new("tc")
+                .args(["-n", &ns, "qdisc", "add", "dev", &h, "root", "tbf"])
+                .args(["rate", "40mbit", "burst", "64kb", "latency", "400ms"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "tc: {}", stderr(&out));
+        }
+        lab
+    }
+
+    fn server(&self) -> &str {
+        &self.namespaces[0]
+    }
+
+    fn host(&self, n: usize) -> &str {
+        &self.namespaces[n + 1]
+    }
+
+    fn link(&self, n: usize, up: bool) {
+        let tag = std::process::id() % 100_000;
+        let ns = self.host(n).to_owned();
+        Self::ip(&[
+            "-n",
+            &ns,
+            "link",
+            "set",
+            &format!("ch{n}-{tag}"),
+            if up { "up" } else { "down" },
+        ]);
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+/// `repo ARGS` of `env`, run inside namespace `ns`.
+fn in_namespace(ns: &str, env: &Env, args: &[&str]) -> Command {
+    let mut c = Command::new("ip");
+    env.environment(&mut c);
+    c.args(["netns", "exec", ns, repo_bin()]).args(args);
+    c.stdin(std::process::Stdio::null());
+    c
+}
+
+#[test]
+fn hosts_in_namespaces_of_their_own_push_at_once_and_one_survives_a_network_cut() {
+    if !require_root("hosts in network namespaces") {
+        return;
+    }
+    let server = Env::new();
+    let config = serve_config(&server, "");
+    let tokens: Vec<String> = (0..2)
+        .map(|n| {
+            storage_token(
+                &server,
+                &config,
+                &format!("h{n}"),
+                "default",
+                &["--append-only"],
+            )
+        })
+        .collect();
+    let lab = Lab::new(2);
+    let port = 18_000 + (std::process::id() % 1000) as u16;
+    let mut daemon = in_namespace(
+        lab.server(),
+        &server,
+        &[
+            "serve",
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    )
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut err = std::io::BufReader::new(daemon.stderr.take().unwrap());
+    loop {
+        let mut line = String::new();
+        use std::io::BufRead;
+        assert!(err.read_line(&mut line).unwrap() > 0, "repo serve exited");
+        if line.contains("listening on") {
+            break;
+        }
+    }
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    let _daemon = Reaped(daemon);
+
+    let common = server.path("common");
+    write_random(&common, 31, 10 << 20);
+    let hosts: Vec<Env> = (0..2)
+        .map(|n| {
+            let url = format!("http://169.254.77.{}:{port}/repo/default", 4 * n + 1);
+            let h = host(&url, &tokens[n], None);
+            let src = h.path("src");
+            std::fs::create_dir_all(&src).unwrap();
+            std::fs::copy(&common, src.join("common")).unwrap();
+            write_random(&src.join("own"), 300 + n as u64, 20 << 20);
+            h
+        })
+        .collect();
+    let running: Vec<_> = hosts
+        .iter()
+        .enumerate()
+        .map(|(n, h)| {
+            in_namespace(lab.host(n), h, &["backup", h.path("src").to_str().unwrap()])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    // Host 0's link goes down for 3 s once the first pack is in, then comes back: the
+    // connection it was sending on carries on.
+    let data = server.repo.join("data");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while walk_files(&data)
+        .iter()
+        .filter(|p| p.parent() != Some(data.as_path()))
+        .count()
+        < 1
+    {
+        assert!(std::time::Instant::now() < deadline, "no pack arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    lab.link(0, false);
+    std::thread::sleep(Duration::from_secs(3));
+    lab.link(0, true);
+    for (n, child) in running.into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "host {n}: {}", stderr(&out));
+    }
+    for (n, h) in hosts.iter().enumerate() {
+        let target = h.path("restored");
+        let out = in_namespace(
+            lab.host(n),
+            h,
+            &[
+                "restore",
+                "latest",
+                "--path",
+                h.path("src").to_str().unwrap(),
+                "--target",
+                target.to_str().unwrap(),
+            ],
+        )
+        .output()
+        .unwrap();
+        assert!(out.status.success(), "host {n} restore: {}", stderr(&out));
+        assert_same_tree(&h.path("src"), &under(&target, &h.path("src")));
+    }
+    server.ok(&["prune", "--max-unused", "0%"]);
+    let stats = stats(&server);
+    assert!(
+        stats["stored_bytes"].as_u64().unwrap() < (50 << 20) + (512 << 10),
+        "the common 10 MiB stored twice: {stats}"
+    );
     let check = server.json(&["check", "--read-data"]);
     assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check}");
 }
