@@ -94,7 +94,7 @@ row "$(timed "restore v2" "$REPO_BIN" -r "$R" restore latest --target "$WORK/res
 diff -r "$V2" "$WORK/restore-cairn$V2" > /dev/null
 CAIRN_SIZE=$(size_of cairn)
 "$REPO_BIN" -r "$R" mount "$WORK/mnt" --daemon > /dev/null
-big=$(find "$WORK/mnt/snapshots" -type f -size +30M | head -1)
+big=$(find "$WORK/mnt/snapshots" -type f -size +30M -print -quit)
 row "$(timed "mount: 2000 random 4 KiB reads" python3 - "$big" <<'EOF'
 import os, random, sys
 f = os.open(sys.argv[1], os.O_RDONLY); size = os.fstat(f).st_size; r = random.Random(1)

@@ -9,8 +9,10 @@
 //! - a `write` is one PUT, atomic by S3's semantics; S3 has been strongly consistent
 //!   (read-after-write, list-after-write) since 2020, Garage by its quorums;
 //! - a file written in pieces ([`Backend::create`]) waits in memory and is uploaded under
-//!   its final name at commit: a multipart upload of [`PART_SIZE`] parts sent in parallel
-//!   when over one part, one PUT otherwise. A writer killed before the end leaves no
+//!   its final name at commit: one PUT up to [`MULTIPART_ABOVE`] (a pack of the default
+//!   16 MiB is one request: object stores bill per request, and against restic on the
+//!   same server a multipart pack cost 4 requests to its 1), a multipart upload of
+//!   [`PART_SIZE`] parts, four in flight, above. A writer killed before the end leaves no
 //!   object (an unfinished multipart upload is invisible, and aborted on drop; a bucket
 //!   lifecycle rule `AbortIncompleteMultipartUpload` cleans the ones of a killed process);
 //! - retries: throttling (429, 503 SlowDown), other 5xx and broken connections are retried
@@ -43,8 +45,10 @@ use object_store::{
 use super::url::S3Location;
 use super::{check_name, Backend, FileKind, NewFile};
 
-/// Parts of a multipart upload; a file up to this size is one PUT.
-pub const PART_SIZE: usize = 8 << 20;
+/// Parts of a multipart upload.
+pub const PART_SIZE: usize = 16 << 20;
+/// A file up to this size is one PUT; a larger one a multipart upload.
+pub const MULTIPART_ABOVE: usize = 64 << 20;
 /// How many times a failed request is retried (throttling, 5xx, a broken connection).
 pub const MAX_RETRIES: usize = 10;
 /// How long a request may be retried in all.
@@ -368,7 +372,7 @@ impl NewFile for S3NewFile<'_> {
     fn commit(self: Box<Self>, name: &str) -> io::Result<()> {
         check_name(name)?;
         let key = self.backend.key(self.kind, name);
-        if self.data.len() > PART_SIZE {
+        if self.data.len() > MULTIPART_ABOVE {
             self.backend.upload_in_parts(key, self.data)
         } else {
             self.backend.put(key, self.data, PutMode::Overwrite)
