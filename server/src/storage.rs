@@ -135,6 +135,20 @@ impl Storage {
         Ok(token)
     }
 
+    /// The token and backend for an operation only a full token may do.
+    fn full(
+        &self,
+        headers: &HeaderMap,
+        name: &str,
+        what: &str,
+    ) -> Result<Arc<dyn Backend>, Refusal> {
+        let token = self.authorize(headers, name)?;
+        if token.mode != StorageMode::Full {
+            return Err(refuse(&token, what));
+        }
+        self.backend(name)
+    }
+
     /// The backend of repository `name` (opened once).
     fn backend(&self, name: &str) -> Result<Arc<dyn Backend>, Refusal> {
         let mut open = self.backends.lock().unwrap_or_else(PoisonError::into_inner);
@@ -229,11 +243,7 @@ async fn put_config(
     headers: HeaderMap,
     body: Bytes,
 ) -> Answer {
-    let token = st.authorize(&headers, &name)?;
-    if token.mode != StorageMode::Full {
-        return Err(refuse(&token, "write the config"));
-    }
-    let backend = st.backend(&name)?;
+    let backend = st.full(&headers, &name, "write the config")?;
     blocking(move || Ok(backend.write(FileKind::Config, "config", &body)?)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -415,12 +425,8 @@ async fn quarantine(
     Path((name, kind, file)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Answer {
-    let token = st.authorize(&headers, &name)?;
     let kind = kind_of(&kind)?;
-    if token.mode != StorageMode::Full {
-        return Err(refuse(&token, "quarantine files"));
-    }
-    let backend = st.backend(&name)?;
+    let backend = st.full(&headers, &name, "quarantine files")?;
     blocking(move || Ok(backend.quarantine(kind, &file)?)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -436,11 +442,7 @@ async fn cleanup(
     Query(q): Query<CleanupQuery>,
     headers: HeaderMap,
 ) -> Answer {
-    let token = st.authorize(&headers, &name)?;
-    if token.mode != StorageMode::Full {
-        return Err(refuse(&token, "remove incomplete files"));
-    }
-    let backend = st.backend(&name)?;
+    let backend = st.full(&headers, &name, "remove incomplete files")?;
     let (count, bytes) =
         blocking(move || Ok(backend.remove_incomplete(std::time::Duration::from_secs(q.age))?))
             .await?;

@@ -7,11 +7,11 @@
 //! ([`RETRIES`] times); a 4xx is the server's answer and fails at once with its text
 //! (a refused token, an append-only token asked to delete, a full quota).
 
-use std::io::{self, Write};
+use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{check_name, Backend, FileKind, NewFile};
+use super::{check_name, Backend, FileKind};
 
 /// How many times a failed request is tried again.
 pub const RETRIES: u32 = 6;
@@ -206,30 +206,6 @@ fn answer_error(status: reqwest::StatusCode, text: &str) -> io::Error {
     io::Error::new(kind, format!("{status}: {text}{hint}"))
 }
 
-/// [`Backend::create`]: the bytes wait in memory until the name is known.
-struct RemoteNewFile<'b> {
-    backend: &'b RemoteBackend,
-    kind: FileKind,
-    data: Vec<u8>,
-}
-
-impl Write for RemoteNewFile<'_> {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.data.extend_from_slice(data);
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl NewFile for RemoteNewFile<'_> {
-    fn commit(self: Box<Self>, name: &str) -> io::Result<()> {
-        check_name(name)?;
-        self.backend.put(self.kind, name, self.data)
-    }
-}
-
 impl Backend for RemoteBackend {
     fn location(&self) -> String {
         self.base.clone()
@@ -271,14 +247,6 @@ impl Backend for RemoteBackend {
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> io::Result<()> {
         check_name(name)?;
         self.put(kind, name, data.to_vec())
-    }
-
-    fn create(&self, kind: FileKind) -> io::Result<Box<dyn NewFile + '_>> {
-        Ok(Box::new(RemoteNewFile {
-            backend: self,
-            kind,
-            data: Vec::new(),
-        }))
     }
 
     fn list(&self, kind: FileKind) -> io::Result<Vec<String>> {

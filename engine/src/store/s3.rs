@@ -8,8 +8,8 @@
 //! How the [`Backend`] contract is kept on a store without rename or append:
 //! - a `write` is one PUT, atomic by S3's semantics; S3 has been strongly consistent
 //!   (read-after-write, list-after-write) since 2020, Garage by its quorums;
-//! - a file written in pieces ([`Backend::create`]) waits in memory and is uploaded under
-//!   its final name at commit: one PUT up to [`MULTIPART_ABOVE`] (a pack of the default
+//! - a file written in pieces ([`Backend::create`], the trait's default) waits in memory
+//!   and is uploaded under its final name at commit: one PUT up to [`MULTIPART_ABOVE`] (a pack of the default
 //!   16 MiB is one request: object stores bill per request, and against restic on the
 //!   same server a multipart pack cost 4 requests to its 1), a multipart upload of
 //!   [`PART_SIZE`] parts, four in flight, above. A writer killed before the end leaves no
@@ -29,7 +29,7 @@
 //! Credentials come from the caller ([`S3Credentials`]: the environment or a config file),
 //! never from the URL, and are never logged.
 
-use std::io::{self, Write};
+use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,7 +43,7 @@ use object_store::{
 };
 
 use super::url::S3Location;
-use super::{check_name, Backend, FileKind, NewFile};
+use super::{check_name, Backend, FileKind};
 
 /// Parts of a multipart upload.
 pub const PART_SIZE: usize = 16 << 20;
@@ -350,36 +350,6 @@ fn summary(message: &str) -> String {
     }
 }
 
-/// [`Backend::create`] of [`S3Backend`]: the bytes wait in memory until the name is known.
-struct S3NewFile<'b> {
-    backend: &'b S3Backend,
-    kind: FileKind,
-    data: Vec<u8>,
-}
-
-impl Write for S3NewFile<'_> {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.data.extend_from_slice(data);
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl NewFile for S3NewFile<'_> {
-    fn commit(self: Box<Self>, name: &str) -> io::Result<()> {
-        check_name(name)?;
-        let key = self.backend.key(self.kind, name);
-        if self.data.len() > MULTIPART_ABOVE {
-            self.backend.upload_in_parts(key, self.data)
-        } else {
-            self.backend.put(key, self.data, PutMode::Overwrite)
-        }
-    }
-}
-
 impl Backend for S3Backend {
     fn location(&self) -> String {
         self.location.to_string()
@@ -424,6 +394,9 @@ impl Backend for S3Backend {
     fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> io::Result<()> {
         check_name(name)?;
         let key = self.key(kind, name);
+        if data.len() > MULTIPART_ABOVE {
+            return self.upload_in_parts(key, data.to_vec());
+        }
         if kind != FileKind::Config {
             return self.put(key, data.to_vec(), PutMode::Overwrite);
         }
@@ -439,14 +412,6 @@ impl Backend for S3Backend {
             PutMode::Overwrite
         };
         self.put(key, data.to_vec(), mode)
-    }
-
-    fn create(&self, kind: FileKind) -> io::Result<Box<dyn NewFile + '_>> {
-        Ok(Box::new(S3NewFile {
-            backend: self,
-            kind,
-            data: Vec::new(),
-        }))
     }
 
     fn list(&self, kind: FileKind) -> io::Result<Vec<String>> {
