@@ -8,4 +8,7 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 "$here/scripts/install-deps.sh" --test
 "$here/scripts/start-services.sh"
 cd "$here"
+# Repository caches (index, manifests) of the tests' repositories: under target/, not in
+# the home of whoever runs the suite (the end-to-end tests give each test a HOME).
+export REPO_CACHE_DIR="${REPO_CACHE_DIR:-$here/target/test-cache}"
 CI="${CI:-1}" cargo test --workspace
