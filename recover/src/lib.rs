@@ -246,7 +246,7 @@ pub fn cleanup(store: &Store) -> Result<Cleanup, RecoverError> {
     }
     let claimed: Vec<String> = store.list()?.into_iter().filter_map(|r| r.lab).collect();
     for netns in verify::lab::list() {
-        if !claimed.contains(&netns) {
+        if !claimed.contains(&netns) && !verify::lab::owner_alive(&netns) {
             verify::lab::remove(&netns).map_err(RecoverError::Setup)?;
             report.labs_removed.push(netns);
         }

@@ -112,8 +112,29 @@ fn busybox() -> Result<PathBuf, String> {
         })
 }
 
+/// Where each lab's owner (the process that made it) is written: `cleanup` of any state
+/// directory leaves a lab alone while its owner lives (two verifications of two stores, or
+/// a lab not yet claimed by its session's record, are not another's leftovers).
+const OWNERS: &str = "/run/cairn-labs";
+
+fn owner_file(netns: &str) -> PathBuf {
+    Path::new(OWNERS).join(netns)
+}
+
+/// Whether the process that made lab `netns` still runs.
+#[must_use]
+pub fn owner_alive(netns: &str) -> bool {
+    std::fs::read_to_string(owner_file(netns))
+        .ok()
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        .is_some_and(|pid| Path::new("/proc").join(pid.to_string()).exists())
+}
+
 /// Makes the namespace and the tap (down, in the host's namespace, no address).
 pub fn create(lab: &Lab) -> Result<(), String> {
+    std::fs::create_dir_all(OWNERS)
+        .and_then(|()| std::fs::write(owner_file(&lab.netns), std::process::id().to_string()))
+        .map_err(|e| format!("{OWNERS}: {e}"))?;
     ip(&["netns", "add", &lab.netns])?;
     ip(&["-n", &lab.netns, "link", "set", "lo", "up"])?;
     ip(&["tuntap", "add", "dev", &lab.tap, "mode", "tap"])?;
@@ -188,6 +209,7 @@ pub fn remove(netns: &str) -> Result<(), String> {
     if Path::new("/sys/class/net").join(&tap).exists() {
         ip(&["link", "del", &tap])?;
     }
+    let _ = std::fs::remove_file(owner_file(netns));
     Ok(())
 }
 
