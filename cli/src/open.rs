@@ -290,6 +290,19 @@ impl Settings {
     /// Opens the repository; with `check_identity` false, without comparing its
     /// identity with what this host knows (`repo trust` does that itself).
     pub fn open_trusting(&self, check_identity: bool) -> Result<Repository> {
+        self.open_with(check_identity, false)
+    }
+
+    /// Opens the repository for a backup, locked: on a repository server the index is
+    /// not brought in sync at open (the server's blob directory answers what it lacks),
+    /// so a host new to a large repository does not read every pack's trailer first.
+    pub fn open_for_backup(&self) -> Result<Repository> {
+        let repo = self.open_with(true, true)?;
+        repo.lock(LockKind::Shared, "backup", self.lock_wait)?;
+        Ok(repo)
+    }
+
+    fn open_with(&self, check_identity: bool, lazy_index: bool) -> Result<Repository> {
         let pw = || {
             self.password(false)
                 .map_err(|e| cairn_engine::Error::InvalidInput(format!("{e:#}")))
@@ -298,6 +311,7 @@ impl Settings {
         if !check_identity {
             opts.known = None;
         }
+        opts.lazy_index = lazy_index;
         let mut repo = Repository::open_with(backend, &opts, &pw)?;
         if let Some(n) = crate::testonly::get().extents_inline {
             repo.set_extents_inline(n);

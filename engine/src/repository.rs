@@ -49,6 +49,10 @@ pub struct Repository {
     /// How many extents a file lists inline in its tree ([`crate::tree::EXTENTS_INLINE`];
     /// lowered by tests of the extent-list blobs).
     extents_inline: usize,
+    /// The index was not brought in sync at open ([`OpenOptions::lazy_index`]): it
+    /// lists what it held, what this handle wrote and what the storage's blob directory
+    /// pointed to, not every pack.
+    partial_index: bool,
 }
 
 /// How to open (or create) a repository, beyond its storage and password.
@@ -67,6 +71,12 @@ pub struct OpenOptions {
     /// This host's record of known repositories: opening checks the repository's
     /// identity against it (and records a new one); creating records it.
     pub known: Option<KnownRepositories>,
+    /// Do not read the trailers of every pack the index lacks at open when the storage
+    /// has a blob directory ([`crate::store::BlobDirectory`], a repository server):
+    /// blobs are looked up there when the index misses them. For a backup of a host
+    /// that comes to a large repository with an empty cache; an operation that needs
+    /// every pack (prune, check, restore) opens with a full index.
+    pub lazy_index: bool,
 }
 
 /// Who is doing this, for key files and snapshots.
@@ -243,6 +253,7 @@ impl Repository {
             manifests: Arc::default(),
             cache,
             extents_inline: crate::tree::EXTENTS_INLINE,
+            partial_index: false,
         })
     }
 
@@ -292,6 +303,7 @@ impl Repository {
             }
         }
         let cache = open_cache(opts, &config, &location);
+        let backend_has_directory = backend.directory().is_some();
         let repo = Self {
             index: open_index(opts, cache.as_ref())?,
             location,
@@ -304,8 +316,13 @@ impl Repository {
             manifests: Arc::default(),
             cache,
             extents_inline: crate::tree::EXTENTS_INLINE,
+            partial_index: opts.lazy_index && backend_has_directory,
         };
-        repo.sync_index()?;
+        if repo.partial_index {
+            repo.drop_removed_packs()?;
+        } else {
+            repo.sync_index()?;
+        }
         Ok(repo)
     }
 
@@ -326,6 +343,7 @@ impl Repository {
             manifests: self.manifests.clone(),
             cache: self.cache.clone(),
             extents_inline: self.extents_inline,
+            partial_index: false,
         };
         repo.sync_index()?;
         Ok(repo)
@@ -642,6 +660,12 @@ impl Repository {
         if let Some(loc) = self.index.lookup(id)? {
             return Ok(loc);
         }
+        // A repository server may know where it is: one pack's trailer, not every one.
+        if self.learn_from_directory(&[*id])? > 0 {
+            if let Some(loc) = self.index.lookup(id)? {
+                return Ok(loc);
+            }
+        }
         // The index is a cache: before calling a blob missing, list every pack once (a
         // shard stamp that failed to show a change must not make a blob unreadable).
         if !self
@@ -822,6 +846,109 @@ impl Repository {
             }
         }
         Ok((added, gone.len()))
+    }
+
+    /// What a lazy open does instead of [`Self::sync_index`]: drops the packs storage no
+    /// longer has (a prune elsewhere: a backup must never deduplicate against them),
+    /// one listing, and reads no trailer; the packs the index lacks are learned from
+    /// the storage's blob directory when asked for.
+    fn drop_removed_packs(&self) -> Result<()> {
+        let stored: std::collections::HashSet<PackId> = self
+            .backend
+            .list(FileKind::Pack)
+            .ctx(|| "listing packs".into())?
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let mut gone = 0;
+        for pack in self.index.packs()? {
+            if !stored.contains(&pack) {
+                self.index.remove_pack(&pack)?;
+                gone += 1;
+            }
+        }
+        tracing::debug!(
+            "index not synced at open ({} packs stored, {gone} gone from the index): the \
+             storage's blob directory answers misses",
+            stored.len()
+        );
+        Ok(())
+    }
+
+    /// Whether the index was left partial at open ([`OpenOptions::lazy_index`]).
+    #[must_use]
+    pub fn index_is_partial(&self) -> bool {
+        self.partial_index
+    }
+
+    /// Asks the storage's blob directory ([`crate::store::BlobDirectory`]) about the
+    /// `ids` the index lacks, and indexes each pack it names once that pack's trailer,
+    /// read and authenticated here, is in hand. Returns how many of `ids` the index
+    /// holds now that it lacked before. An answer its pack's trailer does not bear out
+    /// (a lying or stale directory) counts for nothing: that blob is stored again.
+    ///
+    /// Without a directory, or when it does not answer (an older server, a failure),
+    /// nothing is learned and nothing fails: the caller stores what it must.
+    pub fn learn_from_directory(&self, ids: &[BlobId]) -> Result<usize> {
+        let Some(directory) = self.backend.directory() else {
+            return Ok(0);
+        };
+        let mut missing = Vec::new();
+        for id in ids {
+            if !self.index.contains(id)? {
+                missing.push(*id);
+            }
+        }
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let answers = match directory.locate(&missing) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!("the storage's blob directory did not answer ({e}); storing what the index lacks");
+                return Ok(0);
+            }
+        };
+        let asked: std::collections::HashSet<&BlobId> = missing.iter().collect();
+        let mut packs = Vec::new();
+        for (blob, pack) in &answers {
+            if asked.contains(blob)
+                && !packs.contains(pack)
+                && self.index.pack_size(pack)?.is_none()
+            {
+                packs.push(*pack);
+            }
+        }
+        let read: Vec<(PackId, TrailerResult)> = packs
+            .par_iter()
+            .map(|p| (*p, self.read_pack_trailer(p)))
+            .collect();
+        for (pack, trailer) in read {
+            match trailer {
+                Ok((size, entries)) => self.index.add_pack(&pack, size, &entries)?,
+                Err(e) => tracing::warn!(
+                    "pack {pack}, named by the storage's blob directory, not indexed: {e}"
+                ),
+            }
+        }
+        let mut learned = 0;
+        for id in &missing {
+            if self.index.contains(id)? {
+                learned += 1;
+            }
+        }
+        let claimed: std::collections::HashSet<&BlobId> = answers
+            .iter()
+            .map(|(b, _)| b)
+            .filter(|b| asked.contains(b))
+            .collect();
+        if claimed.len() > learned {
+            tracing::warn!(
+                "the storage's blob directory named packs for {} blobs their trailers do not list: stored again",
+                claimed.len() - learned
+            );
+        }
+        Ok(learned)
     }
 
     /// Recreates the index from the pack trailers alone.

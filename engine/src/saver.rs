@@ -157,6 +157,35 @@ impl<'r> BlobSaver<'r> {
             .unwrap_or_default()
     }
 
+    /// Whether the storage keeps a blob directory to ask before storing
+    /// ([`Self::ask_before_storing`]).
+    #[must_use]
+    pub fn negotiates(&self) -> bool {
+        self.repo.backend().directory().is_some()
+    }
+
+    /// Known-chunk negotiation: asks the storage's blob directory about the blobs of
+    /// `chunks` that neither the index nor this run holds, so that what another host
+    /// stored (or what a partial index does not list) is not sent again. One request
+    /// for the lot; nothing is asked when the index has them all. The blobs the
+    /// directory names count as stored only once their packs' trailers say so
+    /// ([`Repository::learn_from_directory`]).
+    pub fn ask_before_storing(&self, chunks: &[&[u8]]) -> Result<()> {
+        if !self.negotiates() {
+            return Ok(());
+        }
+        let mut ids: Vec<BlobId> = chunks
+            .iter()
+            .map(|c| self.repo.crypto().blob_id(c))
+            .collect();
+        {
+            let taken = lock(&self.taken);
+            ids.retain(|id| !taken.contains(id));
+        }
+        self.repo.learn_from_directory(&ids)?;
+        Ok(())
+    }
+
     /// Stores `data` unless the repository has it. Returns its id and the bytes it added
     /// to the repository (0 when deduplicated).
     ///
@@ -296,6 +325,15 @@ impl<'r> BlobSaver<'r> {
             // but this run cannot vouch for its blobs.
             let err = std::io::Error::other(e.to_string());
             return Err(self.lose(&acknowledged, err, &format!("indexing pack {id}")));
+        }
+        // Tell the storage's blob directory (a repository server) what the pack holds,
+        // so that other hosts need not send it again. Only an optimisation: the pack is
+        // durable and indexed whatever the answer.
+        if let Some(directory) = self.repo.backend().directory() {
+            let blobs: Vec<BlobId> = entries.iter().map(|e| e.id).collect();
+            if let Err(e) = directory.report(&id, &blobs) {
+                tracing::warn!("pack {id} not reported to the storage's blob directory: {e}");
+            }
         }
         // Indexed: from now on the index answers for these blobs.
         let mut taken = lock(&self.taken);
@@ -464,5 +502,139 @@ mod tree_tests {
         let raw = Tree::decode(&repo.read_blob(&id).unwrap(), &id).unwrap();
         assert!(raw.nodes[0].content_lists.is_empty());
         assert_eq!(raw.nodes[0].content.len(), EXTENTS_INLINE);
+    }
+}
+
+#[cfg(test)]
+mod negotiation {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::crypto::Encryption;
+    use crate::keyfile::KdfParams;
+    use crate::repository::OpenOptions;
+    use crate::store::sim::SimFs;
+    use crate::store::Backend;
+    use crate::test_util::{bytes, sim_backend, small_config, WithDirectory};
+
+    fn blob(i: u64) -> Vec<u8> {
+        bytes(i, 64 << 10)
+    }
+
+    fn lazy(dir: &Arc<WithDirectory>, index: &std::path::Path) -> Repository {
+        let opts = OpenOptions {
+            index: Some(index.to_owned()),
+            lazy_index: true,
+            ..OpenOptions::default()
+        };
+        Repository::open_with(dir.clone(), &opts, &|| {
+            Ok(zeroize::Zeroizing::new(b"pw".to_vec()))
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn a_host_new_to_the_repository_asks_stores_only_what_no_pack_holds_and_believes_only_trailers()
+    {
+        let fs = SimFs::new();
+        let dir = Arc::new(WithDirectory::over(sim_backend(&fs)));
+        let a = Repository::init_on(
+            dir.clone(),
+            &OpenOptions::default(),
+            b"pw",
+            small_config(Encryption::Aes256Gcm),
+            KdfParams::TEST_ONLY_WEAK,
+        )
+        .unwrap();
+        // Host A stores 64 blobs of 64 KiB (4 packs of 1 MiB); each pack is reported.
+        let saver = BlobSaver::new(&a);
+        for i in 0..64 {
+            saver.save(BlobKind::Data, &blob(i)).unwrap();
+        }
+        saver.flush().unwrap();
+        assert_eq!(dir.rows.lock().unwrap().len(), 64);
+        let packs = a.index().packs().unwrap();
+        assert!(packs.len() >= 4, "{packs:?}");
+        let id = |i: u64| a.crypto().blob_id(&blob(i));
+
+        // Host B opens lazily with an empty index: no trailer read at open.
+        let scratch = tempfile::tempdir().unwrap();
+        let index = scratch.path().join("index.sqlite");
+        let asked_before = dir.sizes_asked();
+        let b = lazy(&dir, &index);
+        assert!(b.index_is_partial());
+        assert_eq!(dir.sizes_asked(), asked_before);
+        assert!(b.index().packs().unwrap().is_empty());
+
+        // B saves 8 of A's blobs and 4 new ones: asks once, reads the trailer of the one
+        // pack that holds the 8, stores the 4.
+        let saver = BlobSaver::new(&b);
+        let chunks: Vec<Vec<u8>> = (0..8).chain(100..104).map(blob).collect();
+        let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+        saver.ask_before_storing(&refs).unwrap();
+        assert_eq!(dir.sizes_asked() - asked_before, 1);
+        for c in &chunks {
+            saver.save(BlobKind::Data, c).unwrap();
+        }
+        saver.flush().unwrap();
+        assert_eq!(saver.stats().blobs_new, 4);
+
+        // A blob the partial index lacks is read through the directory: one more
+        // trailer, not a listing of every pack.
+        let asked = dir.sizes_asked();
+        assert_eq!(b.read_blob(&id(63)).unwrap(), blob(63));
+        assert!(
+            dir.sizes_asked() - asked <= 2,
+            "{}",
+            dir.sizes_asked() - asked
+        );
+        assert!(b.index().packs().unwrap().len() < packs.len() + 1);
+
+        // A lying directory (pack 0 named for a blob it does not hold) is not believed:
+        // the blob is stored.
+        let liar = b.crypto().blob_id(&blob(200));
+        dir.rows.lock().unwrap().push((liar, packs[0]));
+        let saver = BlobSaver::new(&b);
+        saver.ask_before_storing(&[&blob(200)]).unwrap();
+        assert!(saver.save(BlobKind::Data, &blob(200)).unwrap().1 > 0);
+        saver.flush().unwrap();
+
+        // A pack removed since (a prune elsewhere) leaves the index at the next lazy
+        // open, though the directory still names it: its blobs are stored again, never
+        // deduplicated against a pack that is gone.
+        let first = id(0);
+        let holder = a.index().lookup(&first).unwrap().unwrap().pack;
+        dir.remove(FileKind::Pack, &holder.to_hex()).unwrap();
+        let again = lazy(&dir, &index);
+        assert!(!again.index().contains(&first).unwrap());
+        let saver = BlobSaver::new(&again);
+        saver.ask_before_storing(&[&blob(0)]).unwrap();
+        assert!(saver.save(BlobKind::Data, &blob(0)).unwrap().1 > 0);
+        saver.flush().unwrap();
+        assert_eq!(again.read_blob(&first).unwrap(), blob(0));
+    }
+
+    #[test]
+    fn without_a_directory_a_lazy_open_is_a_full_one() {
+        let fs = SimFs::new();
+        let opts = OpenOptions {
+            lazy_index: true,
+            ..OpenOptions::default()
+        };
+        drop(
+            Repository::init_on(
+                sim_backend(&fs),
+                &OpenOptions::default(),
+                b"pw",
+                small_config(Encryption::Aes256Gcm),
+                KdfParams::TEST_ONLY_WEAK,
+            )
+            .unwrap(),
+        );
+        let repo = Repository::open_with(sim_backend(&fs), &opts, &|| {
+            Ok(zeroize::Zeroizing::new(b"pw".to_vec()))
+        })
+        .unwrap();
+        assert!(!repo.index_is_partial());
     }
 }

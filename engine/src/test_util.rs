@@ -15,7 +15,7 @@ use crate::repository::OpenOptions;
 use crate::saver::BlobSaver;
 use crate::snapshot::{Manifest, SnapshotKind, Summary};
 use crate::store::sim::SimFs;
-use crate::store::{Backend, LocalBackend};
+use crate::store::{Backend, BlobDirectory, FileKind, LocalBackend};
 use crate::tree::{Extent, Node, NodeKind, Tree};
 use crate::Repository;
 
@@ -123,4 +123,97 @@ pub fn files_of(repo: &Repository, id: &SnapshotId) -> crate::Result<BTreeMap<St
         out.insert(String::from_utf8_lossy(&n.name).into_owned(), data);
     }
     Ok(out)
+}
+
+/// A backend with a blob directory in memory over another, as a repository server keeps
+/// one: for the tests of known-chunk negotiation. Tests plant false rows in `rows` by
+/// hand; `pack_sizes_asked` counts the packs whose size was asked (every trailer read
+/// starts with it).
+pub struct WithDirectory {
+    pub inner: Arc<dyn Backend>,
+    pub rows: std::sync::Mutex<Vec<(crate::id::BlobId, crate::id::PackId)>>,
+    pub pack_sizes_asked: std::sync::atomic::AtomicUsize,
+}
+
+impl WithDirectory {
+    pub fn over(inner: Arc<dyn Backend>) -> Self {
+        Self {
+            inner,
+            rows: std::sync::Mutex::default(),
+            pack_sizes_asked: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    pub fn sizes_asked(&self) -> usize {
+        self.pack_sizes_asked
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Backend for WithDirectory {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn create_layout(&self) -> std::io::Result<()> {
+        self.inner.create_layout()
+    }
+    fn read(&self, kind: FileKind, name: &str) -> std::io::Result<Vec<u8>> {
+        self.inner.read(kind, name)
+    }
+    fn read_at(
+        &self,
+        kind: FileKind,
+        name: &str,
+        offset: u64,
+        len: usize,
+    ) -> std::io::Result<Vec<u8>> {
+        self.inner.read_at(kind, name, offset, len)
+    }
+    fn size(&self, kind: FileKind, name: &str) -> std::io::Result<u64> {
+        if kind == FileKind::Pack {
+            self.pack_sizes_asked
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.inner.size(kind, name)
+    }
+    fn write(&self, kind: FileKind, name: &str, data: &[u8]) -> std::io::Result<()> {
+        self.inner.write(kind, name, data)
+    }
+    fn list(&self, kind: FileKind) -> std::io::Result<Vec<String>> {
+        self.inner.list(kind)
+    }
+    fn remove(&self, kind: FileKind, name: &str) -> std::io::Result<()> {
+        self.inner.remove(kind, name)
+    }
+    fn quarantine(&self, kind: FileKind, name: &str) -> std::io::Result<()> {
+        self.inner.quarantine(kind, name)
+    }
+    fn modified(&self, kind: FileKind, name: &str) -> std::io::Result<std::time::SystemTime> {
+        self.inner.modified(kind, name)
+    }
+    fn remove_incomplete(&self, age: std::time::Duration) -> std::io::Result<(u64, u64)> {
+        self.inner.remove_incomplete(age)
+    }
+    fn directory(&self) -> Option<&dyn BlobDirectory> {
+        Some(self)
+    }
+}
+
+impl BlobDirectory for WithDirectory {
+    fn report(&self, pack: &crate::id::PackId, blobs: &[crate::id::BlobId]) -> std::io::Result<()> {
+        let mut rows = self.rows.lock().unwrap();
+        rows.extend(blobs.iter().map(|b| (*b, *pack)));
+        Ok(())
+    }
+    fn locate(
+        &self,
+        ids: &[crate::id::BlobId],
+    ) -> std::io::Result<Vec<(crate::id::BlobId, crate::id::PackId)>> {
+        let rows = self.rows.lock().unwrap();
+        Ok(rows
+            .iter()
+            .filter(|(b, _)| ids.contains(b))
+            .copied()
+            .collect())
+    }
 }

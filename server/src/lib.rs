@@ -22,6 +22,7 @@ pub mod browse;
 pub mod config;
 pub mod daemon;
 pub mod dashboard;
+pub mod directory;
 pub mod execute;
 pub mod job;
 pub mod login;

@@ -19,6 +19,14 @@
 //! | DELETE | `/repo/NAME/KIND/FILE` | removes it |
 //! | POST | `/repo/NAME/KIND/FILE/quarantine` | moves it aside (full tokens) |
 //! | POST | `/repo/NAME/cleanup?age=SECONDS` | removes incomplete files (full tokens) |
+//! | POST | `/repo/NAME/data/PACK/blobs` | reports the blob ids a stored pack holds |
+//! | POST | `/repo/NAME/known` | which of these blob ids are stored, and in which packs |
+//!
+//! The last two are known-chunk negotiation ([`crate::directory`]): ids go as 32 raw
+//! bytes each (at most [`MAX_IDS`] a request), an answer as (blob, pack) pairs of 64
+//! bytes. A client asks before it uploads and sends only what is not there; it trusts an
+//! answer only once the named pack's trailer, which it authenticates, lists the blob.
+//! A `read` token may ask but not report; any token asks about its own repository only.
 //!
 //! KIND is `keys`, `data`, `snapshots`, `locks` or `damage`. A pack (`data`) and a
 //! manifest (`snapshots`) are named by the BLAKE3 hash of their bytes: the server checks
@@ -48,12 +56,16 @@ use axum::routing::{get, post};
 use axum::Router;
 use cairn_engine::store::{Backend, BackendOptions, FileKind, RepositoryUrl};
 
+use crate::directory::{ids_of, Directories, ID_LEN};
 use crate::site::Site;
 use crate::state::{StorageMode, StorageTokenRow};
 
 /// The largest file a client may send: a pack of the largest size a repository allows
 /// (1 GiB) and its trailer.
 pub const MAX_FILE: usize = (1 << 30) + (8 << 20);
+
+/// The most ids one report or question carries (the client's `MAX_IDS_ASKED`).
+pub const MAX_IDS: usize = 1 << 16;
 
 /// The header carrying a file's modification time (ns since the epoch) in a HEAD answer.
 pub const MODIFIED_HEADER: &str = "x-cairn-modified-ns";
@@ -62,11 +74,13 @@ pub const MODIFIED_HEADER: &str = "x-cairn-modified-ns";
 struct Storage {
     site: Arc<Site>,
     backends: Arc<Mutex<HashMap<String, Arc<dyn Backend>>>>,
+    directories: Arc<Directories>,
 }
 
 /// The storage routes, to merge into the daemon's application.
 pub fn routes<S>(site: Arc<Site>) -> Router<S> {
     let storage = Storage {
+        directories: Arc::new(Directories::at(&site.state_dir)),
         site,
         backends: Arc::default(),
     };
@@ -79,6 +93,8 @@ pub fn routes<S>(site: Arc<Site>) -> Router<S> {
             get(get_file).put(put_file).delete(delete_file),
         )
         .route("/repo/{name}/{kind}/{file}/quarantine", post(quarantine))
+        .route("/repo/{name}/{kind}/{file}/blobs", post(report_blobs))
+        .route("/repo/{name}/known", post(known))
         .layer(DefaultBodyLimit::max(MAX_FILE))
         .with_state(storage)
 }
@@ -416,8 +432,132 @@ async fn delete_file(
     if kind != FileKind::Lock {
         tracing::info!(token = %token.name, repository = %name, "removing {}/{file}", kind.dir());
     }
-    blocking(move || Ok(backend.remove(kind, &file)?)).await?;
+    let directories = st.directories.clone();
+    blocking(move || {
+        backend.remove(kind, &file)?;
+        if let (FileKind::Pack, Ok(pack)) = (kind, pack_id_of(&file)) {
+            directories.forget_pack(&name, &pack).map_err(internal)?;
+        }
+        Ok(())
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// A pack's name as its 32 bytes.
+fn pack_id_of(file: &str) -> Result<[u8; ID_LEN], Refusal> {
+    let mut id = [0; ID_LEN];
+    hex::decode_to_slice(file, &mut id).map_err(|_| {
+        Refusal(
+            StatusCode::BAD_REQUEST,
+            format!("{file:?} is not a pack's name"),
+        )
+    })?;
+    Ok(id)
+}
+
+/// A body of whole ids, at most [`MAX_IDS`] of them.
+fn ids_in(body: &[u8], what: &str) -> Result<Vec<[u8; ID_LEN]>, Refusal> {
+    ids_of(body)
+        .filter(|ids| ids.len() <= MAX_IDS)
+        .ok_or_else(|| {
+            Refusal(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "{what}: {} bytes are not up to {MAX_IDS} ids of {ID_LEN} bytes",
+                    body.len()
+                ),
+            )
+        })
+}
+
+/// Records the blob ids a stored pack holds (the client that wrote it knows them; the
+/// server cannot read them). A `read` token may not.
+async fn report_blobs(
+    State(st): State<Storage>,
+    Path((name, kind, file)): Path<(String, String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Answer {
+    let token = st.authorize(&headers, &name)?;
+    if kind_of(&kind)? != FileKind::Pack {
+        return Err(Refusal(
+            StatusCode::NOT_FOUND,
+            format!("{kind}/{file}: only packs (data) hold blobs"),
+        ));
+    }
+    if token.mode == StorageMode::Read {
+        return Err(refuse(&token, "report what a pack holds"));
+    }
+    let pack = pack_id_of(&file)?;
+    let blobs = ids_in(&body, "a pack's blobs")?;
+    let backend = st.backend(&name)?;
+    let directories = st.directories.clone();
+    blocking(move || {
+        let size = backend.size(FileKind::Pack, &file)?;
+        // Every stored blob carries at least its 16-byte tag: more ids than that are lies
+        // meant to fill the directory.
+        if blobs.len() as u64 > size / 16 {
+            return Err(Refusal(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "data/{file}: {} blobs cannot fit in a pack of {size} bytes",
+                    blobs.len()
+                ),
+            ));
+        }
+        directories.record(&name, &pack, &blobs).map_err(internal)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Which of the asked blob ids the repository's directory knows, and in which packs
+/// (those still stored; rows of packs removed behind the server's back are dropped).
+async fn known(
+    State(st): State<Storage>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Answer {
+    st.authorize(&headers, &name)?;
+    let ids = ids_in(&body, "a question")?;
+    let backend = st.backend(&name)?;
+    let directories = st.directories.clone();
+    let answer = blocking(move || {
+        let found = directories.find(&name, &ids).map_err(internal)?;
+        let mut stored: HashMap<[u8; ID_LEN], bool> = HashMap::new();
+        let mut answer = Vec::new();
+        for (blob, pack) in found {
+            let here = match stored.get(&pack) {
+                Some(here) => *here,
+                None => {
+                    let here = match backend.size(FileKind::Pack, &hex::encode(pack)) {
+                        Ok(_) => true,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                        Err(e) => return Err(e.into()),
+                    };
+                    stored.insert(pack, here);
+                    here
+                }
+            };
+            if here {
+                answer.extend_from_slice(&blob);
+                answer.extend_from_slice(&pack);
+            }
+        }
+        for (pack, _) in stored.iter().filter(|(_, here)| !**here) {
+            directories.forget_pack(&name, pack).map_err(internal)?;
+        }
+        Ok(answer)
+    })
+    .await?;
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/octet-stream")],
+        answer,
+    )
+        .into_response())
 }
 
 async fn quarantine(

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use cairn_agent::source::{self, Labels, Source, SourceBackup};
 use cairn_engine::backup::BackupOutcome;
-use cairn_engine::lock::LockKind;
 use cairn_engine::progress::Progress;
 use serde_json::json;
 
@@ -78,7 +77,7 @@ pub fn run(s: &Settings, g: &Global, a: &BackupArgs) -> Result<u8> {
         save_as_job(s, g, a, name, &source)?;
         labels.tags.push(cairn_server::job::job_tag(name));
     }
-    let repo = s.open_locked(LockKind::Shared, "backup")?;
+    let repo = s.open_for_backup()?;
     if let Some(p) = &a.parent {
         labels.parent = Some(super::find_snapshot(&repo, p, &Default::default())?.id);
     }

@@ -119,8 +119,14 @@ pub(crate) fn commit(
     repo.ensure_lock_held()?;
     let id = repo.save_snapshot(&manifest)?;
     // The shards this backup wrote to are in the page cache now: record their stamps so
-    // that the next command need not list them.
-    if let Err(e) = repo.sync_index() {
+    // that the next command need not list them. (Not for a partial index: that would
+    // read the trailers its lazy open saved.)
+    let synced = if repo.index_is_partial() {
+        Ok((0, 0))
+    } else {
+        repo.sync_index()
+    };
+    if let Err(e) = synced {
         tracing::warn!("index shard stamps not recorded: {e}");
     }
     Ok(BackupOutcome {

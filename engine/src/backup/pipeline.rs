@@ -265,6 +265,9 @@ impl<'b, 'r> ChunkWorkers<'b, 'r> {
     /// work handed to the workers (the queue has room) with results to wait for.
     pub fn save(&self, buf: &Arc<ReadBuf<'b>>, ranges: &[Range<usize>], holes: bool) -> Pending {
         let total: usize = ranges.iter().map(ExactSizeIterator::len).sum();
+        if total > INLINE_BYTES && self.saver.negotiates() {
+            self.negotiate(buf, ranges, holes);
+        }
         if total <= INLINE_BYTES {
             return Pending {
                 results: ranges
@@ -298,6 +301,23 @@ impl<'b, 'r> ChunkWorkers<'b, 'r> {
             results,
             replies: Some(replies),
             expected,
+        }
+    }
+}
+
+impl ChunkWorkers<'_, '_> {
+    /// Asks the storage's blob directory about the batch's chunks before they are saved
+    /// ([`BlobSaver::ask_before_storing`]). Batches of small files are not asked about:
+    /// a request each would cost more than sending them. A failure here only means the
+    /// chunks are stored (and the saver reports the failure that matters).
+    fn negotiate(&self, buf: &ReadBuf<'_>, ranges: &[Range<usize>], holes: bool) {
+        let chunks: Vec<&[u8]> = ranges
+            .iter()
+            .map(|r| &buf[r.clone()])
+            .filter(|c| !(holes && c.iter().all(|&b| b == 0)))
+            .collect();
+        if let Err(e) = self.saver.ask_before_storing(&chunks) {
+            tracing::warn!("asking the storage which chunks it has: {e}");
         }
     }
 }

@@ -32,6 +32,7 @@ pub mod url;
 use std::io::{self, Write};
 use std::sync::Arc;
 
+use crate::id::{BlobId, PackId};
 pub use local::LocalBackend;
 pub use url::{RepositoryUrl, S3Location, UrlError};
 
@@ -154,6 +155,26 @@ pub trait Backend: Send + Sync {
     /// Removes incomplete files (a writer killed mid-write) older than `age`; returns how
     /// many and their bytes.
     fn remove_incomplete(&self, age: std::time::Duration) -> io::Result<(u64, u64)>;
+    /// The storage's directory of blobs, where it keeps one (a repository server):
+    /// known-chunk negotiation. `None` (the default): the index alone answers.
+    fn directory(&self) -> Option<&dyn BlobDirectory> {
+        None
+    }
+}
+
+/// Where the storage says blobs are: a repository server's record of the blob ids each
+/// pack holds, reported by the clients that wrote them (the server cannot read a
+/// trailer). A client asks it before it uploads, so that blobs another host stored,
+/// or that this host's partial index does not list, are not sent again.
+///
+/// The answers are hints. A pack a client reports is only bytes the server cannot
+/// check, so the engine believes a blob is stored only once it has read the named
+/// pack's trailer and authenticated it with the master key ([`crate::Repository`]).
+pub trait BlobDirectory: Send + Sync {
+    /// Records that the pack `pack`, already stored, holds `blobs`.
+    fn report(&self, pack: &PackId, blobs: &[BlobId]) -> io::Result<()>;
+    /// Of `ids`, those the storage knows, each with a pack said to hold it.
+    fn locate(&self, ids: &[BlobId]) -> io::Result<Vec<(BlobId, PackId)>>;
 }
 
 /// Refuses a name that is not one file's name in its kind's directory (`..`, `a/b`, a

@@ -283,6 +283,9 @@ impl Backend for ReadCache {
     fn pack_shards(&self) -> io::Result<Option<Vec<(String, i64)>>> {
         self.inner.pack_shards()
     }
+    fn directory(&self) -> Option<&dyn super::BlobDirectory> {
+        self.inner.directory()
+    }
     fn list_pack_shard(&self, shard: &str) -> io::Result<Vec<String>> {
         self.inner.list_pack_shard(shard)
     }

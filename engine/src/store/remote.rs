@@ -11,10 +11,14 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{check_name, Backend, FileKind};
+use super::{check_name, Backend, BlobDirectory, FileKind};
+use crate::id::{BlobId, Id, PackId, ID_LEN};
 
 /// How many times a failed request is tried again.
 pub const RETRIES: u32 = 6;
+
+/// The most ids one question to the server's blob directory carries (2 MiB).
+pub const MAX_IDS_ASKED: usize = 1 << 16;
 
 /// The header carrying a file's modification time in a HEAD answer.
 const MODIFIED_HEADER: &str = "x-cairn-modified-ns";
@@ -311,6 +315,50 @@ impl Backend for RemoteBackend {
             v["count"].as_u64().unwrap_or(0),
             v["bytes"].as_u64().unwrap_or(0),
         ))
+    }
+
+    fn directory(&self) -> Option<&dyn BlobDirectory> {
+        Some(self)
+    }
+}
+
+/// The server's blob directory (`cairn_server::storage`): ids travel as 32 raw bytes
+/// each; an answer is (blob, pack) pairs of 64 bytes.
+impl BlobDirectory for RemoteBackend {
+    fn report(&self, pack: &PackId, blobs: &[BlobId]) -> io::Result<()> {
+        for part in blobs.chunks(MAX_IDS_ASKED) {
+            let mut call = self.call(
+                reqwest::Method::POST,
+                format!("{}/{}/blobs", FileKind::Pack.dir(), pack.to_hex()),
+            );
+            call.body = Some(Arc::new(part.iter().flat_map(|b| *b.as_bytes()).collect()));
+            self.send(call)?;
+        }
+        Ok(())
+    }
+
+    fn locate(&self, ids: &[BlobId]) -> io::Result<Vec<(BlobId, PackId)>> {
+        let mut found = Vec::new();
+        for part in ids.chunks(MAX_IDS_ASKED) {
+            let mut call = self.call(reqwest::Method::POST, "known".to_owned());
+            call.body = Some(Arc::new(part.iter().flat_map(|b| *b.as_bytes()).collect()));
+            let body = self.send(call)?.1;
+            if body.len() % (2 * ID_LEN) != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!(
+                        "the server's blob directory answered {} bytes, not pairs of ids",
+                        body.len()
+                    ),
+                ));
+            }
+            found.extend(body.chunks_exact(2 * ID_LEN).filter_map(|pair| {
+                let blob = Id::from_slice(&pair[..ID_LEN])?;
+                let pack = Id::from_slice(&pair[ID_LEN..])?;
+                Some((BlobId(blob), PackId(pack)))
+            }));
+        }
+        Ok(found)
     }
 }
 

@@ -99,6 +99,24 @@ fn storage_token(env: &Env, config: &Path, name: &str, repository: &str, extra: 
     env.ok(&args).trim().to_owned()
 }
 
+/// A site serving over TLS the test's repository as `default` and a second one as
+/// `other`: (the CA's certificate, the daemon's config file).
+fn tls_site_of_two(server: &Env) -> (PathBuf, PathBuf) {
+    let other_repo = server.path("other-repo");
+    server.ok(&["-r", other_repo.to_str().unwrap(), "init"]);
+    let (ca, cert, key) = certificate(server);
+    let config = serve_config(
+        server,
+        &format!(
+            "[tls]\ncertificate = {:?}\nkey = {:?}\n\n[repositories.other]\npath = {:?}\npassword_env = \"REPO_PASSWORD\"\n",
+            cert.display().to_string(),
+            key.display().to_string(),
+            other_repo.display().to_string()
+        ),
+    );
+    (ca, config)
+}
+
 /// Another host: its own home (cache), the server's repository by URL, a token.
 fn host(url: &str, token: &str, ca: Option<&Path>) -> Env {
     let mut env = Env::without_repo();
@@ -118,18 +136,7 @@ fn stats(server: &Env) -> serde_json::Value {
 #[test]
 fn hosts_back_up_to_the_repository_server_with_tokens_that_bound_what_they_may_do() {
     let server = Env::new();
-    let other_repo = server.path("other-repo");
-    server.ok(&["-r", other_repo.to_str().unwrap(), "init"]);
-    let (ca, cert, key) = certificate(&server);
-    let config = serve_config(
-        &server,
-        &format!(
-            "[tls]\ncertificate = {:?}\nkey = {:?}\n\n[repositories.other]\npath = {:?}\npassword_env = \"REPO_PASSWORD\"\n",
-            cert.display().to_string(),
-            key.display().to_string(),
-            other_repo.display().to_string()
-        ),
-    );
+    let (ca, config) = tls_site_of_two(&server);
     let admin = storage_token(&server, &config, "admin", "default", &[]);
     let h1 = storage_token(&server, &config, "h1", "default", &["--append-only"]);
     let h2 = storage_token(&server, &config, "h2", "default", &["--append-only"]);
@@ -282,30 +289,197 @@ fn hosts_back_up_to_the_repository_server_with_tokens_that_bound_what_they_may_d
     assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check}");
 }
 
+/// The packs in a host's index (its cache of the one repository it used).
+fn indexed_packs(h: &Env) -> u64 {
+    let dirs: Vec<_> = std::fs::read_dir(h.cache_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("index.sqlite").exists())
+        .collect();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import sqlite3, sys; print(sqlite3.connect(sys.argv[1]).execute('SELECT count(*) FROM packs').fetchone()[0])",
+        ])
+        .arg(dirs[0].join("index.sqlite"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn a_host_new_to_the_repository_asks_the_server_before_it_uploads_and_learns_only_its_own_repository(
+) {
+    let server = Env::new();
+    let (ca, config) = tls_site_of_two(&server);
+    let h1 = storage_token(&server, &config, "h1", "default", &["--append-only"]);
+    let h2 = storage_token(&server, &config, "h2", "default", &["--append-only"]);
+    let reader = storage_token(&server, &config, "reader", "default", &["--read-only"]);
+    let other = storage_token(&server, &config, "other", "other", &[]);
+    let d = Daemon::start(&server, &config);
+    let url = format!("{}/repo/default", d.url);
+
+    // Host 1 stores 96 MiB in six files: several packs.
+    let a = host(&url, &h1, Some(&ca));
+    let src_a = a.path("src");
+    std::fs::create_dir_all(&src_a).unwrap();
+    for i in 0..6 {
+        write_random(&src_a.join(format!("f{i}")), 60 + i, 16 << 20);
+    }
+    a.backup(&[&src_a]);
+    let stored_packs = walk_files(&server.repo.join("data")).len() as u64;
+    assert!(stored_packs >= 6, "{stored_packs} packs");
+
+    // Host 2, new (an empty cache), backs up one of those files and a note: it asks the
+    // server, reads the trailers of the packs named for that file only, and sends the
+    // note alone.
+    let b = host(&url, &h2, Some(&ca));
+    let src_b = b.path("src");
+    std::fs::create_dir_all(&src_b).unwrap();
+    std::fs::copy(src_a.join("f2"), src_b.join("f2")).unwrap();
+    std::fs::write(src_b.join("note"), "host 2's own\n").unwrap();
+    let snap = b.backup(&[&src_b]);
+    let sent = snap["summary"]["bytes_stored"].as_u64().unwrap();
+    assert!(sent < 64 << 10, "host 2 sent {sent} bytes: {snap}");
+    let learned = indexed_packs(&b);
+    assert!(
+        learned <= 4 && learned < stored_packs,
+        "host 2 indexed {learned} of {stored_packs} packs"
+    );
+    let target = b.path("restored");
+    b.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
+    assert_same_tree(&src_b, &under(&target, &src_b));
+
+    // The directory by hand. Ids are 32 bytes (printable ones here, for curl).
+    let raw = |token: &str, method: &str, path: &str, body: &[u8]| {
+        let (status, answer) = curl_bytes(
+            method,
+            &format!("{}/repo/{path}", d.url),
+            token,
+            &ca,
+            Some(body),
+        );
+        (status, answer)
+    };
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let id = |c: u8| vec![c; 32];
+    // Ids nobody reported: nothing.
+    let (status, answer) = raw(
+        &reader,
+        "POST",
+        "default/known",
+        &[id(b'q'), id(b'r')].concat(),
+    );
+    assert_eq!((status, answer.len()), (200, 0), "{}", text(&answer));
+    // A malformed question, and one too long.
+    let (status, said) = raw(&reader, "POST", "default/known", &[b'q'; 33]);
+    assert_eq!(status, 400, "{}", text(&said));
+    let (status, said) = raw(&reader, "POST", "default/known", &vec![b'q'; 32 * 65537]);
+    assert_eq!(status, 400, "{}", text(&said));
+    // Reports: a read token may not; a pack that is not stored cannot be reported; more
+    // ids than its bytes could hold are refused.
+    let packs = walk_files(&server.repo.join("data"));
+    let pack = packs
+        .iter()
+        .min_by_key(|p| std::fs::metadata(p).unwrap().len())
+        .unwrap();
+    let pack_size = std::fs::metadata(pack).unwrap().len() as usize;
+    let pack = pack.file_name().unwrap().to_str().unwrap().to_owned();
+    let report = format!("default/data/{pack}/blobs");
+    let (status, said) = raw(&reader, "POST", &report, &id(b'a'));
+    assert_eq!(status, 403, "{}", text(&said));
+    let missing = format!("default/data/{}/blobs", "0".repeat(64));
+    let (status, said) = raw(&h1, "POST", &missing, &id(b'a'));
+    assert_eq!(status, 404, "{}", text(&said));
+    let too_many = vec![b'a'; 32 * (pack_size / 16 + 1)];
+    assert!(
+        too_many.len() <= 32 * 65536,
+        "the smallest pack has {pack_size} bytes"
+    );
+    let (status, said) = raw(&h1, "POST", &report, &too_many);
+    assert_eq!(status, 400, "{}", text(&said));
+    // A host's report is kept for its repository, and asked about there only: the
+    // token of another repository gets nothing from this one's directory, and its own
+    // directory knows nothing of it.
+    let (status, said) = raw(&h1, "POST", &report, &id(b'a'));
+    assert_eq!(status, 204, "{}", text(&said));
+    let (status, answer) = raw(
+        &reader,
+        "POST",
+        "default/known",
+        &[id(b'a'), id(b'q')].concat(),
+    );
+    assert_eq!(status, 200);
+    assert_eq!(answer, [id(b'a'), hex_bytes(&pack)].concat());
+    let (status, said) = raw(&other, "POST", "default/known", &id(b'a'));
+    assert_eq!(status, 403, "{}", text(&said));
+    assert!(
+        text(&said).contains("is for repository \"other\""),
+        "{}",
+        text(&said)
+    );
+    let (status, answer) = raw(&other, "POST", "other/known", &id(b'a'));
+    assert_eq!((status, answer.len()), (200, 0), "{}", text(&answer));
+
+    // That report was a lie (pack holds no blob "aaa…"): a host is not fooled by the
+    // like of it, since it believes only trailers (see the engine's tests); and the
+    // repository is whole.
+    let check = server.json(&["check", "--read-data"]);
+    assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check}");
+}
+
+/// 64 hex digits as their 32 bytes.
+fn hex_bytes(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+        .collect()
+}
+
 /// A raw request with `curl`: (status, body).
 fn curl(method: &str, url: &str, token: &str, cert: &Path, body: Option<&[u8]>) -> (u16, String) {
+    let (status, body) = curl_bytes(method, url, token, cert, body);
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A raw request with `curl`: (status, body), the body sent from a file (any bytes, any
+/// size) and the answer kept as bytes.
+fn curl_bytes(
+    method: &str,
+    url: &str,
+    token: &str,
+    cert: &Path,
+    body: Option<&[u8]>,
+) -> (u16, Vec<u8>) {
+    let scratch = tempfile::tempdir().unwrap();
+    let (sent, answer) = (scratch.path().join("sent"), scratch.path().join("answer"));
     let mut c = Command::new("curl");
     c.args([
         "-sS",
         "--max-time",
         "30",
-        "-o",
-        "-",
         "-w",
-        "\n%{http_code}",
+        "%{http_code}",
         "-X",
         method,
     ])
+    .arg("-o")
+    .arg(&answer)
     .arg("--cacert")
     .arg(cert)
     .args(["-H", &format!("Authorization: Bearer {token}")]);
     if let Some(b) = body {
-        c.args(["--data-binary", &String::from_utf8_lossy(b)]);
+        std::fs::write(&sent, b).unwrap();
+        c.arg("--data-binary").arg(format!("@{}", sent.display()));
     }
     let out = c.arg("--path-as-is").arg(url).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, status) = text.rsplit_once('\n').unwrap();
-    (status.trim().parse().unwrap_or(0), body.to_owned())
+    let status = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    (status, std::fs::read(&answer).unwrap_or_default())
 }
 
 #[test]
