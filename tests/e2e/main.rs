@@ -14,6 +14,7 @@ mod dbserver;
 mod dedup;
 mod extent_lists;
 mod forget;
+mod garage;
 mod images;
 mod keys;
 mod layer;
