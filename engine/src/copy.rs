@@ -42,6 +42,32 @@ pub struct CopyReport {
     pub bytes_stored: u64,
 }
 
+/// The newest `n` of `snapshots` of each host and source (paths and name), oldest
+/// first: what `--latest N` copies.
+#[must_use]
+pub fn newest_of_each_source(snapshots: Vec<Snapshot>, n: usize) -> Vec<Snapshot> {
+    let mut groups: std::collections::BTreeMap<String, Vec<Snapshot>> = Default::default();
+    for s in snapshots {
+        let key = format!(
+            "{}\0{}\0{}",
+            s.manifest.host,
+            s.manifest.paths.join("\0"),
+            s.manifest.name.clone().unwrap_or_default()
+        );
+        groups.entry(key).or_default().push(s);
+    }
+    let mut chosen: Vec<Snapshot> = groups
+        .into_values()
+        .flat_map(|mut g| {
+            g.sort_by_key(|s| s.manifest.time);
+            let skip = g.len().saturating_sub(n);
+            g.into_iter().skip(skip)
+        })
+        .collect();
+    chosen.sort_by_key(|s| s.manifest.time);
+    chosen
+}
+
 /// The source snapshots that `to` has copies of.
 pub fn already_copied(to: &Repository) -> Result<HashSet<SnapshotId>> {
     Ok(to

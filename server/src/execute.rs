@@ -52,12 +52,17 @@ impl Default for RunOptions {
     }
 }
 
-/// Runs `job` once against `repo` (a handle of this run's own: it takes the locks).
+/// Opens another repository of the site by name (the destination of a job's `copy`).
+pub type OpenRepository<'a> = &'a dyn Fn(&str) -> Result<Repository, String>;
+
+/// Runs `job` once against `repo` (a handle of this run's own: it takes the locks);
+/// `open` opens the repository its `copy` names.
 pub fn execute(
     job: &JobDefinition,
     repo: &Repository,
     progress: &Progress,
     opts: RunOptions,
+    open: OpenRepository<'_>,
 ) -> Result<RunStats, RunError> {
     let started = Instant::now();
     let mut stats = RunStats::default();
@@ -94,6 +99,9 @@ pub fn execute(
     }
     if let Err(e) = verify(job, repo, progress, &mut stats) {
         return Err(fail(e, stats));
+    }
+    if let Err(e) = copy(job, repo, progress, opts, open, &mut stats) {
+        return Err(fail(format!("copy: {e}"), stats));
     }
     stats.duration_ms = elapsed_ms(started);
     Ok(stats)
@@ -254,6 +262,60 @@ fn verify(
         ));
     }
     progress.say(Level::Info, "verify: no problem found");
+    Ok(())
+}
+
+/// Copies the job's snapshots (the newest `latest` of each source, or all) to the
+/// repository its `copy` names; those copied before are skipped.
+fn copy(
+    job: &JobDefinition,
+    repo: &Repository,
+    progress: &Progress,
+    opts: RunOptions,
+    open: OpenRepository<'_>,
+    stats: &mut RunStats,
+) -> Result<(), String> {
+    let Some(c) = &job.copy else {
+        return Ok(());
+    };
+    let to = open(&c.repository).map_err(|e| format!("repository {:?}: {e}", c.repository))?;
+    to.lock(
+        LockKind::Shared,
+        &format!("copy of job {}", job.name),
+        opts.lock_wait,
+    )
+    .map_err(|e| format!("locking repository {:?}: {e}", c.repository))?;
+    let filter = SnapshotFilter {
+        tags: vec![job_tag(&job.name)],
+        ..SnapshotFilter::default()
+    };
+    let mut chosen: Vec<_> = repo
+        .snapshots()
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .filter(|s| filter.matches(&s.manifest))
+        .collect();
+    if let Some(n) = c.latest {
+        chosen = cairn_engine::copy::newest_of_each_source(chosen, n);
+    }
+    progress.say(
+        Level::Info,
+        format!("copying {} snapshots to {:?}", chosen.len(), c.repository),
+    );
+    let report =
+        cairn_engine::copy::copy_snapshots(repo, &to, &chosen).map_err(|e| e.to_string())?;
+    stats.copied = report.copied.len() as u64;
+    progress.say(
+        Level::Info,
+        format!(
+            "copy: {} snapshots copied to {:?} ({} copied before), {} blobs new, {} stored",
+            report.copied.len(),
+            c.repository,
+            report.skipped.len(),
+            report.blobs_new,
+            cairn_engine::progress::human_bytes(report.bytes_stored)
+        ),
+    );
     Ok(())
 }
 

@@ -43,6 +43,9 @@ pub struct JobDefinition {
     pub retention: Option<Retention>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify: Option<Verify>,
+    /// After a successful run, copy the job's snapshots to another repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copy: Option<CopyTo>,
     /// Notification targets of the daemon's configuration.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notify: Vec<String>,
@@ -100,6 +103,20 @@ impl Retention {
         }
         Ok(p)
     }
+}
+
+/// Where a job's snapshots are copied after each successful run (`repo copy`): another
+/// repository of the site (a second disk, a bucket at another site, a repository
+/// server). Each snapshot is copied once; the destination stores only what it lacks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CopyTo {
+    /// A repository of the daemon's configuration.
+    pub repository: String,
+    /// Only the newest N snapshots of each host and source (every one of the job's when
+    /// absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest: Option<usize>,
 }
 
 /// What to check after a successful run: the repository (`check`), and with
@@ -214,6 +231,20 @@ impl JobDefinition {
         }
         if let Some(r) = &self.retention {
             r.policy()?;
+        }
+        if let Some(c) = &self.copy {
+            if c.repository == self.repository {
+                return Err(format!(
+                    "copy.repository: {:?} is the job's own repository; name another (for example: [copy] repository = \"offsite\")",
+                    c.repository
+                ));
+            }
+            if c.latest == Some(0) {
+                return Err(
+                    "copy.latest: at least 1 (or leave it out to copy every snapshot of the job)"
+                        .into(),
+                );
+            }
         }
         if let Some(v) = &self.verify {
             v.options()?;

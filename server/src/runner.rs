@@ -455,7 +455,8 @@ fn run_one(inner: &Arc<Inner>, w: &Waiting, progress: &Arc<Progress>, sink: Arc<
                 error: e.to_string(),
                 stats: RunStats::default(),
             })?;
-        execute::execute(job, &repo, progress, inner.opts.run)
+        let open = |name: &str| inner.repos.handle(name).map_err(|e| e.to_string());
+        execute::execute(job, &repo, progress, inner.opts.run, &open)
     }));
     ticker.finish();
     match result {

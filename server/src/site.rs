@@ -154,6 +154,14 @@ impl Site {
                 job.name, job.repository, self.config_origin
             )));
         }
+        if let Some(c) = &job.copy {
+            if self.repos.config(&c.repository).is_none() {
+                return Err(SiteError::Invalid(format!(
+                    "job {:?}: copy.repository: no repository {:?} in {}",
+                    job.name, c.repository, self.config_origin
+                )));
+            }
+        }
         Ok(())
     }
 

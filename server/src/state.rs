@@ -188,6 +188,9 @@ pub struct RunStats {
     pub forgotten: u64,
     /// Whether the verification asked for found the repository sound.
     pub verified: Option<bool>,
+    /// Snapshots copied to the job's `copy` repository by this run.
+    #[serde(default)]
+    pub copied: u64,
 }
 
 impl RunStats {

@@ -117,6 +117,7 @@ fn save_as_job(
         host: a.host.clone(),
         retention: None,
         verify: None,
+        copy: None,
         notify: Vec::new(),
     };
     let site = super::jobs::open_site(

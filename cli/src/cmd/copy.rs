@@ -1,7 +1,5 @@
 //! `repo copy`: snapshots of one repository copied into another (`cairn_engine::copy`).
 
-use std::collections::BTreeMap;
-
 use anyhow::{Context, Result};
 use cairn_engine::copy::copy_snapshots;
 use cairn_engine::lock::LockKind;
@@ -95,24 +93,7 @@ fn choose(all: &[Snapshot], a: &CopyArgs) -> Result<Vec<Snapshot>> {
         v
     };
     if let Some(n) = a.latest {
-        let mut groups: BTreeMap<String, Vec<Snapshot>> = BTreeMap::new();
-        for s in chosen {
-            let key = format!(
-                "{}\0{}\0{}",
-                s.manifest.host,
-                s.manifest.paths.join("\0"),
-                s.manifest.name.clone().unwrap_or_default()
-            );
-            groups.entry(key).or_default().push(s);
-        }
-        chosen = groups
-            .into_values()
-            .flat_map(|mut g| {
-                g.sort_by_key(|s| s.manifest.time);
-                let skip = g.len().saturating_sub(n);
-                g.into_iter().skip(skip)
-            })
-            .collect();
+        chosen = cairn_engine::copy::newest_of_each_source(chosen, n);
     }
     chosen.sort_by_key(|s| s.manifest.time);
     chosen.dedup_by_key(|s| s.id);

@@ -787,6 +787,7 @@ async fn backup_now(
             host: None,
             retention: None,
             verify: None,
+            copy: None,
             notify: Vec::new(),
         };
         ctx.site.check_job(&job)?;

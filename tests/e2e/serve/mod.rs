@@ -40,6 +40,88 @@ pub(crate) fn data_dir(env: &Env) -> std::path::PathBuf {
 }
 
 #[test]
+fn a_job_copies_its_snapshots_to_another_repository_after_each_run() {
+    let mut env = Env::new();
+    let data = data_dir(&env);
+    let offsite = env.path("offsite");
+    env.ok(&["-r", offsite.to_str().unwrap(), "init"]);
+    let config = serve_config(
+        &env,
+        &format!(
+            "[repositories.offsite]\npath = {:?}\npassword_env = \"REPO_PASSWORD\"\n",
+            offsite.display().to_string()
+        ),
+    );
+    env.extra_env
+        .push(("CAIRN_SERVE_CONFIG".into(), config.display().to_string()));
+
+    // A copy to the job's own repository, or to one the site does not have: refused,
+    // naming the field.
+    for (name, to, says) in [
+        ("own", "default", "own repository"),
+        ("nowhere", "elsewhere", "no repository \"elsewhere\""),
+    ] {
+        let file = write_job(
+            &env,
+            name,
+            &format!("{}[copy]\nrepository = {to:?}\n", paths_body(&data)),
+        );
+        let out = env.run(&["job", "add", "--file", &file]);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("copy.repository"), "{}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{}", stderr(&out));
+    }
+
+    // Each run copies what the destination lacks: the newest 2 of the job's snapshots.
+    let file = write_job(
+        &env,
+        "etc",
+        &format!(
+            "{}[copy]\nrepository = \"offsite\"\nlatest = 2\n",
+            paths_body(&data)
+        ),
+    );
+    env.ok(&["job", "add", "--file", &file]);
+    let r1 = env.json(&["job", "run", "etc"]);
+    assert_eq!(r1["status"], "succeeded", "{r1}");
+    assert_eq!(r1["stats"]["copied"], 1, "{r1}");
+    write_random(&data.join("f0"), 77, 60_000);
+    let r2 = env.json(&["job", "run", "etc"]);
+    assert_eq!(r2["stats"]["copied"], 1, "{r2}");
+    let at_offsite = |env: &Env| -> Vec<Value> {
+        env.json(&["-r", offsite.to_str().unwrap(), "snapshots"])
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    let copies = at_offsite(&env);
+    assert_eq!(copies.len(), 2, "{copies:?}");
+    let target = env.path("restored");
+    env.ok(&[
+        "-r",
+        offsite.to_str().unwrap(),
+        "restore",
+        "latest",
+        "--target",
+        target.to_str().unwrap(),
+    ]);
+    assert_same_tree(&data, &under(&target, &data));
+    let log = env.ok(&["job", "log", &r2["id"].to_string()]);
+    assert!(log.contains("1 snapshots copied to \"offsite\""), "{log}");
+
+    // The destination gone: the run fails and says why; its backup is kept here.
+    std::fs::rename(&offsite, env.path("offsite-away")).unwrap();
+    let out = env.run(&["--json", "job", "run", "etc"]);
+    let r3: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    assert_eq!(r3["status"], "failed", "{r3} {}", stderr(&out));
+    assert!(
+        r3["error"].as_str().unwrap_or("").starts_with("copy: "),
+        "{r3}"
+    );
+    assert_eq!(env.json(&["snapshots"]).as_array().unwrap().len(), 3);
+}
+
+#[test]
 fn jobs_and_schedules_are_managed_and_run_from_the_command_line() {
     let env = Env::new();
     let data = data_dir(&env);
