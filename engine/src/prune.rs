@@ -706,8 +706,9 @@ mod tests {
             .unwrap()
             .is_none());
         // Unless that copy is doomed too.
+        // (Every pack: the data pack, the tree pack and the tree pack's copy.)
         let both: HashSet<PackId> = repo.index().packs().unwrap().into_iter().collect();
-        assert_eq!(both.len(), 2);
+        assert_eq!(both.len(), 3);
         assert!(uncovered_blob(&repo, &pack, &marks, &both)
             .unwrap()
             .is_some());

@@ -5,7 +5,12 @@
 //! skipped. The compression and encryption happen on the caller's thread, into a buffer
 //! that thread reuses for every blob; only appending to the open pack takes a lock. The
 //! open pack is a file being written ([`crate::store::NewFile`]): blobs go to it as
-//! they come, and a pack is never held in memory. A full pack is finished (trailer,
+//! they come, and a pack is never held in memory (by a local backend; a remote one
+//! keeps a pack in memory until it sends it).
+//!
+//! Trees go to packs of their own, apart from data: what a backup reads of its parent,
+//! a listing or the mount's directories then comes from a few packs, not from a block of
+//! data around every tree (over object storage, a request and 4 MiB per tree). A full pack is finished (trailer,
 //! fsync, rename) by the thread that filled it, outside the lock, and indexed only once
 //! durable.
 //!
@@ -18,7 +23,7 @@
 //! copy is in an indexed pack: indexed means durable.
 //!
 //! Memory: the encoding buffer of each calling thread (the largest blob it encoded, at
-//! most a chunk plus zstd's bound), the open pack's write buffer (256 KiB) and entries
+//! most a chunk plus zstd's bound), each open pack's write buffer (256 KiB) and entries
 //! (49 bytes a blob), and the ids of the blobs in packs not yet indexed: an id leaves
 //! that set once its pack is indexed, so memory does not grow with the input.
 
@@ -51,7 +56,8 @@ type OpenPack<'r> = PackWriter<Box<dyn NewFile + 'r>>;
 pub struct BlobSaver<'r> {
     repo: &'r Repository,
     taken: Mutex<HashSet<BlobId>>,
-    open: Mutex<Option<OpenPack<'r>>>,
+    /// The open pack of each kind of blob ([`slot`]): data, trees.
+    open: [Mutex<Option<OpenPack<'r>>>; 2],
     blobs_new: AtomicU64,
     bytes_new: AtomicU64,
     bytes_stored: AtomicU64,
@@ -74,6 +80,14 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The open pack a blob of `kind` goes to.
+fn slot(kind: BlobKind) -> usize {
+    match kind {
+        BlobKind::Data => 0,
+        BlobKind::Tree => 1,
+    }
+}
+
 thread_local! {
     /// Where this thread encodes blobs; reused, so that saving allocates nothing.
     static ENCODED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
@@ -85,7 +99,7 @@ impl<'r> BlobSaver<'r> {
         Self {
             repo,
             taken: Mutex::new(HashSet::new()),
-            open: Mutex::new(None),
+            open: [Mutex::new(None), Mutex::new(None)],
             blobs_new: AtomicU64::new(0),
             bytes_new: AtomicU64::new(0),
             bytes_stored: AtomicU64::new(0),
@@ -268,11 +282,11 @@ impl<'r> BlobSaver<'r> {
         self.append(entry.id, entry.kind, stored, entry.raw_length as usize)
     }
 
-    /// Adds a stored blob to the open pack (starting one if needed); finishes the pack
-    /// when full.
+    /// Adds a stored blob to the open pack of its kind (starting one if needed);
+    /// finishes the pack when full.
     fn append(&self, id: BlobId, kind: BlobKind, stored: &[u8], raw_length: usize) -> Result<()> {
         let full = {
-            let mut open = lock(&self.open);
+            let mut open = lock(&self.open[slot(kind)]);
             // Checked under the lock: a pack lost by another thread may have held blobs
             // this call would otherwise join.
             self.ensure_whole()?;
@@ -346,17 +360,20 @@ impl<'r> BlobSaver<'r> {
         Ok(())
     }
 
-    /// Writes the last, partly filled pack. Call before referring to the saved blobs
-    /// from a snapshot.
+    /// Writes the last, partly filled packs (data first, then trees). Call before
+    /// referring to the saved blobs from a snapshot.
     pub fn flush(&self) -> Result<()> {
-        self.ensure_whole()?;
-        let Some(pack) = lock(&self.open).take() else {
-            return Ok(());
-        };
-        if pack.is_empty() {
-            return Ok(()); // dropped: its file goes with it
+        for open in &self.open {
+            self.ensure_whole()?;
+            let Some(pack) = lock(open).take() else {
+                continue;
+            };
+            if pack.is_empty() {
+                continue; // dropped: its file goes with it
+            }
+            self.write_pack(pack)?;
         }
-        self.write_pack(pack)
+        Ok(())
     }
 
     #[must_use]
@@ -441,6 +458,33 @@ mod tree_tests {
 
     /// A tree of one file of `n` one-byte extents, alternately data and holes (the data
     /// blobs need not exist: only the lists are read back).
+    #[test]
+    fn trees_go_to_packs_of_their_own() {
+        let (_fs, repo) =
+            crate::test_util::sim_repo(crate::test_util::small_config(Encryption::Aes256Gcm));
+        let files: Vec<(String, Vec<u8>)> = (0..40)
+            .map(|i| (format!("f{i}"), crate::test_util::bytes(i, 100_000)))
+            .collect();
+        let named: Vec<(&str, Vec<u8>)> =
+            files.iter().map(|(n, d)| (n.as_str(), d.clone())).collect();
+        crate::test_util::snapshot_of(&repo, &named);
+        let packs = repo.index().packs().unwrap();
+        let mut kinds = Vec::new();
+        for p in &packs {
+            let rows = repo.index().pack_rows(p).unwrap();
+            let data = rows
+                .iter()
+                .filter(|(_, e)| e.kind == BlobKind::Data)
+                .count();
+            assert!(
+                data == 0 || data == rows.len(),
+                "pack {p} mixes data and trees"
+            );
+            kinds.push(data > 0);
+        }
+        assert!(kinds.contains(&true) && kinds.contains(&false), "{kinds:?}");
+    }
+
     fn long_file(n: usize) -> Tree {
         let content: Vec<Extent> = (0..n)
             .map(|i| Extent {

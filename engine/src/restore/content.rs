@@ -8,9 +8,13 @@
 //! content ends in a hole gets its length from `set_len`.
 //!
 //! Memory: the plan is built and executed in batches of at most [`BATCH_BLOBS`] distinct
-//! blobs (about 150 bytes each), and each worker holds one range of at most
-//! [`MAX_RANGE`] bytes (a single larger blob is read alone) plus its decoded blob. A blob
-//! used in two batches is read twice.
+//! blobs (about 150 bytes each), and each worker holds one range of at most the
+//! storage's read size ([`crate::store::Backend::read_size_hint`]: 1 MiB on a local
+//! disk, 8 MiB in object storage; a single larger blob is read alone) plus its decoded
+//! blob. A blob used in two batches is read twice.
+//!
+//! Ranges are read from the storage under any read cache ([`crate::store::Backend::uncached`]):
+//! a restore reads each blob once, and caching what it reads would only write it twice.
 //!
 //! Files are created on their first write and closed after their last; at most
 //! [`OPEN_FILES`] stay open between writes. A damaged or missing blob costs the bytes it
@@ -39,8 +43,6 @@ use crate::tree::Node;
 
 /// Distinct blobs planned and fetched together.
 const BATCH_BLOBS: usize = 32 * 1024;
-/// The longest read that covers several blobs.
-const MAX_RANGE: u64 = 1 << 20;
 /// Unwanted bytes a read may cover to join two wanted blobs of a pack.
 const MAX_GAP: u64 = 128 << 10;
 /// Files kept open between writes (a file is closed after its last write regardless).
@@ -157,8 +159,9 @@ struct ReadRange {
     blobs: std::ops::Range<usize>,
 }
 
-/// Groups located blobs (sorted by pack and offset) into reads.
-fn read_ranges(located: &[(BlobLocation, Wanted)]) -> Vec<ReadRange> {
+/// Groups located blobs (sorted by pack and offset) into reads of at most `max_range`
+/// bytes (unless one blob is longer).
+fn read_ranges(located: &[(BlobLocation, Wanted)], max_range: u64) -> Vec<ReadRange> {
     let mut ranges: Vec<ReadRange> = Vec::new();
     for (i, (loc, _)) in located.iter().enumerate() {
         let end = loc.offset + u64::from(loc.length);
@@ -166,7 +169,7 @@ fn read_ranges(located: &[(BlobLocation, Wanted)]) -> Vec<ReadRange> {
             if r.pack == loc.pack
                 && loc.offset >= r.end
                 && loc.offset - r.end <= MAX_GAP
-                && end - r.start <= MAX_RANGE
+                && end - r.start <= max_range
             {
                 r.end = end;
                 r.blobs.end = i + 1;
@@ -204,7 +207,7 @@ impl Writer<'_> {
             }
         }
         located.sort_unstable_by_key(|(a, _)| (a.pack, a.offset));
-        let ranges = read_ranges(&located);
+        let ranges = read_ranges(&located, self.repo.backend().read_size_hint());
         pool.install(|| {
             ranges
                 .par_iter()
@@ -220,7 +223,8 @@ impl Writer<'_> {
             self.progress
                 .set_current(&self.files[first.file as usize].dest.to_string_lossy());
         }
-        let read = self.repo.backend().read_at(
+        let storage = self.repo.backend();
+        let read = storage.uncached().unwrap_or(storage).read_at(
             FileKind::Pack,
             &range.pack.to_hex(),
             range.start,
@@ -546,6 +550,7 @@ mod tests {
 
     #[test]
     fn close_blobs_of_a_pack_are_read_together() {
+        const MAX_RANGE: u64 = 1 << 20;
         let located = vec![
             loc(1, 0, 1000),
             loc(1, 1000, 1000),
@@ -554,7 +559,7 @@ mod tests {
             loc(2, 2010 + 2 * MAX_GAP + 11, 10), // another pack: a new read
             loc(2, 2010 + 2 * MAX_GAP + 21, MAX_RANGE as u32), // adjacent, but too long
         ];
-        let r = read_ranges(&located);
+        let r = read_ranges(&located, MAX_RANGE);
         let spans: Vec<_> = r
             .iter()
             .map(|r| (r.start, r.end, r.blobs.clone()))

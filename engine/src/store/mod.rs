@@ -155,6 +155,17 @@ pub trait Backend: Send + Sync {
     /// Removes incomplete files (a writer killed mid-write) older than `age`; returns how
     /// many and their bytes.
     fn remove_incomplete(&self, age: std::time::Duration) -> io::Result<(u64, u64)>;
+    /// The longest read that should cover several blobs (a restore joins neighbours up
+    /// to it): on a local disk 1 MiB keeps reads parallel; on a network store each
+    /// request costs a round trip and money, so reads are larger.
+    fn read_size_hint(&self) -> u64 {
+        1 << 20
+    }
+    /// The storage under a cache ([`read_cache::ReadCache`]): what reads once and
+    /// would only fill the cache (a restore) reads from it. `None`: not a cache.
+    fn uncached(&self) -> Option<&dyn Backend> {
+        None
+    }
     /// The storage's directory of blobs, where it keeps one (a repository server):
     /// known-chunk negotiation. `None` (the default): the index alone answers.
     fn directory(&self) -> Option<&dyn BlobDirectory> {

@@ -286,6 +286,12 @@ impl Backend for ReadCache {
     fn directory(&self) -> Option<&dyn super::BlobDirectory> {
         self.inner.directory()
     }
+    fn read_size_hint(&self) -> u64 {
+        self.inner.read_size_hint()
+    }
+    fn uncached(&self) -> Option<&dyn Backend> {
+        Some(self.inner.as_ref())
+    }
     fn list_pack_shard(&self, shard: &str) -> io::Result<Vec<String>> {
         self.inner.list_pack_shard(shard)
     }

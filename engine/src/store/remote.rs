@@ -215,6 +215,11 @@ impl Backend for RemoteBackend {
         self.base.clone()
     }
 
+    /// Requests cost a round trip (and money): a restore reads up to 8 MiB at once.
+    fn read_size_hint(&self) -> u64 {
+        8 << 20
+    }
+
     fn read(&self, kind: FileKind, name: &str) -> io::Result<Vec<u8>> {
         check_name(name)?;
         Ok(self

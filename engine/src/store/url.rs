@@ -4,7 +4,7 @@
 //! - `s3://bucket/prefix?endpoint=https://host:port&region=…`: an S3-compatible object
 //!   store ([`super::s3`]); credentials come from the environment or a config file,
 //!   never from the URL (a URL ends up in logs, `ps` and shell history);
-//! - `https://server:8087/repo/NAME`: a repository server (not served yet).
+//! - `https://server:8087/repo/NAME`: a repository served by `repo serve`.
 
 use std::fmt;
 use std::path::PathBuf;
