@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# benches/s3.sh — cairn (and restic, when installed) over S3 on loopback: a real S3 server
+# benches/s3.sh — cairn (and restic and rustic, when installed) over S3 on loopback: a real S3 server
 # (s3s-fs, built by scripts/install-deps.sh --test) on 127.0.0.1, the same data for both.
 #
 #   bash benches/s3.sh                     # a synthetic 1 GiB tree (v1) and a 5%-changed v2
@@ -14,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO_BIN=${REPO_BIN:-$PWD/target/release/repo}
 S3S=${S3S:-/var/cache/cairn/s3s/bin/s3s-fs}
+RUSTIC=${RUSTIC:-/opt/peers/rustic/bin/rustic}
 WORK=${WORK:-/var/tmp/cairn-bench-s3}
 PORT=${PORT:-18100}
 [ -x "$REPO_BIN" ] || { echo "no $REPO_BIN: cargo build --release" >&2; exit 1; }
@@ -92,6 +93,7 @@ row "$(timed "unchanged" "$REPO_BIN" -r "$R" backup "$V1")" cairn
 row "$(timed "backup v2" "$REPO_BIN" -r "$R" backup "$V2")" cairn
 row "$(timed "restore v2" "$REPO_BIN" -r "$R" restore latest --target "$WORK/restore-cairn")" cairn
 diff -r "$V2" "$WORK/restore-cairn$V2" > /dev/null
+rm -rf "$WORK/restore-cairn"
 CAIRN_SIZE=$(size_of cairn)
 "$REPO_BIN" -r "$R" mount "$WORK/mnt" --daemon > /dev/null
 big=$(find "$WORK/mnt/snapshots" -type f -size +30M -print -quit)
@@ -112,9 +114,34 @@ if command -v restic > /dev/null; then
   row "$(timed "backup v2" restic backup "$V2")" restic
   row "$(timed "restore v2" restic restore latest --target "$WORK/restore-restic")" restic
   diff -r "$V2" "$WORK/restore-restic$V2" > /dev/null
+  rm -rf "$WORK/restore-restic"
   RESTIC_SIZE=$(size_of restic)
 fi
 
+if [ -x "$RUSTIC" ]; then
+  mkdir -p "$HOME/.config/rustic"
+  cat > "$HOME/.config/rustic/rustic.toml" <<EOF
+[repository]
+repository = "opendal:s3"
+password = "bench"
+[repository.options]
+endpoint = "http://127.0.0.1:$PORT"
+bucket = "bench"
+root = "/rustic"
+region = "us-east-1"
+access_key_id = "bench"
+secret_access_key = "bench-secret"
+EOF
+  row "$(timed init "$RUSTIC" init)" rustic
+  row "$(timed "first backup" "$RUSTIC" backup "$V1")" rustic
+  row "$(timed "unchanged" "$RUSTIC" backup "$V1")" rustic
+  row "$(timed "backup v2" "$RUSTIC" backup "$V2")" rustic
+  row "$(timed "restore v2" "$RUSTIC" restore latest "$WORK/restore-rustic")" rustic
+  diff -r "$V2" "$WORK/restore-rustic$V2" > /dev/null
+  rm -rf "$WORK/restore-rustic"
+  RUSTIC_SIZE=$(size_of rustic)
+fi
+
 echo
-echo "data: v1 $(bytes_in "$V1") B, v2 $(bytes_in "$V2") B; stored: cairn $CAIRN_SIZE B${RESTIC_SIZE:+, restic $RESTIC_SIZE B}"
-echo "repo: $("$REPO_BIN" --version); $(restic version 2>/dev/null || echo 'restic not installed')"
+echo "data: v1 $(bytes_in "$V1") B, v2 $(bytes_in "$V2") B; stored: cairn $CAIRN_SIZE B${RESTIC_SIZE:+, restic $RESTIC_SIZE B}${RUSTIC_SIZE:+, rustic $RUSTIC_SIZE B}"
+echo "repo: $("$REPO_BIN" --version); $(restic version 2>/dev/null || echo 'restic not installed'); $("$RUSTIC" --version 2>/dev/null || echo 'rustic not installed')"
