@@ -126,6 +126,34 @@ impl Env {
     }
 
     /// Complete pack files (not a writer's `.tmp-*`), oldest first.
+    /// The packs holding file data (not trees: those have packs of their own), as this
+    /// host's index knows them.
+    pub fn data_packs(&self) -> Vec<PathBuf> {
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "import glob, sqlite3, sys\n\
+                 for f in glob.glob(sys.argv[1] + '/*/index.sqlite'):\n\
+                 \x20   for (p,) in sqlite3.connect(f).execute('SELECT DISTINCT lower(hex(pack)) FROM blobs WHERE kind = 0'):\n\
+                 \x20       print(p)",
+            ])
+            .arg(self.cache_dir())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let data: std::collections::HashSet<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        let packs: Vec<PathBuf> = self
+            .packs()
+            .into_iter()
+            .filter(|p| data.contains(&*p.file_name().unwrap().to_string_lossy()))
+            .collect();
+        assert!(!packs.is_empty(), "no data pack in the index");
+        packs
+    }
+
     pub fn packs(&self) -> Vec<PathBuf> {
         let mut v: Vec<(std::time::SystemTime, PathBuf)> = walk_files(&self.repo.join("data"))
             .into_iter()

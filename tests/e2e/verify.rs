@@ -595,8 +595,8 @@ fn a_files_sample_verifies_and_a_damaged_pack_fails_the_restore() {
         .collect();
     assert!(scratch.is_empty(), "scratch left: {scratch:?}");
 
-    // One flipped byte in every pack: the sample cannot be restored as recorded.
-    for pack in env.packs() {
+    // One flipped byte in every pack of data: the sample cannot be restored as recorded.
+    for pack in env.data_packs() {
         let mut bytes = fs::read(&pack).unwrap();
         let at = bytes.len() / 2;
         bytes[at] ^= 0x40;

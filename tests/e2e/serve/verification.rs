@@ -37,8 +37,9 @@ fn verification_where(env: &Env, d: &Daemon, want: impl Fn(&Value) -> bool) -> V
 
 /// Flips a byte in the middle of every pack: the structure stays intact (a metadata
 /// check passes), the data does not.
+/// One byte flipped in the middle of every pack of file data.
 fn damage_every_pack(env: &Env) {
-    for pack in env.packs() {
+    for pack in env.data_packs() {
         let mut bytes = std::fs::read(&pack).unwrap();
         let at = bytes.len() / 2;
         bytes[at] ^= 0x40;
