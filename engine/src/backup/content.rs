@@ -63,7 +63,7 @@ pub fn save_content<R: Read>(
             .map(|(a, b)| a..b)
             .collect();
         let shared = Arc::new(cur);
-        let pending = workers.save(&shared, &ranges, false);
+        let pending = workers.save(&shared, &ranges, false, size_hint);
         // Read ahead while the workers save, when the budget has room.
         let mut ahead: Option<(ReadBuf<'_>, io::Result<bool>)> = None;
         if !eof {

@@ -450,7 +450,7 @@ pub(crate) fn read_image(
             progress.check_cancelled()?;
             let next_start = start + window;
             let shared = Arc::new(w.buf);
-            let pending = workers.save(&shared, &w.ranges, true);
+            let pending = workers.save(&shared, &w.ranges, true, size);
             // Read the next window while the workers save this one, budget allowing.
             let mut ahead = None;
             if next_start < size {

@@ -263,9 +263,19 @@ impl<'b, 'r> ChunkWorkers<'b, 'r> {
     /// Saves the chunks `ranges` of `buf` as data blobs (all-zero chunks as holes when
     /// `holes`), on the workers or, for a small batch, right here. Returns at once for
     /// work handed to the workers (the queue has room) with results to wait for.
-    pub fn save(&self, buf: &Arc<ReadBuf<'b>>, ranges: &[Range<usize>], holes: bool) -> Pending {
+    /// `source_len` is the length of the file or image the batch is part of (0 when
+    /// unknown): a batch of a large source is asked about however short it is (the
+    /// tail of a large file), a small file is not ([`Self::negotiate`]).
+    pub fn save(
+        &self,
+        buf: &Arc<ReadBuf<'b>>,
+        ranges: &[Range<usize>],
+        holes: bool,
+        source_len: u64,
+    ) -> Pending {
         let total: usize = ranges.iter().map(ExactSizeIterator::len).sum();
-        if total > INLINE_BYTES && self.saver.negotiates() {
+        let large = total > INLINE_BYTES || source_len > INLINE_BYTES as u64;
+        if large && self.saver.negotiates() {
             self.negotiate(buf, ranges, holes);
         }
         if total <= INLINE_BYTES {
@@ -307,7 +317,7 @@ impl<'b, 'r> ChunkWorkers<'b, 'r> {
 
 impl ChunkWorkers<'_, '_> {
     /// Asks the storage's blob directory about the batch's chunks before they are saved
-    /// ([`BlobSaver::ask_before_storing`]). Batches of small files are not asked about:
+    /// ([`BlobSaver::ask_before_storing`]). Files of 1 MiB or less are not asked about:
     /// a request each would cost more than sending them. A failure here only means the
     /// chunks are stored (and the saver reports the failure that matters).
     fn negotiate(&self, buf: &ReadBuf<'_>, ranges: &[Range<usize>], holes: bool) {
