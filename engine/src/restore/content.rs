@@ -41,9 +41,12 @@ use crate::repository::Repository;
 use crate::store::FileKind;
 use crate::tree::Node;
 
-/// Distinct blobs planned and fetched together.
-const BATCH_BLOBS: usize = 32 * 1024;
-/// Unwanted bytes a read may cover to join two wanted blobs of a pack.
+/// Distinct blobs planned and fetched together (a pack's blobs wanted by two batches
+/// cost two reads of it: over object storage, two requests).
+const BATCH_BLOBS: usize = 128 * 1024;
+/// Unwanted bytes a read may cover to join two wanted blobs of a pack (at least; an
+/// eighth of the storage's read size when that is more: over object storage a request
+/// costs more than a MiB read for nothing).
 const MAX_GAP: u64 = 128 << 10;
 /// Files kept open between writes (a file is closed after its last write regardless).
 const OPEN_FILES: usize = 256;
@@ -162,13 +165,14 @@ struct ReadRange {
 /// Groups located blobs (sorted by pack and offset) into reads of at most `max_range`
 /// bytes (unless one blob is longer).
 fn read_ranges(located: &[(BlobLocation, Wanted)], max_range: u64) -> Vec<ReadRange> {
+    let max_gap = MAX_GAP.max(max_range / 8);
     let mut ranges: Vec<ReadRange> = Vec::new();
     for (i, (loc, _)) in located.iter().enumerate() {
         let end = loc.offset + u64::from(loc.length);
         if let Some(r) = ranges.last_mut() {
             if r.pack == loc.pack
                 && loc.offset >= r.end
-                && loc.offset - r.end <= MAX_GAP
+                && loc.offset - r.end <= max_gap
                 && end - r.start <= max_range
             {
                 r.end = end;
