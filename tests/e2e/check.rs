@@ -11,7 +11,7 @@ fn two_snapshots(env: &Env) -> (std::path::PathBuf, std::path::PathBuf) {
     fs::create_dir_all(&src).unwrap();
     write_random(&src.join("a"), 1, 2 << 20);
     env.backup(&[&src]);
-    let first_pack = env.packs()[0].clone();
+    let first_pack = env.data_packs()[0].clone();
     write_random(&src.join("b"), 2, 2 << 20);
     env.backup(&[&src]);
     (src, first_pack)

@@ -300,7 +300,7 @@ fn a_damaged_blob_fails_that_read_with_eio_and_the_mount_stays_up() {
     fs::create_dir_all(&src).unwrap();
     write_random(&src.join("a"), 1, 2 << 20);
     env.backup(&[&src]);
-    let pack = env.packs()[0].clone();
+    let pack = env.data_packs()[0].clone();
     write_random(&src.join("b"), 2, 2 << 20);
     let snap = env.backup(&[&src]);
     let mut bytes = fs::read(&pack).unwrap();

@@ -127,7 +127,8 @@ impl Env {
 
     /// Complete pack files (not a writer's `.tmp-*`), oldest first.
     /// The packs holding file data (not trees: those have packs of their own), as this
-    /// host's index knows them.
+    /// host's index knows them, oldest first. (A backup's data and tree packs are
+    /// written within the same clock tick: `packs()[0]` may be either.)
     pub fn data_packs(&self) -> Vec<PathBuf> {
         let out = Command::new("python3")
             .args([
