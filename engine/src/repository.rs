@@ -2,6 +2,7 @@
 //! blobs and index. Commands (backup, restore, ...) are free functions in their own
 //! modules that take a `&Repository`.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -820,15 +821,26 @@ impl Repository {
         Ok(counts)
     }
 
-    /// Adds the `stored` packs the index lacks and drops the `indexed` ones not stored.
-    fn reconcile(&self, stored: Vec<String>, indexed: Vec<PackId>) -> Result<(usize, usize)> {
-        let stored: std::collections::HashSet<PackId> =
-            stored.iter().filter_map(|n| n.parse().ok()).collect();
-        let indexed: std::collections::HashSet<PackId> = indexed.into_iter().collect();
-        let gone: Vec<_> = indexed.difference(&stored).collect();
+    /// Drops from the index the `indexed` packs not among the `stored` names; returns
+    /// both as sets and how many were dropped.
+    fn drop_gone(
+        &self,
+        stored: &[String],
+        indexed: Vec<PackId>,
+    ) -> Result<(HashSet<PackId>, HashSet<PackId>, usize)> {
+        let stored: HashSet<PackId> = stored.iter().filter_map(|n| n.parse().ok()).collect();
+        let indexed: HashSet<PackId> = indexed.into_iter().collect();
+        let gone: Vec<&PackId> = indexed.difference(&stored).collect();
         for p in &gone {
             self.index.remove_pack(p)?;
         }
+        let gone = gone.len();
+        Ok((stored, indexed, gone))
+    }
+
+    /// Adds the `stored` packs the index lacks and drops the `indexed` ones not stored.
+    fn reconcile(&self, stored: Vec<String>, indexed: Vec<PackId>) -> Result<(usize, usize)> {
+        let (stored, indexed, gone) = self.drop_gone(&stored, indexed)?;
         let new: Vec<PackId> = stored.difference(&indexed).copied().collect();
         let read: Vec<(PackId, TrailerResult)> = new
             .par_iter()
@@ -845,7 +857,7 @@ impl Repository {
                 Err(e) => tracing::warn!("pack {p} not indexed: {e}"),
             }
         }
-        Ok((added, gone.len()))
+        Ok((added, gone))
     }
 
     /// What a lazy open does instead of [`Self::sync_index`]: drops the packs storage no
@@ -853,20 +865,11 @@ impl Repository {
     /// one listing, and reads no trailer; the packs the index lacks are learned from
     /// the storage's blob directory when asked for.
     fn drop_removed_packs(&self) -> Result<()> {
-        let stored: std::collections::HashSet<PackId> = self
+        let stored = self
             .backend
             .list(FileKind::Pack)
-            .ctx(|| "listing packs".into())?
-            .iter()
-            .filter_map(|n| n.parse().ok())
-            .collect();
-        let mut gone = 0;
-        for pack in self.index.packs()? {
-            if !stored.contains(&pack) {
-                self.index.remove_pack(&pack)?;
-                gone += 1;
-            }
-        }
+            .ctx(|| "listing packs".into())?;
+        let (stored, _, gone) = self.drop_gone(&stored, self.index.packs()?)?;
         tracing::debug!(
             "index not synced at open ({} packs stored, {gone} gone from the index): the \
              storage's blob directory answers misses",
@@ -909,7 +912,7 @@ impl Repository {
                 return Ok(0);
             }
         };
-        let asked: std::collections::HashSet<&BlobId> = missing.iter().collect();
+        let asked: HashSet<&BlobId> = missing.iter().collect();
         let mut packs = Vec::new();
         for (blob, pack) in &answers {
             if asked.contains(blob)
@@ -937,7 +940,7 @@ impl Repository {
                 learned += 1;
             }
         }
-        let claimed: std::collections::HashSet<&BlobId> = answers
+        let claimed: HashSet<&BlobId> = answers
             .iter()
             .map(|(b, _)| b)
             .filter(|b| asked.contains(b))

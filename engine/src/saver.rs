@@ -171,6 +171,11 @@ impl<'r> BlobSaver<'r> {
             .unwrap_or_default()
     }
 
+    /// The keys blob ids are computed with.
+    pub(crate) fn crypto(&self) -> &crate::crypto::Crypto {
+        self.repo.crypto()
+    }
+
     /// Whether the storage keeps a blob directory to ask before storing
     /// ([`Self::ask_before_storing`]).
     #[must_use]
@@ -178,25 +183,25 @@ impl<'r> BlobSaver<'r> {
         self.repo.backend().directory().is_some()
     }
 
-    /// Known-chunk negotiation: asks the storage's blob directory about the blobs of
-    /// `chunks` that neither the index nor this run holds, so that what another host
-    /// stored (or what a partial index does not list) is not sent again. One request
-    /// for the lot; nothing is asked when the index has them all. The blobs the
-    /// directory names count as stored only once their packs' trailers say so
+    /// Known-chunk negotiation: asks the storage's blob directory about the blobs `ids`
+    /// (the callers' [`crate::crypto::Crypto::blob_id`] of what they are about to save)
+    /// that neither the index nor this run holds, so that what another host stored (or
+    /// what a partial index does not list) is not sent again. One request for the lot;
+    /// nothing is asked when the index has them all. The blobs the directory names
+    /// count as stored only once their packs' trailers say so
     /// ([`Repository::learn_from_directory`]).
-    pub fn ask_before_storing(&self, chunks: &[&[u8]]) -> Result<()> {
+    pub fn ask_before_storing(&self, ids: &[BlobId]) -> Result<()> {
         if !self.negotiates() {
             return Ok(());
         }
-        let mut ids: Vec<BlobId> = chunks
-            .iter()
-            .map(|c| self.repo.crypto().blob_id(c))
-            .collect();
-        {
+        let unknown: Vec<BlobId> = {
             let taken = lock(&self.taken);
-            ids.retain(|id| !taken.contains(id));
-        }
-        self.repo.learn_from_directory(&ids)?;
+            ids.iter()
+                .filter(|id| !taken.contains(id))
+                .copied()
+                .collect()
+        };
+        self.repo.learn_from_directory(&unknown)?;
         Ok(())
     }
 
@@ -206,6 +211,22 @@ impl<'r> BlobSaver<'r> {
     /// A blob larger than the format allows ([`blob::MAX_BLOB_LEN`]) is refused: stored,
     /// it would make its pack's trailer, and every snapshot using it, unreadable.
     pub fn save(&self, kind: BlobKind, data: &[u8]) -> Result<(BlobId, u64)> {
+        self.save_as(kind, data, None)
+    }
+
+    /// [`Self::save`] of a blob whose id the caller computed already (to ask the blob
+    /// directory about it): the id must be `blob_id(data)`.
+    pub(crate) fn save_hashed(
+        &self,
+        kind: BlobKind,
+        data: &[u8],
+        id: BlobId,
+    ) -> Result<(BlobId, u64)> {
+        debug_assert_eq!(id, self.repo.crypto().blob_id(data));
+        self.save_as(kind, data, Some(id))
+    }
+
+    fn save_as(&self, kind: BlobKind, data: &[u8], id: Option<BlobId>) -> Result<(BlobId, u64)> {
         if data.len() > blob::MAX_BLOB_LEN {
             return Err(crate::Error::InvalidInput(format!(
                 "a {} of {} MiB is more than one blob may hold ({} MiB)",
@@ -218,7 +239,7 @@ impl<'r> BlobSaver<'r> {
             )));
         }
         self.ensure_whole()?;
-        let id = self.repo.crypto().blob_id(data);
+        let id = id.unwrap_or_else(|| self.repo.crypto().blob_id(data));
         if !lock(&self.taken).insert(id) {
             return Ok((id, 0)); // in a pack of this run that is not indexed yet
         }
@@ -614,8 +635,8 @@ mod negotiation {
         // pack that holds the 8, stores the 4.
         let saver = BlobSaver::new(&b);
         let chunks: Vec<Vec<u8>> = (0..8).chain(100..104).map(blob).collect();
-        let refs: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
-        saver.ask_before_storing(&refs).unwrap();
+        let ids: Vec<BlobId> = chunks.iter().map(|c| b.crypto().blob_id(c)).collect();
+        saver.ask_before_storing(&ids).unwrap();
         assert_eq!(dir.sizes_asked() - asked_before, 1);
         for c in &chunks {
             saver.save(BlobKind::Data, c).unwrap();
@@ -639,7 +660,7 @@ mod negotiation {
         let liar = b.crypto().blob_id(&blob(200));
         dir.rows.lock().unwrap().push((liar, packs[0]));
         let saver = BlobSaver::new(&b);
-        saver.ask_before_storing(&[&blob(200)]).unwrap();
+        saver.ask_before_storing(&[liar]).unwrap();
         assert!(saver.save(BlobKind::Data, &blob(200)).unwrap().1 > 0);
         saver.flush().unwrap();
 
@@ -652,7 +673,7 @@ mod negotiation {
         let again = lazy(&dir, &index);
         assert!(!again.index().contains(&first).unwrap());
         let saver = BlobSaver::new(&again);
-        saver.ask_before_storing(&[&blob(0)]).unwrap();
+        saver.ask_before_storing(&[first]).unwrap();
         assert!(saver.save(BlobKind::Data, &blob(0)).unwrap().1 > 0);
         saver.flush().unwrap();
         assert_eq!(again.read_blob(&first).unwrap(), blob(0));

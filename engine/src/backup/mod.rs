@@ -121,13 +121,10 @@ pub(crate) fn commit(
     // The shards this backup wrote to are in the page cache now: record their stamps so
     // that the next command need not list them. (Not for a partial index: that would
     // read the trailers its lazy open saved.)
-    let synced = if repo.index_is_partial() {
-        Ok((0, 0))
-    } else {
-        repo.sync_index()
-    };
-    if let Err(e) = synced {
-        tracing::warn!("index shard stamps not recorded: {e}");
+    if !repo.index_is_partial() {
+        if let Err(e) = repo.sync_index() {
+            tracing::warn!("index shard stamps not recorded: {e}");
+        }
     }
     Ok(BackupOutcome {
         snapshot: crate::snapshot::Snapshot { id, manifest },

@@ -177,6 +177,8 @@ pub enum Saved {
 struct Job<'b> {
     buf: Arc<ReadBuf<'b>>,
     range: Range<usize>,
+    /// The chunk's blob id when negotiation computed it already.
+    id: Option<BlobId>,
     slot: usize,
     holes: bool,
     reply: mpsc::Sender<(usize, Result<Saved>)>,
@@ -225,11 +227,12 @@ impl<'b, 'r> ChunkWorkers<'b, 'r> {
                         let Job {
                             buf,
                             range,
+                            id,
                             slot,
                             holes,
                             reply,
                         } = job;
-                        let result = save_chunk(saver, &buf[range], holes);
+                        let result = save_chunk(saver, &buf[range], holes, id);
                         // Let go of the buffer before answering, so that the reader
                         // finds it free once every answer is in.
                         drop(buf);
@@ -275,14 +278,17 @@ impl<'b, 'r> ChunkWorkers<'b, 'r> {
     ) -> Pending {
         let total: usize = ranges.iter().map(ExactSizeIterator::len).sum();
         let large = total > INLINE_BYTES || source_len > INLINE_BYTES as u64;
-        if large && self.saver.negotiates() {
-            self.negotiate(buf, ranges, holes);
-        }
+        let ids = if large && self.saver.negotiates() {
+            self.negotiate(buf, ranges, holes)
+        } else {
+            vec![None; ranges.len()]
+        };
         if total <= INLINE_BYTES {
             return Pending {
                 results: ranges
                     .iter()
-                    .map(|r| Some(save_chunk(self.saver, &buf[r.clone()], holes)))
+                    .zip(&ids)
+                    .map(|(r, id)| Some(save_chunk(self.saver, &buf[r.clone()], holes, *id)))
                     .collect(),
                 replies: None,
                 expected: 0,
@@ -291,10 +297,11 @@ impl<'b, 'r> ChunkWorkers<'b, 'r> {
         let (reply, replies) = mpsc::channel();
         let mut expected = 0;
         let mut results: Vec<Option<Result<Saved>>> = (0..ranges.len()).map(|_| None).collect();
-        for (slot, range) in ranges.iter().enumerate() {
+        for (slot, (range, id)) in ranges.iter().zip(ids).enumerate() {
             let job = Job {
                 buf: buf.clone(),
                 range: range.clone(),
+                id,
                 slot,
                 holes,
                 reply: reply.clone(),
@@ -303,7 +310,7 @@ impl<'b, 'r> ChunkWorkers<'b, 'r> {
                 Ok(()) => expected += 1,
                 Err(crossbeam_channel::SendError(job)) => {
                     // No worker is running: save it here.
-                    results[slot] = Some(save_chunk(self.saver, &buf[job.range], holes));
+                    results[slot] = Some(save_chunk(self.saver, &buf[job.range], holes, id));
                 }
             }
         }
@@ -317,18 +324,27 @@ impl<'b, 'r> ChunkWorkers<'b, 'r> {
 
 impl ChunkWorkers<'_, '_> {
     /// Asks the storage's blob directory about the batch's chunks before they are saved
-    /// ([`BlobSaver::ask_before_storing`]). Files of 1 MiB or less are not asked about:
-    /// a request each would cost more than sending them. A failure here only means the
-    /// chunks are stored (and the saver reports the failure that matters).
-    fn negotiate(&self, buf: &ReadBuf<'_>, ranges: &[Range<usize>], holes: bool) {
-        let chunks: Vec<&[u8]> = ranges
+    /// ([`BlobSaver::ask_before_storing`]); returns each chunk's blob id (`None` for a
+    /// hole), so that saving it does not hash it again. Files of 1 MiB or less are not
+    /// asked about: a request each would cost more than sending them. A failure here
+    /// only means the chunks are stored (and the saver reports the failure that matters).
+    fn negotiate(
+        &self,
+        buf: &ReadBuf<'_>,
+        ranges: &[Range<usize>],
+        holes: bool,
+    ) -> Vec<Option<BlobId>> {
+        let crypto = self.saver.crypto();
+        let ids: Vec<Option<BlobId>> = ranges
             .iter()
             .map(|r| &buf[r.clone()])
-            .filter(|c| !(holes && c.iter().all(|&b| b == 0)))
+            .map(|c| (!(holes && is_zero(c))).then(|| crypto.blob_id(c)))
             .collect();
-        if let Err(e) = self.saver.ask_before_storing(&chunks) {
+        let asked: Vec<BlobId> = ids.iter().flatten().copied().collect();
+        if let Err(e) = self.saver.ask_before_storing(&asked) {
             tracing::warn!("asking the storage which chunks it has: {e}");
         }
+        ids
     }
 }
 
@@ -372,11 +388,22 @@ pub fn with_workers<'r, T>(saver: &BlobSaver<'r>, f: impl FnOnce(&ChunkWorkers<'
     })
 }
 
-fn save_chunk(saver: &BlobSaver<'_>, data: &[u8], holes: bool) -> Result<Saved> {
-    if holes && data.iter().all(|&b| b == 0) {
-        return Ok(Saved::Hole);
-    }
-    let (id, stored) = saver.save(BlobKind::Data, data)?;
+fn is_zero(data: &[u8]) -> bool {
+    data.iter().all(|&b| b == 0)
+}
+
+/// Saves one chunk (`id`: its blob id when already computed; a hole has none).
+fn save_chunk(
+    saver: &BlobSaver<'_>,
+    data: &[u8],
+    holes: bool,
+    id: Option<BlobId>,
+) -> Result<Saved> {
+    let (id, stored) = match id {
+        Some(id) => saver.save_hashed(BlobKind::Data, data, id)?,
+        None if holes && is_zero(data) => return Ok(Saved::Hole),
+        None => saver.save(BlobKind::Data, data)?,
+    };
     Ok(Saved::Blob { id, stored })
 }
 

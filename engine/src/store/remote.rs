@@ -327,6 +327,11 @@ impl Backend for RemoteBackend {
     }
 }
 
+/// Blob ids as the directory's requests carry them: 32 raw bytes each.
+fn ids_body(ids: &[BlobId]) -> Vec<u8> {
+    ids.iter().flat_map(|b| *b.as_bytes()).collect()
+}
+
 /// The server's blob directory (`cairn_server::storage`): ids travel as 32 raw bytes
 /// each; an answer is (blob, pack) pairs of 64 bytes.
 impl BlobDirectory for RemoteBackend {
@@ -336,7 +341,7 @@ impl BlobDirectory for RemoteBackend {
                 reqwest::Method::POST,
                 format!("{}/{}/blobs", FileKind::Pack.dir(), pack.to_hex()),
             );
-            call.body = Some(Arc::new(part.iter().flat_map(|b| *b.as_bytes()).collect()));
+            call.body = Some(Arc::new(ids_body(part)));
             self.send(call)?;
         }
         Ok(())
@@ -346,7 +351,7 @@ impl BlobDirectory for RemoteBackend {
         let mut found = Vec::new();
         for part in ids.chunks(MAX_IDS_ASKED) {
             let mut call = self.call(reqwest::Method::POST, "known".to_owned());
-            call.body = Some(Arc::new(part.iter().flat_map(|b| *b.as_bytes()).collect()));
+            call.body = Some(Arc::new(ids_body(part)));
             let body = self.send(call)?.1;
             if body.len() % (2 * ID_LEN) != 0 {
                 return Err(io::Error::new(
