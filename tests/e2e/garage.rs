@@ -227,15 +227,8 @@ fn a_garage_cluster_keeps_a_repository_through_a_node_killed_mid_backup() {
     );
 
     // With two nodes: restore byte for byte, and the repository checks.
-    let target = env.path("restored");
-    env.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
-    assert_same_tree(&src, &under(&target, &src));
-    let check = env.json(&["check", "--read-data"]);
-    assert_eq!(
-        check["problems"].as_array().map_or(0, Vec::len),
-        0,
-        "{check}"
-    );
+    env.assert_latest_restores(&src, "restored");
+    env.assert_checks_clean();
 
     // Node 2 back: a second backup, and the mount reads a file through the cluster.
     cluster.start_node(2);
@@ -258,10 +251,5 @@ fn a_garage_cluster_keeps_a_repository_through_a_node_killed_mid_backup() {
         assert_eq!(read.ok(), Some(hash_file(&src.join("f0"))));
         assert!(unmounted.unwrap().success());
     }
-    let check = env.json(&["check", "--read-data"]);
-    assert_eq!(
-        check["problems"].as_array().map_or(0, Vec::len),
-        0,
-        "{check}"
-    );
+    env.assert_checks_clean();
 }

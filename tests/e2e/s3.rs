@@ -122,9 +122,7 @@ fn a_repository_in_s3_backs_up_restores_mounts_forgets_prunes_and_checks() {
     assert!(!objects.iter().any(|o| o.contains("index")), "{objects:?}");
     assert!(env.cache_dir().exists(), "no cache on this host");
 
-    let target = env.path("restored");
-    env.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
-    assert_same_tree(&src, &under(&target, &src));
+    env.assert_latest_restores(&src, "restored");
 
     // A second backup after a change; forget the first and prune its data away.
     write_random(&src.join("big"), 3, 80 << 20);
@@ -139,15 +137,8 @@ fn a_repository_in_s3_backs_up_restores_mounts_forgets_prunes_and_checks() {
         pruned["packs_deleted"].as_u64().unwrap() + pruned["packs_repacked"].as_u64().unwrap() > 0,
         "{pruned}"
     );
-    let check = env.json(&["check", "--read-data"]);
-    assert_eq!(
-        check["problems"].as_array().map_or(0, Vec::len),
-        0,
-        "{check}"
-    );
-    let target = env.path("restored-2");
-    env.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
-    assert_same_tree(&src, &under(&target, &src));
+    env.assert_checks_clean();
+    env.assert_latest_restores(&src, "restored-2");
 
     // Through the mount, with the read cache on disk.
     if require_fuse("s3 mount") {
@@ -389,15 +380,8 @@ fn throttling_server_errors_and_hang_ups_are_retried_and_nothing_is_lost() {
         std::fs::write(src.join(format!("f{i}")), format!("file {i}")).unwrap();
     }
     env.backup(&[&src]);
-    let target = env.path("restored");
-    env.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
-    assert_same_tree(&src, &under(&target, &src));
-    let check = env.json(&["check", "--read-data"]);
-    assert_eq!(
-        check["problems"].as_array().map_or(0, Vec::len),
-        0,
-        "{check}"
-    );
+    env.assert_latest_restores(&src, "restored");
+    env.assert_checks_clean();
     let faults = proxy.faults.load(Ordering::SeqCst);
     assert!(faults >= 10, "only {faults} faults injected");
     eprintln!(
@@ -425,12 +409,7 @@ fn throttling_server_errors_and_hang_ups_are_retried_and_nothing_is_lost() {
     let direct = s3_env(s3.port, "flaky");
     let mut direct = direct;
     direct.dir = env2.dir;
-    let check = direct.json(&["check", "--read-data"]);
-    assert_eq!(
-        check["problems"].as_array().map_or(0, Vec::len),
-        0,
-        "{check}"
-    );
+    direct.assert_checks_clean();
     assert_eq!(direct.json(&["snapshots"]).as_array().unwrap().len(), 1);
 }
 
@@ -511,15 +490,8 @@ fn repo_copy_moves_snapshots_to_s3_under_another_key_once() {
     // The copies restore byte for byte under the destination's own key, and check.
     let snaps = remote.json(&["snapshots"]);
     assert_eq!(snaps.as_array().unwrap().len(), 2, "{snaps}");
-    let target = remote.path("restored");
-    remote.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
-    assert_same_tree(&src, &under(&target, &src));
-    let check = remote.json(&["check", "--read-data"]);
-    assert_eq!(
-        check["problems"].as_array().map_or(0, Vec::len),
-        0,
-        "{check}"
-    );
+    remote.assert_latest_restores(&src, "restored");
+    remote.assert_checks_clean();
 
     // A wrong destination password is refused before anything is written.
     let mut c = local.cmd();

@@ -126,6 +126,20 @@ impl Env {
     }
 
     /// Complete pack files (not a writer's `.tmp-*`), oldest first.
+    /// `check --read-data` finds no problem (every pack read and authenticated).
+    pub fn assert_checks_clean(&self) {
+        let check = self.json(&["check", "--read-data"]);
+        assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check}");
+    }
+
+    /// The latest snapshot, restored into `dir` (under this test's directory), holds
+    /// `src` byte for byte.
+    pub fn assert_latest_restores(&self, src: &Path, dir: &str) {
+        let target = self.path(dir);
+        self.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
+        assert_same_tree(src, &under(&target, src));
+    }
+
     /// The packs holding file data (not trees: those have packs of their own), as this
     /// host's index knows them, oldest first. (A backup's data and tree packs are
     /// written within the same clock tick: `packs()[0]` may be either.)

@@ -285,8 +285,7 @@ fn hosts_back_up_to_the_repository_server_with_tokens_that_bound_what_they_may_d
     assert!(stderr(&out).contains("quota"), "{}", stderr(&out));
 
     // Through all of it, the repository stayed whole.
-    let check = server.json(&["check", "--read-data"]);
-    assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check}");
+    server.assert_checks_clean();
 }
 
 /// The packs in a host's index (its cache of the one repository it used).
@@ -354,9 +353,7 @@ fn a_host_new_to_the_repository_asks_the_server_before_it_uploads_and_learns_onl
         learned <= 2,
         "host 2 indexed {learned} of host 1's {stored_packs} packs (and {own} of its own)"
     );
-    let target = b.path("restored");
-    b.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
-    assert_same_tree(&src_b, &under(&target, &src_b));
+    b.assert_latest_restores(&src_b, "restored");
 
     // The directory by hand. Ids are 32 bytes (printable ones here, for curl).
     let raw = |token: &str, method: &str, path: &str, body: &[u8]| {
@@ -432,8 +429,7 @@ fn a_host_new_to_the_repository_asks_the_server_before_it_uploads_and_learns_onl
     // That report was a lie (pack holds no blob "aaa…"): a host is not fooled by the
     // like of it, since it believes only trailers (see the engine's tests); and the
     // repository is whole.
-    let check = server.json(&["check", "--read-data"]);
-    assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check}");
+    server.assert_checks_clean();
 }
 
 /// 64 hex digits as their 32 bytes.
@@ -537,11 +533,8 @@ fn a_server_killed_mid_upload_loses_nothing_and_the_next_push_reuses_what_arrive
         stored < (72 << 20) - (arrived as u64 - 1) * (15 << 20),
         "the second push sent everything again ({stored} bytes; {arrived} packs had arrived)"
     );
-    let target = h.path("restored");
-    h.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
-    assert_same_tree(&src, &under(&target, &src));
-    let check = server.json(&["check", "--read-data"]);
-    assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check}");
+    h.assert_latest_restores(&src, "restored");
+    server.assert_checks_clean();
 }
 
 #[test]
@@ -580,11 +573,8 @@ fn a_server_that_returns_wrong_bytes_is_caught_by_the_client() {
     assert!(proxy.faults.load(std::sync::atomic::Ordering::SeqCst) > 0);
     // What storage holds was never touched: read directly, it restores and checks.
     let direct = host(&format!("{}/repo/default", d.url), &token, None);
-    let target = direct.path("restored-direct");
-    direct.ok(&["restore", "latest", "--target", target.to_str().unwrap()]);
-    assert_same_tree(&src, &under(&target, &src));
-    let check = server.json(&["check", "--read-data"]);
-    assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check}");
+    direct.assert_latest_restores(&src, "restored-direct");
+    server.assert_checks_clean();
 }
 
 /// Network namespaces made by the test (other hosts), deleted on drop.
@@ -804,6 +794,5 @@ fn hosts_in_namespaces_of_their_own_push_at_once_and_one_survives_a_network_cut(
         stats["stored_bytes"].as_u64().unwrap() < (50 << 20) + (512 << 10),
         "the common 10 MiB stored twice: {stats}"
     );
-    let check = server.json(&["check", "--read-data"]);
-    assert_eq!(check["problems"].as_array().unwrap().len(), 0, "{check}");
+    server.assert_checks_clean();
 }
