@@ -45,7 +45,8 @@ EOF
 token=$("$bin" serve --config "$work/serve.toml" token create --name agents --repository default --append-only)
 "$bin" serve --config "$work/serve.toml" --listen "127.0.0.1:$port" 2> "$work/serve.log" &
 pid=$!
-trap 'kill $pid 2>/dev/null || true' EXIT
+# Gigabytes of repositories: removed at exit unless KEEP_WORK=1.
+trap 'kill $pid 2>/dev/null || true; [ "${KEEP_WORK:-0}" = 1 ] || rm -rf "$work"' EXIT
 for _ in $(seq 100); do
   curl -sf "http://127.0.0.1:$port/api/v1/health" > /dev/null && break
   sleep 0.1

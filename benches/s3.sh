@@ -63,7 +63,10 @@ fi
 RUST_LOG=s3s=debug "$S3S" --host 127.0.0.1 --port "$PORT" --access-key bench --secret-key bench-secret \
   "$WORK/s3" > "$WORK/s3.log" 2>&1 &
 S3PID=$!
-trap 'kill $S3PID 2>/dev/null || true; fusermount -u "$WORK/mnt" 2>/dev/null || true' EXIT
+# The repositories and the S3 directory are gigabytes: removed at exit unless KEEP_WORK=1 (the
+# synthetic data, when made here, is kept for the next run).
+trap 'kill $S3PID 2>/dev/null || true; fusermount -u "$WORK/mnt" 2>/dev/null || true
+      [ "${KEEP_WORK:-0}" = 1 ] || rm -rf "$WORK/s3" "$WORK/home" "$WORK/restore-"* "$WORK/mnt"' EXIT
 sleep 1
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench-secret AWS_DEFAULT_REGION=us-east-1
 export HOME=$WORK/home REPO_PASSWORD=bench RESTIC_PASSWORD=bench
