@@ -14,6 +14,16 @@
 //! fsync, rename) by the thread that filled it, outside the lock, and indexed only once
 //! durable.
 //!
+//! **Asking before sending.** Over storage that keeps a blob directory (a repository
+//! server: [`crate::store::BlobDirectory`]), a data pack is not written blob by blob:
+//! its sealed blobs are held in memory until a pack's worth is ready, then the directory
+//! is asked once about those not asked about yet ([`Self::ask_before_storing`] asks
+//! about a large file's chunks before they are even encoded), and the blobs another
+//! pack holds, by that pack's own trailer, are dropped before the rest are written. So
+//! a host new to a repository does not send again the small files other hosts stored:
+//! one question per pack, not one per file. Such a blob's `save` has already returned
+//! the bytes it would have added; [`SaverStats`] counts it as not stored.
+//!
 //! **Fail-stop.** A blob is acknowledged (its `save` returns) once it is in the open
 //! pack, before that pack is durable. If the pack is then lost (a write, fsync or rename
 //! fails: a full disk), every blob acknowledged into it is lost with it. From then on
@@ -24,7 +34,7 @@
 //!
 //! Memory: the encoding buffer of each calling thread (the largest blob it encoded, at
 //! most a chunk plus zstd's bound), each open pack's write buffer (256 KiB) and entries
-//! (49 bytes a blob), and the ids of the blobs in packs not yet indexed: an id leaves
+//! (49 bytes a blob), the held blobs (a pack's size, with a blob directory), and the ids of the blobs in packs not yet indexed: an id leaves
 //! that set once its pack is indexed, so memory does not grow with the input.
 
 use std::cell::RefCell;
@@ -43,12 +53,16 @@ use crate::tree::Tree;
 /// What a run added to the repository.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SaverStats {
+    /// Blobs stored by this run (not those the blob directory found in other packs).
     pub blobs_new: u64,
     pub bytes_new: u64,
     pub bytes_stored: u64,
     pub packs: u64,
     /// Bytes of the pack files written.
     pub pack_bytes: u64,
+    /// Blobs encoded for a pack, then found in another host's pack by asking the
+    /// storage's blob directory: not stored.
+    pub blobs_found: u64,
 }
 
 type OpenPack<'r> = PackWriter<Box<dyn NewFile + 'r>>;
@@ -58,13 +72,33 @@ pub struct BlobSaver<'r> {
     taken: Mutex<HashSet<BlobId>>,
     /// The open pack of each kind of blob ([`slot`]): data, trees.
     open: [Mutex<Option<OpenPack<'r>>>; 2],
+    /// Data blobs waiting to be asked about, with a blob directory (module docs).
+    held: Mutex<Held>,
     blobs_new: AtomicU64,
     bytes_new: AtomicU64,
     bytes_stored: AtomicU64,
+    /// What `blobs_new`, `bytes_new` and `bytes_stored` counted of blobs then found in
+    /// other packs (subtracted in [`BlobSaver::stats`]).
+    found: [AtomicU64; 3],
     packs: AtomicU64,
     pack_bytes: AtomicU64,
     /// Set once a pack holding acknowledged blobs was lost (see the module docs).
     lost: Mutex<Option<Lost>>,
+}
+
+/// Sealed data blobs not yet in a pack, with the bytes they add up to.
+#[derive(Default)]
+struct Held {
+    blobs: Vec<HeldBlob>,
+    bytes: u64,
+}
+
+struct HeldBlob {
+    id: BlobId,
+    sealed: Vec<u8>,
+    raw_length: usize,
+    /// The directory was asked about it before it was encoded (a large file's chunk).
+    asked: bool,
 }
 
 /// Why a saver stopped, and what it lost.
@@ -100,9 +134,11 @@ impl<'r> BlobSaver<'r> {
             repo,
             taken: Mutex::new(HashSet::new()),
             open: [Mutex::new(None), Mutex::new(None)],
+            held: Mutex::default(),
             blobs_new: AtomicU64::new(0),
             bytes_new: AtomicU64::new(0),
             bytes_stored: AtomicU64::new(0),
+            found: Default::default(),
             packs: AtomicU64::new(0),
             pack_bytes: AtomicU64::new(0),
             lost: Mutex::new(None),
@@ -134,6 +170,12 @@ impl<'r> BlobSaver<'r> {
     /// Records the loss of a pack whose acknowledged blobs are `entries`; returns the
     /// error for the caller that saw it happen.
     fn lose(&self, entries: &[PackEntry], e: std::io::Error, what: &str) -> crate::Error {
+        let ids: Vec<BlobId> = entries.iter().map(|e| e.id).collect();
+        self.lose_ids(&ids, e, what)
+    }
+
+    /// [`Self::lose`] of blobs named by id.
+    fn lose_ids(&self, ids: &[BlobId], e: std::io::Error, what: &str) -> crate::Error {
         let mut lost = lock(&self.lost);
         let l = lost.get_or_insert_with(|| Lost {
             blobs: Vec::new(),
@@ -141,23 +183,20 @@ impl<'r> BlobSaver<'r> {
             errno: e.raw_os_error(),
             message: e.to_string(),
         });
-        l.blobs.extend(entries.iter().map(|e| e.id));
+        l.blobs.extend_from_slice(ids);
         drop(lost);
         // Those ids are no longer "in a pack of this run".
         let mut taken = lock(&self.taken);
-        for entry in entries {
-            taken.remove(&entry.id);
+        for id in ids {
+            taken.remove(id);
         }
         drop(taken);
         tracing::error!(
             "{what} failed ({e}): {} blobs saved into it are lost; stopping",
-            entries.len()
+            ids.len()
         );
         crate::Error::io(
-            format!(
-                "{what} ({} blobs saved into it lost with it)",
-                entries.len()
-            ),
+            format!("{what} ({} blobs saved into it lost with it)", ids.len()),
             e,
         )
     }
@@ -226,7 +265,12 @@ impl<'r> BlobSaver<'r> {
         self.save_as(kind, data, Some(id))
     }
 
-    fn save_as(&self, kind: BlobKind, data: &[u8], id: Option<BlobId>) -> Result<(BlobId, u64)> {
+    fn save_as(
+        &self,
+        kind: BlobKind,
+        data: &[u8],
+        hashed: Option<BlobId>,
+    ) -> Result<(BlobId, u64)> {
         if data.len() > blob::MAX_BLOB_LEN {
             return Err(crate::Error::InvalidInput(format!(
                 "a {} of {} MiB is more than one blob may hold ({} MiB)",
@@ -239,7 +283,7 @@ impl<'r> BlobSaver<'r> {
             )));
         }
         self.ensure_whole()?;
-        let id = id.unwrap_or_else(|| self.repo.crypto().blob_id(data));
+        let id = hashed.unwrap_or_else(|| self.repo.crypto().blob_id(data));
         if !lock(&self.taken).insert(id) {
             return Ok((id, 0)); // in a pack of this run that is not indexed yet
         }
@@ -252,7 +296,19 @@ impl<'r> BlobSaver<'r> {
             .with(|cell| {
                 let mut buf = cell.borrow_mut();
                 let n = blob::encode_into(self.repo.crypto(), kind, &id, data, level, &mut buf);
-                self.append(id, kind, &buf[..n], data.len()).map(|()| n)
+                let sealed = &buf[..n];
+                if kind == BlobKind::Data && self.negotiates() {
+                    let asked = hashed.is_some();
+                    self.hold(HeldBlob {
+                        id,
+                        sealed: sealed.to_vec(),
+                        raw_length: data.len(),
+                        asked,
+                    })
+                } else {
+                    self.append(id, kind, sealed, data.len())
+                }
+                .map(|()| n)
             })
             .inspect_err(|_| {
                 // Not in any pack: a later save of the same content must store it.
@@ -340,6 +396,81 @@ impl<'r> BlobSaver<'r> {
         Ok(())
     }
 
+    /// Holds a sealed data blob back from the packs (with a blob directory: see the
+    /// module docs); settles the held blobs once they fill a pack.
+    fn hold(&self, blob: HeldBlob) -> Result<()> {
+        let full = {
+            let mut held = lock(&self.held);
+            // Under the lock, as in `append`: a lost pack stops every later blob.
+            self.ensure_whole()?;
+            held.bytes += blob.sealed.len() as u64;
+            held.blobs.push(blob);
+            (held.bytes >= u64::from(self.repo.config().pack_size))
+                .then(|| std::mem::take(&mut *held))
+        };
+        match full {
+            Some(held) => self.settle(held),
+            None => Ok(()),
+        }
+    }
+
+    /// Asks the blob directory about the held blobs not asked about yet, drops those
+    /// the index now has (another pack holds them, by its trailer), and writes the rest
+    /// as one pack.
+    fn settle(&self, held: Held) -> Result<()> {
+        let unasked: Vec<BlobId> = held
+            .blobs
+            .iter()
+            .filter(|b| !b.asked)
+            .map(|b| b.id)
+            .collect();
+        if let Err(e) = self.repo.learn_from_directory(&unasked) {
+            tracing::warn!("asking the storage which blobs it has: {e}");
+        }
+        let (found, keep): (Vec<HeldBlob>, Vec<HeldBlob>) = held
+            .blobs
+            .into_iter()
+            .partition(|b| matches!(self.repo.index().contains(&b.id), Ok(true)));
+        self.forget_found(&found);
+        if keep.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<BlobId> = keep.iter().map(|b| b.id).collect();
+        let mut pack = match self.repo.backend().create(FileKind::Pack) {
+            Ok(file) => PackWriter::new(file),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| self.lose_ids(&ids, e, "starting a pack"))?;
+        for b in &keep {
+            pack.add(b.id, BlobKind::Data, &b.sealed, b.raw_length)
+                .map_err(|e| self.lose_ids(&ids, e, "writing a pack"))?;
+        }
+        drop(keep);
+        self.write_pack(pack)
+    }
+
+    /// Blobs found in other packs after they were acknowledged: indexed now, so no
+    /// longer this run's to store, and not counted as stored.
+    fn forget_found(&self, found: &[HeldBlob]) {
+        if found.is_empty() {
+            return;
+        }
+        let mut taken = lock(&self.taken);
+        for b in found {
+            taken.remove(&b.id);
+        }
+        drop(taken);
+        let raw: usize = found.iter().map(|b| b.raw_length).sum();
+        let sealed: usize = found.iter().map(|b| b.sealed.len()).sum();
+        self.found[0].fetch_add(found.len() as u64, Ordering::Relaxed);
+        self.found[1].fetch_add(raw as u64, Ordering::Relaxed);
+        self.found[2].fetch_add(sealed as u64, Ordering::Relaxed);
+        tracing::debug!(
+            "{} blobs ({raw} bytes) found in other packs: not sent",
+            found.len()
+        );
+    }
+
     /// Finishes a pack, makes it durable under its id, then indexes it.
     fn write_pack(&self, pack: OpenPack<'r>) -> Result<()> {
         let acknowledged = pack.entries().to_vec();
@@ -384,6 +515,11 @@ impl<'r> BlobSaver<'r> {
     /// Writes the last, partly filled packs (data first, then trees). Call before
     /// referring to the saved blobs from a snapshot.
     pub fn flush(&self) -> Result<()> {
+        self.ensure_whole()?;
+        let held = std::mem::take(&mut *lock(&self.held));
+        if !held.blobs.is_empty() {
+            self.settle(held)?;
+        }
         for open in &self.open {
             self.ensure_whole()?;
             let Some(pack) = lock(open).take() else {
@@ -399,12 +535,18 @@ impl<'r> BlobSaver<'r> {
 
     #[must_use]
     pub fn stats(&self) -> SaverStats {
+        let less = |counted: &AtomicU64, found: &AtomicU64| {
+            counted
+                .load(Ordering::Relaxed)
+                .saturating_sub(found.load(Ordering::Relaxed))
+        };
         SaverStats {
-            blobs_new: self.blobs_new.load(Ordering::Relaxed),
-            bytes_new: self.bytes_new.load(Ordering::Relaxed),
-            bytes_stored: self.bytes_stored.load(Ordering::Relaxed),
+            blobs_new: less(&self.blobs_new, &self.found[0]),
+            bytes_new: less(&self.bytes_new, &self.found[1]),
+            bytes_stored: less(&self.bytes_stored, &self.found[2]),
             packs: self.packs.load(Ordering::Relaxed),
             pack_bytes: self.pack_bytes.load(Ordering::Relaxed),
+            blobs_found: self.found[0].load(Ordering::Relaxed),
         }
     }
 }
@@ -602,21 +744,7 @@ mod negotiation {
     fn a_host_new_to_the_repository_asks_stores_only_what_no_pack_holds_and_believes_only_trailers()
     {
         let fs = SimFs::new();
-        let dir = Arc::new(WithDirectory::over(sim_backend(&fs)));
-        let a = Repository::init_on(
-            dir.clone(),
-            &OpenOptions::default(),
-            b"pw",
-            small_config(Encryption::Aes256Gcm),
-            KdfParams::TEST_ONLY_WEAK,
-        )
-        .unwrap();
-        // Host A stores 64 blobs of 64 KiB (4 packs of 1 MiB); each pack is reported.
-        let saver = BlobSaver::new(&a);
-        for i in 0..64 {
-            saver.save(BlobKind::Data, &blob(i)).unwrap();
-        }
-        saver.flush().unwrap();
+        let (dir, a) = host_a_stores_64(&fs);
         assert_eq!(dir.rows.lock().unwrap().len(), 64);
         let packs = a.index().packs().unwrap();
         assert!(packs.len() >= 4, "{packs:?}");
@@ -677,6 +805,120 @@ mod negotiation {
         assert!(saver.save(BlobKind::Data, &blob(0)).unwrap().1 > 0);
         saver.flush().unwrap();
         assert_eq!(again.read_blob(&first).unwrap(), blob(0));
+    }
+
+    /// Host A stores 64 blobs of 64 KiB (4 packs of 1 MiB, each reported); returns the
+    /// directory and A.
+    fn host_a_stores_64(fs: &SimFs) -> (Arc<WithDirectory>, Repository) {
+        let dir = Arc::new(WithDirectory::over(sim_backend(fs)));
+        let a = Repository::init_on(
+            dir.clone(),
+            &OpenOptions::default(),
+            b"pw",
+            small_config(Encryption::Aes256Gcm),
+            KdfParams::TEST_ONLY_WEAK,
+        )
+        .unwrap();
+        let saver = BlobSaver::new(&a);
+        for i in 0..64 {
+            saver.save(BlobKind::Data, &blob(i)).unwrap();
+        }
+        saver.flush().unwrap();
+        drop(saver);
+        (dir, a)
+    }
+
+    #[test]
+    fn small_blobs_saved_without_asking_are_asked_about_once_a_pack_and_only_the_new_are_sent() {
+        let fs = SimFs::new();
+        let (dir, a) = host_a_stores_64(&fs);
+        let a_packs = a.index().packs().unwrap();
+        let scratch = tempfile::tempdir().unwrap();
+        let b = lazy(&dir, &scratch.path().join("index.sqlite"));
+        // B saves 24 of A's blobs among 8 new ones, one at a time (small files: nobody
+        // asked first): a pack's worth is held, asked about in one question, and only
+        // the new blobs are written.
+        let saver = BlobSaver::new(&b);
+        let mine: Vec<u64> = (0..24).chain(100..108).collect();
+        let locates = dir.locates();
+        let mut acknowledged = Vec::new();
+        for i in &mine {
+            acknowledged.push(saver.save(BlobKind::Data, &blob(*i)).unwrap().0);
+        }
+        saver.flush().unwrap();
+        let stats = saver.stats();
+        assert_eq!((stats.blobs_new, stats.blobs_found), (8, 24), "{stats:?}");
+        // 32 blobs of 64 KiB are two packs' worth: two questions, not 32.
+        assert_eq!(dir.locates() - locates, 2);
+        // What B wrote: its packs hold only the 8 new blobs.
+        let b_packs: Vec<_> = b
+            .index()
+            .packs()
+            .unwrap()
+            .into_iter()
+            .filter(|p| !a_packs.contains(p))
+            .collect();
+        let written: usize = b_packs
+            .iter()
+            .map(|p| b.index().pack_rows(p).unwrap().len())
+            .sum();
+        assert_eq!(written, 8);
+        assert!(stats.bytes_stored < 9 * (64 << 10), "{stats:?}");
+        // Every acknowledged blob reads back, wherever it ended up.
+        for (i, id) in mine.iter().zip(&acknowledged) {
+            assert_eq!(b.read_blob(id).unwrap(), blob(*i));
+        }
+        assert!(saver.lost_blobs().is_empty());
+    }
+
+    #[test]
+    fn held_blobs_lost_with_their_pack_stop_the_saver_and_are_named() {
+        use crate::store::sim::{Effect, Fault, Op};
+        let fs = SimFs::new();
+        let (dir, _a) = host_a_stores_64(&fs);
+        let scratch = tempfile::tempdir().unwrap();
+        let b = lazy(&dir, &scratch.path().join("index.sqlite"));
+        let saver = BlobSaver::new(&b);
+        let (first, _) = saver.save(BlobKind::Data, &blob(100)).unwrap();
+        // The held blobs' pack fails at its fsync.
+        fs.reset_faults();
+        fs.inject(Fault {
+            op: Some(Op::Sync),
+            nth: 0,
+            effect: Effect::Fail {
+                errno: libc::ENOSPC,
+                sticky: false,
+            },
+        });
+        let err = (101..140)
+            .find_map(|i| saver.save(BlobKind::Data, &blob(i)).err())
+            .expect("a pack's worth was held, and its write failed");
+        assert!(err.to_string().contains("lost with it"), "{err}");
+        assert!(saver.lost_blobs().contains(&first));
+        assert!(saver.save(BlobKind::Data, &blob(100)).is_err());
+        assert!(saver.flush().is_err());
+        assert!(!b.index().contains(&first).unwrap());
+    }
+
+    #[test]
+    fn a_repack_copies_blobs_without_asking_even_when_the_directory_names_their_pack() {
+        // A prune's repack copies a blob out of a pack about to be deleted: were it
+        // asked about, the directory would name that very pack, and the copy would be
+        // dropped for a pack that is going.
+        let fs = SimFs::new();
+        let (dir, a) = host_a_stores_64(&fs);
+        let pack = a.index().packs().unwrap()[0];
+        let rows = a.index().pack_rows(&pack).unwrap();
+        let bytes = dir.read(FileKind::Pack, &pack.to_hex()).unwrap();
+        let locates = dir.locates();
+        let saver = BlobSaver::new(&a);
+        for (_, e) in &rows {
+            let sealed = crate::pack::verified_blob(a.crypto(), &bytes, e).unwrap();
+            saver.add_stored(e, sealed).unwrap();
+        }
+        saver.flush().unwrap();
+        assert_eq!(dir.locates(), locates);
+        assert!(saver.stats().packs >= 1);
     }
 
     #[test]

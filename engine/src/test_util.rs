@@ -133,6 +133,8 @@ pub struct WithDirectory {
     pub inner: Arc<dyn Backend>,
     pub rows: std::sync::Mutex<Vec<(crate::id::BlobId, crate::id::PackId)>>,
     pub pack_sizes_asked: std::sync::atomic::AtomicUsize,
+    /// Questions asked ([`BlobDirectory::locate`] calls).
+    pub locates: std::sync::atomic::AtomicUsize,
 }
 
 impl WithDirectory {
@@ -141,7 +143,12 @@ impl WithDirectory {
             inner,
             rows: std::sync::Mutex::default(),
             pack_sizes_asked: std::sync::atomic::AtomicUsize::new(0),
+            locates: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    pub fn locates(&self) -> usize {
+        self.locates.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn sizes_asked(&self) -> usize {
@@ -209,6 +216,8 @@ impl BlobDirectory for WithDirectory {
         &self,
         ids: &[crate::id::BlobId],
     ) -> std::io::Result<Vec<(crate::id::BlobId, crate::id::PackId)>> {
+        self.locates
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let rows = self.rows.lock().unwrap();
         Ok(rows
             .iter()

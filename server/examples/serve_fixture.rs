@@ -74,7 +74,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let known =
         cairn_engine::trust::KnownRepositories::at(state_dir.join("known-repositories.json"));
-    let repo = Repositories::new(configs, known).handle("default")?;
+    let directories = std::sync::Arc::new(cairn_server::directory::Directories::at(&state_dir));
+    let repo = Repositories::new(configs, known, directories).handle("default")?;
     let newest = repo
         .snapshots()?
         .into_iter()

@@ -15,9 +15,12 @@
 //! directory tells a client nothing it could not have learned itself, faster.
 
 use std::collections::HashMap;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use cairn_engine::id::{BlobId, Id, PackId};
+use cairn_engine::store::{Backend, BlobDirectory, FileKind};
 use rusqlite::{params, Connection};
 
 /// Length of an id on the wire and in the table.
@@ -163,6 +166,71 @@ impl Directories {
     }
 }
 
+impl Directories {
+    /// [`Self::find`], answering only for packs `storage` still holds: the rows of packs
+    /// removed behind the server's back (a prune by path) are dropped on the way.
+    pub fn find_stored(
+        &self,
+        repository: &str,
+        ids: &[[u8; ID_LEN]],
+        storage: &dyn Backend,
+    ) -> io::Result<Vec<([u8; ID_LEN], [u8; ID_LEN])>> {
+        let found = self.find(repository, ids).map_err(io::Error::other)?;
+        let mut stored: HashMap<[u8; ID_LEN], bool> = HashMap::new();
+        let mut answer = Vec::new();
+        for (blob, pack) in found {
+            let here = match stored.get(&pack) {
+                Some(here) => *here,
+                None => {
+                    let here = match storage.size(FileKind::Pack, &hex::encode(pack)) {
+                        Ok(_) => true,
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                        Err(e) => return Err(e),
+                    };
+                    stored.insert(pack, here);
+                    here
+                }
+            };
+            if here {
+                answer.push((blob, pack));
+            }
+        }
+        for (pack, _) in stored.iter().filter(|(_, here)| !**here) {
+            self.forget_pack(repository, pack)
+                .map_err(io::Error::other)?;
+        }
+        Ok(answer)
+    }
+}
+
+/// One served repository's directory, as the engine asks it
+/// ([`cairn_engine::store::BlobDirectory`]): what the server's own operations on that
+/// repository report and ask, in process, as its remote clients do over HTTP.
+pub struct ServedDirectory {
+    pub directories: Arc<Directories>,
+    pub repository: String,
+    pub storage: Arc<dyn Backend>,
+}
+
+impl BlobDirectory for ServedDirectory {
+    fn report(&self, pack: &PackId, blobs: &[BlobId]) -> io::Result<()> {
+        let blobs: Vec<[u8; ID_LEN]> = blobs.iter().map(|b| *b.as_bytes()).collect();
+        self.directories
+            .record(&self.repository, pack.as_bytes(), &blobs)
+            .map_err(io::Error::other)
+    }
+
+    fn locate(&self, ids: &[BlobId]) -> io::Result<Vec<(BlobId, PackId)>> {
+        let ids: Vec<[u8; ID_LEN]> = ids.iter().map(|b| *b.as_bytes()).collect();
+        Ok(self
+            .directories
+            .find_stored(&self.repository, &ids, &*self.storage)?
+            .into_iter()
+            .map(|(blob, pack)| (BlobId(Id::from_bytes(blob)), PackId(Id::from_bytes(pack))))
+            .collect())
+    }
+}
+
 /// Splits a body of concatenated ids; `None` when its length is not a multiple of one.
 #[must_use]
 pub fn ids_of(body: &[u8]) -> Option<Vec<[u8; ID_LEN]>> {
@@ -201,6 +269,59 @@ mod tests {
         drop(dirs);
         let dirs = Directories::at(d.path());
         assert_eq!(dirs.find("a", &[[11; 32]]).unwrap(), vec![([11; 32], p2)]);
+    }
+
+    #[test]
+    fn what_the_servers_own_operations_write_is_reported_and_gone_packs_are_not_answered() {
+        use cairn_engine::blob::BlobKind;
+        use cairn_engine::config::Config;
+        use cairn_engine::crypto::Encryption;
+        use cairn_engine::keyfile::KdfParams;
+        use cairn_engine::repository::OpenOptions;
+        use cairn_engine::saver::BlobSaver;
+        use cairn_engine::store::directed::Directed;
+        use cairn_engine::store::LocalBackend;
+        use cairn_engine::Repository;
+
+        let d = tempfile::tempdir().unwrap();
+        let directories = Arc::new(Directories::at(&d.path().join("state")));
+        let storage: Arc<dyn Backend> = Arc::new(LocalBackend::new(d.path().join("repo")));
+        let directory = Arc::new(ServedDirectory {
+            directories: directories.clone(),
+            repository: "r".into(),
+            storage: storage.clone(),
+        });
+        let opts = OpenOptions {
+            index: Some(d.path().join("index.sqlite")),
+            ..OpenOptions::default()
+        };
+        let repo = Repository::init_on(
+            Arc::new(Directed::new(storage.clone(), directory)),
+            &opts,
+            b"pw",
+            Config::new(Encryption::Aes256Gcm),
+            KdfParams::TEST_ONLY_WEAK,
+        )
+        .unwrap();
+        // A job's saver writes a pack: its blobs are in the directory, under the name
+        // the site knows the repository by.
+        let saver = BlobSaver::new(&repo);
+        let ids: Vec<[u8; ID_LEN]> = (0..3u8)
+            .map(|i| *saver.save(BlobKind::Data, &[i; 5000]).unwrap().0.as_bytes())
+            .collect();
+        saver.flush().unwrap();
+        let found = directories.find_stored("r", &ids, &*storage).unwrap();
+        assert_eq!(found.len(), 3, "{found:?}");
+        let pack = found[0].1;
+        assert!(found.iter().all(|(_, p)| *p == pack));
+        assert!(directories.find("other", &ids).unwrap().is_empty());
+        // The pack removed by path (a prune run by hand): not answered, and forgotten.
+        storage.remove(FileKind::Pack, &hex::encode(pack)).unwrap();
+        assert!(directories
+            .find_stored("r", &ids, &*storage)
+            .unwrap()
+            .is_empty());
+        assert!(directories.find("r", &ids).unwrap().is_empty());
     }
 
     #[test]

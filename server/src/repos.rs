@@ -5,17 +5,24 @@
 //! that started us (its `-r` and password). Each repository is opened once, which costs
 //! one key derivation; every run then gets a handle of its own
 //! (`Repository::another_handle`: the same key, its own index connection and lock).
+//!
+//! A repository is opened with the site's blob directory attached
+//! ([`cairn_engine::store::directed::Directed`]): what a job writes into a repository the
+//! daemon also serves (a backup, a prune's repacked packs) is reported to the directory
+//! its remote clients ask before they upload, so that they do not send it again.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use cairn_engine::repository::{self, OpenOptions};
+use cairn_engine::store::directed::Directed;
 use cairn_engine::store::s3::S3Credentials;
 use cairn_engine::store::{Backend, BackendOptions, RepositoryUrl};
 use cairn_engine::trust::KnownRepositories;
 use cairn_engine::Repository;
 
 use crate::config::RepositoryConfig;
+use crate::directory::{Directories, ServedDirectory};
 
 /// The name a job uses when it names none.
 pub const DEFAULT: &str = "default";
@@ -40,17 +47,30 @@ pub struct Repositories {
     configs: BTreeMap<String, RepositoryConfig>,
     open: Mutex<BTreeMap<String, Arc<Repository>>>,
     known: KnownRepositories,
+    directories: Arc<Directories>,
 }
 
 impl Repositories {
-    /// `configs` by name; identities are checked against (and recorded in) `known`.
+    /// `configs` by name; identities are checked against (and recorded in) `known`;
+    /// what is written is reported to `directories`.
     #[must_use]
-    pub fn new(configs: BTreeMap<String, RepositoryConfig>, known: KnownRepositories) -> Self {
+    pub fn new(
+        configs: BTreeMap<String, RepositoryConfig>,
+        known: KnownRepositories,
+        directories: Arc<Directories>,
+    ) -> Self {
         Self {
             configs,
             open: Mutex::new(BTreeMap::new()),
             known,
+            directories,
         }
+    }
+
+    /// The blob directories of the site's repositories.
+    #[must_use]
+    pub fn directories(&self) -> &Arc<Directories> {
+        &self.directories
     }
 
     #[must_use]
@@ -111,8 +131,14 @@ impl Repositories {
             s3_credentials: S3Credentials::from_env(),
             ..BackendOptions::default()
         };
-        let (backend, mut opts) = repository::at(&url, &backend_options).map_err(open_error)?;
+        let (storage, mut opts) = repository::at(&url, &backend_options).map_err(open_error)?;
         opts.known = Some(self.known.clone());
+        let directory = Arc::new(ServedDirectory {
+            directories: self.directories.clone(),
+            repository: name.to_owned(),
+            storage: storage.clone(),
+        });
+        let backend: Arc<dyn Backend> = Arc::new(Directed::new(storage, directory));
         Ok((backend, opts))
     }
 
@@ -255,4 +281,43 @@ pub fn protected_sources(snaps: &[cairn_engine::snapshot::Snapshot]) -> Vec<Prot
         }
     }
     by.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_engine::blob::BlobKind;
+    use cairn_engine::crypto::Encryption;
+    use cairn_engine::keyfile::KdfParams;
+    use cairn_engine::saver::BlobSaver;
+
+    #[test]
+    fn what_a_sites_own_operation_writes_is_reported_to_the_repositorys_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("repo");
+        Repository::init(&path, b"pw", Encryption::Aes256Gcm, KdfParams::TEST_ONLY_WEAK)
+            .unwrap();
+        let configs = BTreeMap::from([(
+            DEFAULT.to_owned(),
+            RepositoryConfig {
+                path,
+                inline: Some(zeroize::Zeroizing::new(b"pw".to_vec())),
+                ..RepositoryConfig::default()
+            },
+        )]);
+        let directories = Arc::new(Directories::at(&dir.path().join("state")));
+        let repos = Repositories::new(
+            configs,
+            KnownRepositories::at(dir.path().join("known.json")),
+            directories.clone(),
+        );
+        let repo = repos.handle(DEFAULT).unwrap();
+        let saver = BlobSaver::new(&repo);
+        let (id, _) = saver.save(BlobKind::Data, b"a job's data").unwrap();
+        saver.flush().unwrap();
+        let rows = directories.find(DEFAULT, &[*id.as_bytes()]).unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        let pack = repo.index().lookup(&id).unwrap().unwrap().pack;
+        assert_eq!(&rows[0].1, pack.as_bytes());
+    }
 }

@@ -80,7 +80,12 @@ impl Site {
         let state = Arc::new(State::open(&state_dir)?);
         let known =
             cairn_engine::trust::KnownRepositories::at(state_dir.join("known-repositories.json"));
-        let repos = Arc::new(Repositories::new(config.repositories.clone(), known));
+        let directories = Arc::new(crate::directory::Directories::at(&state_dir));
+        let repos = Arc::new(Repositories::new(
+            config.repositories.clone(),
+            known,
+            directories,
+        ));
         let site = Self {
             config,
             config_origin: config_origin.to_owned(),

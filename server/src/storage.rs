@@ -80,7 +80,7 @@ struct Storage {
 /// The storage routes, to merge into the daemon's application.
 pub fn routes<S>(site: Arc<Site>) -> Router<S> {
     let storage = Storage {
-        directories: Arc::new(Directories::at(&site.state_dir)),
+        directories: site.repos.directories().clone(),
         site,
         backends: Arc::default(),
     };
@@ -525,29 +525,11 @@ async fn known(
     let backend = st.backend(&name)?;
     let directories = st.directories.clone();
     let answer = blocking(move || {
-        let found = directories.find(&name, &ids).map_err(internal)?;
-        let mut stored: HashMap<[u8; ID_LEN], bool> = HashMap::new();
-        let mut answer = Vec::new();
+        let found = directories.find_stored(&name, &ids, &*backend)?;
+        let mut answer = Vec::with_capacity(found.len() * 2 * ID_LEN);
         for (blob, pack) in found {
-            let here = match stored.get(&pack) {
-                Some(here) => *here,
-                None => {
-                    let here = match backend.size(FileKind::Pack, &hex::encode(pack)) {
-                        Ok(_) => true,
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-                        Err(e) => return Err(e.into()),
-                    };
-                    stored.insert(pack, here);
-                    here
-                }
-            };
-            if here {
-                answer.extend_from_slice(&blob);
-                answer.extend_from_slice(&pack);
-            }
-        }
-        for (pack, _) in stored.iter().filter(|(_, here)| !**here) {
-            directories.forget_pack(&name, pack).map_err(internal)?;
+            answer.extend_from_slice(&blob);
+            answer.extend_from_slice(&pack);
         }
         Ok(answer)
     })

@@ -59,6 +59,9 @@ fn fixture(concurrent_runs: usize) -> Fixture {
     let repos = Arc::new(Repositories::new(
         configs,
         KnownRepositories::at(dir.path().join("known.json")),
+        Arc::new(cairn_server::directory::Directories::at(
+            &dir.path().join("state"),
+        )),
     ));
     let state = Arc::new(State::open(&dir.path().join("state")).unwrap());
     let events = Arc::new(Recorder::default());

@@ -268,7 +268,8 @@ impl<'b, 'r> ChunkWorkers<'b, 'r> {
     /// work handed to the workers (the queue has room) with results to wait for.
     /// `source_len` is the length of the file or image the batch is part of (0 when
     /// unknown): a batch of a large source is asked about however short it is (the
-    /// tail of a large file), a small file is not ([`Self::negotiate`]).
+    /// tail of a large file); a small file's chunks are asked about later, a pack's worth
+    /// at a time, by the saver ([`Self::negotiate`]).
     pub fn save(
         &self,
         buf: &Arc<ReadBuf<'b>>,
@@ -326,8 +327,11 @@ impl ChunkWorkers<'_, '_> {
     /// Asks the storage's blob directory about the batch's chunks before they are saved
     /// ([`BlobSaver::ask_before_storing`]); returns each chunk's blob id (`None` for a
     /// hole), so that saving it does not hash it again. Files of 1 MiB or less are not
-    /// asked about: a request each would cost more than sending them. A failure here
-    /// only means the chunks are stored (and the saver reports the failure that matters).
+    /// asked about here (a request each would cost more than sending them): the saver
+    /// holds their sealed blobs and asks about a pack's worth at once. Asking first
+    /// spares a large file's chunks their compression and encryption too. A failure
+    /// here only means the chunks are stored (the saver reports the failure that
+    /// matters).
     fn negotiate(
         &self,
         buf: &ReadBuf<'_>,

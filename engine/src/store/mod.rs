@@ -19,6 +19,7 @@
 //! loss and injects faults ([`sim::SimFs`]).
 
 pub mod crash;
+pub mod directed;
 pub mod fs;
 mod local;
 pub mod read_cache;

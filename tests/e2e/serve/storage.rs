@@ -329,28 +329,51 @@ fn a_host_new_to_the_repository_asks_the_server_before_it_uploads_and_learns_onl
         write_random(&src_a.join(format!("f{i}")), 60 + i, 16 << 20);
     }
     a.backup(&[&src_a.join("f2")]);
+    // And 200 small files (1 to 40 KiB, 4 MiB in all), alone too: one pack of data.
+    let small_a = a.path("small");
+    std::fs::create_dir_all(&small_a).unwrap();
+    for i in 0..200u64 {
+        write_random(
+            &small_a.join(format!("s{i}")),
+            1000 + i,
+            1024 + (i as usize * 997) % (39 << 10),
+        );
+    }
+    let small_bytes: u64 = walk_files(&small_a)
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum();
+    a.backup(&[&small_a]);
     a.backup(&[&src_a]);
     let stored_packs = walk_files(&server.repo.join("data")).len() as u64;
     assert!(stored_packs >= 6, "{stored_packs} packs");
 
-    // Host 2, new (an empty cache), backs up one of those files and a note: it asks the
-    // server, reads the trailers of the packs named for that file only, and sends the
-    // note alone.
+    // Host 2, new (an empty cache), backs up one of those large files, the small files
+    // and a note: it asks the server (before the large file's chunks are encoded, and
+    // once a pack's worth of the small files' blobs is ready), reads the trailers of the
+    // packs named for them only, and sends the note alone.
     let b = host(&url, &h2, Some(&ca));
     let src_b = b.path("src");
-    std::fs::create_dir_all(&src_b).unwrap();
+    std::fs::create_dir_all(src_b.join("small")).unwrap();
     std::fs::copy(src_a.join("f2"), src_b.join("f2")).unwrap();
+    for f in walk_files(&small_a) {
+        std::fs::copy(&f, src_b.join("small").join(f.file_name().unwrap())).unwrap();
+    }
     std::fs::write(src_b.join("note"), "host 2's own\n").unwrap();
     let snap = b.backup(&[&src_b]);
     let sent = snap["summary"]["bytes_stored"].as_u64().unwrap();
-    assert!(sent < 64 << 10, "host 2 sent {sent} bytes: {snap}");
-    // Its index: its own packs (the note's data, its tree) and the packs of host 1 that
-    // hold f2 (16 MiB of chunks: one pack of 16 MiB and the start of the next), not
-    // host 1's other packs.
+    // The note, and the trees (host 2's directories: its own times and names).
+    assert!(
+        sent < 64 << 10,
+        "host 2 sent {sent} bytes (the small files are {small_bytes}): {snap}"
+    );
+    // Its index: its own packs (the note's data, its trees) and the packs of host 1 that
+    // hold f2 (16 MiB of chunks: one pack of 16 MiB and the start of the next) and the
+    // small files (one), not host 1's other packs.
     let own = walk_files(&server.repo.join("data")).len() as u64 - stored_packs;
     let learned = indexed_packs(&b) - own;
     assert!(
-        learned <= 2,
+        learned <= 3,
         "host 2 indexed {learned} of host 1's {stored_packs} packs (and {own} of its own)"
     );
     b.assert_latest_restores(&src_b, "restored");
