@@ -295,8 +295,13 @@ mod tests {
     fn what_a_sites_own_operation_writes_is_reported_to_the_repositorys_directory() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("repo");
-        Repository::init(&path, b"pw", Encryption::Aes256Gcm, KdfParams::TEST_ONLY_WEAK)
-            .unwrap();
+        Repository::init(
+            &path,
+            b"pw",
+            Encryption::Aes256Gcm,
+            KdfParams::TEST_ONLY_WEAK,
+        )
+        .unwrap();
         let configs = BTreeMap::from([(
             DEFAULT.to_owned(),
             RepositoryConfig {
