@@ -13,7 +13,7 @@ cd "$here"
 export REPO_CACHE_DIR="${REPO_CACHE_DIR:-$here/target/test-cache}"
 # Build first, then make sure the tests have room: they write multi-GiB images, trees and
 # repositories under the temporary directory, and a full disk fails dozens of them at once
-# with errors that do not say why. (Peak measured here: see docs/TESTING.md.)
+# with errors that do not say why. (docs/TESTING.md)
 CI="${CI:-1}" cargo test --workspace --no-run
 need_gib=${CAIRN_TEST_FREE_GIB:-10}
 tmp="${TMPDIR:-/tmp}"
