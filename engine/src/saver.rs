@@ -34,8 +34,9 @@
 //!
 //! Memory: the encoding buffer of each calling thread (the largest blob it encoded, at
 //! most a chunk plus zstd's bound), each open pack's write buffer (256 KiB) and entries
-//! (49 bytes a blob), the held blobs (a pack's size, with a blob directory), and the ids of the blobs in packs not yet indexed: an id leaves
-//! that set once its pack is indexed, so memory does not grow with the input.
+//! (49 bytes a blob), the held blobs (a pack's size, with a blob directory), and the
+//! ids of the blobs in packs not yet indexed: an id leaves that set once its pack is
+//! indexed, so memory does not grow with the input.
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -79,7 +80,9 @@ pub struct BlobSaver<'r> {
     bytes_stored: AtomicU64,
     /// What `blobs_new`, `bytes_new` and `bytes_stored` counted of blobs then found in
     /// other packs (subtracted in [`BlobSaver::stats`]).
-    found: [AtomicU64; 3],
+    found_blobs: AtomicU64,
+    found_bytes: AtomicU64,
+    found_stored: AtomicU64,
     packs: AtomicU64,
     pack_bytes: AtomicU64,
     /// Set once a pack holding acknowledged blobs was lost (see the module docs).
@@ -138,7 +141,9 @@ impl<'r> BlobSaver<'r> {
             blobs_new: AtomicU64::new(0),
             bytes_new: AtomicU64::new(0),
             bytes_stored: AtomicU64::new(0),
-            found: Default::default(),
+            found_blobs: AtomicU64::new(0),
+            found_bytes: AtomicU64::new(0),
+            found_stored: AtomicU64::new(0),
             packs: AtomicU64::new(0),
             pack_bytes: AtomicU64::new(0),
             lost: Mutex::new(None),
@@ -436,11 +441,12 @@ impl<'r> BlobSaver<'r> {
             return Ok(());
         }
         let ids: Vec<BlobId> = keep.iter().map(|b| b.id).collect();
-        let mut pack = match self.repo.backend().create(FileKind::Pack) {
-            Ok(file) => PackWriter::new(file),
-            Err(e) => Err(e),
-        }
-        .map_err(|e| self.lose_ids(&ids, e, "starting a pack"))?;
+        let mut pack = self
+            .repo
+            .backend()
+            .create(FileKind::Pack)
+            .and_then(PackWriter::new)
+            .map_err(|e| self.lose_ids(&ids, e, "starting a pack"))?;
         for b in &keep {
             pack.add(b.id, BlobKind::Data, &b.sealed, b.raw_length)
                 .map_err(|e| self.lose_ids(&ids, e, "writing a pack"))?;
@@ -462,9 +468,11 @@ impl<'r> BlobSaver<'r> {
         drop(taken);
         let raw: usize = found.iter().map(|b| b.raw_length).sum();
         let sealed: usize = found.iter().map(|b| b.sealed.len()).sum();
-        self.found[0].fetch_add(found.len() as u64, Ordering::Relaxed);
-        self.found[1].fetch_add(raw as u64, Ordering::Relaxed);
-        self.found[2].fetch_add(sealed as u64, Ordering::Relaxed);
+        self.found_blobs
+            .fetch_add(found.len() as u64, Ordering::Relaxed);
+        self.found_bytes.fetch_add(raw as u64, Ordering::Relaxed);
+        self.found_stored
+            .fetch_add(sealed as u64, Ordering::Relaxed);
         tracing::debug!(
             "{} blobs ({raw} bytes) found in other packs: not sent",
             found.len()
@@ -541,12 +549,12 @@ impl<'r> BlobSaver<'r> {
                 .saturating_sub(found.load(Ordering::Relaxed))
         };
         SaverStats {
-            blobs_new: less(&self.blobs_new, &self.found[0]),
-            bytes_new: less(&self.bytes_new, &self.found[1]),
-            bytes_stored: less(&self.bytes_stored, &self.found[2]),
+            blobs_new: less(&self.blobs_new, &self.found_blobs),
+            bytes_new: less(&self.bytes_new, &self.found_bytes),
+            bytes_stored: less(&self.bytes_stored, &self.found_stored),
             packs: self.packs.load(Ordering::Relaxed),
             pack_bytes: self.pack_bytes.load(Ordering::Relaxed),
-            blobs_found: self.found[0].load(Ordering::Relaxed),
+            blobs_found: self.found_blobs.load(Ordering::Relaxed),
         }
     }
 }
